@@ -1,0 +1,72 @@
+"""What produced a result file: versions, machine, time. Every JSON the tool writes embeds this."""
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.metadata as _md
+import os
+import platform
+import sys
+from functools import lru_cache
+
+_PACKAGES = ("dlp-deploy", "torch", "transformers", "onnx", "onnxruntime", "deepsparse", "numpy", "datasets")
+_ISA_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx512vnni", "avx_vnni", "amx_tile", "fma", "f16c")
+
+
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            versions[name] = _md.version(name)
+        except _md.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def _cpuinfo_lines() -> list[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            return fh.read().splitlines()
+    except OSError:
+        return []
+
+
+@lru_cache(maxsize=1)
+def machine_info() -> dict:
+    model, flags = platform.processor() or platform.machine(), set()
+    for line in _cpuinfo_lines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and model in ("", platform.machine(), platform.processor()):
+            model = value.strip()
+        elif key == "flags" and not flags:
+            flags = set(value.split())
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {
+        "cpu_model": model,
+        "isa": sorted(f for f in _ISA_FLAGS if f in flags),
+        "logical_cores": os.cpu_count(),
+        "usable_cores": usable,
+        "memory_gib": _memory_gib(),
+        "os": platform.platform(),
+        "arch": platform.machine(),
+    }
+
+
+def _memory_gib() -> float | None:
+    try:
+        import psutil
+
+        return round(psutil.virtual_memory().total / 2**30, 1)
+    except ImportError:
+        return None
+
+
+def provenance(**extra) -> dict:
+    """The block stored under "provenance" in every result file."""
+    return {
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
+        "versions": package_versions(),
+        "machine": machine_info(),
+        **extra,
+    }

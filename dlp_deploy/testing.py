@@ -1,0 +1,53 @@
+"""Tiny random-weight models and a byte-level tokenizer built in code, for tests and benchmarks (no tiny models
+ship anywhere and no hub is reachable)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def tiny_tokenizer():
+    """A 256-token byte-level BPE with no merges: every byte is one token; round-trips any text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()  # the 256 printable stand-ins for bytes
+    byte_chars = [_byte_char(b) for b in range(256)]
+    assert set(byte_chars) == set(alphabet)
+    vocab = {ch: i for i, ch in enumerate(byte_chars)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    eos = byte_chars[0]  # byte 0 never occurs in text
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, bos_token=eos, pad_token=eos)
+
+
+def _byte_char(b: int) -> str:
+    """GPT-2's byte-to-unicode map: printable bytes stand for themselves, the rest shift above 255."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    if b in printable:
+        return chr(b)
+    return chr(256 + sum(1 for x in range(b) if x not in printable))
+
+
+def tiny_llama(seed: int = 0, **overrides):
+    """A small random LLaMA (GQA by default); keyword overrides go to LlamaConfig (e.g. attention_bias=True)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
+               bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    cfg.update(overrides)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+    model.config.use_cache = False
+    return model
+
+
+def save_tiny(folder: str | Path, seed: int = 0, **overrides) -> Path:
+    """Write a tiny LLaMA and its tokenizer as an HF folder; returns the folder."""
+    folder = Path(folder)
+    tiny_llama(seed, **overrides).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
