@@ -23,6 +23,7 @@ def atomic_dir(out: str | os.PathLike, force: bool = False):
     check_writable(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the published folder should not be
     try:
         yield tmp
     except BaseException:
@@ -36,6 +37,12 @@ def atomic_dir(out: str | os.PathLike, force: bool = False):
         shutil.rmtree(backup, ignore_errors=True)
     else:
         tmp.rename(out)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_json_atomic(path: str | os.PathLike, data, force: bool = False) -> Path:

@@ -57,10 +57,21 @@ class GGUFAlias:
 
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        _forget_quantization(model)
         with atomic_dir(out, force=True) as tmp:
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
         return out
+
+
+def _forget_quantization(model) -> None:
+    """The GGUF loader dequantizes to fp32 but tags the model as GGUF-quantized, which blocks save_pretrained."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    for attr in ("is_quantized", "quantization_method"):
+        if attr in model.__dict__:
+            delattr(model, attr)
 
 
 ALIASES: dict[str, GGUFAlias] = {

@@ -1,0 +1,47 @@
+"""The `dlp-deploy` command line. Each stage module owns its commands; this file only mounts them and turns
+UserError into a one-line message (exit 2) instead of a traceback."""
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")  # DeepSparse phones home on import otherwise
+
+import typer
+from rich.console import Console
+
+from .errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Prune causal LMs with DLP and baselines, export them to ONNX with a KV cache, "
+                       "and measure what the sparsity buys on CPU engines.")
+err = Console(stderr=True)
+
+
+def _mount() -> None:
+    from .commands import models as models_cmds
+    from .commands import quality as quality_cmds
+
+    app.add_typer(models_cmds.app, name="models")
+    for module in (quality_cmds,):
+        for name, fn in module.COMMANDS.items():
+            app.command(name)(fn)
+    # stage commands registered below by their modules (export, bench) as they land
+    for modname in ("dlp_deploy.commands.deploy", "dlp_deploy.commands.bench"):
+        try:
+            module = __import__(modname, fromlist=["COMMANDS"])
+        except ModuleNotFoundError as exc:
+            if exc.name != modname:
+                raise
+            continue
+        for name, fn in module.COMMANDS.items():
+            app.command(name)(fn)
+
+
+def main() -> None:
+    _mount()
+    try:
+        app()  # standalone: click reports usage errors itself and exits 2
+    except UserError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)

@@ -1,0 +1,107 @@
+"""`dlp-deploy prune` and `dlp-deploy eval`."""
+from __future__ import annotations
+
+import enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..errors import UserError
+from ..prune.allocate import ALLOCATORS, REDUCERS, default_dlp_alpha
+from ..prune.masks import GRANULARITIES
+from ..prune.pruners import PRUNERS
+
+Method = enum.Enum("Method", {k: k for k in PRUNERS}, type=str)
+Allocation = enum.Enum("Allocation", {k: k for k in ALLOCATORS}, type=str)
+Reducer = enum.Enum("Reducer", {k: k for k in REDUCERS}, type=str)
+Granularity = enum.Enum("Granularity", {k: k for k in GRANULARITIES}, type=str)
+
+DataDir = Annotated[Optional[Path], typer.Option("--data-dir", help="offline corpora folder (else env "
+                                                 "DLP_DEPLOY_DATA, else the hub)")]
+Device = Annotated[str, typer.Option(help="torch device: cpu, cuda, cuda:1 …")]
+
+
+def prune(
+    model: Annotated[str, typer.Argument(help="HF folder, hub id or alias (smollm2-135m)")],
+    sparsity: Annotated[float, typer.Option(help="target global sparsity in [0, 1)")],
+    out: Annotated[Path, typer.Option(help="output folder (must not exist unless --force)")],
+    method: Annotated[Method, typer.Option()] = "wanda",
+    allocation: Annotated[Allocation, typer.Option()] = "dlp",
+    alpha: Annotated[Optional[float], typer.Option(help="DLP spread; default: the paper's App. G value")] = None,
+    reducer: Annotated[Reducer, typer.Option(help="DLP layer statistic over Wanda scores")] = "median",
+    granularity: Annotated[Granularity, typer.Option()] = "per-output",
+    calib: Annotated[str, typer.Option(help="calibration corpus: c4, wikitext2, ptb")] = "c4",
+    nsamples: Annotated[int, typer.Option(min=1)] = 128,
+    seqlen: Annotated[int, typer.Option(min=2)] = 2048,
+    seed: int = 0,
+    device: Device = "cpu",
+    data_dir: DataDir = None,
+    force: Annotated[bool, typer.Option(help="replace an existing --out")] = False,
+) -> None:
+    """Prune MODEL to --sparsity and save a reloadable HF folder with pruning.json."""
+    from ..progress import console, progress_bar, quiet_transformers
+    from ..prune.job import prune_to_folder
+    from ..prune.pipeline import PruneSettings
+
+    if not 0 <= sparsity < 1:
+        raise UserError(f"--sparsity {sparsity} is outside [0, 1); give a fraction such as 0.5")
+    alloc = allocation.value if isinstance(allocation, enum.Enum) else allocation
+    if alpha is None and alloc == "dlp":
+        alpha = default_dlp_alpha(sparsity)
+    settings = PruneSettings(sparsity, _v(method), alloc, alpha, _v(reducer), _v(granularity))
+    quiet_transformers()
+    with progress_bar() as progress:
+        report = prune_to_folder(model, out, settings, calib, nsamples, seqlen, seed, device,
+                                 str(data_dir) if data_dir else None, force, progress)
+    if report["layers_clipped"]:
+        console.print(f"[yellow]warning:[/] {report['layers_clipped']} layer ratios fell outside "
+                      f"[0, {report['ratio_bounds'][1]}] and were clipped (correction "
+                      f"{report['allocation_correction']:+.4f}); a smaller --alpha avoids it")
+    console.print(f"pruned {model}: global sparsity {report['global_sparsity']:.4f} "
+                  f"({settings.method}, {settings.allocation}) -> {out}")
+
+
+def eval_(
+    model: Annotated[str, typer.Argument(help="HF folder (e.g. a pruned one), hub id or alias")],
+    json_out: Annotated[Path, typer.Option("--json", help="result file (must not exist unless --force)")],
+    ppl: Annotated[str, typer.Option(help="comma list of wikitext2, ptb, c4; empty for none")] = "wikitext2",
+    seqlen: Annotated[int, typer.Option(min=2)] = 2048,
+    max_windows: Annotated[Optional[int], typer.Option(min=1, help="score only the first N windows")] = None,
+    zeroshot: Annotated[str, typer.Option(help="comma list of tasks, e.g. boolq,arc_easy")] = "",
+    limit: Annotated[Optional[int], typer.Option(min=1, help="first N docs per zero-shot task")] = None,
+    device: Device = "cpu",
+    data_dir: DataDir = None,
+    force: bool = False,
+) -> None:
+    """Perplexity (non-overlapping windows) and zero-shot accuracy of MODEL, written to --json."""
+    from rich.table import Table
+
+    from ..eval.job import evaluate
+    from ..io import check_writable, write_json_atomic
+    from ..progress import console, progress_bar, quiet_transformers
+
+    check_writable(json_out, force)
+    quiet_transformers()
+    with progress_bar() as progress:
+        result = evaluate(model, _split(ppl), seqlen, max_windows, _split(zeroshot), limit, device,
+                          str(data_dir) if data_dir else None, progress)
+    write_json_atomic(json_out, result, force)
+    table = Table("metric", "value", title=f"{model}")
+    for name, value in result["perplexity"].items():
+        table.add_row(f"ppl {name}", f"{value:.3f}")
+    for task, scores in result.get("zeroshot", {}).items():
+        table.add_row(f"{task} acc / acc_norm", " / ".join("—" if scores.get(k) is None else f"{scores[k]:.4f}"
+                                                           for k in ("acc", "acc_norm")))
+    console.print(table)
+
+
+def _v(x):
+    return x.value if isinstance(x, enum.Enum) else x
+
+
+def _split(csv: str) -> list[str]:
+    return [s.strip() for s in csv.split(",") if s.strip()]
+
+
+COMMANDS = {"prune": prune, "eval": eval_}

@@ -1,0 +1,41 @@
+"""The pruner registry: which calibration statistic a method collects and how it turns it into a pruned weight."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .masks import GRANULARITIES
+from .scores import ActivationNorms, magnitude_scores, wanda_scores
+from .sparsegpt import Hessian, sparsegpt_prune
+
+
+@dataclass(frozen=True)
+class Pruner:
+    name: str
+    collector: Callable[[int, torch.device], object] | None  # per-Linear statistic; None = needs no data
+    prune: Callable[[torch.Tensor, object, float, str], torch.Tensor]  # (weight, stat, ratio, granularity) -> W'
+
+
+def _mask_and_zero(scores_fn):
+    def prune(weight: torch.Tensor, stat, ratio: float, granularity: str) -> torch.Tensor:
+        act = stat.sq_norm if stat is not None else None
+        mask = GRANULARITIES[granularity](scores_fn(weight, act), ratio)
+        return weight.masked_fill(mask, 0)
+
+    return prune
+
+
+def _sparsegpt(weight: torch.Tensor, stat: Hessian, ratio: float, granularity: str) -> torch.Tensor:
+    return sparsegpt_prune(weight, stat.H, ratio, GRANULARITIES[granularity])
+
+
+PRUNERS: dict[str, Pruner] = {
+    p.name: p
+    for p in (
+        Pruner("magnitude", None, _mask_and_zero(magnitude_scores)),
+        Pruner("wanda", ActivationNorms, _mask_and_zero(wanda_scores)),
+        Pruner("sparsegpt", Hessian, _sparsegpt),
+    )
+}
