@@ -110,10 +110,16 @@ def load(model: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load a model config from {model!r} ({_first_line(exc)}); "
                         "check the path, or the hub id and network") from None
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise UserError(f"{model!r} is a {config.model_type!r} model, not a causal LM; give a decoder-only "
+                        "language model (LLaMA, Mistral, Qwen2, …)")
     try:
         lm = AutoModelForCausalLM.from_pretrained(ref, dtype=dtype)
-    except ValueError as exc:
-        raise UserError(f"{model!r} ({config.model_type}) is not a causal LM: {_first_line(exc)}") from None
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load {model!r} as a causal LM: {_first_line(exc)}") from None
+    decoder_layers(lm)  # fail now, not mid-pipeline, on architectures without a block stack
     tok = AutoTokenizer.from_pretrained(ref)
     lm.to(device).eval()
     lm.config.use_cache = False
