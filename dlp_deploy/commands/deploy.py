@@ -1,0 +1,108 @@
+"""`dlp-deploy export` and `dlp-deploy generate`."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")  # DeepSparse phones home on import otherwise
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+err = Console(stderr=True)
+
+
+def export_cmd(
+    model: Annotated[str, typer.Argument(help="HF causal LM folder (e.g. a pruned one), alias, or hub id")],
+    out: Annotated[Path, typer.Option("--out", help="deployment folder to create")],
+    seq_len: Annotated[int, typer.Option("--seq-len", help="KV-cache window (prompt + generated tokens)")] = 512,
+    validate: Annotated[bool, typer.Option("--validate/--no-validate",
+                                           help="check logits and greedy tokens against PyTorch")] = True,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing --out folder")] = False,
+    num_cores: Annotated[Optional[int], typer.Option("--num-cores", help="CPU cores for validation (default: all)")]
+        = None,
+) -> None:
+    """Export a causal LM to an ONNX deployment folder for DeepSparse and ONNX Runtime, checked against PyTorch."""
+    from ..export.deployment import export_deployment
+
+    with err.status("exporting") as status:
+        info = export_deployment(model, out, seq_len=seq_len, validate=validate, force=force,
+                                 progress=lambda step: status.update(step), num_cores=num_cores)
+    _print_summary(out, info)
+
+
+def _print_summary(out: Path, info: dict) -> None:
+    sizes, sparsity = info["sizes"], info["weight_sparsity"]
+    err.print(f"[green]wrote[/] {out}  ({sizes['folder_bytes'] / 2**20:.1f} MiB, "
+              f"weight sparsity {sparsity['global']:.2%})", highlight=False)
+    validation = info.get("validation")
+    if not validation:
+        err.print("validation skipped (--no-validate)")
+        return
+    for name, entry in validation.items():
+        if not isinstance(entry, dict):
+            continue
+        if "skipped" in entry:
+            err.print(f"  {name}: skipped ({entry['skipped']})")
+            continue
+        extra = (f", supported ops {entry['fraction_of_supported_ops']:.3f}"
+                 if "fraction_of_supported_ops" in entry else "")
+        err.print(f"  {name}: max |Δlogits| {entry['max_abs_logit_diff']:.2e}, "
+                  f"greedy match {entry['greedy_match']}{extra}", highlight=False)
+
+
+def generate_cmd(
+    deploy_dir: Annotated[Path, typer.Argument(help="folder made by `dlp-deploy export`")],
+    prompt: Annotated[str, typer.Option("--prompt", help="text to continue")],
+    engine: Annotated[str, typer.Option("--engine", help="onnxruntime, deepsparse or deepsparse-internal")] =
+        "deepsparse",
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 64,
+    num_cores: Annotated[Optional[int], typer.Option("--num-cores", help="CPU cores (default: all)")] = None,
+) -> None:
+    """Stream greedy text from a deployment folder through the project's KV-cache loop."""
+    from ..bench.decode import generate
+    from ..bench.engines import ENGINES
+    from ..export.deployment import load_deployment
+
+    deployment = load_deployment(deploy_dir)
+    kind = ENGINES[engine]
+    tokenizer = deployment.tokenizer()
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    with err.status(f"compiling for {engine}"):
+        session = kind.compile(deployment.onnx_path, deployment.seq_len, num_cores=num_cores)
+        session.prepare(len(prompt_ids))
+        session.prepare(1)
+    stream = TextStream(tokenizer)
+    stop = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    result = generate(session, prompt_ids, max_new_tokens, on_token=stream.push, stop_ids=stop)
+    stream.close()
+    rate = result.decode_tokens_per_s
+    err.print(f"[dim]{len(result.tokens)} tokens; prefill {len(prompt_ids)} tokens {result.prefill_s * 1e3:.1f} ms; "
+              f"decode {rate:.1f} tokens/s[/]" if rate else f"[dim]{len(result.tokens)} tokens[/]", highlight=False)
+
+
+class TextStream:
+    """Writes decoded text as tokens arrive; decodes the whole continuation so multi-byte characters come out whole."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.tokens, self.printed = tokenizer, [], 0
+
+    def push(self, token: int) -> None:
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+            return
+        sys.stdout.write(text[self.printed:])
+        sys.stdout.flush()
+        self.printed = len(text)
+
+    def close(self) -> None:
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        sys.stdout.write(text[self.printed:] + "\n")
+        sys.stdout.flush()
+
+
+COMMANDS = {"export": export_cmd, "generate": generate_cmd}
