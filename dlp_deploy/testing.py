@@ -2,6 +2,9 @@
 ship anywhere and no hub is reachable)."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -51,3 +54,9 @@ def save_tiny(folder: str | Path, seed: int = 0, **overrides) -> Path:
     tiny_llama(seed, **overrides).save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     return folder
+
+
+def run_cli(*args, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`dlp-deploy ARGS…` in a fresh interpreter, as a user runs it; output captured."""
+    return subprocess.run([sys.executable, "-m", "dlp_deploy", *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=timeout)

@@ -7,10 +7,7 @@ import sys
 import pytest
 
 
-def cli(*args, env=None, cwd=None):
-    full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "dlp_deploy", *map(str, args)], capture_output=True, text=True,
-                          env=full_env, cwd=cwd, timeout=300)
+from dlp_deploy.testing import run_cli as cli
 
 
 def assert_one_line_error(proc, *fragments):

@@ -1,0 +1,204 @@
+"""End-to-end generation benchmarks of deployment folders, one (deployment, engine) per worker process.
+
+A worker process compiles its engine once, warms up, then times `runs` generations of `gen_len` tokens after a
+`prompt_len`-token prompt with the project's own KV-cache loop (bench/decode.py). Its own peak RSS is the
+measurement's; running each pair in a fresh process keeps one model on the CPU and memory at a time.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UserError
+from ..provenance import machine_info, package_versions
+from .decode import generate
+from .engines import ENGINES
+from .stats import latency_summary, weight_bytes_per_token
+
+PROMPT_TEXT = ("The history of the region is long and varied. Early settlers farmed the river valleys, traded "
+               "with neighbours along the coast, and built small towns that grew into market centres. ")
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    engine: str = "deepsparse"
+    cores: int | None = None
+    prompt_len: int = 64
+    gen_len: int = 128
+    batch: int = 1
+    runs: int = 5
+    warmup: int = 1
+    external_cache: bool = False
+
+    @property
+    def session_kind(self) -> str:
+        """DeepSparse runs with its engine-internal KV cache unless asked for the external one."""
+        if self.engine == "deepsparse" and not self.external_cache:
+            return "deepsparse-internal"
+        return self.engine
+
+
+def check_settings(s: BenchSettings, seq_len: int) -> None:
+    usable = machine_info()["usable_cores"]
+    if s.cores is not None and not 1 <= s.cores <= usable:
+        raise UserError(f"--cores {s.cores} is not available: this machine lets the process use {usable} cores")
+    if s.batch != 1:
+        raise UserError("--batch above 1 is not supported yet by the KV-cache loop; use --batch 1")
+    if s.prompt_len < 1 or s.gen_len < 1 or s.runs < 1 or s.warmup < 0:
+        raise UserError("--prompt-len, --gen-len and --runs must be at least 1, --warmup at least 0")
+    if s.prompt_len + s.gen_len > seq_len:
+        raise UserError(f"--prompt-len {s.prompt_len} + --gen-len {s.gen_len} exceed the deployment's "
+                        f"{seq_len}-token window; shorten them or re-export with a larger --seq-len")
+    ENGINES[s.session_kind]  # raises a clear error if the engine is not installed
+
+
+def prompt_ids(tokenizer, length: int) -> list[int]:
+    """The same `length` prompt tokens for every engine and model: a fixed passage, repeated as needed."""
+    ids = tokenizer(PROMPT_TEXT, add_special_tokens=False)["input_ids"]
+    return (ids * (length // len(ids) + 1))[:length]
+
+
+class NullSession:
+    """Answers every step instantly with preallocated arrays of the real shapes, so timing the loop over it
+    measures the harness's own cost per token (step inputs, cache carry-over, argmax)."""
+
+    def __init__(self, real):
+        self.seq_len, self._real = real.seq_len, real
+        vocab = real.vocab_size
+        self._logits = {1: np.zeros((1, 1, vocab), np.float32)}
+        self._present = [np.zeros((1, h, real.seq_len, d), np.float32) for h, d in real.io.cache_shapes]
+
+    def prepare(self, length: int) -> None:
+        self._logits.setdefault(length, np.zeros((1, length, self._logits[1].shape[-1]), np.float32))
+
+    def init_past(self, length: int):
+        return self._real.init_past(length)
+
+    def advance(self, present, next_length: int):
+        return self._real.advance(present, next_length)
+
+    def run(self, input_ids, attention_mask, positions, causal_mask, past_kv):
+        return self._logits[input_ids.shape[1]], self._present
+
+
+def run_pair(deploy_dir: str, settings: BenchSettings) -> dict:
+    """Benchmark one deployment on one engine in this process (the worker's body)."""
+    from ..export.deployment import load_deployment
+    from ..export.onnx import onnx_weight_sparsity
+
+    dep = load_deployment(deploy_dir)
+    check_settings(settings, dep.seq_len)
+    prompt = prompt_ids(dep.tokenizer(), settings.prompt_len)
+    t0 = time.perf_counter()
+    session = ENGINES[settings.session_kind].compile(dep.onnx_path, dep.seq_len, settings.cores, settings.batch)
+    session.prepare(settings.prompt_len)
+    session.prepare(1)
+    compile_s = time.perf_counter() - t0
+    for _ in range(settings.warmup):
+        generate(session, prompt, settings.gen_len)
+    runs = [generate(session, prompt, settings.gen_len) for _ in range(settings.runs)]
+    tokens = [g.tokens for g in runs]
+    session.vocab_size = int(runs[0].first_logits.shape[-1])
+    overhead = _harness_overhead(session, prompt, settings.gen_len)
+    weights = onnx_weight_sparsity(dep.onnx_path)
+    decode = latency_summary([s for g in runs for s in g.decode_s])
+    e2e = [len(g.tokens) / (g.prefill_s + sum(g.decode_s)) for g in runs]
+    return {
+        "model": str(Path(deploy_dir)),
+        "label": Path(deploy_dir).name,
+        "engine": settings.engine,
+        "kv_cache": "internal" if session.internal_cache else "external",
+        # decoder-block weights, as pruned and as measured in the ONNX file; lm_head stays dense
+        "sparsity": (dep.info.get("weight_sparsity") or {}).get("global", weights["overall"]),
+        "matmul_sparsity": weights["overall"],
+        "source": dep.info.get("source"),
+        "prefill_ms": float(np.median([g.prefill_s for g in runs]) * 1e3),
+        "prefill_ms_runs": [g.prefill_s * 1e3 for g in runs],
+        "decode_ms": decode,
+        "decode_tokens_per_s": 1e3 / decode["median"],
+        "e2e_tokens_per_s": float(np.median(e2e)),
+        "compile_s": compile_s,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "harness_overhead": {"ms_per_token": overhead * 1e3, "fraction_of_decode": overhead * 1e3 / decode["median"]},
+        "weights": weight_bytes_per_token(weights["per_initializer"]),
+        "deterministic": all(t == tokens[0] for t in tokens),
+        "tokens": tokens[0],  # greedy output of the first run: equal across engines when the numerics agree
+        "settings": asdict(settings),
+    }
+
+
+def _harness_overhead(session, prompt: list[int], gen_len: int) -> float:
+    null = NullSession(session)
+    steps = []
+    for _ in range(3):
+        steps.extend(generate(null, prompt, gen_len).decode_s)
+    return float(np.median(steps))
+
+
+def bench_pair_subprocess(deploy_dir: str | Path, settings: BenchSettings) -> dict:
+    """Run `run_pair` in a fresh interpreter; its last stdout line is the JSON result."""
+    payload = json.dumps({"deploy_dir": str(deploy_dir), "settings": asdict(settings)})
+    env = {**os.environ, "NM_DISABLE_ANALYTICS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "dlp_deploy.bench.worker", payload], capture_output=True,
+                          text=True, env=env)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        if proc.returncode == 2:
+            raise UserError(tail.removeprefix("error: "))
+        raise RuntimeError(f"benchmark worker for {deploy_dir} on {settings.engine} failed "
+                           f"(exit {proc.returncode}): {tail}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def measure_copy_bandwidth(mib: int = 256, repeats: int = 5) -> float:
+    """Memory bandwidth seen by one thread copying a large buffer (bytes read + written), GB/s."""
+    src = np.ones(mib * 2**20 // 4, np.float32)
+    dst = np.empty_like(src)
+    best = min(_timed_copy(src, dst) for _ in range(repeats))
+    return 2 * src.nbytes / best / 1e9
+
+
+def _timed_copy(src, dst) -> float:
+    t0 = time.perf_counter()
+    np.copyto(dst, src)
+    return time.perf_counter() - t0
+
+
+def machine_block(cores: int | None) -> dict:
+    info = dict(machine_info())
+    info["cores_used"] = cores or info["usable_cores"]
+    info["copy_bandwidth_gbs"] = measure_copy_bandwidth()
+    return info
+
+
+def deepsparse_benchmark_decode_ms(deploy_dir: str | Path, cores: int | None, internal_cache: bool = True,
+                                   seconds: int = 10) -> float:
+    """DeepSparse's own `benchmark_model` on the same graph and shapes (one input token, the deployment's window),
+    median ms per step: the cross-check for this harness's decode latency."""
+    import shutil
+    import tempfile
+
+    from deepsparse.benchmark.benchmark_model import benchmark_model
+
+    from ..export.deployment import load_deployment
+
+    dep = load_deployment(deploy_dir)
+    with tempfile.TemporaryDirectory(prefix="dlp-dsbench-") as tmp:
+        copy = Path(tmp) / "model.onnx"  # benchmark_model rewrites the shapes inside the file it is given
+        shutil.copyfile(dep.onnx_path, copy)
+        result = benchmark_model(str(copy), batch_size=1, num_cores=cores, sequence_length=dep.seq_len,
+                                 input_ids_length=1, internal_kv_cache=internal_cache, time=seconds,
+                                 warmup_time=2, quiet=True)
+    return float(result["benchmark_result"]["median"])
+
+
+def bench_report(results: list[dict], machine: dict) -> dict:
+    return {"schema": "dlp-deploy/bench/1", "machine": machine, "versions": package_versions(), "results": results}

@@ -1,0 +1,180 @@
+"""A sparsity sweep: prune -> eval -> export -> bench for every level and allocation plus the dense model.
+
+Every finished step leaves its file in RUN_DIR and is skipped on the next start, so an interrupted sweep resumes.
+Layout: run.json (settings), models/<label>/, eval/<label>.json, deploy/<label>/, bench/<label>.<engine>.json,
+and results.json, the one file `dlp-deploy report` reads.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..errors import UserError
+from ..io import write_json_atomic
+from ..provenance import provenance
+from .harness import BenchSettings, bench_pair_subprocess, check_settings, machine_block
+from .stats import attach_speedups
+
+DENSE = "dense"
+
+
+@dataclass
+class SweepSettings:
+    model: str
+    sparsities: list[float]
+    method: str = "wanda"
+    allocations: list[str] = field(default_factory=lambda: ["dlp", "uniform"])
+    engines: list[str] = field(default_factory=lambda: ["deepsparse", "onnxruntime"])
+    calib: str = "c4"
+    nsamples: int = 128
+    calib_seqlen: int = 2048
+    seed: int = 0
+    ppl: list[str] = field(default_factory=lambda: ["wikitext2"])
+    eval_seqlen: int = 2048
+    max_windows: int | None = None
+    seq_len: int = 512
+    validate: bool = True
+    cores: int | None = None
+    prompt_len: int = 64
+    gen_len: int = 128
+    runs: int = 5
+    warmup: int = 1
+    external_cache: bool = False
+    device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class Level:
+    label: str
+    sparsity: float | None  # None: the dense model
+    allocation: str | None
+
+
+def levels(s: SweepSettings) -> list[Level]:
+    out = [Level(DENSE, None, None)]
+    for p in s.sparsities:
+        out += [Level(f"{s.method}-{a}-{p:.2f}", p, a) for a in s.allocations]
+    return out
+
+
+def check_sweep(s: SweepSettings, run_dir: Path) -> None:
+    from ..prune.pipeline import PruneSettings, validate_settings
+
+    for p in s.sparsities:
+        for a in s.allocations:
+            validate_settings(PruneSettings(p, s.method, a, alpha=0.1))
+    for engine in s.engines:
+        check_settings(_bench_settings(s, engine), s.seq_len)
+    saved = run_dir / "run.json"
+    if saved.is_file():
+        before = json.loads(saved.read_text())["settings"]
+        changed = sorted(k for k, v in asdict(s).items() if k not in ("sparsities", "allocations", "engines")
+                         and before.get(k) != v)
+        if changed:
+            raise UserError(f"{run_dir} holds a sweep with other settings ({', '.join(changed)}); resume it with the "
+                            "same options or choose a new --out")
+
+
+def _bench_settings(s: SweepSettings, engine: str) -> BenchSettings:
+    return BenchSettings(engine, s.cores, s.prompt_len, s.gen_len, 1, s.runs, s.warmup, s.external_cache)
+
+
+def run_sweep(s: SweepSettings, run_dir: Path, progress=None, log=print) -> dict:
+    """All models are prepared first (prune, eval, export: heavy, order-free), then benchmarked back to back, so
+    no preparation work shares the CPU with a measurement."""
+    run_dir = Path(run_dir)
+    check_sweep(s, run_dir)
+    write_json_atomic(run_dir / "run.json", {"settings": asdict(s), "provenance": provenance()}, force=True)
+    plan = levels(s)
+    task = progress.add_task("sweep", total=len(plan) * (1 + len(s.engines))) if progress else None
+    prepared = []
+    for level in plan:
+        prepared.append(prepare_level(s, run_dir, level, progress, log))
+        if progress:
+            progress.advance(task)
+    rows = []
+    for level, quality, deploy in prepared:
+        bench = []
+        for engine in s.engines:
+            bench.append(bench_step(s, run_dir, level, deploy, engine, log))
+            if progress:
+                progress.advance(task)
+        rows.append({"level": asdict(level), "quality": quality, "deploy": str(deploy), "bench": bench})
+    return write_results(s, run_dir, rows)
+
+
+def prepare_level(s: SweepSettings, run_dir: Path, level: Level, progress, log) -> tuple[Level, dict, Path]:
+    model_ref = s.model if level.sparsity is None else str(prune_step(s, run_dir, level, progress, log))
+    quality = eval_step(s, run_dir, level, model_ref, progress, log)
+    return level, quality, export_step(s, run_dir, level, model_ref, log)
+
+
+def prune_step(s: SweepSettings, run_dir: Path, level: Level, progress, log) -> Path:
+    from ..prune.allocate import default_dlp_alpha
+    from ..prune.job import prune_to_folder
+    from ..prune.pipeline import PruneSettings
+
+    out = run_dir / "models" / level.label
+    if not (out / "pruning.json").is_file():
+        log(f"[{level.label}] pruning")
+        alpha = default_dlp_alpha(level.sparsity) if level.allocation == "dlp" else None
+        prune_to_folder(s.model, out, PruneSettings(level.sparsity, s.method, level.allocation, alpha), s.calib,
+                        s.nsamples, s.calib_seqlen, s.seed, s.device, force=True, progress=progress)
+    return out
+
+
+def eval_step(s: SweepSettings, run_dir: Path, level: Level, model_ref: str, progress, log) -> dict:
+    from ..eval.job import evaluate
+
+    out = run_dir / "eval" / f"{level.label}.json"
+    if not out.is_file():
+        log(f"[{level.label}] perplexity")
+        result = evaluate(model_ref, s.ppl, s.eval_seqlen, s.max_windows, device=s.device, progress=progress)
+        write_json_atomic(out, result, force=True)
+    return json.loads(out.read_text())
+
+
+def export_step(s: SweepSettings, run_dir: Path, level: Level, model_ref: str, log) -> Path:
+    from ..export.deployment import EXPORT_FILE, export_deployment
+
+    out = run_dir / "deploy" / level.label
+    if not (out / EXPORT_FILE).is_file():
+        log(f"[{level.label}] export")
+        export_deployment(model_ref, out, seq_len=s.seq_len, validate=s.validate, force=True, num_cores=s.cores)
+    return out
+
+
+def bench_step(s: SweepSettings, run_dir: Path, level: Level, deploy: Path, engine: str, log) -> dict:
+    out = run_dir / "bench" / f"{level.label}.{engine}.json"
+    if not out.is_file():
+        log(f"[{level.label}] bench on {engine}")
+        write_json_atomic(out, bench_pair_subprocess(deploy, _bench_settings(s, engine)), force=True)
+    return json.loads(out.read_text())
+
+
+def write_results(s: SweepSettings, run_dir: Path, rows: list[dict]) -> dict:
+    results, quality = [], []
+    for row in rows:
+        level, q = row["level"], row["quality"]
+        export_info = json.loads((Path(row["deploy"]) / "export.json").read_text())
+        quality.append({"label": level["label"], "allocation": level["allocation"],
+                        "target_sparsity": level["sparsity"] or 0.0, "sparsity": q["weight_sparsity"],
+                        "perplexity": q["perplexity"], "perplexity_details": q["perplexity_details"],
+                        "validation": _validation_summary(export_info)})
+        for r in row["bench"]:
+            results.append({**r, "allocation": level["allocation"], "target_sparsity": level["sparsity"] or 0.0,
+                            "perplexity": q["perplexity"]})
+    attach_speedups(results)
+    report = {"schema": "dlp-deploy/sweep/1", "settings": asdict(s), "machine": machine_block(s.cores),
+              "quality": quality, "results": results, "provenance": provenance()}
+    write_json_atomic(run_dir / "results.json", report, force=True)
+    return report
+
+
+def _validation_summary(export_info: dict) -> dict | None:
+    v = export_info.get("validation")
+    if not v:
+        return None
+    return {engine: {k: v[engine].get(k) for k in ("max_abs_logit_diff", "greedy_match", "fraction_of_supported_ops")
+                     if k in v[engine]} for engine in v if isinstance(v[engine], dict) and "greedy_match" in v[engine]}

@@ -1,0 +1,144 @@
+"""`dlp-deploy bench`, `dlp-deploy sweep`, `dlp-deploy report`."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..errors import UserError
+
+
+def bench_cmd(
+    deployments: Annotated[list[Path], typer.Argument(help="deployment folders made by `dlp-deploy export`")],
+    json_out: Annotated[Path, typer.Option("--json", help="results file (must not exist unless --force)")],
+    engine: Annotated[list[str], typer.Option(help="deepsparse and/or onnxruntime (repeat the option)")] = None,
+    cores: Annotated[Optional[int], typer.Option(help="cores for both engines (default: all usable)")] = None,
+    prompt_len: int = 64,
+    gen_len: int = 128,
+    batch: int = 1,
+    runs: int = 5,
+    warmup: int = 1,
+    external_cache: Annotated[bool, typer.Option(help="DeepSparse: carry the KV cache in Python, not inside "
+                                                      "the engine")] = False,
+    force: bool = False,
+) -> None:
+    """Time generation (prefill, per-token decode, throughput) of each deployment on each engine."""
+    from ..bench.harness import BenchSettings, bench_pair_subprocess, bench_report, check_settings, machine_block
+    from ..bench.stats import attach_speedups
+    from ..export.deployment import load_deployment
+    from ..io import check_writable, write_json_atomic
+    from ..progress import console, progress_bar
+
+    check_writable(json_out, force)
+    engines = engine or ["deepsparse", "onnxruntime"]
+    plan = [(load_deployment(d), BenchSettings(e, cores, prompt_len, gen_len, batch, runs, warmup, external_cache))
+            for d in deployments for e in engines]
+    for dep, settings in plan:
+        check_settings(settings, dep.seq_len)
+    results = []
+    with progress_bar() as progress:
+        task = progress.add_task("benchmarking", total=len(plan))
+        for dep, settings in plan:
+            progress.update(task, description=f"{dep.folder.name} on {settings.engine}")
+            results.append(bench_pair_subprocess(dep.folder, settings))
+            progress.advance(task)
+    _unique_labels(results)
+    attach_speedups(results)
+    write_json_atomic(json_out, bench_report(results, machine_block(cores)), force)
+    console.print(results_table(results))
+
+
+def _unique_labels(results: list[dict]) -> None:
+    """Folder names label results; where two deployments share a name, their paths do."""
+    names = [r["label"] for r in results]
+    for r in results:
+        if names.count(r["label"]) > len({x["engine"] for x in results}):
+            r["label"] = r["model"]
+
+
+def results_table(results: list[dict]):
+    from rich.table import Table
+
+    table = Table("model", "engine", "sparsity", "prefill ms", "decode ms (p50/p90/p99)", "decode tok/s",
+                  "e2e tok/s", "speedup", "compile s", "RSS MiB")
+    for r in results:
+        d = r["decode_ms"]
+        speed = r.get("speedup")
+        table.add_row(r["label"], f"{r['engine']} ({r['kv_cache']})", f"{r['sparsity']:.1%}", f"{r['prefill_ms']:.1f}",
+                      f"{d['median']:.2f} / {d['p90']:.2f} / {d['p99']:.2f}", f"{r['decode_tokens_per_s']:.1f}",
+                      f"{r['e2e_tokens_per_s']:.1f}", "—" if not speed else f"{speed['decode']:.2f}x",
+                      f"{r['compile_s']:.1f}", f"{r['peak_rss_mib']:.0f}")
+    return table
+
+
+def _floats(csv: str, flag: str) -> list[float]:
+    try:
+        return [float(x) for x in csv.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"{flag} {csv!r} is not a comma list of numbers, e.g. 0.1,0.5,0.9") from None
+
+
+def _names(csv: str) -> list[str]:
+    return [x.strip() for x in csv.split(",") if x.strip() and x.strip() != "none"]
+
+
+def sweep_cmd(
+    model: Annotated[str, typer.Argument(help="HF folder, hub id or alias (smollm2-135m)")],
+    out: Annotated[Path, typer.Option(help="run folder; an interrupted sweep resumes from it")],
+    sparsities: str = "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9",
+    method: str = "wanda",
+    allocation: str = "dlp",
+    baseline: Annotated[str, typer.Option(help="comparison allocations, comma list, or none")] = "uniform",
+    engines: str = "deepsparse,onnxruntime",
+    calib: str = "c4",
+    nsamples: int = 128,
+    calib_seqlen: int = 2048,
+    seed: int = 0,
+    ppl: str = "wikitext2",
+    eval_seqlen: int = 2048,
+    max_windows: Optional[int] = None,
+    seq_len: Annotated[int, typer.Option(help="export window (prompt + generated tokens)")] = 512,
+    validate: Annotated[bool, typer.Option(help="check each export against PyTorch")] = True,
+    cores: Optional[int] = None,
+    prompt_len: int = 64,
+    gen_len: int = 128,
+    runs: int = 5,
+    warmup: int = 1,
+    external_cache: bool = False,
+    device: str = "cpu",
+    data_dir: Optional[Path] = None,
+) -> None:
+    """prune -> eval -> export -> bench at each sparsity (and dense), one results.json for `dlp-deploy report`."""
+    import os
+
+    from ..bench.sweep import SweepSettings, run_sweep
+    from ..progress import console, progress_bar, quiet_transformers
+
+    if data_dir:
+        os.environ["DLP_DEPLOY_DATA"] = str(data_dir)
+    settings = SweepSettings(model, _floats(sparsities, "--sparsities"), method,
+                             _names(allocation) + [b for b in _names(baseline) if b not in _names(allocation)],
+                             _names(engines), calib, nsamples, calib_seqlen, seed, _names(ppl), eval_seqlen,
+                             max_windows, seq_len, validate, cores, prompt_len, gen_len, runs, warmup,
+                             external_cache, device)
+    quiet_transformers()
+    with progress_bar() as progress:
+        report = run_sweep(settings, out, progress, log=console.print)
+    console.print(results_table(report["results"]))
+    console.print(f"results: {out / 'results.json'}  (next: dlp-deploy report {out} --out REPORT_DIR)")
+
+
+def report_cmd(
+    run_dirs: Annotated[list[Path], typer.Argument(help="run folders written by `dlp-deploy sweep`")],
+    out: Annotated[Path, typer.Option(help="report folder (report.md, report.html, PNG plots)")],
+    force: bool = False,
+) -> None:
+    """Markdown + self-contained HTML speedup report with plots and Table-5-style rows."""
+    from ..report.render import make_report
+
+    folder = make_report(run_dirs, out, force)
+    typer.echo(folder / "report.md")
+
+
+COMMANDS = {"bench": bench_cmd, "sweep": sweep_cmd, "report": report_cmd}

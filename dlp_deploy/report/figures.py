@@ -1,0 +1,84 @@
+"""PNG plots for a speedup report, from the sweep results' rows only."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .tables import series  # noqa: E402
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _line_plot(results, y, ylabel, title, path: Path, ideal=None) -> Path:
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for (engine, allocation), rows in series(results).items():
+        xs = [r["target_sparsity"] * 100 for r in rows]
+        ax.plot(xs, [y(r) for r in rows], marker="o", label=f"{engine} / {allocation}")
+    if ideal is not None:
+        rows = sorted(results, key=lambda r: r["target_sparsity"])
+        ax.plot([r["target_sparsity"] * 100 for r in rows], [ideal(r) for r in rows], "k--", lw=1,
+                label="bandwidth-bound ideal")
+    ax.set_xlabel("target sparsity (%)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def decode_throughput(results, path: Path) -> Path:
+    return _line_plot(results, lambda r: r["decode_tokens_per_s"], "decode tokens/s (median step)",
+                      "Decode throughput vs sparsity", path)
+
+
+def decode_speedup(results, path: Path) -> Path:
+    return _line_plot(results, lambda r: (r.get("speedup") or {}).get("decode", float("nan")),
+                      "decode speedup vs dense", "Decode speedup vs sparsity", path,
+                      ideal=lambda r: r["weights"]["ideal_speedup"])
+
+
+def prefill_speedup(results, path: Path) -> Path:
+    return _line_plot(results, lambda r: (r.get("speedup") or {}).get("prefill", float("nan")),
+                      "prefill (time to first token) speedup", "Prefill speedup vs sparsity", path)
+
+
+def perplexity(quality, corpus: str, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    dense = [q for q in quality if q["allocation"] is None]
+    for allocation in sorted({q["allocation"] for q in quality if q["allocation"]}):
+        rows = dense + sorted((q for q in quality if q["allocation"] == allocation), key=lambda q: q["target_sparsity"])
+        ax.plot([q["target_sparsity"] * 100 for q in rows], [q["perplexity"][corpus] for q in rows], marker="o",
+                label=allocation)
+    ax.set_yscale("log")
+    ax.set_xlabel("target sparsity (%)")
+    ax.set_ylabel(f"{corpus} perplexity (log)")
+    ax.set_title("Quality vs sparsity")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def tradeoff(results, corpus: str, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for (engine, allocation), rows in series(results).items():
+        ax.plot([r["decode_tokens_per_s"] for r in rows], [r["perplexity"][corpus] for r in rows], marker="o",
+                label=f"{engine} / {allocation}")
+        for r in rows:
+            ax.annotate(f"{r['target_sparsity']:.0%}", (r["decode_tokens_per_s"], r["perplexity"][corpus]),
+                        fontsize=6, alpha=0.7)
+    ax.set_yscale("log")
+    ax.set_xlabel("decode tokens/s")
+    ax.set_ylabel(f"{corpus} perplexity (log)")
+    ax.set_title("Speed / quality trade-off")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return _save(fig, path)

@@ -1,0 +1,141 @@
+"""`dlp-deploy report`: Markdown + self-contained HTML (plots inlined) from sweep results.json files only."""
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+from ..errors import UserError
+from ..io import atomic_dir
+from . import figures
+from .tables import TABLE5_HEADER, quality_rows, table5_rows
+
+SCHEMA = "dlp-deploy/sweep/1"
+
+
+def load_runs(run_dirs: list[Path]) -> dict:
+    runs = []
+    for d in run_dirs:
+        path = Path(d) / "results.json"
+        if not path.is_file():
+            raise UserError(f"{path} not found; give a RUN_DIR written by `dlp-deploy sweep`")
+        data = json.loads(path.read_text())
+        if data.get("schema") != SCHEMA:
+            raise UserError(f"{path} has schema {data.get('schema')!r}, expected {SCHEMA!r}; re-run the sweep")
+        runs.append(data)
+    merged = dict(runs[0])
+    merged["results"] = [r for run in runs for r in run["results"]]
+    merged["quality"] = [q for run in runs for q in run["quality"]]
+    return merged
+
+
+def make_report(run_dirs: list[Path], out: Path, force: bool = False) -> Path:
+    data = load_runs(run_dirs)
+    corpus = data["settings"]["ppl"][0]
+    with atomic_dir(out, force) as tmp:
+        plots = {
+            "decode_tokens_per_s.png": figures.decode_throughput(data["results"], tmp / "decode_tokens_per_s.png"),
+            "decode_speedup.png": figures.decode_speedup(data["results"], tmp / "decode_speedup.png"),
+            "prefill_speedup.png": figures.prefill_speedup(data["results"], tmp / "prefill_speedup.png"),
+            "perplexity.png": figures.perplexity(data["quality"], corpus, tmp / "perplexity.png"),
+            "tradeoff.png": figures.tradeoff(data["results"], corpus, tmp / "tradeoff.png"),
+        }
+        sections = build_sections(data, corpus)
+        (tmp / "report.md").write_text(to_markdown(sections, plots))
+        (tmp / "report.html").write_text(to_html(sections, plots))
+        (tmp / "results.json").write_text(json.dumps(data, indent=2))
+    return out
+
+
+def build_sections(data: dict, corpus: str) -> list[tuple[str, object]]:
+    """The report as (kind, content) items: ('h', title), ('p', text), ('table', rows), ('plot', name)."""
+    s, m = data["settings"], data["machine"]
+    items: list[tuple[str, object]] = [("h1", f"Speedup report: {s['model']}, {s['method']} pruning")]
+    items.append(("p", summary_sentence(data)))
+    items.append(("h", "Machine"))
+    items.append(("table", [["CPU", "ISA", "cores used / usable", "memory", "copy bandwidth (1 thread)"],
+                            [m["cpu_model"], ", ".join(m["isa"]), f"{m['cores_used']} / {m['usable_cores']}",
+                             f"{m['memory_gib']} GiB", f"{m['copy_bandwidth_gbs']:.1f} GB/s"]]))
+    if m["cores_used"] <= 4:
+        items.append(("p", f"Measured on {m['cores_used']} cores. Sparse kernels need cores to decompress and "
+                           "bandwidth to save; a 2-core machine shows the least of what DeepSparse can do."))
+    items.append(("h", "Decode (Table 5 form)"))
+    items.append(("p", f"Prompt {s['prompt_len']} tokens, {s['gen_len']} generated, median of {s['runs']} runs "
+                       f"after {s['warmup']} warm-up; latency is the median per-token decode step. Ideal = dense / "
+                       "non-zero fp32 weight bytes streamed per token (what a purely bandwidth-bound engine could "
+                       "gain; lm_head stays dense)."))
+    for (engine, allocation), rows in table5_rows(data["results"]).items():
+        items.append(("h3", f"{engine}, {allocation} allocation"))
+        items.append(("table", [TABLE5_HEADER] + rows))
+    for name in ("decode_tokens_per_s.png", "decode_speedup.png", "prefill_speedup.png"):
+        items.append(("plot", name))
+    items.append(("h", f"Quality ({corpus} perplexity)"))
+    items.append(("p", _quality_setup(s, data["quality"], corpus)))
+    items.append(("table", quality_rows(data["quality"], corpus)))
+    items += [("plot", "perplexity.png"), ("plot", "tradeoff.png")]
+    items.append(("h", "Versions"))
+    items.append(("table", [["package", "version"]] + [[k, str(v)] for k, v in data["provenance"]["versions"].items()]))
+    return items
+
+
+def summary_sentence(data: dict) -> str:
+    rows = [r for r in data["results"] if r.get("speedup") and r["allocation"] is not None]
+    if not rows:
+        return "No dense baseline in these runs, so no speedups are computed."
+    parts = []
+    for engine in sorted({r["engine"] for r in rows}):
+        best = max((r for r in rows if r["engine"] == engine), key=lambda r: r["speedup"]["decode"])
+        parts.append(f"{engine}: best decode speedup {best['speedup']['decode']:.2f}x at "
+                     f"{best['target_sparsity']:.0%} ({best['allocation']}), where the bandwidth-bound ideal is "
+                     f"{best['weights']['ideal_speedup']:.2f}x")
+    return "; ".join(parts) + "."
+
+
+def _quality_setup(s: dict, quality: list[dict], corpus: str) -> str:
+    details = quality[0]["perplexity_details"][corpus]
+    return (f"Calibration: {s['nsamples']} {s['calib']} windows of {s['calib_seqlen']} tokens, seed {s['seed']}. "
+            f"Evaluation: {details['windows']} windows of {details['seqlen']} tokens ({details['source']}).")
+
+
+def to_markdown(items, plots) -> str:
+    out = []
+    for kind, content in items:
+        if kind == "h1":
+            out.append(f"# {content}\n")
+        elif kind == "h":
+            out.append(f"## {content}\n")
+        elif kind == "h3":
+            out.append(f"### {content}\n")
+        elif kind == "p":
+            out.append(f"{content}\n")
+        elif kind == "table":
+            header, *rows = content
+            out.append("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+            out.extend("| " + " | ".join(r) + " |" for r in rows)
+            out.append("")
+        elif kind == "plot":
+            out.append(f"![{content}]({content})\n")
+    return "\n".join(out) + "\n"
+
+
+def to_html(items, plots) -> str:
+    body = []
+    for kind, content in items:
+        if kind in ("h1", "h", "h3"):
+            tag = {"h1": "h1", "h": "h2", "h3": "h3"}[kind]
+            body.append(f"<{tag}>{html.escape(content)}</{tag}>")
+        elif kind == "p":
+            body.append(f"<p>{html.escape(content)}</p>")
+        elif kind == "table":
+            header, *rows = content
+            body.append("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>" +
+                        "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows) +
+                        "</table>")
+        elif kind == "plot":
+            data = base64.b64encode(Path(plots[content]).read_bytes()).decode()
+            body.append(f'<img alt="{content}" src="data:image/png;base64,{data}">')
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;"
+             "margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}img{max-width:100%}")
+    return f"<!doctype html><html><head><meta charset='utf-8'><style>{style}</style></head><body>" + \
+        "\n".join(body) + "</body></html>\n"

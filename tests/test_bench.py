@@ -1,0 +1,144 @@
+"""Benchmark harness, sweep and report on tiny deployments: real engines, real files, no absolute times asserted."""
+import base64
+import json
+
+import numpy as np
+import pytest
+
+from dlp_deploy.bench.harness import BenchSettings, check_settings, prompt_ids, run_pair
+from dlp_deploy.bench.stats import attach_speedups, latency_summary, weight_bytes_per_token
+from dlp_deploy.errors import UserError
+from dlp_deploy.models import decoder_layers, linear_modules
+from dlp_deploy.provenance import machine_info
+from dlp_deploy.prune.masks import per_output_mask
+from dlp_deploy.testing import tiny_llama, tiny_tokenizer
+
+SEQ_LEN = 96
+
+
+@pytest.fixture(scope="module")
+def deployments(tmp_path_factory):
+    """A dense and a 50%-sparse tiny deployment (exported without validation; test_export covers that)."""
+    from dlp_deploy.export.deployment import export_deployment
+
+    root = tmp_path_factory.mktemp("bench")
+    out = {}
+    for name, ratio in (("dense", 0.0), ("sparse50", 0.5)):
+        model = tiny_llama(seed=11)
+        for block in decoder_layers(model):
+            for m in linear_modules(block).values():
+                m.weight.data = m.weight.data.masked_fill(per_output_mask(m.weight.abs(), ratio), 0)
+        hf = root / "hf" / name
+        model.save_pretrained(hf)
+        tiny_tokenizer().save_pretrained(hf)
+        export_deployment(str(hf), root / name, seq_len=SEQ_LEN, validate=False)
+        out[name] = root / name
+    return out
+
+
+SETTINGS = dict(prompt_len=16, gen_len=12, runs=2, warmup=1)
+
+
+def test_latency_summary_percentiles():
+    s = latency_summary([i / 1000 for i in range(1, 101)])  # 1..100 ms
+    assert s["median"] == pytest.approx(50.5) and s["p90"] == pytest.approx(90.1) and s["p99"] == pytest.approx(99.01)
+
+
+def test_bandwidth_ideal_counts_nonzero_bytes():
+    per = {"a": {"shape": [10, 10], "zeros": 75}, "lm_head": {"shape": [10, 5], "zeros": 0}}
+    w = weight_bytes_per_token(per)
+    assert w["dense_bytes"] == 600 and w["sparse_bytes"] == 300 and w["ideal_speedup"] == 2.0
+
+
+def test_speedups_are_against_the_same_engine_and_cache_mode():
+    rows = [{"label": l, "engine": e, "kv_cache": "x", "sparsity": s, "decode_ms": {"median": d}, "prefill_ms": p,
+             "e2e_tokens_per_s": t} for l, e, s, d, p, t in [("dense", "ort", 0.0, 10.0, 100.0, 50.0),
+                                                              ("s", "ort", 0.7, 5.0, 50.0, 80.0),
+                                                              ("s", "ds", 0.7, 4.0, 40.0, 90.0)]]
+    attach_speedups(rows)
+    assert rows[1]["speedup"]["decode"] == 2.0 and rows[1]["speedup"]["e2e"] == pytest.approx(1.6)
+    assert rows[2]["speedup"] is None  # no dense DeepSparse entry
+
+
+@pytest.mark.parametrize("engine,external", [("onnxruntime", False), ("deepsparse", False), ("deepsparse", True)])
+def test_run_pair_reports_the_schema(deployments, engine, external):
+    r = run_pair(str(deployments["sparse50"]), BenchSettings(engine, cores=1, external_cache=external, **SETTINGS))
+    assert r["kv_cache"] == ("external" if external or engine == "onnxruntime" else "internal")
+    assert r["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert r["decode_ms"]["n"] == SETTINGS["runs"] * (SETTINGS["gen_len"] - 1)
+    assert 0 < r["decode_ms"]["median"] <= r["decode_ms"]["p90"] <= r["decode_ms"]["p99"]
+    assert r["decode_tokens_per_s"] == pytest.approx(1e3 / r["decode_ms"]["median"])
+    assert r["prefill_ms"] > 0 and r["compile_s"] > 0 and r["peak_rss_mib"] > 50
+    assert r["deterministic"] and len(r["tokens"]) == SETTINGS["gen_len"]
+    assert 0 < r["harness_overhead"]["ms_per_token"] < r["decode_ms"]["median"]
+    assert r["weights"]["ideal_speedup"] > 1.2  # half the block weights are zeros; lm_head is dense
+
+
+def test_engines_get_identical_inputs_and_agree(deployments):
+    tokens = {e: run_pair(str(deployments["dense"]), BenchSettings(e, cores=1, **SETTINGS))["tokens"]
+              for e in ("onnxruntime", "deepsparse")}
+    assert tokens["onnxruntime"] == tokens["deepsparse"]
+    tok = tiny_tokenizer()
+    assert prompt_ids(tok, 16) == prompt_ids(tok, 16) and len(prompt_ids(tok, 300)) == 300
+
+
+def test_bad_bench_input(deployments, tmp_path):
+    from dlp_deploy.export.deployment import load_deployment
+
+    with pytest.raises(UserError, match="not a deployment folder"):
+        load_deployment(tmp_path)
+    with pytest.raises(UserError, match="cores"):
+        check_settings(BenchSettings("onnxruntime", cores=machine_info()["usable_cores"] + 1), SEQ_LEN)
+    with pytest.raises(UserError, match="exceed"):
+        check_settings(BenchSettings("onnxruntime", prompt_len=64, gen_len=64), SEQ_LEN)
+    with pytest.raises(UserError, match="unknown engine"):
+        check_settings(BenchSettings("tensorrt", prompt_len=8, gen_len=8), SEQ_LEN)
+
+
+def test_bench_cli_writes_versioned_results_with_speedup(deployments, tmp_path):
+    from dlp_deploy.testing import run_cli as cli
+
+    out = tmp_path / "bench.json"
+    proc = cli("bench", deployments["dense"], deployments["sparse50"], "--engine", "onnxruntime", "--json", out,
+               "--prompt-len", "8", "--gen-len", "8", "--runs", "2", "--cores", "1")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(out.read_text())
+    assert data["schema"] == "dlp-deploy/bench/1"
+    assert {"cpu_model", "isa", "cores_used", "copy_bandwidth_gbs"} <= set(data["machine"])
+    sparse = next(r for r in data["results"] if r["label"] == "sparse50")
+    assert sparse["speedup"]["baseline"] == "dense" and sparse["speedup"]["decode"] > 0
+    proc = cli("bench", tmp_path, "--json", tmp_path / "x.json")
+    assert proc.returncode == 2 and "not a deployment folder" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_sweep_resumes_and_report_renders(tmp_path, data_root):
+    from dlp_deploy.bench.sweep import SweepSettings, run_sweep
+    from dlp_deploy.report.render import make_report
+    from dlp_deploy.testing import save_tiny
+
+    model = save_tiny(tmp_path / "tiny", seed=2)
+    settings = SweepSettings(str(model), [0.5], "wanda", ["dlp", "uniform"], ["onnxruntime"], nsamples=2,
+                             calib_seqlen=32, eval_seqlen=64, max_windows=2, seq_len=64, validate=False, cores=1,
+                             prompt_len=8, gen_len=8, runs=2, warmup=0)
+    import os
+    os.environ["DLP_DEPLOY_DATA"] = str(data_root)
+    run = tmp_path / "run"
+    first = run_sweep(settings, run, log=lambda *_: None)
+    assert {q["label"] for q in first["quality"]} == {"dense", "wanda-dlp-0.50", "wanda-uniform-0.50"}
+    assert len(first["results"]) == 3 and all(r["engine"] == "onnxruntime" for r in first["results"])
+    stamp = (run / "models" / "wanda-dlp-0.50" / "pruning.json").stat().st_mtime_ns
+    second = run_sweep(settings, run, log=lambda *_: None)  # everything cached: nothing is redone
+    assert (run / "models" / "wanda-dlp-0.50" / "pruning.json").stat().st_mtime_ns == stamp
+    assert [r["decode_ms"] for r in second["results"]] == [r["decode_ms"] for r in first["results"]]
+    with pytest.raises(UserError, match="other settings"):
+        run_sweep(SweepSettings(**{**settings.__dict__, "nsamples": 3}), run)
+
+    report = make_report([run], tmp_path / "report")
+    md = (report / "report.md").read_text()
+    assert "| Sparsity | measured | Latency ms (p50)" in md and "| 50% |" in md and "dense" in md
+    html = (report / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 5 and 'src="http' not in html
+    png = base64.b64decode(html.split("data:image/png;base64,")[1].split('"')[0])
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(UserError, match="already exists"):
+        make_report([run], tmp_path / "report")
