@@ -9,7 +9,7 @@ export DLP_DEPLOY_DATA ?= $(DATA)
 export NM_DISABLE_ANALYTICS := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: setup assets test demo bench quality clean
+.PHONY: setup assets test demo bench quality sweep clean
 
 setup: $(STAMP) assets
 
@@ -35,9 +35,18 @@ bench: setup
 quality: setup
 	$(BIN)/python scripts/quality_grid.py
 
+# The main job, small: dense + DLP-Wanda 50/70% on SmolLM2 -> perplexity -> validated ONNX -> both engines -> report.
 demo: setup
-	$(BIN)/dlp-deploy prune smollm2-135m --sparsity 0.7 --method wanda --allocation dlp --nsamples 32 --seqlen 512 --out $(RUN)/dlp70 --force
-	$(BIN)/dlp-deploy eval $(RUN)/dlp70 --ppl wikitext2 --max-windows 8 --json $(RUN)/dlp70-eval.json --force
+	$(BIN)/dlp-deploy sweep smollm2-135m --sparsities 0.5,0.7 --allocation dlp --baseline none \
+	    --nsamples 16 --calib-seqlen 512 --max-windows 4 --runs 3 --gen-len 64 --out $(RUN)
+	$(BIN)/dlp-deploy report $(RUN) --out $(RUN)/report --force
+
+# The committed report (reports/smollm2-135m-sweep): DLP and uniform, 10-90% in steps of 20, both engines.
+SWEEP ?= runs/smollm2-sweep
+sweep: setup
+	$(BIN)/dlp-deploy sweep smollm2-135m --sparsities 0.1,0.3,0.5,0.7,0.9 --allocation dlp --baseline uniform \
+	    --nsamples 16 --calib-seqlen 512 --max-windows 4 --no-validate --out $(SWEEP)
+	$(BIN)/dlp-deploy report $(SWEEP) --out reports/smollm2-135m-sweep --force
 
 clean:
 	rm -rf runs .pytest_cache

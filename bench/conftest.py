@@ -1,0 +1,39 @@
+"""Fixtures for the pytest-benchmark suites (`make bench`): real SmolLM2 and tiny deployments, built once."""
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    return Path(os.environ.get("DLP_DEPLOY_DATA", SHARED_DATA))
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    from dlp_deploy.models import ALIASES
+
+    folder = ALIASES["smollm2-135m"].folder()
+    if not (folder / "config.json").is_file():
+        pytest.fail("SmolLM2 is not fetched; run `make setup`")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def deployments(tmp_path_factory, smollm2_dir) -> dict[str, Path]:
+    """Deployment folders (validated by tests/test_export; exported here without validation)."""
+    from dlp_deploy.export.deployment import export_deployment
+    from dlp_deploy.testing import save_tiny
+
+    root = tmp_path_factory.mktemp("deploy")
+    tiny = save_tiny(root / "tiny-hf", hidden_size=256, intermediate_size=768, num_hidden_layers=4)
+    out = {"tiny": root / "tiny", "smollm2": root / "smollm2"}
+    export_deployment(str(tiny), out["tiny"], seq_len=256, validate=False)
+    export_deployment(str(smollm2_dir), out["smollm2"], seq_len=512, validate=False)
+    return out
