@@ -1,28 +1,7 @@
 """Fixtures for the pytest-benchmark suites (`make bench`): real SmolLM2 and tiny deployments, built once."""
-import os
 from pathlib import Path
 
 import pytest
-
-os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-@pytest.fixture(scope="session")
-def data_root() -> Path:
-    return Path(os.environ.get("DLP_DEPLOY_DATA", SHARED_DATA))
-
-
-@pytest.fixture(scope="session")
-def smollm2_dir() -> Path:
-    from dlp_deploy.models import ALIASES
-
-    folder = ALIASES["smollm2-135m"].folder()
-    if not (folder / "config.json").is_file():
-        pytest.fail("SmolLM2 is not fetched; run `make setup`")
-    return folder
 
 
 @pytest.fixture(scope="session")

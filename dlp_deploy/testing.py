@@ -60,3 +60,11 @@ def run_cli(*args, env: dict | None = None, timeout: int = 600) -> subprocess.Co
     """`dlp-deploy ARGS…` in a fresh interpreter, as a user runs it; output captured."""
     return subprocess.run([sys.executable, "-m", "dlp_deploy", *map(str, args)], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+def fetched_model_folder(alias: str) -> Path | None:
+    """The HF folder of a fetched built-in alias, or None if `dlp-deploy models fetch` has not run."""
+    from .models import ALIASES
+
+    folder = ALIASES[alias].folder()
+    return folder if (folder / "config.json").is_file() else None

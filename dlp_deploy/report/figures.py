@@ -11,6 +11,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 from .tables import series  # noqa: E402
 
 
+def _finish(fig, ax, path: Path, xlabel: str, ylabel: str, title: str, log_y: bool = False) -> Path:
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both" if log_y else "major")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -27,12 +38,7 @@ def _line_plot(results, y, ylabel, title, path: Path, ideal=None) -> Path:
         rows = sorted(results, key=lambda r: r["target_sparsity"])
         ax.plot([r["target_sparsity"] * 100 for r in rows], [ideal(r) for r in rows], "k--", lw=1,
                 label="bandwidth-bound ideal")
-    ax.set_xlabel("target sparsity (%)")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return _save(fig, path)
+    return _finish(fig, ax, path, "target sparsity (%)", ylabel, title)
 
 
 def decode_throughput(results, path: Path) -> Path:
@@ -58,13 +64,7 @@ def perplexity(quality, corpus: str, path: Path) -> Path:
         rows = dense + sorted((q for q in quality if q["allocation"] == allocation), key=lambda q: q["target_sparsity"])
         ax.plot([q["target_sparsity"] * 100 for q in rows], [q["perplexity"][corpus] for q in rows], marker="o",
                 label=allocation)
-    ax.set_yscale("log")
-    ax.set_xlabel("target sparsity (%)")
-    ax.set_ylabel(f"{corpus} perplexity (log)")
-    ax.set_title("Quality vs sparsity")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    return _save(fig, path)
+    return _finish(fig, ax, path, "target sparsity (%)", f"{corpus} perplexity (log)", "Quality vs sparsity", True)
 
 
 def tradeoff(results, corpus: str, path: Path) -> Path:
@@ -75,10 +75,4 @@ def tradeoff(results, corpus: str, path: Path) -> Path:
         for r in rows:
             ax.annotate(f"{r['target_sparsity']:.0%}", (r["decode_tokens_per_s"], r["perplexity"][corpus]),
                         fontsize=6, alpha=0.7)
-    ax.set_yscale("log")
-    ax.set_xlabel("decode tokens/s")
-    ax.set_ylabel(f"{corpus} perplexity (log)")
-    ax.set_title("Speed / quality trade-off")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    return _save(fig, path)
+    return _finish(fig, ax, path, "decode tokens/s", f"{corpus} perplexity (log)", "Speed / quality trade-off", True)
