@@ -19,21 +19,10 @@ err = Console(stderr=True)
 
 
 def _mount() -> None:
-    from .commands import models as models_cmds
-    from .commands import quality as quality_cmds
+    from .commands import bench, deploy, models, quality
 
-    app.add_typer(models_cmds.app, name="models")
-    for module in (quality_cmds,):
-        for name, fn in module.COMMANDS.items():
-            app.command(name)(fn)
-    # stage commands registered below by their modules (export, bench) as they land
-    for modname in ("dlp_deploy.commands.deploy", "dlp_deploy.commands.bench"):
-        try:
-            module = __import__(modname, fromlist=["COMMANDS"])
-        except ModuleNotFoundError as exc:
-            if exc.name != modname:
-                raise
-            continue
+    app.add_typer(models.app, name="models")
+    for module in (quality, deploy, bench):
         for name, fn in module.COMMANDS.items():
             app.command(name)(fn)
 
