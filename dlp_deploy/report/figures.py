@@ -34,10 +34,13 @@ def _line_plot(results, y, ylabel, title, path: Path, ideal=None) -> Path:
     for (engine, allocation), rows in series(results).items():
         xs = [r["target_sparsity"] * 100 for r in rows]
         ax.plot(xs, [y(r) for r in rows], marker="o", label=f"{engine} / {allocation}")
-    if ideal is not None:
-        rows = sorted(results, key=lambda r: r["target_sparsity"])
-        ax.plot([r["target_sparsity"] * 100 for r in rows], [ideal(r) for r in rows], "k--", lw=1,
-                label="bandwidth-bound ideal")
+    if ideal is not None:  # engine-independent: one dashed line per allocation
+        drawn = set()
+        for (engine, allocation), rows in series(results).items():
+            if allocation not in drawn:
+                drawn.add(allocation)
+                ax.plot([r["target_sparsity"] * 100 for r in rows], [ideal(r) for r in rows], "--", lw=1,
+                        color="black" if len(drawn) == 1 else "gray", label=f"bandwidth-bound ideal ({allocation})")
     return _finish(fig, ax, path, "target sparsity (%)", ylabel, title)
 
 
