@@ -13,6 +13,7 @@ from dlp_deploy.eval.job import evaluate
 from dlp_deploy.io import write_json_atomic
 from dlp_deploy.progress import console, progress_bar, quiet_transformers
 from dlp_deploy.provenance import provenance
+from dlp_deploy.report.figures import perplexity as perplexity_plot
 from dlp_deploy.prune.allocate import default_dlp_alpha
 from dlp_deploy.prune.job import prune_to_folder
 from dlp_deploy.prune.pipeline import PruneSettings
@@ -80,6 +81,9 @@ def write_report(args, rows: list[dict]) -> None:
         ppl = " | ".join(f"{cells[a]['perplexity']['wikitext2']:.2f}" for a in allocations)
         realised = ", ".join(f"{cells[a]['weight_sparsity']:.4f}" for a in allocations)
         lines.append(f"| {float(p):.0%} | {ppl} | {realised} |")
+    lines += ["", "![perplexity vs sparsity](perplexity.png)"]
+    perplexity_plot([{"allocation": r["cell"]["allocation"], "target_sparsity": r["cell"]["sparsity"] or 0.0,
+                      "perplexity": r["perplexity"]} for r in rows], "wikitext2", args.report / "perplexity.png")
     (args.report / "quality.md").write_text("\n".join(lines) + "\n")
     console.print("\n".join(lines))
 
