@@ -41,10 +41,10 @@ demo: setup
 	    --nsamples 16 --calib-seqlen 512 --max-windows 4 --runs 3 --gen-len 64 --out $(RUN)
 	$(BIN)/dlp-deploy report $(RUN) --out $(RUN)/report --force
 
-# The committed report (reports/smollm2-135m-sweep): DLP and uniform, 10-90% in steps of 20, both engines.
+# The committed report (reports/smollm2-135m-sweep): DLP and uniform, 10-90%, both engines.
 SWEEP ?= runs/smollm2-sweep
 sweep: setup
-	$(BIN)/dlp-deploy sweep smollm2-135m --sparsities 0.1,0.3,0.5,0.7,0.9 --allocation dlp --baseline uniform \
+	$(BIN)/dlp-deploy sweep smollm2-135m --sparsities 0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9 --allocation dlp --baseline uniform \
 	    --nsamples 16 --calib-seqlen 512 --max-windows 4 --no-validate --out $(SWEEP)
 	$(BIN)/dlp-deploy report $(SWEEP) --out reports/smollm2-135m-sweep --force
 

@@ -3,6 +3,7 @@ UserError into a one-line message (exit 2) instead of a traceback."""
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")  # DeepSparse phones home on import otherwise
@@ -28,6 +29,8 @@ def _mount() -> None:
 
 
 def main() -> None:
+    # a killed run unwinds like Ctrl-C, so atomic writers remove their temp folders
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     _mount()
     try:
         app()  # standalone: click reports usage errors itself and exits 2
