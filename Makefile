@@ -45,7 +45,7 @@ demo: setup
 SWEEP ?= runs/smollm2-sweep
 sweep: setup
 	$(BIN)/dlp-deploy sweep smollm2-135m --sparsities 0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9 --allocation dlp --baseline uniform \
-	    --nsamples 16 --calib-seqlen 512 --max-windows 4 --no-validate --out $(SWEEP)
+	    --nsamples 32 --calib-seqlen 512 --max-windows 8 --no-validate --out $(SWEEP)
 	$(BIN)/dlp-deploy report $(SWEEP) --out reports/smollm2-135m-sweep --force
 
 clean:

@@ -11,14 +11,14 @@ from dlp_deploy.provenance import machine_info
 PROMPT = 32
 
 
-def _decode_step(session, seq_len: int):
+def _decode_step(session):
     """Prefill once, then return a callable running one decode step at a fixed cache position."""
     ids = np.arange(1, PROMPT + 1, dtype=np.int64)[None] % 200 + 10
     session.prepare(PROMPT)
     session.prepare(1)
     past = session.init_past(PROMPT)
-    _, present = session.run(ids, *step_inputs(seq_len, 0, PROMPT), past)
-    mask, positions, causal = step_inputs(seq_len, PROMPT, 1)
+    _, present = session.run(ids, *step_inputs(session.window(0, PROMPT), 0, PROMPT), past)
+    mask, positions, causal = step_inputs(session.window(PROMPT, 1), PROMPT, 1)
     token = np.asarray([[42]], np.int64)
 
     def step():
@@ -32,7 +32,7 @@ def _decode_step(session, seq_len: int):
 def test_decode_step(benchmark, deployments, model, engine):
     dep = load_deployment(deployments[model])
     session = ENGINES[engine].compile(dep.onnx_path, dep.seq_len, machine_info()["usable_cores"])
-    step = _decode_step(session, dep.seq_len)
+    step = _decode_step(session)
     benchmark.group = f"decode step: {model}"
     benchmark.extra_info.update(engine=engine, seq_len=dep.seq_len, cache_filled=PROMPT)
     # the internal cache grows by one slot per step: stay well inside the window

@@ -60,6 +60,40 @@ def test_speedups_are_against_the_same_engine_and_cache_mode():
     assert rows[2]["speedup"] is None  # no dense DeepSparse entry
 
 
+def _row(label, sparsity, decode_ms, pruning=None):
+    return {"label": label, "engine": "ds", "kv_cache": "internal", "sparsity": sparsity,
+            "source": {"pruning": pruning}, "decode_ms": {"median": decode_ms}, "prefill_ms": 10.0,
+            "e2e_tokens_per_s": 1.0}
+
+
+def test_dense_baseline_tolerates_dequantization_zeros():
+    """SmolLM2's dequantized GGUF holds 0.03% exact zeros: still the dense baseline; a pruned model is not."""
+    rows = [_row("dense", 0.000315, 24.0), _row("dlp-0.10", 0.10, 20.0, {"global_sparsity": 0.10}),
+            _row("light", 0.004, 23.0, {"global_sparsity": 0.004})]
+    attach_speedups(rows)
+    assert rows[1]["speedup"]["baseline"] == "dense" and rows[1]["speedup"]["decode"] == pytest.approx(1.2)
+    assert rows[2]["speedup"]["baseline"] == "dense"  # a pruning record, however light, is never the baseline
+
+
+def test_noise_band_from_dense_drift_and_the_dense_kernel_control():
+    from dlp_deploy.bench.stats import attach_remeasured, control_spread, dense_drift, noise_band
+
+    def row(label, engine, sparsity, ms, kernels):
+        return {"label": label, "model": f"deploy/{label}", "engine": engine, "kv_cache": "k", "sparsity": sparsity,
+                "sparse_kernels": kernels, "decode_ms": {"median": ms}, "prefill_ms": ms * 5,
+                "decode_tokens_per_s": 1e3 / ms, "e2e_tokens_per_s": 1e3 / ms,
+                "source": {"pruning": {"global_sparsity": sparsity} if sparsity else None}}
+
+    rows = [row("dense", "ds", 0.0, 20.0, True), row("p70", "ds", 0.7, 10.0, True),
+            row("dense", "ort", 0.0, 30.0, False), row("p70", "ort", 0.7, 25.0, False)]
+    attach_remeasured(rows, [row("dense", "ds", 0.0, 22.0, True)])
+    attach_speedups(rows)
+    assert dense_drift(rows) == {("ds", "k"): pytest.approx(0.1)}
+    assert rows[1]["speedup"]["decode"] == pytest.approx(2.1)  # against the mean of 20 and 22 ms
+    assert control_spread(rows) == [pytest.approx(1.2)]  # ORT does the same work: its 1.2x is noise
+    assert noise_band(rows) == pytest.approx(0.2)
+
+
 @pytest.mark.parametrize("engine,external", [("onnxruntime", False), ("deepsparse", False), ("deepsparse", True)])
 def test_run_pair_reports_the_schema(deployments, engine, external):
     r = run_pair(str(deployments["sparse50"]), BenchSettings(engine, cores=1, external_cache=external, **SETTINGS))
@@ -107,6 +141,8 @@ def test_bench_cli_writes_versioned_results_with_speedup(deployments, tmp_path):
     assert {"cpu_model", "isa", "cores_used", "copy_bandwidth_gbs"} <= set(data["machine"])
     sparse = next(r for r in data["results"] if r["label"] == "sparse50")
     assert sparse["speedup"]["baseline"] == "dense" and sparse["speedup"]["decode"] > 0
+    dense = next(r for r in data["results"] if r["label"] == "dense")
+    assert dense["remeasured"]["decode_ms"]["median"] > 0 and "remeasured" not in sparse
     proc = cli("bench", tmp_path, "--json", tmp_path / "x.json")
     assert proc.returncode == 2 and "not a deployment folder" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -126,6 +162,9 @@ def test_sweep_resumes_and_report_renders(tmp_path, data_root):
     first = run_sweep(settings, run, log=lambda *_: None)
     assert {q["label"] for q in first["quality"]} == {"dense", "wanda-dlp-0.50", "wanda-uniform-0.50"}
     assert len(first["results"]) == 3 and all(r["engine"] == "onnxruntime" for r in first["results"])
+    dense = next(r for r in first["results"] if r["label"] == "dense")
+    assert dense["remeasured"]["decode_ms"]["median"] > 0  # measured again after all levels
+    assert all(r["speedup"]["baseline"] == "dense" for r in first["results"])
     stamp = (run / "models" / "wanda-dlp-0.50" / "pruning.json").stat().st_mtime_ns
     second = run_sweep(settings, run, log=lambda *_: None)  # everything cached: nothing is redone
     assert (run / "models" / "wanda-dlp-0.50" / "pruning.json").stat().st_mtime_ns == stamp
@@ -136,6 +175,7 @@ def test_sweep_resumes_and_report_renders(tmp_path, data_root):
     report = make_report([run], tmp_path / "report")
     md = (report / "report.md").read_text()
     assert "| Sparsity | measured | Latency ms (p50)" in md and "| 50% |" in md and "dense" in md
+    assert "measured first and again after all levels" in md and "what noise alone does here" in md
     html = (report / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 5 and 'src="http' not in html
     png = base64.b64decode(html.split("data:image/png;base64,")[1].split('"')[0])

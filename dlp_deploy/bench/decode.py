@@ -66,7 +66,7 @@ def generate(session, prompt_ids: Iterable[int], max_new_tokens: int,
     length = len(prompt)
     past = session.init_past(length)
     ids = np.asarray([prompt], np.int64)
-    mask, positions, causal = step_inputs(seq_len, 0, length)
+    mask, positions, causal = step_inputs(session.window(0, length), 0, length)
     t0 = perf()
     logits, present = session.run(ids, mask, positions, causal, past)
     token = int(np.argmax(logits[0, -1]))
@@ -81,7 +81,7 @@ def generate(session, prompt_ids: Iterable[int], max_new_tokens: int,
             return out
         t0 = perf()  # a decode step's cost includes carrying the cache over, which differs per engine
         past = session.advance(present, 1)
-        mask, positions, causal = step_inputs(seq_len, filled, 1)
+        mask, positions, causal = step_inputs(session.window(filled, 1), filled, 1)
         logits, present = session.run(np.asarray([[token]], np.int64), mask, positions, causal, past)
         token = int(np.argmax(logits[0, -1]))
         out.decode_s.append(perf() - t0)

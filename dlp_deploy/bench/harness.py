@@ -79,6 +79,9 @@ class NullSession:
     def prepare(self, length: int) -> None:
         self._logits.setdefault(length, np.zeros((1, length, self._logits[1].shape[-1]), np.float32))
 
+    def window(self, filled: int, length: int) -> int:
+        return self._real.window(filled, length)
+
     def init_past(self, length: int):
         return self._real.init_past(length)
 
@@ -116,6 +119,7 @@ def run_pair(deploy_dir: str, settings: BenchSettings) -> dict:
         "label": Path(deploy_dir).name,
         "engine": settings.engine,
         "kv_cache": "internal" if session.internal_cache else "external",
+        "sparse_kernels": ENGINES[settings.session_kind].sparse_kernels,
         # decoder-block weights, as pruned and as measured in the ONNX file; lm_head stays dense
         "sparsity": (dep.info.get("weight_sparsity") or {}).get("global", weights["overall"]),
         "matmul_sparsity": weights["overall"],

@@ -14,7 +14,7 @@ from ..errors import UserError
 from ..io import write_json_atomic
 from ..provenance import provenance
 from .harness import BenchSettings, bench_pair_subprocess, check_settings, machine_block
-from .stats import attach_speedups
+from .stats import attach_remeasured, attach_speedups
 
 DENSE = "dense"
 
@@ -87,7 +87,7 @@ def run_sweep(s: SweepSettings, run_dir: Path, progress=None, log=print) -> dict
     check_sweep(s, run_dir)
     write_json_atomic(run_dir / "run.json", {"settings": asdict(s), "provenance": provenance()}, force=True)
     plan = levels(s)
-    task = progress.add_task("sweep", total=len(plan) * (1 + len(s.engines))) if progress else None
+    task = progress.add_task("sweep", total=len(plan) * (1 + len(s.engines)) + len(s.engines)) if progress else None
     prepared = []
     for level in plan:
         prepared.append(prepare_level(s, run_dir, level, progress, log))
@@ -101,7 +101,14 @@ def run_sweep(s: SweepSettings, run_dir: Path, progress=None, log=print) -> dict
             if progress:
                 progress.advance(task)
         rows.append({"level": asdict(level), "quality": quality, "deploy": str(deploy), "bench": bench})
-    return write_results(s, run_dir, rows)
+    # the dense model once more, last: how far the machine drifted while the levels were measured
+    dense_level, _, dense_deploy = prepared[0]
+    repeats = []
+    for engine in s.engines:
+        repeats.append(bench_step(s, run_dir, dense_level, dense_deploy, engine, log, repeat=True))
+        if progress:
+            progress.advance(task)
+    return write_results(s, run_dir, rows, repeats)
 
 
 def prepare_level(s: SweepSettings, run_dir: Path, level: Level, progress, log) -> tuple[Level, dict, Path]:
@@ -145,15 +152,16 @@ def export_step(s: SweepSettings, run_dir: Path, level: Level, model_ref: str, l
     return out
 
 
-def bench_step(s: SweepSettings, run_dir: Path, level: Level, deploy: Path, engine: str, log) -> dict:
-    out = run_dir / "bench" / f"{level.label}.{engine}.json"
+def bench_step(s: SweepSettings, run_dir: Path, level: Level, deploy: Path, engine: str, log,
+               repeat: bool = False) -> dict:
+    out = run_dir / "bench" / f"{level.label}.{engine}{'.repeat' if repeat else ''}.json"
     if not out.is_file():
-        log(f"[{level.label}] bench on {engine}")
+        log(f"[{level.label}] bench on {engine}{' (repeated after all levels)' if repeat else ''}")
         write_json_atomic(out, bench_pair_subprocess(deploy, _bench_settings(s, engine)), force=True)
     return json.loads(out.read_text())
 
 
-def write_results(s: SweepSettings, run_dir: Path, rows: list[dict]) -> dict:
+def write_results(s: SweepSettings, run_dir: Path, rows: list[dict], repeats: list[dict] = ()) -> dict:
     results, quality = [], []
     for row in rows:
         level, q = row["level"], row["quality"]
@@ -165,6 +173,7 @@ def write_results(s: SweepSettings, run_dir: Path, rows: list[dict]) -> dict:
         for r in row["bench"]:
             results.append({**r, "allocation": level["allocation"], "target_sparsity": level["sparsity"] or 0.0,
                             "perplexity": q["perplexity"]})
+    attach_remeasured(results, repeats)
     attach_speedups(results)
     report = {"schema": "dlp-deploy/sweep/1", "settings": asdict(s), "machine": machine_block(s.cores),
               "quality": quality, "results": results, "provenance": provenance()}

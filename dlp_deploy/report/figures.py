@@ -29,8 +29,10 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def _line_plot(results, y, ylabel, title, path: Path, ideal=None) -> Path:
+def _line_plot(results, y, ylabel, title, path: Path, ideal=None, band: float | None = None) -> Path:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    if band:
+        ax.axhspan(1 - band, 1 + band, color="gray", alpha=0.15, lw=0, label=f"noise band (±{band:.0%})")
     for (engine, allocation), rows in series(results).items():
         xs = [r["target_sparsity"] * 100 for r in rows]
         ax.plot(xs, [y(r) for r in rows], marker="o", label=f"{engine} / {allocation}")
@@ -49,10 +51,10 @@ def decode_throughput(results, path: Path) -> Path:
                       "Decode throughput vs sparsity", path)
 
 
-def decode_speedup(results, path: Path) -> Path:
+def decode_speedup(results, path: Path, band: float | None = None) -> Path:
     return _line_plot(results, lambda r: (r.get("speedup") or {}).get("decode", float("nan")),
                       "decode speedup vs dense", "Decode speedup vs sparsity", path,
-                      ideal=lambda r: r["weights"]["ideal_speedup"])
+                      ideal=lambda r: r["weights"]["ideal_speedup"], band=band)
 
 
 def prefill_speedup(results, path: Path) -> Path:
