@@ -30,7 +30,7 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 bench: setup
-	$(BIN)/python -m pytest bench --benchmark-only -q
+	$(BIN)/python -m pytest bench -q -s  # -s: the cross-check prints its figures
 
 quality: setup
 	$(BIN)/python scripts/quality_grid.py

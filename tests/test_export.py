@@ -267,3 +267,15 @@ def test_external_data_when_over_the_protobuf_limit(tmp_path, monkeypatch):
     ds_tokens = generate(ENGINES["deepsparse"].compile(path, SEQ_LEN, num_cores=1), prompt, 4).tokens
     assert ort_tokens == ds_tokens
     assert {p.name: _sha(p) for p in tmp_path.iterdir()} == before
+
+
+def test_export_records_what_pruned_the_source(tmp_path):
+    from dlp_deploy.export.deployment import _pruning_summary
+
+    (tmp_path / "pruning.json").write_text(json.dumps({
+        "settings": {"sparsity": 0.7, "method": "wanda", "allocation": "dlp", "alpha": 0.15, "reducer": "median",
+                     "granularity": "per-output"}, "global_sparsity": 0.7001, "target_sparsity": 0.7}))
+    assert _pruning_summary(tmp_path) == {"method": "wanda", "allocation": "dlp", "alpha": 0.15, "reducer": "median",
+                                          "granularity": "per-output", "global_sparsity": 0.7001,
+                                          "target_sparsity": 0.7}
+    assert _pruning_summary(tmp_path / "nothing") is None

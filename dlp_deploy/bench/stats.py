@@ -68,7 +68,16 @@ def attach_speedups(results: list[dict]) -> None:
             "e2e": r["e2e_tokens_per_s"] / b["e2e_tokens_per_s"],
             "baseline": base["label"],
             "baseline_decode_ms": b["decode_ms"],
+            "baseline_prefill_ms": b["prefill_ms"],
         }
+
+
+def remeasured_row(result: dict) -> dict:
+    """A dense result's repeated measurement as a result row of its own, with speedups against the same baseline."""
+    rem, speed = result["remeasured"], result["speedup"]
+    return {**result, **rem, "remeasured": None, "speedup": {
+        **speed, "decode": speed["baseline_decode_ms"] / rem["decode_ms"]["median"],
+        "prefill": speed["baseline_prefill_ms"] / rem["prefill_ms"]}}
 
 
 def dense_drift(results: list[dict]) -> dict[tuple, float]:

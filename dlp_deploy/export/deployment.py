@@ -28,7 +28,8 @@ MODEL_FILE = "model.onnx"
 EXPORT_FILE = "export.json"
 VALIDATION_PROMPT = "The capital of France is"
 VALIDATION_NEW_TOKENS = 32
-PRUNING_KEYS = ("global_sparsity", "method", "allocation", "sparsity")
+PRUNING_KEYS = ("global_sparsity", "target_sparsity")
+PRUNING_SETTINGS = ("method", "allocation", "alpha", "reducer", "granularity")
 VALIDATION_ENGINES = ("onnxruntime", "deepsparse", "deepsparse-internal")
 
 
@@ -126,7 +127,10 @@ def _pruning_summary(model_dir) -> dict | None:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise UserError(f"{path} is not readable JSON ({exc}); fix or remove it") from None
-    return {k: data[k] for k in PRUNING_KEYS if k in data}
+    settings = data.get("settings") or {}
+    summary = {k: settings[k] for k in PRUNING_SETTINGS if k in settings}
+    summary.update({k: data[k] for k in PRUNING_KEYS if k in data})
+    return summary
 
 
 def _check_seq_len(seq_len: int, max_positions: int, prompt_len: int, validate: bool, config) -> None:
