@@ -47,8 +47,10 @@ def save_sparse_tiny(folder: Path, **overrides) -> Path:
     prune_half(model)
     model.save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
-    (folder / "pruning.json").write_text(json.dumps({"global_sparsity": 0.5, "method": "magnitude",
-                                                     "allocation": "uniform", "extra": 1}))
+    # the shape `dlp-deploy prune` writes (settings nested), trimmed
+    (folder / "pruning.json").write_text(json.dumps({"settings": {"sparsity": 0.5, "method": "magnitude",
+                                                                  "allocation": "uniform"},
+                                                     "global_sparsity": 0.5, "layers": []}))
     return folder
 
 
