@@ -40,6 +40,9 @@ def attach_remeasured(results: list[dict], repeats) -> None:
                 break
 
 
+_BASELINE_KEYS = ("decode_ms", "prefill_ms", "e2e_tokens_per_s")
+
+
 def _baseline(base: dict) -> dict:
     """The dense figures speedups divide by: the mean of its measurements (first, and repeated after all levels
     when the sweep did that), so a drift of the machine during the run is split between early and late levels."""
@@ -62,22 +65,26 @@ def attach_speedups(results: list[dict]) -> None:
             r["speedup"] = None
             continue
         b = _baseline(base)
-        r["speedup"] = {
-            "decode": b["decode_ms"] / r["decode_ms"]["median"],
-            "prefill": b["prefill_ms"] / r["prefill_ms"],
-            "e2e": r["e2e_tokens_per_s"] / b["e2e_tokens_per_s"],
-            "baseline": base["label"],
-            "baseline_decode_ms": b["decode_ms"],
-            "baseline_prefill_ms": b["prefill_ms"],
-        }
+        r["speedup"] = {**_speedups(b, r), "baseline": base["label"], **{f"baseline_{k}": v for k, v in b.items()}}
+
+
+def _speedups(baseline: dict, r: dict) -> dict:
+    return {"decode": baseline["decode_ms"] / r["decode_ms"]["median"],
+            "prefill": baseline["prefill_ms"] / r["prefill_ms"],
+            "e2e": r["e2e_tokens_per_s"] / baseline["e2e_tokens_per_s"]}
 
 
 def remeasured_row(result: dict) -> dict:
     """A dense result's repeated measurement as a result row of its own, with speedups against the same baseline."""
-    rem, speed = result["remeasured"], result["speedup"]
-    return {**result, **rem, "remeasured": None, "speedup": {
-        **speed, "decode": speed["baseline_decode_ms"] / rem["decode_ms"]["median"],
-        "prefill": speed["baseline_prefill_ms"] / rem["prefill_ms"]}}
+    speed = result["speedup"]
+    row = {**result, **result["remeasured"], "remeasured": None}
+    row["speedup"] = {**speed, **_speedups({k: speed[f"baseline_{k}"] for k in _BASELINE_KEYS}, row)}
+    return row
+
+
+def has_sparse_kernels(result: dict) -> bool:
+    """Results written before the field existed count as sparse-kernel engines (never as the noise control)."""
+    return result.get("sparse_kernels", True)
 
 
 def dense_drift(results: list[dict]) -> dict[tuple, float]:
@@ -90,7 +97,7 @@ def control_spread(results: list[dict]) -> list[float]:
     """Decode speedups of pruned models on engines without sparse kernels: the same work at every sparsity, so
     their distance from 1.0 is what noise alone does to a speedup in this run."""
     return [r["speedup"]["decode"] for r in results
-            if r.get("speedup") and not r.get("sparse_kernels", True) and not is_dense(r)]
+            if r.get("speedup") and not has_sparse_kernels(r) and not is_dense(r)]
 
 
 def noise_band(results: list[dict]) -> float:

@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 
 from ..errors import UserError
-from ..bench.stats import attach_speedups, control_spread, dense_drift, is_dense, noise_band
+from ..bench.stats import (attach_speedups, control_spread, dense_drift, has_sparse_kernels, is_dense,
+                           noise_band)
 from ..io import atomic_dir
 from . import figures
 from .tables import TABLE5_HEADER, quality_rows, table5_rows
@@ -39,7 +40,7 @@ def make_report(run_dirs: list[Path], out: Path, force: bool = False) -> Path:
         plots = {
             "decode_tokens_per_s.png": figures.decode_throughput(data["results"], tmp / "decode_tokens_per_s.png"),
             "decode_speedup.png": figures.decode_speedup(data["results"], tmp / "decode_speedup.png",
-                                                         max(MIN_BAND, noise_band(data["results"]))),
+                                                         report_band(data["results"])),
             "prefill_speedup.png": figures.prefill_speedup(data["results"], tmp / "prefill_speedup.png"),
             "perplexity.png": figures.perplexity(data["quality"], corpus, tmp / "perplexity.png"),
             "tradeoff.png": figures.tradeoff(data["results"], corpus, tmp / "tradeoff.png"),
@@ -87,19 +88,24 @@ def build_sections(data: dict, corpus: str) -> list[tuple[str, object]]:
 MIN_BAND = 0.10  # below this, call nothing a speedup even in a quiet run: per-process variation on a shared CPU
 
 
+def report_band(results: list[dict]) -> float:
+    """Half-width around 1.0x inside which the report does not tell a speedup from noise."""
+    return max(MIN_BAND, noise_band(results))
+
+
 def summary_sentence(data: dict) -> str:
     """The answer first: per engine, whether sparsity buys a decode speedup beyond this run's noise, the best one
     reached, and the densest-to-sparsest figures next to the bandwidth-bound ideal."""
     rows = [r for r in data["results"] if r.get("speedup") and r["allocation"] is not None]
     if not rows:
         return "No dense baseline in these runs, so no speedups are computed."
-    band = max(MIN_BAND, noise_band(data["results"]))
+    band = report_band(data["results"])
     parts = []
     for engine in sorted({(r["engine"], r["kv_cache"]) for r in rows}):
         mine = [r for r in rows if (r["engine"], r["kv_cache"]) == engine]
         best = max(mine, key=lambda r: r["speedup"]["decode"])
         top = max(mine, key=lambda r: (r["target_sparsity"], r["allocation"] == data["settings"]["allocations"][0]))
-        if not mine[0].get("sparse_kernels", True):
+        if not has_sparse_kernels(mine[0]):
             verdict = "dense kernels, so no speedup is expected and what it shows is noise"
         elif best["speedup"]["decode"] > 1 + band:
             verdict = "sparsity buys a decode speedup beyond this run's noise"
@@ -115,15 +121,16 @@ def summary_sentence(data: dict) -> str:
 def noise_paragraph(results: list[dict]) -> str:
     """What the run itself says about its noise: dense drift, the dense-kernel control, the harness's own cost."""
     sentences = []
+    drift = dense_drift(results)
     dense = {(r["engine"], r["kv_cache"]): r for r in results if is_dense(r) and r.get("remeasured")}
-    if dense:
+    if drift:
         sentences.append("The dense model was measured first and again after all levels: " + "; ".join(
-            f"{e} ({kv} KV) {r['decode_ms']['median']:.2f} → {r['remeasured']['decode_ms']['median']:.2f} ms per "
-            f"decode step ({dense_drift(results)[(e, kv)]:+.1%})" for (e, kv), r in sorted(dense.items())) +
-            "; speedups divide by the mean of the two.")
+            f"{e} ({kv} KV) {dense[e, kv]['decode_ms']['median']:.2f} → "
+            f"{dense[e, kv]['remeasured']['decode_ms']['median']:.2f} ms per decode step ({d:+.1%})"
+            for (e, kv), d in sorted(drift.items())) + "; speedups divide by the mean of the two.")
     control = control_spread(results)
     if control:
-        engines = sorted({r["engine"] for r in results if not r.get("sparse_kernels", True)})
+        engines = sorted({r["engine"] for r in results if not has_sparse_kernels(r)})
         sentences.append(f"{', '.join(engines)} multiplies zeros like any other weight, so it does the same work at "
                          f"every sparsity: its decode 'speedups' span {min(control):.2f}x–{max(control):.2f}x, which "
                          "is what noise alone does here.")
