@@ -116,7 +116,10 @@ def load(model: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
         raise UserError(f"{model!r} is a {config.model_type!r} model, not a causal LM; give a decoder-only "
                         "language model (LLaMA, Mistral, Qwen2, …)")
     try:
-        lm = AutoModelForCausalLM.from_pretrained(ref, dtype=dtype)
+        if (Path(ref) / STRUCTURE_FILE).is_file():
+            lm = load_structured(Path(ref), config, dtype)
+        else:
+            lm = AutoModelForCausalLM.from_pretrained(ref, dtype=dtype)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load {model!r} as a causal LM: {_first_line(exc)}") from None
     decoder_layers(lm)  # fail now, not mid-pipeline, on architectures without a block stack
@@ -124,6 +127,38 @@ def load(model: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
     lm.to(device).eval()
     lm.config.use_cache = False
     return lm, tok
+
+
+STRUCTURE_FILE = "structure.json"
+
+
+def load_structured(folder: Path, config, dtype: torch.dtype = torch.float32):
+    """A structured-pruned model: layers may have their own head counts and MLP widths, which config.json cannot
+    express, so the model is built from its config, each block shrunk to structure.json's shapes, then the
+    saved weights are loaded strictly (only a tied lm_head may be absent)."""
+    import json
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from .prune.structured.apply import apply_structure
+
+    record = json.loads((folder / STRUCTURE_FILE).read_text())
+    lm = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    apply_structure(decoder_layers(lm), record, getattr(config, "head_dim", None))
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{folder} has {STRUCTURE_FILE} but no .safetensors weights; re-run the prune")
+    state = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    missing, unexpected = lm.load_state_dict(state, strict=False)
+    tied = {k for k in missing if getattr(config, "tie_word_embeddings", False) and k.endswith("lm_head.weight")}
+    if set(missing) - tied or unexpected:
+        raise UserError(f"{folder}: weights do not match {STRUCTURE_FILE} (missing {sorted(set(missing) - tied)[:3]}, "
+                        f"unexpected {sorted(unexpected)[:3]})")
+    lm.tie_weights()
+    return lm
 
 
 def _first_line(exc: BaseException) -> str:

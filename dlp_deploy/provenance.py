@@ -70,3 +70,37 @@ def provenance(**extra) -> dict:
         "machine": machine_info(),
         **extra,
     }
+
+
+class PeakRSS:
+    """Samples this process's resident memory in a background thread while a `with` block runs: the start and
+    the peak (what a prune really needs; ru_maxrss would carry earlier work of a long-lived process)."""
+
+    def __init__(self, interval_s: float = 0.05):
+        self.interval_s = interval_s
+        self.start = self.peak = 0
+
+    def __enter__(self):
+        import threading
+
+        import psutil
+
+        self._proc = psutil.Process()
+        self.start = self.peak = self._proc.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    def as_dict(self) -> dict:
+        return {"rss_start_bytes": self.start, "rss_peak_bytes": self.peak,
+                "rss_growth_bytes": self.peak - self.start}

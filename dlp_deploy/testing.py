@@ -68,3 +68,14 @@ def fetched_model_folder(alias: str) -> Path | None:
 
     folder = ALIASES[alias].folder()
     return folder if (folder / "config.json").is_file() else None
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    """A user mistake: exit 2, no traceback, exactly one `error:` line on stderr, naming every fragment."""
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert "Traceback" not in proc.stderr
+    assert lines[-1].startswith("error:") and len([x for x in lines if x.startswith("error:")]) == 1, proc.stderr
+    text = " ".join(proc.stderr.split())
+    for f in fragments:
+        assert f in text, proc.stderr

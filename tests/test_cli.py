@@ -7,17 +7,7 @@ import sys
 import pytest
 
 
-from dlp_deploy.testing import run_cli as cli
-
-
-def assert_one_line_error(proc, *fragments):
-    assert proc.returncode == 2, proc.stderr
-    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
-    assert "Traceback" not in proc.stderr
-    assert lines[-1].startswith("error:") and len([x for x in lines if x.startswith("error:")]) == 1, proc.stderr
-    text = " ".join(proc.stderr.split())
-    for f in fragments:
-        assert f in text, proc.stderr
+from dlp_deploy.testing import assert_one_line_error, run_cli as cli
 
 
 @pytest.mark.parametrize("args,fragments", [

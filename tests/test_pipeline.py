@@ -40,9 +40,9 @@ def test_sequential_pipeline_equals_whole_model_reference():
 def test_captured_block_inputs_reproduce_the_model_forward():
     model = tiny_llama(seed=4)
     inputs = capture_block_inputs(model, WINDOWS[:2])
-    assert "position_embeddings" in inputs.kwargs  # what the classic Catcher dropped
-    for block in decoder_layers(model):
-        run_block(block, inputs)
+    assert all("position_embeddings" in kw for kw in inputs.block_kwargs)  # what the classic Catcher dropped
+    for index, block in enumerate(decoder_layers(model)):
+        run_block(block, index, inputs)
     with torch.no_grad():
         expected = model.model(WINDOWS[:2]).last_hidden_state
     got = model.model.norm(torch.cat(inputs.hidden))

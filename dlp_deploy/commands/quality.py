@@ -24,13 +24,22 @@ Device = Annotated[str, typer.Option(help="torch device: cpu, cuda, cuda:1 …")
 
 def prune(
     model: Annotated[str, typer.Argument(help="HF folder, hub id or alias (smollm2-135m)")],
-    sparsity: Annotated[float, typer.Option(help="target global sparsity in [0, 1)")],
     out: Annotated[Path, typer.Option(help="output folder (must not exist unless --force)")],
-    method: Annotated[Method, typer.Option()] = "wanda",
-    allocation: Annotated[Allocation, typer.Option()] = "dlp",
+    sparsity: Annotated[Optional[float], typer.Option(help="target share of decoder-Linear weights removed, in "
+                                                           "[0, 1); an N:M pattern implies it")] = None,
+    method: Annotated[Method, typer.Option(help="weight scores (unstructured and N:M forms)")] = "wanda",
+    allocation: Annotated[Optional[Allocation], typer.Option(help="per-layer ratios; default dlp (uniform for a "
+                                                                  "fixed N:M pattern)")] = None,
     alpha: Annotated[Optional[float], typer.Option(help="DLP spread; default: the paper's App. G value")] = None,
     reducer: Annotated[Reducer, typer.Option(help="DLP layer statistic over Wanda scores")] = "median",
     granularity: Annotated[Granularity, typer.Option()] = "per-output",
+    pattern: Annotated[str, typer.Option(help="unstructured, N:M (N pruned of every M inputs, e.g. 2:4, 4:8) or "
+                                              "mixed:M (per-layer N from the allocation), M in 4, 8")] = "unstructured",
+    structure: Annotated[Optional[str], typer.Option(help="structured pruning: remove whole heads and/or MLP "
+                                                          "channels (heads,channels)")] = None,
+    importance: Annotated[str, typer.Option(help="structured unit importance: activation (gradient-free) or "
+                                                 "taylor (calibration-loss gradients)")] = "activation",
+    multiple: Annotated[int, typer.Option(help="structured: keep MLP widths a multiple of this")] = 8,
     calib: Annotated[str, typer.Option(help="calibration corpus: c4, wikitext2, ptb")] = "c4",
     nsamples: Annotated[int, typer.Option(min=1)] = 128,
     seqlen: Annotated[int, typer.Option(min=2)] = 2048,
@@ -42,14 +51,9 @@ def prune(
     """Prune MODEL to --sparsity and save a reloadable HF folder with pruning.json."""
     from ..progress import console, progress_bar, quiet_transformers
     from ..prune.job import prune_to_folder
-    from ..prune.pipeline import PruneSettings
 
-    if not 0 <= sparsity < 1:
-        raise UserError(f"--sparsity {sparsity} is outside [0, 1); give a fraction such as 0.5")
-    alloc = allocation.value if isinstance(allocation, enum.Enum) else allocation
-    if alpha is None and alloc == "dlp":
-        alpha = default_dlp_alpha(sparsity)
-    settings = PruneSettings(sparsity, _v(method), alloc, alpha, _v(reducer), _v(granularity))
+    settings = prune_settings(sparsity, _v(method), _v(allocation), alpha, _v(reducer), _v(granularity), pattern,
+                              structure, importance, multiple)
     quiet_transformers()
     with progress_bar() as progress:
         report = prune_to_folder(model, out, settings, calib, nsamples, seqlen, seed, device,
@@ -58,8 +62,37 @@ def prune(
         console.print(f"[yellow]warning:[/] {report['layers_clipped']} layer ratios fell outside "
                       f"[0, {report['ratio_bounds'][1]}] and were clipped (correction "
                       f"{report['allocation_correction']:+.4f}); a smaller --alpha avoids it")
+    short = (report.get("structure") or {}).get("layers_short")
+    if short:
+        console.print(f"[yellow]warning:[/] {short} layers were asked to lose more than one KV group, one head and "
+                      f"{settings.multiple} channels allow; they keep that minimum (pruning.json: layers_short)")
+    what = f"{settings.importance} structured" if settings.structure else f"{settings.method}, {settings.form}"
     console.print(f"pruned {model}: global sparsity {report['global_sparsity']:.4f} "
-                  f"({settings.method}, {settings.allocation}) -> {out}")
+                  f"({what}, {settings.allocation}) -> {out}")
+
+
+def prune_settings(sparsity: float | None, method: str, allocation: str | None, alpha: float | None,
+                   reducer: str = "median", granularity: str = "per-output", pattern: str = "unstructured",
+                   structure: str | None = None, importance: str = "activation", multiple: int = 8):
+    """Fill what the form implies (an N:M pattern's sparsity and uniform allocation, DLP's default alpha), then
+    validate: the one place the CLI and the sweep build settings."""
+    from ..prune.masks import parse_pattern
+    from ..prune.pipeline import PruneSettings, validate_settings
+
+    fixed = parse_pattern(pattern).fixed_sparsity
+    if sparsity is None:
+        if fixed is None:
+            raise UserError("--sparsity is required (except for a fixed N:M --pattern, which implies it)")
+        sparsity = fixed
+    if not 0 <= sparsity < 1:
+        raise UserError(f"--sparsity {sparsity} is outside [0, 1); give a fraction such as 0.5")
+    allocation = allocation or ("uniform" if fixed is not None else "dlp")
+    if alpha is None and allocation == "dlp":
+        alpha = default_dlp_alpha(sparsity)
+    settings = PruneSettings(sparsity, method, allocation, alpha, reducer, granularity, pattern.strip().lower(),
+                             structure, importance, multiple)
+    validate_settings(settings)
+    return settings
 
 
 def eval_(

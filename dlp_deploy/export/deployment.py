@@ -28,8 +28,9 @@ MODEL_FILE = "model.onnx"
 EXPORT_FILE = "export.json"
 VALIDATION_PROMPT = "The capital of France is"
 VALIDATION_NEW_TOKENS = 32
-PRUNING_KEYS = ("global_sparsity", "target_sparsity")
-PRUNING_SETTINGS = ("method", "allocation", "alpha", "reducer", "granularity")
+PRUNING_KEYS = ("form", "global_sparsity", "target_sparsity")
+PRUNING_SETTINGS = ("method", "allocation", "alpha", "reducer", "granularity", "pattern", "structure", "importance",
+                    "multiple")
 VALIDATION_ENGINES = ("onnxruntime", "deepsparse", "deepsparse-internal")
 
 
@@ -74,6 +75,7 @@ def export_deployment(model_or_dir, out, seq_len: int = 512, validate: bool = Tr
         with _timed(timings, "sparsity_s"):
             progress("measuring sparsity in the ONNX file")
             sparsity = _check_sparsity(model, onnx_path)
+            pattern = check_nm_pattern(model, onnx_path, _pruning_record(model_or_dir))
         validation = None
         if validate:
             validation = validate_deployment(model, onnx_path, prompt_ids, seq_len, timings, progress, num_cores)
@@ -87,6 +89,7 @@ def export_deployment(model_or_dir, out, seq_len: int = 512, validate: bool = Tr
             "architecture": exported["spec"].describe(),
             "sizes": _sizes(tmp),
             "weight_sparsity": sparsity,
+            "nm_pattern": pattern,
             "validation": validation,
             "timings_s": {k: round(v, 3) for k, v in timings.items()},
             "provenance": provenance(),
@@ -119,14 +122,22 @@ def _load_source(model_or_dir, tokenizer):
     return model, tok, {"model": str(model_or_dir), "pruning": _pruning_summary(model_or_dir)}
 
 
-def _pruning_summary(model_dir) -> dict | None:
-    path = Path(str(model_dir)) / "pruning.json"
+def _pruning_record(model_or_dir) -> dict | None:
+    if isinstance(model_or_dir, torch.nn.Module):
+        return None
+    path = Path(str(model_or_dir)) / "pruning.json"
     if not path.is_file():
         return None
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise UserError(f"{path} is not readable JSON ({exc}); fix or remove it") from None
+
+
+def _pruning_summary(model_dir) -> dict | None:
+    data = _pruning_record(model_dir)
+    if data is None:
+        return None
     settings = data.get("settings") or {}
     summary = {k: settings[k] for k in PRUNING_SETTINGS if k in settings}
     summary.update({k: data[k] for k in PRUNING_KEYS if k in data})
@@ -202,6 +213,56 @@ def _check_sparsity(model, onnx_path: Path) -> dict:
         "block_params": total,
         "per_initializer": {name: round(e["sparsity"], 6) for name, e in measured["per_initializer"].items()},
     }
+
+
+def nm_layer_counts(record: dict | None) -> tuple[int, list[int]] | None:
+    """(m, n per layer) of an N:M or mixed N:M pruning record, else None."""
+    from ..prune.masks import parse_pattern
+
+    settings = (record or {}).get("settings") or {}
+    if not settings.get("pattern") or settings.get("structure"):
+        return None
+    pattern = parse_pattern(settings["pattern"])
+    if pattern.kind == "unstructured":
+        return None
+    layers = record.get("layers") or []
+    return pattern.m, [pattern.n if pattern.kind == "nm" else int(layer["n"]) for layer in layers]
+
+
+def check_nm_pattern(model, onnx_path: Path, record: dict | None) -> dict | None:
+    """Every group of m consecutive inputs of every output row of every block weight, as stored in the ONNX file,
+    holds at least the layer's n zeros; the folder is refused otherwise."""
+    import onnx
+    from onnx import numpy_helper
+
+    from ..prune.masks import nm_group_zero_counts
+
+    counts = nm_layer_counts(record)
+    if counts is None:
+        return None
+    m, n_per_layer = counts
+    if len(n_per_layer) != len(decoder_layers(model)):
+        raise ValidationError(f"pruning.json lists {len(n_per_layer)} layers, the model has "
+                              f"{len(decoder_layers(model))}; re-run the prune")
+    layer_of = {id(mod.weight): i for i, block in enumerate(decoder_layers(model))
+                for mod in linear_modules(block).values()}
+    names = {name: layer_of[id(p)] for name, p in model.named_parameters() if id(p) in layer_of}
+    proto = onnx.load(str(onnx_path), load_external_data=True)
+    checked = violating = 0
+    for init in proto.graph.initializer:
+        name = init.name.removesuffix(".T")
+        if name not in names:
+            continue
+        array = torch.from_numpy(numpy_helper.to_array(init).copy())
+        weight = array.t() if init.name.endswith(".T") else array  # back to [out, in]
+        zeros = nm_group_zero_counts(weight, m)
+        checked += zeros.numel()
+        violating += int((zeros < n_per_layer[names[name]]).sum())
+    if violating:
+        raise ValidationError(f"{violating} of {checked} groups of {m} in the ONNX weights hold fewer zeros than "
+                              "the pruning record's N; the N:M pattern did not survive export")
+    return {"pattern": record["settings"]["pattern"], "m": m, "n_per_layer": n_per_layer,
+            "groups_checked": checked, "groups_violating": violating}
 
 
 # ---------------------------------------------------------------- numerics

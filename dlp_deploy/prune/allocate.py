@@ -117,3 +117,35 @@ def allocate(name: str, stats: list[float], sizes: list[int], sparsity: float, *
     return alloc
 
 
+
+
+def round_and_repair(ideal: Sequence[float], unit_params: Sequence[float], lo: Sequence[int], hi: Sequence[int],
+                     target: float) -> np.ndarray:
+    """Integers x_i in [lo_i, hi_i] near `ideal` whose weighted total sum(unit_params_i * x_i) comes closest to
+    `target`: round each, then move one unit at a time where the rounding was furthest off (largest residual),
+    while that brings the total closer. With equal unit sizes the order of `ideal` is kept (ties aside)."""
+    ideal = np.asarray(ideal, dtype=np.float64)
+    w = np.asarray(unit_params, dtype=np.float64)
+    lo, hi = np.asarray(lo), np.asarray(hi)
+    x = np.clip(np.rint(ideal), lo, hi).astype(np.int64)
+    while True:
+        gap = target - float((w * x).sum())
+        step = 1 if gap > 0 else -1
+        movable = (x < hi) if step > 0 else (x > lo)
+        if gap == 0 or not movable.any():
+            return x
+        residual = (ideal - x) * step  # how far each layer's rounding went against the needed direction
+        residual[~movable] = -np.inf
+        i = int(np.argmax(residual))
+        if abs(gap - step * w[i]) >= abs(gap):
+            return x
+        x[i] += step
+
+
+def mixed_nm_counts(ratios: Sequence[float], sizes: Sequence[int], target: float, m: int) -> list[int]:
+    """Mixed N:M: each layer's pruned-per-group n_l in [0, m-1] from its ratio, repaired so that the
+    parameter-weighted sparsity sum(n_l/m * size_l)/sum(size_l) is within one rounding step of `target`."""
+    sizes = np.asarray(sizes, dtype=np.float64)
+    n = round_and_repair(np.asarray(ratios) * m, sizes / m, [0] * len(sizes), [m - 1] * len(sizes),
+                         target * sizes.sum())
+    return [int(v) for v in n]

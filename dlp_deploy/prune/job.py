@@ -9,7 +9,7 @@ import torch
 
 from .. import data, models
 from ..io import atomic_dir, check_writable, write_json_atomic
-from ..provenance import provenance
+from ..provenance import PeakRSS, provenance
 from .allocate import MAX_RATIO
 from .pipeline import PruneResult, PruneSettings, needs_calibration, prune_model, validate_settings
 
@@ -29,31 +29,52 @@ def prune_to_folder(model_ref: str, out: Path, settings: PruneSettings, calib: s
     t_calib = time.perf_counter() - t0
 
     torch.manual_seed(seed)
-    result = prune_model(model, calibration.windows if calibration else None, settings, progress)
+    with PeakRSS() as memory:
+        result = prune_model(model, calibration.windows if calibration else None, settings, progress)
     report = pruning_report(model_ref, settings, result, calibration, calib, nsamples, seqlen, seed, device,
                             {"load_s": t_load, "calibration_data_s": t_calib, **result.timings})
+    report["memory"] = {**memory.as_dict(), "note": "process RSS while pruning (model already loaded at start)"}
     t0 = time.perf_counter()
     with atomic_dir(out, force) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        if settings.structure:
+            save_structure(model, tmp)
         report["timings"]["save_s"] = time.perf_counter() - t0
         write_json_atomic(tmp / "pruning.json", report)
     return report
 
 
+def save_structure(model, folder: Path) -> None:
+    """structure.json: per-layer head counts and MLP widths, which config.json cannot hold (models.load reads it)."""
+    from ..models import decoder_layers
+    from .structured.apply import STRUCTURE_FILE, structure_record
+
+    write_json_atomic(folder / STRUCTURE_FILE, structure_record(decoder_layers(model),
+                                                                getattr(model.config, "head_dim", None)))
+
+
 def pruning_report(model_ref, settings: PruneSettings, result: PruneResult, calibration, calib, nsamples, seqlen,
                    seed, device, timings) -> dict:
     alloc = result.allocation
+    extras = dict(result.extras)
+    per_layer = {k: extras.pop(k) for k in ("n_per_layer", "continuous_ratios", "shapes") if k in extras}
     layers = []
     for i, (target, realized) in enumerate(zip(alloc.ratios, result.realized)):
         entry = {"index": i, "target": target, "realized": realized}
         entry.update({k: v[i] for k, v in alloc.extras.items()})
+        if "n_per_layer" in per_layer:
+            entry.update(n=per_layer["n_per_layer"][i], m=extras["m"], allocated=per_layer["continuous_ratios"][i])
+        if "shapes" in per_layer:
+            entry.update(per_layer["shapes"][i])
         layers.append(entry)
     sizes = result.block_sizes
     return {
         "schema": "dlp-deploy/pruning/1",
         "model": model_ref,
+        "form": settings.form,
         "settings": asdict(settings),
+        **({"pattern": extras} if not settings.structure else {"structure": extras}),
         "global_sparsity": sum(r * n for r, n in zip(result.realized, sizes)) / sum(sizes),
         "target_sparsity": settings.sparsity,
         "allocation_correction": alloc.correction,

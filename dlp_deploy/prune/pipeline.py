@@ -12,28 +12,42 @@ from torch import nn
 
 from ..errors import UserError
 from ..models import decoder_layers, linear_modules
-from .allocate import ALLOCATORS, Allocation, allocate
+from .allocate import ALLOCATORS, Allocation, allocate, mixed_nm_counts
+from .masks import MaskSpec, parse_pattern
 from .pruners import PRUNERS, Pruner
 from .scores import ActivationNorms, wanda_scores
 
 
 @dataclass
 class PruneSettings:
+    """What to prune and how. Three forms: `pattern` unstructured / N:M / mixed:M (zeros inside the weights), or
+    `structure` heads and/or channels (whole units removed; `method` is then not used: `importance` scores units).
+    `sparsity` is always the parameter-weighted share of decoder-Linear weights removed."""
+
     sparsity: float
     method: str = "wanda"
     allocation: str = "dlp"
     alpha: float | None = None
     reducer: str = "median"
     granularity: str = "per-output"
+    pattern: str = "unstructured"
+    structure: str | None = None  # "heads", "channels" or "heads,channels"
+    importance: str = "activation"  # structured only: activation | taylor
+    multiple: int = 8  # structured only: MLP widths kept a multiple of this
+
+    @property
+    def form(self) -> str:
+        return "structured" if self.structure else str(parse_pattern(self.pattern))
 
 
 @dataclass
 class BlockInputs:
     """Hidden states entering a block, one tensor per calibration window, plus the keyword arguments the model
-    passes its blocks (rotary position embeddings, masks, positions), kept as the model made them."""
+    passes each block (rotary position embeddings, masks, positions), kept as the model made them. Blocks may be
+    called differently (sliding vs global attention layers, per-layer-type RoPE), so every block keeps its own."""
 
     hidden: list[torch.Tensor]
-    kwargs: dict
+    block_kwargs: list[dict]
 
 
 @dataclass
@@ -42,43 +56,64 @@ class PruneResult:
     realized: list[float]
     block_sizes: list[int]
     timings: dict[str, float] = field(default_factory=dict)
+    extras: dict = field(default_factory=dict)
 
 
 class _Captured(Exception):
     pass
 
 
-def capture_block_inputs(model: nn.Module, windows: torch.Tensor) -> BlockInputs:
-    """Run the model up to its first decoder block for every window and keep that block's full call."""
-    first = decoder_layers(model)[0]
-    hidden: list[torch.Tensor] = []
-    kwargs: dict = {}
+def _call_kwargs(kw: dict) -> dict:
+    out = {k: v for k, v in kw.items() if k not in ("hidden_states", "past_key_values", "past_key_value")}
+    out["use_cache"] = False
+    return out
 
-    def hook(_module, args, kw):
-        hidden.append(args[0] if args else kw.pop("hidden_states"))
-        if not kwargs:
-            kwargs.update({k: v for k, v in kw.items() if k != "hidden_states"})
+
+def capture_block_inputs(model: nn.Module, windows: torch.Tensor) -> BlockInputs:
+    """Every window's hidden states entering the first block, and each block's own call (from one full forward:
+    calls depend on the window length, which all windows share, not on the tokens)."""
+    blocks = decoder_layers(model)
+    device = next(model.parameters()).device
+    block_kwargs: list[dict | None] = [None] * len(blocks)
+
+    def record(index):
+        def hook(_module, _args, kw):
+            block_kwargs[index] = _call_kwargs(kw)
+        return hook
+
+    handles = [b.register_forward_pre_hook(record(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    try:
+        model(windows[0].unsqueeze(0).to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [i for i, kw in enumerate(block_kwargs) if kw is None]
+    if missing:
+        raise UserError(f"{type(model).__name__}: decoder blocks {missing} were not called in a forward pass; "
+                        "calibration cannot replay them")
+
+    hidden: list[torch.Tensor] = []
+
+    def first_hook(_module, args, kw):
+        hidden.append(args[0] if args else kw["hidden_states"])
         raise _Captured
 
-    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
-    device = next(model.parameters()).device
+    handle = blocks[0].register_forward_pre_hook(first_hook, with_kwargs=True)
     try:
         for window in windows:
             with contextlib.suppress(_Captured):
                 model(window.unsqueeze(0).to(device), use_cache=False)
     finally:
         handle.remove()
-    kwargs["use_cache"] = False
-    kwargs.pop("past_key_values", None)
-    kwargs.pop("past_key_value", None)
-    return BlockInputs(hidden, kwargs)
+    return BlockInputs(hidden, block_kwargs)
 
 
-def run_block(block: nn.Module, inputs: BlockInputs, keep: bool = True) -> None:
-    """Run every window through the block. keep=True replaces each hidden state with the block's output in place
-    (only one copy alive); keep=False only feeds the block (a statistics pass before pruning it)."""
+def run_block(block: nn.Module, index: int, inputs: BlockInputs, keep: bool = True) -> None:
+    """Run every window through block `index` with that block's own call. keep=True replaces each hidden state
+    with the block's output in place (only one copy alive); keep=False only feeds the block (a statistics pass)."""
+    kwargs = inputs.block_kwargs[index]
     for i, h in enumerate(inputs.hidden):
-        out = block(h, **inputs.kwargs)
+        out = block(h, **kwargs)
         if keep:
             inputs.hidden[i] = out[0] if isinstance(out, tuple) else out
 
@@ -100,7 +135,7 @@ def block_sizes(model: nn.Module) -> list[int]:
     return [sum(m.weight.numel() for m in linear_modules(b).values()) for b in decoder_layers(model)]
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def dense_layer_statistics(model: nn.Module, inputs: BlockInputs, allocator_name: str, params: dict,
                            progress=None) -> list[float]:
     """The allocator's per-layer statistic over the dense model's Wanda scores (every layer's is needed before
@@ -109,10 +144,10 @@ def dense_layer_statistics(model: nn.Module, inputs: BlockInputs, allocator_name
     blocks = decoder_layers(model)
     task = progress.add_task("layer statistics (dense)", total=len(blocks)) if progress else None
     values = []
-    for block in blocks:
+    for index, block in enumerate(blocks):
         modules = linear_modules(block)
         with collecting(modules, ActivationNorms) as norms:
-            run_block(block, inputs)
+            run_block(block, index, inputs)
         scores = torch.cat([wanda_scores(m.weight.float(), norms[n].sq_norm).flatten() for n, m in modules.items()])
         values.append(statistic(scores, params))
         del scores
@@ -121,23 +156,23 @@ def dense_layer_statistics(model: nn.Module, inputs: BlockInputs, allocator_name
     return values
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def prune_blocks(model: nn.Module, inputs: BlockInputs | None, pruner: Pruner, ratios: list[float],
-                 granularity: str, progress=None) -> None:
+                 spec: MaskSpec, progress=None) -> None:
     """Sequential pruning: each block's statistics come from the outputs of the blocks already pruned."""
     blocks = decoder_layers(model)
     task = progress.add_task(f"pruning ({pruner.name})", total=len(blocks)) if progress else None
-    for block, ratio in zip(blocks, ratios):
+    for index, (block, ratio) in enumerate(zip(blocks, ratios)):
         modules = linear_modules(block)
         if pruner.collector is None:
             stats = dict.fromkeys(modules)
         else:
             with collecting(modules, pruner.collector) as stats:
-                run_block(block, inputs, keep=False)
+                run_block(block, index, inputs, keep=False)
         for name, m in modules.items():
-            m.weight.data = pruner.prune(m.weight.data, stats[name], ratio, granularity)
+            m.weight.data = pruner.prune(m.weight.data, stats[name], ratio, spec)
         if inputs is not None:
-            run_block(block, inputs)
+            run_block(block, index, inputs)
         if progress:
             progress.advance(task)
 
@@ -151,14 +186,17 @@ def realized_sparsity(model: nn.Module) -> list[float]:
 
 
 def needs_calibration(settings: PruneSettings) -> bool:
+    if settings.structure:
+        return True  # activation norms or calibration-loss gradients
     return PRUNERS[settings.method].collector is not None or ALLOCATORS[settings.allocation].layer_statistic is not None
 
 
 def prune_model(model: nn.Module, windows: torch.Tensor | None, settings: PruneSettings, progress=None) -> PruneResult:
     """Prune `model` in place. `windows` [n, seqlen] token ids may be None when nothing needs calibration."""
     validate_settings(settings)
+    validate_for_model(settings, model)
     if needs_calibration(settings) and windows is None:
-        raise UserError(f"{settings.method} with {settings.allocation} allocation needs calibration data")
+        raise UserError(f"{settings.form} pruning with {settings.allocation} allocation needs calibration data")
     timings: dict[str, float] = {}
     params = {"alpha": settings.alpha, "reducer": settings.reducer}
     n_blocks = len(decoder_layers(model))
@@ -177,24 +215,101 @@ def prune_model(model: nn.Module, windows: torch.Tensor | None, settings: PruneS
     timings["allocation_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    if settings.structure:
+        extras = _prune_structured(model, windows, settings, allocation, progress, timings)
+    else:
+        extras = _prune_weights(model, windows, settings, allocation, sizes, progress)
+    timings["prune_s"] = time.perf_counter() - t
+    realized = [1 - now / before for now, before in zip(block_sizes(model), sizes)] if settings.structure \
+        else realized_sparsity(model)
+    return PruneResult(allocation, realized, sizes, timings, extras)
+
+
+def _prune_weights(model, windows, settings: PruneSettings, allocation: Allocation, sizes, progress) -> dict:
+    """Unstructured, N:M and mixed N:M: zeros inside the weights. For N:M patterns the layer ratio is n_l / m."""
+    pattern = parse_pattern(settings.pattern)
+    extras: dict = {"pattern": str(pattern)}
+    if pattern.kind == "nm":
+        allocation.ratios = [pattern.n / pattern.m] * len(sizes)
+    elif pattern.kind == "mixed":
+        counts = mixed_nm_counts(allocation.ratios, sizes, settings.sparsity, pattern.m)
+        extras["continuous_ratios"] = list(allocation.ratios)
+        extras["n_per_layer"] = counts
+        allocation.ratios = [n / pattern.m for n in counts]
+    spec = MaskSpec(settings.granularity, pattern.m)
     pruner = PRUNERS[settings.method]
     inputs = capture_block_inputs(model, windows) if pruner.collector is not None else None
-    prune_blocks(model, inputs, pruner, allocation.ratios, settings.granularity, progress)
-    timings["prune_s"] = time.perf_counter() - t
-    return PruneResult(allocation, realized_sparsity(model), sizes, timings)
+    prune_blocks(model, inputs, pruner, allocation.ratios, spec, progress)
+    if pattern.m:
+        extras["m"] = pattern.m
+    return extras
+
+
+def _prune_structured(model, windows, settings: PruneSettings, allocation: Allocation, progress, timings) -> dict:
+    from .structured.plan import parse_units, plan_layers
+    from .structured.run import calibration_gradients, geometries, prune_structured_blocks
+
+    geoms = geometries(model)
+    units = parse_units(settings.structure)
+    plans = plan_layers(geoms, allocation.ratios, units, settings.multiple)
+    grads, inputs = None, None
+    t = time.perf_counter()
+    if settings.importance == "taylor":
+        grads = calibration_gradients(model, windows, progress)
+    else:
+        inputs = capture_block_inputs(model, windows)
+    timings["importance_pass_s"] = time.perf_counter() - t
+    kept = prune_structured_blocks(model, inputs, geoms, plans, settings.importance, grads, progress)
+    return {"units": list(units), "multiple": settings.multiple, "importance": settings.importance,
+            "layers_short": sum(p.clipped for p in plans),
+            "shapes": [{"num_attention_heads": p.heads, "num_key_value_heads": p.kv_heads,
+                        "intermediate_size": p.channels, "kept_kv_heads": k["kv_heads"], "kept_heads": k["heads"]}
+                       for p, k in zip(plans, kept)]}
 
 
 def validate_settings(s: PruneSettings) -> None:
     from .allocate import REDUCERS
     from .masks import GRANULARITIES
+    from .structured.plan import parse_units
+    from .structured.run import IMPORTANCE
 
     if not 0 <= s.sparsity < 1:
         raise UserError(f"--sparsity {s.sparsity} is outside [0, 1); give a fraction such as 0.5")
     for value, registry, flag in ((s.method, PRUNERS, "--method"), (s.allocation, ALLOCATORS, "--allocation"),
-                                  (s.reducer, REDUCERS, "--reducer"), (s.granularity, GRANULARITIES, "--granularity")):
+                                  (s.reducer, REDUCERS, "--reducer"), (s.granularity, GRANULARITIES, "--granularity"),
+                                  (s.importance, IMPORTANCE, "--importance")):
         if value not in registry:
             raise UserError(f"unknown {flag} {value!r}; choose from {', '.join(registry)}")
     if s.allocation == "dlp" and s.alpha is None:
         raise UserError("DLP needs --alpha (the CLI fills in the paper's default)")
     if s.alpha is not None and not 0 <= s.alpha < 0.5:
         raise UserError(f"--alpha {s.alpha} is outside [0, 0.5); the paper uses 0.02-0.15")
+    pattern = parse_pattern(s.pattern)
+    if s.structure:
+        parse_units(s.structure)
+        if pattern.kind != "unstructured":
+            raise UserError("--structure and an N:M --pattern are two different forms; choose one")
+        if s.multiple < 1:
+            raise UserError(f"--multiple {s.multiple} must be a positive number of channels")
+    if pattern.kind != "unstructured" and s.granularity != "per-output":
+        raise UserError(f"--pattern {pattern} picks n of every m weights in each row; it cannot be combined with "
+                        f"--granularity {s.granularity}")
+    if pattern.kind == "nm":
+        if abs(s.sparsity - pattern.n / pattern.m) > 1e-9:
+            raise UserError(f"--pattern {pattern} means sparsity {pattern.n / pattern.m:g}, but --sparsity is "
+                            f"{s.sparsity:g}; leave --sparsity out or use mixed:{pattern.m} for another level")
+        if s.allocation != "uniform":
+            raise UserError(f"--pattern {pattern} prunes every layer alike; use --allocation uniform, or "
+                            f"--pattern mixed:{pattern.m} for per-layer ({s.allocation}) ratios")
+
+
+def validate_for_model(s: PruneSettings, model: nn.Module) -> None:
+    """Checks that need the model: an N:M group size must divide every prunable layer's input width."""
+    pattern = parse_pattern(s.pattern)
+    if pattern.m is None:
+        return
+    for i, block in enumerate(decoder_layers(model)):
+        for name, m in linear_modules(block).items():
+            if m.in_features % pattern.m:
+                raise UserError(f"--pattern {pattern}: layer {i} {name} has {m.in_features} inputs, not a multiple "
+                                f"of {pattern.m}; choose another M or --pattern unstructured")

@@ -6,7 +6,7 @@ from typing import Callable
 
 import torch
 
-from .masks import GRANULARITIES
+from .masks import MaskSpec
 from .scores import ActivationNorms, magnitude_scores, wanda_scores
 from .sparsegpt import Hessian, sparsegpt_prune
 
@@ -15,20 +15,21 @@ from .sparsegpt import Hessian, sparsegpt_prune
 class Pruner:
     name: str
     collector: Callable[[int, torch.device], object] | None  # per-Linear statistic; None = needs no data
-    prune: Callable[[torch.Tensor, object, float, str], torch.Tensor]  # (weight, stat, ratio, granularity) -> W'
+    prune: Callable[[torch.Tensor, object, float, MaskSpec], torch.Tensor]  # (weight, stat, ratio, mask) -> W'
 
 
 def _mask_and_zero(scores_fn):
-    def prune(weight: torch.Tensor, stat, ratio: float, granularity: str) -> torch.Tensor:
+    def prune(weight: torch.Tensor, stat, ratio: float, spec: MaskSpec) -> torch.Tensor:
         act = stat.sq_norm if stat is not None else None
-        mask = GRANULARITIES[granularity](scores_fn(weight, act), ratio)
+        mask = spec.select(scores_fn(weight, act), ratio)
         return weight.masked_fill(mask, 0)
 
     return prune
 
 
-def _sparsegpt(weight: torch.Tensor, stat: Hessian, ratio: float, granularity: str) -> torch.Tensor:
-    return sparsegpt_prune(weight, stat.H, ratio, GRANULARITIES[granularity])
+def _sparsegpt(weight: torch.Tensor, stat: Hessian, ratio: float, spec: MaskSpec) -> torch.Tensor:
+    nm = None if spec.m is None else (spec.n_of(ratio), spec.m)
+    return sparsegpt_prune(weight, stat.H, ratio, spec.select, nm=nm)
 
 
 PRUNERS: dict[str, Pruner] = {

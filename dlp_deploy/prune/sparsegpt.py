@@ -5,6 +5,8 @@ from typing import Callable
 
 import torch
 
+from .masks import nm_mask
+
 
 class Hessian:
     """H = 2/N * sum X X^T over calibration samples, accumulated as the reference code does."""
@@ -32,9 +34,11 @@ def _inverse_hessian_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:
 
 def sparsegpt_prune(weight: torch.Tensor, H: torch.Tensor, ratio: float,
                     select_mask: Callable[[torch.Tensor, float], torch.Tensor],
-                    blocksize: int = 128, percdamp: float = 0.01) -> torch.Tensor:
+                    blocksize: int = 128, percdamp: float = 0.01, nm: tuple[int, int] | None = None) -> torch.Tensor:
     """Return the pruned and OBS-updated copy of `weight`; `select_mask` picks the mask inside each column block
-    from the saliency w^2 / [H^-1]_jj^2 (per-output: per row of the block; per-layer: over the whole block)."""
+    from the saliency w^2 / [H^-1]_jj^2 (per-output: per row of the block; per-layer: over the whole block).
+    With nm=(n, m) the mask is chosen as the reference's prunen/prunem does instead: n of every m columns, each
+    group from the saliency of the weights as updated when the sweep reaches it."""
     W = weight.detach().clone().float()
     H = H.clone()
     dead = torch.diag(H) == 0
@@ -45,9 +49,15 @@ def sparsegpt_prune(weight: torch.Tensor, H: torch.Tensor, ratio: float,
     for i1 in range(0, columns, blocksize):
         i2 = min(i1 + blocksize, columns)
         W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
-        mask1 = select_mask(W1.pow(2) / torch.diag(Hinv1).reshape(1, -1).pow(2), ratio)
+        if nm is None:
+            mask1 = select_mask(W1.pow(2) / torch.diag(Hinv1).reshape(1, -1).pow(2), ratio)
+        else:
+            mask1 = torch.zeros_like(W1, dtype=torch.bool)
         Q1, Err1 = torch.zeros_like(W1), torch.zeros_like(W1)
         for i in range(i2 - i1):
+            if nm is not None and nm[0] > 0 and i % nm[1] == 0:
+                sal = W1[:, i:i + nm[1]].pow(2) / torch.diag(Hinv1)[i:i + nm[1]].reshape(1, -1).pow(2)
+                mask1[:, i:i + nm[1]] = nm_mask(sal, nm[0], nm[1])
             w, d = W1[:, i], Hinv1[i, i]
             q = w.clone()
             q[mask1[:, i]] = 0
