@@ -182,3 +182,56 @@ def test_sweep_resumes_and_report_renders(tmp_path, data_root):
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(UserError, match="already exists"):
         make_report([run], tmp_path / "report")
+
+
+def test_pareto_front_keeps_only_undominated_points():
+    from dlp_deploy.report.tables import pareto_front
+
+    points = [(10, 20.0), (12, 25.0), (11, 30.0), (15, 40.0), (9, 19.0), (15, 45.0)]
+    assert pareto_front(points) == [4, 0, 1, 3]  # (11, 30) loses to (12, 25); (15, 45) to (15, 40)
+
+
+def test_structured_speedups_are_not_noise_and_their_ideal_is_against_dense_bytes():
+    from dlp_deploy.bench.stats import control_spread
+
+    def row(label, form, ms, dense_bytes, sparse_bytes, removed=None):
+        return {"label": label, "engine": "ort", "kv_cache": "k", "sparsity": 0.0 if form != "nm" else 0.5,
+                "sparse_kernels": False, "form": form, "decode_ms": {"median": ms}, "prefill_ms": ms,
+                "e2e_tokens_per_s": 1e3 / ms, "weights": {"dense_bytes": dense_bytes, "sparse_bytes": sparse_bytes},
+                "source": {"pruning": {"global_sparsity": removed} if removed else None}}
+
+    rows = [row("dense", None, 20.0, 1000, 1000), row("s30", "structured", 14.0, 700, 700, 0.3),
+            row("nm", "nm", 21.0, 1000, 500, 0.5)]
+    attach_speedups(rows)
+    assert rows[1]["weights"]["ideal_speedup"] == pytest.approx(1000 / 700)  # not 700/700
+    assert control_spread(rows) == [pytest.approx(20 / 21)]  # the smaller model's real gain is no noise
+
+
+def test_sweep_over_forms_and_its_report(tmp_path, data_root):
+    import os
+
+    from dlp_deploy.bench.sweep import SweepSettings, run_sweep
+    from dlp_deploy.report.render import make_report
+    from dlp_deploy.testing import save_tiny
+
+    model = save_tiny(tmp_path / "tiny", seed=2, hidden_size=128, intermediate_size=256, num_attention_heads=8)
+    settings = SweepSettings(str(model), [0.5], "wanda", ["dlp"], ["onnxruntime"], nsamples=2, calib_seqlen=32,
+                             eval_seqlen=64, max_windows=2, seq_len=64, validate=False, cores=1, prompt_len=8,
+                             gen_len=8, runs=2, warmup=0, patterns=["2:4", "mixed:8"], structure="heads,channels",
+                             structure_sparsities=[0.3], structure_allocations=["uniform"],
+                             importances=["activation"])
+    os.environ["DLP_DEPLOY_DATA"] = str(data_root)
+    result = run_sweep(settings, tmp_path / "run", log=lambda *_: None)
+    by_label = {q["label"]: q for q in result["quality"]}
+    assert set(by_label) == {"dense", "wanda-2of4", "wanda-mixed8-dlp-0.50", "structured-activation-uniform-0.30"}
+    assert by_label["wanda-2of4"]["form"] == "2:4" and by_label["wanda-2of4"]["sparsity"] == pytest.approx(0.5)
+    structured = by_label["structured-activation-uniform-0.30"]
+    assert structured["sparsity"] == 0.0 and structured["removed"] == pytest.approx(0.3, abs=0.02)
+    pruning = json.loads((tmp_path / "run" / "models" / "wanda-mixed8-dlp-0.50" / "pruning.json").read_text())
+    assert pruning["form"] == "mixed:8" and len(pruning["pattern"]) and "n" in pruning["layers"][0]
+
+    md = (make_report([tmp_path / "run"], tmp_path / "report") / "report.md").read_text()
+    assert "## Pruning forms compared" in md and "Table 15 form" in md and "Table 14 form" in md
+    assert "![pareto.png](pareto.png)" in md and (tmp_path / "report" / "pareto.png").is_file()
+    assert "| structured-activation-uniform-0.30 | structured activation, uniform | 30% |" in md
+    assert "fastest of each form" in md

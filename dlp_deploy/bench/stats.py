@@ -66,6 +66,10 @@ def attach_speedups(results: list[dict]) -> None:
             continue
         b = _baseline(base)
         r["speedup"] = {**_speedups(b, r), "baseline": base["label"], **{f"baseline_{k}": v for k, v in b.items()}}
+        # the bytes the dense model streams, over the non-zero bytes this one streams: a structured model's own
+        # weights are dense but fewer, so its ideal is against the baseline's bytes, not its own
+        sparse = r["weights"]["sparse_bytes"]
+        r["weights"]["ideal_speedup"] = base["weights"]["dense_bytes"] / sparse if sparse else None
 
 
 def _speedups(baseline: dict, r: dict) -> dict:
@@ -94,13 +98,34 @@ def dense_drift(results: list[dict]) -> dict[tuple, float]:
 
 
 def control_spread(results: list[dict]) -> list[float]:
-    """Decode speedups of pruned models on engines without sparse kernels: the same work at every sparsity, so
-    their distance from 1.0 is what noise alone does to a speedup in this run."""
+    """Decode speedups of zero-pruned models (unstructured, N:M) on engines without sparse kernels: the same work
+    at every sparsity, so their distance from 1.0 is what noise alone does to a speedup in this run."""
     return [r["speedup"]["decode"] for r in results
-            if r.get("speedup") and not has_sparse_kernels(r) and not is_dense(r)]
+            if r.get("speedup") and not has_sparse_kernels(r) and not is_dense(r) and not removes_weights(r)]
+
+
+def removes_weights(result: dict) -> bool:
+    """Structured pruning makes the model smaller, so every engine does less work: never a noise control."""
+    return form_of(result) == "structured"
 
 
 def noise_band(results: list[dict]) -> float:
     """The largest relative speedup this run's noise produced: dense drift, and the control engines' spread."""
     deviations = [abs(d) for d in dense_drift(results).values()] + [abs(x - 1) for x in control_spread(results)]
     return max(deviations, default=0.0)
+
+
+def _pruning(r: dict) -> dict:
+    return (r.get("source") or {}).get("pruning") or {}
+
+
+def form_of(r: dict) -> str | None:
+    """The pruning form of a result: set by the sweep, else read from the deployment's pruning summary."""
+    return r.get("form") or _pruning(r).get("form")
+
+
+def removed_share(r: dict) -> float:
+    """Share of decoder-Linear weights gone: zeros for the in-weight forms, removed parameters for structured."""
+    if form_of(r) == "structured":
+        return r.get("removed") or _pruning(r).get("global_sparsity", 0.0)
+    return r["sparsity"]

@@ -42,6 +42,14 @@ class SweepSettings:
     warmup: int = 1
     external_cache: bool = False
     device: str = "cpu"
+    # pruning forms: each pattern runs at every sparsity x allocation (a fixed N:M once, uniform); structured
+    # pruning (when `structure` is set) at structure_sparsities x structure_allocations x importances
+    patterns: list[str] = field(default_factory=lambda: ["unstructured"])
+    structure: str | None = None
+    structure_sparsities: list[float] | None = None
+    structure_allocations: list[str] | None = None
+    importances: list[str] = field(default_factory=lambda: ["activation"])
+    multiple: int = 8
 
 
 @dataclass(frozen=True)
@@ -49,28 +57,64 @@ class Level:
     label: str
     sparsity: float | None  # None: the dense model
     allocation: str | None
+    pattern: str = "unstructured"
+    structure: str | None = None
+    importance: str | None = None
+
+    @property
+    def form(self) -> str:
+        return "dense" if self.sparsity is None else ("structured" if self.structure else self.pattern)
+
+    @property
+    def variant(self) -> str | None:
+        """What a series of levels shares (report tables and plots group by it); unstructured keeps the bare
+        allocation name, as reports before the other forms had it."""
+        if self.sparsity is None:
+            return None
+        if self.structure:
+            return f"structured {self.importance}, {self.allocation}"
+        return self.allocation if self.pattern == "unstructured" else f"{self.pattern}, {self.allocation}"
 
 
 def levels(s: SweepSettings) -> list[Level]:
+    from ..prune.masks import parse_pattern
+
     out = [Level(DENSE, None, None)]
-    for p in s.sparsities:
-        out += [Level(f"{s.method}-{a}-{p:.2f}", p, a) for a in s.allocations]
+    for text in s.patterns:
+        pattern = parse_pattern(text)
+        if pattern.kind == "nm":
+            out.append(Level(f"{s.method}-{pattern.n}of{pattern.m}", pattern.fixed_sparsity, "uniform", str(pattern)))
+            continue
+        tag = "" if pattern.kind == "unstructured" else f"mixed{pattern.m}-"
+        for p in s.sparsities:
+            out += [Level(f"{s.method}-{tag}{a}-{p:.2f}", p, a, str(pattern)) for a in s.allocations]
+    if s.structure:
+        for p in s.structure_sparsities or s.sparsities:
+            for imp in s.importances:
+                out += [Level(f"structured-{imp}-{a}-{p:.2f}", p, a, "unstructured", s.structure, imp)
+                        for a in (s.structure_allocations or s.allocations)]
     return out
 
 
-def check_sweep(s: SweepSettings, run_dir: Path) -> None:
-    from ..prune.pipeline import PruneSettings, validate_settings
+def level_settings(s: SweepSettings, level: Level):
+    from ..commands.quality import prune_settings
 
-    for p in s.sparsities:
-        for a in s.allocations:
-            validate_settings(PruneSettings(p, s.method, a, alpha=0.1))
+    return prune_settings(level.sparsity, s.method, level.allocation, None, pattern=level.pattern,
+                          structure=level.structure, importance=level.importance or "activation",
+                          multiple=s.multiple)
+
+
+def check_sweep(s: SweepSettings, run_dir: Path) -> None:
+    for level in levels(s)[1:]:
+        level_settings(s, level)
     for engine in s.engines:
         check_settings(_bench_settings(s, engine), s.seq_len)
     saved = run_dir / "run.json"
     if saved.is_file():
         before = json.loads(saved.read_text())["settings"]
-        changed = sorted(k for k, v in asdict(s).items() if k not in ("sparsities", "allocations", "engines")
-                         and before.get(k) != v)
+        grows = ("sparsities", "allocations", "engines", "patterns", "structure_sparsities", "structure_allocations",
+                 "importances")
+        changed = sorted(k for k, v in asdict(s).items() if k not in grows and before.get(k, v) != v)
         if changed:
             raise UserError(f"{run_dir} holds a sweep with other settings ({', '.join(changed)}); resume it with the "
                             "same options or choose a new --out")
@@ -118,16 +162,13 @@ def prepare_level(s: SweepSettings, run_dir: Path, level: Level, progress, log) 
 
 
 def prune_step(s: SweepSettings, run_dir: Path, level: Level, progress, log) -> Path:
-    from ..prune.allocate import default_dlp_alpha
     from ..prune.job import prune_to_folder
-    from ..prune.pipeline import PruneSettings
 
     out = run_dir / "models" / level.label
     if not (out / "pruning.json").is_file():
         log(f"[{level.label}] pruning")
-        alpha = default_dlp_alpha(level.sparsity) if level.allocation == "dlp" else None
-        prune_to_folder(s.model, out, PruneSettings(level.sparsity, s.method, level.allocation, alpha), s.calib,
-                        s.nsamples, s.calib_seqlen, s.seed, s.device, force=True, progress=progress)
+        prune_to_folder(s.model, out, level_settings(s, level), s.calib, s.nsamples, s.calib_seqlen, s.seed,
+                        s.device, force=True, progress=progress)
     return out
 
 
@@ -166,13 +207,16 @@ def write_results(s: SweepSettings, run_dir: Path, rows: list[dict], repeats: li
     for row in rows:
         level, q = row["level"], row["quality"]
         export_info = json.loads((Path(row["deploy"]) / "export.json").read_text())
-        quality.append({"label": level["label"], "allocation": level["allocation"],
+        lv = Level(**level)
+        form = {"form": lv.form, "variant": lv.variant, "importance": lv.importance}
+        quality.append({"label": level["label"], "allocation": level["allocation"], **form,
                         "target_sparsity": level["sparsity"] or 0.0, "sparsity": q["weight_sparsity"],
+                        "removed": (export_info["source"].get("pruning") or {}).get("global_sparsity", 0.0),
                         "perplexity": q["perplexity"], "perplexity_details": q["perplexity_details"],
                         "validation": _validation_summary(export_info)})
         for r in row["bench"]:
-            results.append({**r, "allocation": level["allocation"], "target_sparsity": level["sparsity"] or 0.0,
-                            "perplexity": q["perplexity"]})
+            results.append({**r, "allocation": level["allocation"], **form,
+                            "target_sparsity": level["sparsity"] or 0.0, "perplexity": q["perplexity"]})
     attach_remeasured(results, repeats)
     attach_speedups(results)
     report = {"schema": "dlp-deploy/sweep/1", "settings": asdict(s), "machine": machine_block(s.cores),

@@ -74,11 +74,13 @@ def results_table(results: list[dict]):
 
     drift = ", ".join(f"{r['engine']} {r['decode_ms']['median']:.2f} → {r['remeasured']['decode_ms']['median']:.2f} ms"
                       for r in results if r.get("remeasured"))
-    table = Table("model", "engine", "sparsity", "prefill ms", "decode ms", "tok/s", "speedup",
+    from ..bench.stats import removed_share
+
+    table = Table("model", "engine", "removed", "prefill ms", "decode ms", "tok/s", "speedup",
                   caption=f"dense re-measured last: {drift}" if drift else None)
     for r in results:
         speed = r.get("speedup")
-        table.add_row(r["label"], f"{r['engine']}/{r['kv_cache'][:3]}", f"{r['sparsity']:.0%}",
+        table.add_row(r["label"], f"{r['engine']}/{r['kv_cache'][:3]}", f"{removed_share(r):.0%}",
                       f"{r['prefill_ms']:.1f}", f"{r['decode_ms']['median']:.2f}", f"{r['decode_tokens_per_s']:.1f}",
                       "—" if not speed else f"{speed['decode']:.2f}x")
     return table
@@ -120,8 +122,18 @@ def sweep_cmd(
     external_cache: bool = False,
     device: str = "cpu",
     data_dir: Optional[Path] = None,
+    pattern: Annotated[str, typer.Option(help="comma list of forms: unstructured, N:M (once, uniform), mixed:M")]
+    = "unstructured",
+    structure: Annotated[Optional[str], typer.Option(help="also structured pruning of heads,channels")] = None,
+    structure_sparsities: Annotated[Optional[str], typer.Option(help="structured levels (default: --sparsities)")]
+    = None,
+    structure_allocations: Annotated[Optional[str], typer.Option(help="structured allocations (default: "
+                                                                      "--allocation and --baseline)")] = None,
+    importance: Annotated[str, typer.Option(help="structured importances, comma list: activation, taylor")]
+    = "activation",
+    multiple: Annotated[int, typer.Option(help="structured: MLP widths a multiple of this")] = 8,
 ) -> None:
-    """prune -> eval -> export -> bench at each sparsity (and dense), one results.json for `dlp-deploy report`."""
+    """prune -> eval -> export -> bench at each sparsity and form (and dense), one results.json for `report`."""
     import os
 
     from ..bench.sweep import SweepSettings, run_sweep
@@ -133,7 +145,10 @@ def sweep_cmd(
                              _names(allocation) + [b for b in _names(baseline) if b not in _names(allocation)],
                              _names(engines), calib, nsamples, calib_seqlen, seed, _names(ppl), eval_seqlen,
                              max_windows, seq_len, validate, cores, prompt_len, gen_len, runs, warmup,
-                             external_cache, device)
+                             external_cache, device, _names(pattern), structure,
+                             _floats(structure_sparsities, "--structure-sparsities") if structure_sparsities else None,
+                             _names(structure_allocations) if structure_allocations else None, _names(importance),
+                             multiple)
     quiet_transformers()
     with progress_bar() as progress:
         report = run_sweep(settings, out, progress, log=console.print)

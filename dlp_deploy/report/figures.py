@@ -8,7 +8,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .tables import series  # noqa: E402
+from .tables import pareto_front, series  # noqa: E402
 
 
 def _finish(fig, ax, path: Path, xlabel: str, ylabel: str, title: str, log_y: bool = False) -> Path:
@@ -81,3 +81,44 @@ def tradeoff(results, corpus: str, path: Path) -> Path:
             ax.annotate(f"{r['target_sparsity']:.0%}", (r["decode_tokens_per_s"], r["perplexity"][corpus]),
                         fontsize=6, alpha=0.7)
     return _finish(fig, ax, path, "decode tokens/s", f"{corpus} perplexity (log)", "Speed / quality trade-off", True)
+
+
+_FORM_COLOURS = {"dense": "black", "unstructured": "tab:blue", "nm": "tab:orange", "mixed": "tab:green",
+                 "structured activation": "tab:red", "structured taylor": "tab:purple"}
+_ENGINE_MARKERS = ["o", "s", "^", "D", "v"]
+
+
+def _form_family(r: dict) -> str:
+    form = r.get("form") or "unstructured"
+    if r["allocation"] is None:
+        return "dense"
+    if form == "structured":
+        return f"structured {r.get('importance')}"
+    return "mixed" if form.startswith("mixed") else ("nm" if ":" in form else "unstructured")
+
+
+def pareto(results, corpus: str, path: Path) -> Path:
+    """Decode tokens/s against perplexity, one point per (model, engine) run, no lines between unrelated points;
+    each engine's Pareto front (faster and better than no other point) is ringed and joined by a dashed step."""
+    fig, ax = plt.subplots(figsize=(7.6, 5.2))
+    engines = sorted({(r["engine"], r["kv_cache"]) for r in results})
+    for k, engine in enumerate(engines):
+        rows = [r for r in results if (r["engine"], r["kv_cache"]) == engine]
+        pts = [(r["decode_tokens_per_s"], r["perplexity"][corpus]) for r in rows]
+        for r, (x, y) in zip(rows, pts):
+            ax.scatter(x, y, color=_FORM_COLOURS[_form_family(r)], marker=_ENGINE_MARKERS[k % 5], s=36, zorder=3)
+            ax.annotate(r["label"].replace("structured-", "s-"), (x, y), fontsize=5, alpha=0.6,
+                        xytext=(3, 2), textcoords="offset points")
+        front = pareto_front(pts)
+        ax.step([pts[i][0] for i in front], [pts[i][1] for i in front], where="post", ls="--", lw=0.8,
+                color="gray", zorder=2)
+        ax.scatter([pts[i][0] for i in front], [pts[i][1] for i in front], facecolors="none", edgecolors="black",
+                   s=110, marker=_ENGINE_MARKERS[k % 5], zorder=4)
+    for name, colour in _FORM_COLOURS.items():
+        if any(_form_family(r) == name for r in results):
+            ax.scatter([], [], color=colour, label=name)
+    for k, engine in enumerate(engines):
+        ax.scatter([], [], color="gray", marker=_ENGINE_MARKERS[k % 5], label=f"{engine[0]} ({engine[1]} KV)")
+    ax.scatter([], [], facecolors="none", edgecolors="black", s=110, label="Pareto front (per engine)")
+    return _finish(fig, ax, path, "decode tokens/s (median step)", f"{corpus} perplexity (log)",
+                   "Speed / quality of every pruning form", True)

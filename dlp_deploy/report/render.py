@@ -8,10 +8,11 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..bench.stats import (attach_speedups, control_spread, dense_drift, has_sparse_kernels, is_dense,
-                           noise_band)
+                           noise_band, removes_weights)
 from ..io import atomic_dir
 from . import figures
-from .tables import TABLE5_HEADER, quality_rows, table5_rows
+from .tables import (FORMS_HEADER, TABLE5_HEADER, forms, forms_rows, nm_quality_rows, quality_rows,
+                     structured_quality_rows, table5_rows, unstructured_only)
 
 SCHEMA = "dlp-deploy/sweep/1"
 
@@ -36,24 +37,32 @@ def load_runs(run_dirs: list[Path]) -> dict:
 def make_report(run_dirs: list[Path], out: Path, force: bool = False) -> Path:
     data = load_runs(run_dirs)
     corpus = data["settings"]["ppl"][0]
+    unstructured = unstructured_only(data["results"])
     with atomic_dir(out, force) as tmp:
-        plots = {
-            "decode_tokens_per_s.png": figures.decode_throughput(data["results"], tmp / "decode_tokens_per_s.png"),
-            "decode_speedup.png": figures.decode_speedup(data["results"], tmp / "decode_speedup.png",
-                                                         report_band(data["results"])),
-            "prefill_speedup.png": figures.prefill_speedup(data["results"], tmp / "prefill_speedup.png"),
-            "perplexity.png": figures.perplexity(data["quality"], corpus, tmp / "perplexity.png"),
-            "tradeoff.png": figures.tradeoff(data["results"], corpus, tmp / "tradeoff.png"),
-        }
-        sections = build_sections(data, corpus)
+        plots = {}
+        if len(forms(data["results"])) > 1:
+            plots["pareto.png"] = figures.pareto(data["results"], corpus, tmp / "pareto.png")
+        if forms(unstructured):
+            plots.update({
+                "decode_tokens_per_s.png": figures.decode_throughput(unstructured, tmp / "decode_tokens_per_s.png"),
+                "decode_speedup.png": figures.decode_speedup(unstructured, tmp / "decode_speedup.png",
+                                                             report_band(data["results"])),
+                "prefill_speedup.png": figures.prefill_speedup(unstructured, tmp / "prefill_speedup.png"),
+                "perplexity.png": figures.perplexity(unstructured_only(data["quality"]), corpus,
+                                                     tmp / "perplexity.png"),
+                "tradeoff.png": figures.tradeoff(unstructured, corpus, tmp / "tradeoff.png"),
+            })
+        sections = build_sections(data, corpus, set(plots))
         (tmp / "report.md").write_text(to_markdown(sections, plots))
         (tmp / "report.html").write_text(to_html(sections, plots))
         (tmp / "results.json").write_text(json.dumps(data, indent=2))
     return out
 
 
-def build_sections(data: dict, corpus: str) -> list[tuple[str, object]]:
+def build_sections(data: dict, corpus: str, plots: set[str] | None = None) -> list[tuple[str, object]]:
     """The report as (kind, content) items: ('h', title), ('p', text), ('table', rows), ('plot', name)."""
+    plots = plots if plots is not None else {"decode_tokens_per_s.png", "decode_speedup.png", "prefill_speedup.png",
+                                             "perplexity.png", "tradeoff.png"}
     s, m = data["settings"], data["machine"]
     items: list[tuple[str, object]] = [("h1", f"Speedup report: {s['model']}, {s['method']} pruning")]
     items.append(("p", summary_sentence(data)))
@@ -64,12 +73,17 @@ def build_sections(data: dict, corpus: str) -> list[tuple[str, object]]:
     if m["cores_used"] <= 4:
         items.append(("p", f"Measured on {m['cores_used']} cores. Sparse kernels need cores to decompress and "
                            "bandwidth to save; a 2-core machine shows the least of what DeepSparse can do."))
-    items.append(("h", "Decode (Table 5 form)"))
+    if "pareto.png" in plots:
+        items += forms_sections(data, corpus)
+    if "decode_speedup.png" not in plots:
+        items += noise_and_versions(data)
+        return items
+    items.append(("h", "Decode, unstructured (Table 5 form)"))
     items.append(("p", f"Prompt {s['prompt_len']} tokens, {s['gen_len']} generated, median of {s['runs']} runs "
                        f"after {s['warmup']} warm-up; latency is the median per-token decode step. Ideal = dense / "
                        "non-zero fp32 weight bytes streamed per token (what a purely bandwidth-bound engine could "
                        "gain; lm_head stays dense)."))
-    for (engine, allocation), rows in table5_rows(data["results"]).items():
+    for (engine, allocation), rows in table5_rows(unstructured_only(data["results"])).items():
         items.append(("h3", f"{engine}, {allocation} allocation"))
         items.append(("table", [TABLE5_HEADER] + rows))
     items.append(("h3", "Noise"))
@@ -78,11 +92,43 @@ def build_sections(data: dict, corpus: str) -> list[tuple[str, object]]:
         items.append(("plot", name))
     items.append(("h", f"Quality ({corpus} perplexity)"))
     items.append(("p", _quality_setup(s, data["quality"], corpus)))
-    items.append(("table", quality_rows(data["quality"], corpus)))
+    items.append(("table", quality_rows(unstructured_only(data["quality"]), corpus)))
     items += [("plot", "perplexity.png"), ("plot", "tradeoff.png")]
     items.append(("h", "Versions"))
     items.append(("table", [["package", "version"]] + [[k, str(v)] for k, v in data["provenance"]["versions"].items()]))
     return items
+
+
+def forms_sections(data: dict, corpus: str) -> list[tuple[str, object]]:
+    """Every form against the same dense model in one table per engine, the Pareto figure, and the quality
+    tables in the DLP paper's shapes (Table 15: N:M patterns x allocation; Table 14: structured)."""
+    s = data["settings"]
+    items: list[tuple[str, object]] = [("h", "Pruning forms compared")]
+    items.append(("p", "One row per model: `removed` is the share of decoder-Linear weights that are zeros (unstructured, "
+                       "N:M) or gone (structured: heads, KV groups and MLP channels removed, so every engine runs a "
+                       "smaller dense model). Speedups divide by the dense model on the same engine in this run; "
+                       "ideal = dense fp32 weight bytes over the bytes this model streams per token. 'On Pareto "
+                       f"front': no other model on that engine is both faster and better in {corpus} perplexity."))
+    for engine, rows in forms_rows(data["results"], corpus).items():
+        items.append(("h3", engine))
+        items.append(("table", [FORMS_HEADER] + rows))
+    items.append(("plot", "pareto.png"))
+    if any(q.get("form", "unstructured") != "structured" and q["allocation"] for q in data["quality"]):
+        items.append(("h3", f"N:M patterns (Table 15 form, {corpus} perplexity)"))
+        items.append(("table", nm_quality_rows(data["quality"], corpus)))
+    if any(q.get("form") == "structured" for q in data["quality"]):
+        items.append(("h3", f"Structured (Table 14 form, {corpus} perplexity; parameters removed in brackets)"))
+        items.append(("p", f"Heads ({s.get('structure')}) removed in whole query heads per KV group or whole KV "
+                           f"groups; MLP widths kept a multiple of {s.get('multiple', 8)}."))
+        items.append(("table", structured_quality_rows(data["quality"], corpus)))
+    items.append(("p", _quality_setup(s, data["quality"], corpus)))
+    return items
+
+
+def noise_and_versions(data: dict) -> list[tuple[str, object]]:
+    return [("h3", "Noise"), ("p", noise_paragraph(data["results"]) or "This run has no dense repeat."),
+            ("h", "Versions"),
+            ("table", [["package", "version"]] + [[k, str(v)] for k, v in data["provenance"]["versions"].items()])]
 
 
 MIN_BAND = 0.10  # below this, call nothing a speedup even in a quiet run: per-process variation on a shared CPU
@@ -100,6 +146,8 @@ def summary_sentence(data: dict) -> str:
     if not rows:
         return "No dense baseline in these runs, so no speedups are computed."
     band = report_band(data["results"])
+    if len(forms(rows)) > 1:
+        return forms_summary(rows, band, data["settings"]["ppl"][0])
     parts = []
     for engine in sorted({(r["engine"], r["kv_cache"]) for r in rows}):
         mine = [r for r in rows if (r["engine"], r["kv_cache"]) == engine]
@@ -115,6 +163,26 @@ def summary_sentence(data: dict) -> str:
                      f"{best['target_sparsity']:.0%} {best['allocation']}; at {top['target_sparsity']:.0%} "
                      f"{top['speedup']['decode']:.2f}x decode and {top['speedup']['prefill']:.2f}x prefill, against a "
                      f"bandwidth-bound ideal of {top['weights']['ideal_speedup']:.2f}x")
+    return ". ".join(parts) + f". Speedups within ±{band:.0%} of 1.0x are not told apart from noise (below)."
+
+
+def forms_summary(rows: list[dict], band: float, corpus: str) -> str:
+    """Per engine and form: the fastest model of that form, its speedup and perplexity, and whether the speedup
+    is beyond this run's noise (zeros on a dense-kernel engine are noise by construction)."""
+    parts = []
+    for engine in sorted({(r["engine"], r["kv_cache"]) for r in rows}):
+        mine = [r for r in rows if (r["engine"], r["kv_cache"]) == engine]
+        said = []
+        for form in forms(mine):
+            best = max((r for r in mine if (r.get("form") or "unstructured") == form),
+                       key=lambda r: r["speedup"]["decode"])
+            x = best["speedup"]["decode"]
+            if not has_sparse_kernels(best) and not removes_weights(best):
+                tag = "noise: dense kernels"
+            else:
+                tag = "beyond noise" if x > 1 + band else "within noise"
+            said.append(f"{form} {x:.2f}x ({best['label']}, ppl {best['perplexity'][corpus]:.1f}; {tag})")
+        parts.append(f"{engine[0]} ({engine[1]} KV cache), fastest of each form: " + "; ".join(said))
     return ". ".join(parts) + f". Speedups within ±{band:.0%} of 1.0x are not told apart from noise (below)."
 
 

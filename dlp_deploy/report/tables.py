@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from ..bench.stats import remeasured_row
+from ..bench.stats import remeasured_row, removed_share
 
 
 def series(results: list[dict]) -> dict[tuple[str, str], list[dict]]:
@@ -15,7 +15,7 @@ def series(results: list[dict]) -> dict[tuple[str, str], list[dict]]:
         if r["allocation"] is None:
             dense[engine].append(r)
         else:
-            grouped[(engine, r["allocation"])].append(r)
+            grouped[(engine, r.get("variant") or r["allocation"])].append(r)
     return {key: dense[key[0]] + sorted(rows, key=lambda r: r["target_sparsity"]) for key, rows in
             sorted(grouped.items())}
 
@@ -69,3 +69,81 @@ def quality_rows(quality: list[dict], corpus: str) -> list[list[str]]:
 
 def _x(value) -> str:
     return "—" if value is None else f"{value:.2f}x"
+
+
+# ---------------------------------------------------------------- pruning forms (unstructured, N:M, structured)
+
+def forms(rows: list[dict]) -> list[str]:
+    """The pruning forms present, dense excluded ('unstructured' for results written before forms existed)."""
+    return sorted({r.get("form") or "unstructured" for r in rows if r["allocation"] is not None})
+
+
+def unstructured_only(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r["allocation"] is None or (r.get("form") or "unstructured") == "unstructured"]
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of points no other point beats on both axes (higher speed x, lower perplexity y)."""
+    front = []
+    for i, (x, y) in enumerate(points):
+        if not any((x2 >= x and y2 <= y) and (x2 > x or y2 < y) for x2, y2 in points):
+            front.append(i)
+    return sorted(front, key=lambda i: points[i][0])
+
+
+def _level_name(r: dict) -> str:
+    return "dense" if r["allocation"] is None else r.get("variant") or r["allocation"]
+
+
+FORMS_HEADER = ["model", "form / allocation", "target", "removed", "ppl", "decode ms", "tokens/s", "decode speedup",
+                "ideal (bandwidth)", "prefill ms", "prefill speedup", "on Pareto front"]
+
+
+def forms_rows(results: list[dict], corpus: str) -> dict[str, list[list[str]]]:
+    """Per engine, every level of every form against the same dense model: the one table that compares forms."""
+    out: dict[str, list[list[str]]] = defaultdict(list)
+    for engine, rows in _by_engine(results).items():
+        front = {id(rows[i]) for i in pareto_front([(r["decode_tokens_per_s"], r["perplexity"][corpus]) for r in rows])}
+        for r in sorted(rows, key=lambda r: (r["allocation"] is not None, r.get("form") or "", _level_name(r),
+                                             r["target_sparsity"])):
+            speed = r.get("speedup") or {}
+            out[engine].append([
+                r["label"], _level_name(r), "—" if r["allocation"] is None else f"{r['target_sparsity']:.0%}",
+                f"{removed_share(r):.1%}", f"{r['perplexity'][corpus]:.2f}", f"{r['decode_ms']['median']:.2f}",
+                f"{r['decode_tokens_per_s']:.1f}", _x(speed.get("decode")), _x(r["weights"].get("ideal_speedup")),
+                f"{r['prefill_ms']:.1f}", _x(speed.get("prefill")), "yes" if id(r) in front else ""])
+    return dict(out)
+
+
+def _by_engine(results: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = defaultdict(list)
+    for r in results:
+        out[f"{r['engine']} ({r['kv_cache']} KV)"].append(r)
+    return dict(sorted(out.items()))
+
+
+def nm_quality_rows(quality: list[dict], corpus: str) -> list[list[str]]:
+    """DLP paper Table 15's shape: one row per in-weight pattern, one column per allocation (perplexity)."""
+    rows = [q for q in quality if q["allocation"] is not None and q.get("form", "unstructured") != "structured"]
+    allocations = sorted({q["allocation"] for q in rows})
+    table = defaultdict(dict)
+    for q in rows:
+        table[(q.get("form") or "unstructured", q["target_sparsity"])][q["allocation"]] = q["perplexity"][corpus]
+    out = [["pattern", "sparsity"] + allocations]
+    for (form, level), cells in sorted(table.items()):
+        out.append([form, f"{level:.0%}"] + [f"{cells[a]:.2f}" if a in cells else "—" for a in allocations])
+    return out
+
+
+def structured_quality_rows(quality: list[dict], corpus: str) -> list[list[str]]:
+    """DLP paper Table 14's shape: one row per share of parameters removed, columns importance x allocation."""
+    rows = [q for q in quality if q.get("form") == "structured"]
+    columns = sorted({(q["importance"], q["allocation"]) for q in rows})
+    table = defaultdict(dict)
+    for q in rows:
+        table[q["target_sparsity"]][(q["importance"], q["allocation"])] = q
+    out = [["removed (target)"] + [f"{imp}, {alloc}" for imp, alloc in columns]]
+    for level, cells in sorted(table.items()):
+        out.append([f"{level:.0%}"] + [f"{cells[c]['perplexity'][corpus]:.2f} ({cells[c]['removed']:.1%})"
+                                       if c in cells else "—" for c in columns])
+    return out
