@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from dlp_deploy.bench.decode import step_inputs
-from dlp_deploy.bench.engines import ENGINES
+from dlp_deploy.runtime.decode import step_inputs
+from dlp_deploy.runtime.engines import ENGINES
 from dlp_deploy.bench.harness import BenchSettings, deepsparse_benchmark_decode_ms, run_pair
 from dlp_deploy.export.deployment import load_deployment
 from dlp_deploy.provenance import machine_info
@@ -28,7 +28,7 @@ def _decode_step(session):
 
 
 @pytest.mark.parametrize("model", ["tiny", "smollm2"])
-@pytest.mark.parametrize("engine", ["onnxruntime", "deepsparse", "deepsparse-internal"])
+@pytest.mark.parametrize("engine", ["onnxruntime", "deepsparse", "deepsparse-external"])
 def test_decode_step(benchmark, deployments, model, engine):
     dep = load_deployment(deployments[model])
     session = ENGINES[engine].compile(dep.onnx_path, dep.seq_len, machine_info()["usable_cores"])
@@ -36,7 +36,7 @@ def test_decode_step(benchmark, deployments, model, engine):
     benchmark.group = f"decode step: {model}"
     benchmark.extra_info.update(engine=engine, seq_len=dep.seq_len, cache_filled=PROMPT)
     # the internal cache grows by one slot per step: stay well inside the window
-    benchmark.pedantic(step, rounds=60 if engine == "deepsparse-internal" else 100, warmup_rounds=3)
+    benchmark.pedantic(step, rounds=60 if engine == "deepsparse" else 100, warmup_rounds=3)
 
 
 def test_harness_agrees_with_deepsparse_benchmark(deployments, record_property):

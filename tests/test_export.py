@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from dlp_deploy.bench import engines as engines_mod
-from dlp_deploy.bench.decode import generate
-from dlp_deploy.bench.engines import ENGINES
+from dlp_deploy.runtime import engines as engines_mod
+from dlp_deploy.runtime.decode import generate
+from dlp_deploy.runtime.engines import ENGINES
 from dlp_deploy.errors import UserError
 from dlp_deploy.export import deployment as dep
 from dlp_deploy.export.deployment import ValidationError, export_deployment, load_deployment
@@ -122,7 +122,7 @@ def test_sparse_gqa_bias_deployment(tmp_path):
 
     # validation on both engines (plus DeepSparse's internal cache)
     val = info["validation"]
-    for name in ("onnxruntime", "deepsparse", "deepsparse-internal"):
+    for name in ("onnxruntime", "deepsparse", "deepsparse-external"):
         assert val[name]["greedy_match"] is True, name
         assert val[name]["max_abs_logit_diff"] < 1e-3, name
     assert val["deepsparse"]["fraction_of_supported_ops"] == 1.0

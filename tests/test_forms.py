@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from dlp_deploy.bench import engines as engines_mod
+from dlp_deploy.runtime import engines as engines_mod
 from dlp_deploy.errors import UserError
 from dlp_deploy.models import decoder_layers, linear_modules, load
 from dlp_deploy.prune.allocate import mixed_nm_counts, round_and_repair
@@ -220,7 +220,7 @@ def test_export_validates_both_forms(tmp_path, data_root, form):
                 else PruneSettings(0.5, "wanda", "dlp", alpha=0.15, pattern=form))
     prune_to_folder(str(src), tmp_path / "pruned", settings, nsamples=4, seqlen=32, data_root=str(data_root))
     info = export_deployment(tmp_path / "pruned", tmp_path / "deploy", seq_len=64, num_cores=1)
-    for engine in ("onnxruntime", "deepsparse", "deepsparse-internal"):
+    for engine in ("onnxruntime", "deepsparse", "deepsparse-external"):
         assert info["validation"][engine]["greedy_match"] is True, engine
     assert info["source"]["pruning"]["form"] == form
     if form == "structured":

@@ -1,7 +1,7 @@
 """End-to-end generation benchmarks of deployment folders, one (deployment, engine) per worker process.
 
 A worker process compiles its engine once, warms up, then times `runs` generations of `gen_len` tokens after a
-`prompt_len`-token prompt with the project's own KV-cache loop (bench/decode.py). Its own peak RSS is the
+`prompt_len`-token prompt with the project's own KV-cache loop (runtime/decode.py). Its own peak RSS is the
 measurement's; running each pair in a fresh process keeps one model on the CPU and memory at a time.
 """
 from __future__ import annotations
@@ -19,8 +19,8 @@ import numpy as np
 
 from ..errors import UserError
 from ..provenance import machine_info, package_versions
-from .decode import generate
-from .engines import ENGINES
+from ..runtime.decode import generate
+from ..runtime.engines import ENGINES
 from .stats import latency_summary, weight_bytes_per_token
 
 PROMPT_TEXT = ("The history of the region is long and varied. Early settlers farmed the river valleys, traded "
@@ -41,8 +41,8 @@ class BenchSettings:
     @property
     def session_kind(self) -> str:
         """DeepSparse runs with its engine-internal KV cache unless asked for the external one."""
-        if self.engine == "deepsparse" and not self.external_cache:
-            return "deepsparse-internal"
+        if self.engine == "deepsparse" and self.external_cache:
+            return "deepsparse-external"
         return self.engine
 
 
@@ -111,6 +111,7 @@ def run_pair(deploy_dir: str, settings: BenchSettings) -> dict:
     tokens = [g.tokens for g in runs]
     session.vocab_size = int(runs[0].first_logits.shape[-1])
     overhead = _harness_overhead(session, prompt, settings.gen_len)
+    kernels = session.kernel_report() if hasattr(session, "kernel_report") else None
     weights = onnx_weight_sparsity(dep.onnx_path)
     decode = latency_summary([s for g in runs for s in g.decode_s])
     e2e = [len(g.tokens) / (g.prefill_s + sum(g.decode_s)) for g in runs]
@@ -119,7 +120,9 @@ def run_pair(deploy_dir: str, settings: BenchSettings) -> dict:
         "label": Path(deploy_dir).name,
         "engine": settings.engine,
         "kv_cache": "internal" if session.internal_cache else "external",
-        "sparse_kernels": ENGINES[settings.session_kind].sparse_kernels,
+        # an engine that reports its executed kernels (OpenVINO) says itself whether a sparse one ran
+        "sparse_kernels": kernels["sparse_kernel_used"] if kernels else ENGINES[settings.session_kind].sparse_kernels,
+        "kernels": kernels,
         # decoder-block weights, as pruned and as measured in the ONNX file; lm_head stays dense
         "sparsity": (dep.info.get("weight_sparsity") or {}).get("global", weights["overall"]),
         "matmul_sparsity": weights["overall"],

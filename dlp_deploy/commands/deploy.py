@@ -57,14 +57,14 @@ def _print_summary(out: Path, info: dict) -> None:
 def generate_cmd(
     deploy_dir: Annotated[Path, typer.Argument(help="folder made by `dlp-deploy export`")],
     prompt: Annotated[str, typer.Option("--prompt", help="text to continue")],
-    engine: Annotated[str, typer.Option("--engine", help="onnxruntime, deepsparse or deepsparse-internal")] =
+    engine: Annotated[str, typer.Option("--engine", help="onnxruntime, deepsparse (engine-internal KV cache), deepsparse-external or openvino")] =
         "deepsparse",
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 64,
     num_cores: Annotated[Optional[int], typer.Option("--num-cores", help="CPU cores (default: all)")] = None,
 ) -> None:
     """Stream greedy text from a deployment folder through the project's KV-cache loop."""
-    from ..bench.decode import generate
-    from ..bench.engines import ENGINES
+    from ..runtime.decode import generate
+    from ..runtime.engines import ENGINES
     from ..export.deployment import load_deployment
 
     deployment = load_deployment(deploy_dir)

@@ -31,7 +31,7 @@ VALIDATION_NEW_TOKENS = 32
 PRUNING_KEYS = ("form", "global_sparsity", "target_sparsity")
 PRUNING_SETTINGS = ("method", "allocation", "alpha", "reducer", "granularity", "pattern", "structure", "importance",
                     "multiple")
-VALIDATION_ENGINES = ("onnxruntime", "deepsparse", "deepsparse-internal")
+VALIDATION_ENGINES = ("onnxruntime", "deepsparse", "deepsparse-external", "openvino")
 
 
 class ValidationError(UserError):
@@ -285,8 +285,8 @@ def logit_tolerance(ref_logits: np.ndarray) -> float:
 
 def validate_deployment(model, onnx_path: Path, prompt_ids: list[int], seq_len: int, timings: dict,
                         progress: Progress = _no_progress, num_cores: int | None = None) -> dict:
-    from ..bench.decode import generate
-    from ..bench.engines import ENGINES
+    from ..runtime.decode import generate
+    from ..runtime.engines import ENGINES
 
     with _timed(timings, "reference_s"):
         progress("PyTorch reference (logits + HF generate)")

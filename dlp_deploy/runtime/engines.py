@@ -22,6 +22,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import UserError
+from .openvino_engine import OPENVINO_MISSING, OpenVinoSessionMixin, openvino_available
 
 PAST_PREFIX = "past_key_values"
 PRESENT_PREFIX = "present"
@@ -169,9 +170,10 @@ def _external_locations(proto) -> set[str]:
 
 
 class DeepSparseSession(_CacheWindow):
-    """One compiled engine per input length L (DeepSparse needs fixed shapes): typically prefill P and decode 1."""
+    """One compiled engine per input length L (DeepSparse needs fixed shapes): typically prefill P and decode 1.
+    The KV cache is carried in Python (`deepsparse-external`)."""
 
-    name = "deepsparse"
+    name = "deepsparse-external"
     internal_cache = False
 
     def __init__(self, onnx_path, seq_len: int, num_cores: int | None = None, batch: int = 1):
@@ -203,7 +205,7 @@ class DeepSparseSession(_CacheWindow):
 
     def _warm_up(self, engine, length: int) -> None:
         """The first execution of a compiled engine pays one-time setup; keep it out of timed steps."""
-        from ..bench.decode import step_inputs
+        from .decode import step_inputs
 
         mask, positions, causal = step_inputs(self.seq_len, 0, length)
         ids = np.zeros((self.batch, length), np.int64)
@@ -227,7 +229,7 @@ class DeepSparseInternalSession(DeepSparseSession):
     """DeepSparse keeping the KV cache inside the engine (`cached_outputs`): past inputs are passed empty
     (batch 0) and the cache lives in a LIB.kv_cache object shared by the prefill and decode engines."""
 
-    name = "deepsparse-internal"
+    name = "deepsparse"
     internal_cache = True
 
     def _compile_kwargs(self, shaped: Path) -> dict:
@@ -256,6 +258,15 @@ class DeepSparseInternalSession(DeepSparseSession):
         return engine._eng_net.execute_list_out(inputs, self._kv_cache)
 
 
+# ---------------------------------------------------------------- OpenVINO
+
+class OpenVinoSession(OpenVinoSessionMixin, _GrowingCache):
+    def __init__(self, onnx_path, seq_len: int, num_cores: int | None = None, batch: int = 1,
+                 sparse_rate: float | None = None):
+        self.seq_len, self.batch, self.io = seq_len, batch, GraphIO.read(onnx_path)
+        self._open(onnx_path, num_cores, sparse_rate)
+
+
 # ---------------------------------------------------------------- registry
 
 @dataclass(frozen=True)
@@ -268,8 +279,8 @@ class EngineKind:
     # any "speedup" it shows in a sweep is the run's noise (the report uses it as that control)
     sparse_kernels: bool = False
 
-    def compile(self, onnx_path, seq_len: int, num_cores: int | None = None, batch: int = 1):
-        return self.session(onnx_path, seq_len, num_cores=num_cores, batch=batch)
+    def compile(self, onnx_path, seq_len: int, num_cores: int | None = None, batch: int = 1, **options):
+        return self.session(onnx_path, seq_len, num_cores=num_cores, batch=batch, **options)
 
 
 class EngineRegistry(dict):
@@ -287,11 +298,15 @@ class EngineRegistry(dict):
         return [name for name, kind in self.items() if kind.available()]
 
 
+# One name, one meaning everywhere (generate, export validation, bench, sweep, eval): `deepsparse` keeps its KV
+# cache inside the engine, as DeepSparse deploys LLMs; `deepsparse-external` carries it in Python.
 ENGINES = EngineRegistry({
     # ONNX Runtime's CPU MatMul (MLAS) is dense: zeros cost as much as any other weight
     "onnxruntime": EngineKind("onnxruntime", OrtSession, lambda: True),
-    "deepsparse": EngineKind("deepsparse", DeepSparseSession, lambda: deepsparse_available(), DEEPSPARSE_MISSING,
-                             sparse_kernels=True),
-    "deepsparse-internal": EngineKind("deepsparse-internal", DeepSparseInternalSession,
-                                      lambda: deepsparse_available(), DEEPSPARSE_MISSING, sparse_kernels=True),
+    "deepsparse": EngineKind("deepsparse", DeepSparseInternalSession, lambda: deepsparse_available(),
+                             DEEPSPARSE_MISSING, sparse_kernels=True),
+    "deepsparse-external": EngineKind("deepsparse-external", DeepSparseSession, lambda: deepsparse_available(),
+                                      DEEPSPARSE_MISSING, sparse_kernels=True),
+    # dense kernels except INT8 weights on AMX CPUs with the sparse-weights rate set: a session reports which ran
+    "openvino": EngineKind("openvino", OpenVinoSession, openvino_available, OPENVINO_MISSING),
 })

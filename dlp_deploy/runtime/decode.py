@@ -1,4 +1,4 @@
-"""The project's own greedy KV-cache generation loop over an engine session (see bench/engines.py).
+"""The project's own greedy KV-cache generation loop over an engine session (see runtime/engines.py).
 
 One prefill forward over the whole prompt, then one forward per new token. Timing sits inside the loop with
 time.perf_counter around each engine step only, so the benchmark harness can reuse it as is.

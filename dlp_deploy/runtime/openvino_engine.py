@@ -1,0 +1,77 @@
+"""OpenVINO's CPU plugin as an engine: the maintained one (DeepSparse 1.8 is end-of-life and evaluation-only).
+
+It reads the deployment's model.onnx directly and runs it with dynamic shapes, so the cache grows one slot per
+token as in ONNX Runtime. Precision is pinned to f32 (on CPUs with AMX or AVX512-BF16 OpenVINO would otherwise
+run fp32 graphs in bf16 by default and quietly change the numerics). For INT8 deployments the sparse-weights
+path (`CPU_SPARSE_WEIGHTS_DECOMPRESSION_RATE`) is switched on where the CPU has AMX-INT8, the only ISA with
+OpenVINO's sparse INT8 kernel; the executed kernel types are read back from the performance counters, so a result
+says whether a sparse kernel really ran.
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+
+OPENVINO_MISSING = "openvino is not installed; `pip install openvino` (or use --engine onnxruntime)"
+
+
+def openvino_available() -> bool:
+    return importlib.util.find_spec("openvino") is not None
+
+
+def has_amx_int8() -> bool:
+    from ..provenance import machine_info
+
+    return "amx_int8" in machine_info().get("isa", []) or "amx_tile" in machine_info().get("isa", [])
+
+
+def openvino_config(num_cores: int | None, sparse_rate: float | None = None, perf_counters: bool = False) -> dict:
+    import openvino.properties as props
+    import openvino.properties.hint as hints
+
+    config = {hints.performance_mode: hints.PerformanceMode.LATENCY,
+              hints.inference_precision: "f32", props.enable_profiling: perf_counters}
+    if num_cores:
+        config[props.inference_num_threads] = int(num_cores)
+    if sparse_rate is not None:
+        config["CPU_SPARSE_WEIGHTS_DECOMPRESSION_RATE"] = float(sparse_rate)
+    return config
+
+
+class OpenVinoSessionMixin:
+    """The engine part; the cache handling comes from the growing-cache base it is combined with."""
+
+    name = "openvino"
+    internal_cache = False
+
+    def _open(self, onnx_path, num_cores: int | None, sparse_rate: float | None = None) -> None:
+        import openvino as ov
+
+        self.sparse_rate = sparse_rate
+        core = ov.Core()
+        model = core.read_model(str(onnx_path))
+        self._compiled = core.compile_model(model, "CPU", openvino_config(num_cores, sparse_rate, True))
+        self._request = self._compiled.create_infer_request()
+        self._outputs = list(self._compiled.outputs)
+
+    def prepare(self, length: int) -> None:
+        """Dynamic shapes: nothing to compile per length."""
+
+    def run(self, input_ids, attention_mask, positions, causal_mask, past_kv):
+        feed = dict(zip(self.io.input_names, (input_ids, attention_mask, positions, causal_mask, *past_kv)))
+        self._request.infer(feed, share_inputs=True)
+        # copies: OpenVINO reuses its output buffers on the next infer
+        logits, *present = (np.array(self._request.get_tensor(o).data) for o in self._outputs)
+        return logits, present
+
+    def kernel_report(self) -> dict:
+        """Executed kernel types of the MatMul/FullyConnected nodes from the last inference's counters."""
+        exec_types: dict[str, int] = {}
+        for info in self._request.profiling_info:
+            if info.node_type in ("FullyConnected", "MatMul"):
+                exec_types[info.exec_type] = exec_types.get(info.exec_type, 0) + 1
+        return {"matmul_exec_types": exec_types,
+                "sparse_kernel_used": any("sparse" in t for t in exec_types),
+                "sparse_rate": self.sparse_rate}
