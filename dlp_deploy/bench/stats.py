@@ -12,9 +12,11 @@ def latency_summary(seconds: list[float]) -> dict:
 
 def weight_bytes_per_token(per_initializer: dict) -> dict:
     """Bytes a decode step must stream from memory for the MatMul weights: all of them dense, only the non-zeros
-    sparse (fp32; index overhead of any compressed format ignored, so this is the optimistic limit)."""
-    dense = sum(4 * int(np.prod(e["shape"])) for e in per_initializer.values())
-    sparse = sum(4 * (int(np.prod(e["shape"])) - e["zeros"]) for e in per_initializer.values())
+    sparse (4 bytes fp32, 1 int8; index overhead of any compressed format ignored, so this is the optimistic
+    limit)."""
+    dense = sum(e.get("bytes_per_weight", 4) * int(np.prod(e["shape"])) for e in per_initializer.values())
+    sparse = sum(e.get("bytes_per_weight", 4) * (int(np.prod(e["shape"])) - e["zeros"])
+                 for e in per_initializer.values())
     return {"dense_bytes": dense, "sparse_bytes": sparse, "ideal_speedup": dense / sparse if sparse else None}
 
 

@@ -20,17 +20,33 @@ def export_cmd(
     out: Annotated[Path, typer.Option("--out", help="deployment folder to create")],
     seq_len: Annotated[int, typer.Option("--seq-len", help="KV-cache window (prompt + generated tokens)")] = 512,
     validate: Annotated[bool, typer.Option("--validate/--no-validate",
-                                           help="check logits and greedy tokens against PyTorch")] = True,
+                                           help="check logits, greedy tokens and perplexity against PyTorch")] = True,
     force: Annotated[bool, typer.Option("--force", help="replace an existing --out folder")] = False,
     num_cores: Annotated[Optional[int], typer.Option("--num-cores", help="CPU cores for validation (default: all)")]
         = None,
+    quantize: Annotated[Optional[str], typer.Option("--quantize", help="int8: static W8A8 (weights per channel, "
+                                                                       "activations from C4 calibration)")] = None,
+    quantize_head: Annotated[bool, typer.Option("--quantize-head", help="quantize lm_head too")] = False,
+    smooth_alpha: Annotated[float, typer.Option("--smooth-alpha", help="SmoothQuant migration strength before "
+                                                                       "INT8 (0 = off)")] = 0.5,
+    calib_samples: Annotated[int, typer.Option("--calib-samples", min=1, help="INT8 calibration windows")] = 32,
+    ppl_tolerance: Annotated[float, typer.Option("--ppl-tolerance", help="largest relative perplexity rise over "
+                                                                         "the PyTorch source")] = 0.05,
+    ppl_seqlen: Annotated[int, typer.Option("--ppl-seqlen", min=2, help="perplexity window for validation")] = 256,
+    ppl_windows: Annotated[int, typer.Option("--ppl-windows", min=1, help="perplexity windows for validation")] = 4,
+    data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="offline corpora folder (else env "
+                                                                        "DLP_DEPLOY_DATA, else the hub)")] = None,
 ) -> None:
-    """Export a causal LM to an ONNX deployment folder for DeepSparse and ONNX Runtime, checked against PyTorch."""
-    from ..export.deployment import export_deployment
+    """Export a causal LM to an ONNX deployment folder (fp32 or INT8) for DeepSparse, ONNX Runtime and OpenVINO,
+    checked against PyTorch."""
+    from ..export.deployment import QualityCheck, QuantizeOptions, export_deployment
 
+    options = QuantizeOptions(quantize, quantize_head, smooth_alpha, calib_samples) if quantize else None
+    quality = QualityCheck(seqlen=ppl_seqlen, windows=ppl_windows, tolerance=ppl_tolerance)
     with err.status("exporting") as status:
         info = export_deployment(model, out, seq_len=seq_len, validate=validate, force=force,
-                                 progress=lambda step: status.update(step), num_cores=num_cores)
+                                 progress=lambda step: status.update(step), num_cores=num_cores, quantize=options,
+                                 quality=quality, data_root=str(data_dir) if data_dir else None)
     _print_summary(out, info)
 
 
@@ -50,6 +66,9 @@ def _print_summary(out: Path, info: dict) -> None:
             continue
         extra = (f", supported ops {entry['fraction_of_supported_ops']:.3f}"
                  if "fraction_of_supported_ops" in entry else "")
+        if "ppl" in entry:
+            extra += (f", agreement {entry['greedy_agreement']:.1%}, ppl {entry['ppl']:.3f} "
+                      f"({entry['ppl_vs_reference']:+.2%} vs PyTorch)")
         err.print(f"  {name}: max |Δlogits| {entry['max_abs_logit_diff']:.2e}, "
                   f"greedy match {entry['greedy_match']}{extra}", highlight=False)
 

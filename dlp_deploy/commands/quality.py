@@ -96,10 +96,15 @@ def prune_settings(sparsity: float | None, method: str, allocation: str | None, 
 
 
 def eval_(
-    model: Annotated[str, typer.Argument(help="HF folder (e.g. a pruned one), hub id or alias")],
+    model: Annotated[str, typer.Argument(help="HF folder (e.g. a pruned one), hub id or alias, or a deployment "
+                                              "folder (with --engine)")],
     json_out: Annotated[Path, typer.Option("--json", help="result file (must not exist unless --force)")],
     ppl: Annotated[str, typer.Option(help="comma list of wikitext2, ptb, c4; empty for none")] = "wikitext2",
-    seqlen: Annotated[int, typer.Option(min=2)] = 2048,
+    seqlen: Annotated[Optional[int], typer.Option(min=2, help="window; default 2048, for a deployment its "
+                                                              "--seq-len minus one")] = None,
+    engine: Annotated[Optional[str], typer.Option(help="score a deployment folder's ONNX graph on this engine "
+                                                       "(onnxruntime, deepsparse-external, openvino)")] = None,
+    cores: Annotated[Optional[int], typer.Option(help="engine threads (default: all)")] = None,
     max_windows: Annotated[Optional[int], typer.Option(min=1, help="score only the first N windows")] = None,
     zeroshot: Annotated[str, typer.Option(help="comma list of tasks, e.g. boolq,arc_easy")] = "",
     limit: Annotated[Optional[int], typer.Option(min=1, help="first N docs per zero-shot task")] = None,
@@ -114,11 +119,22 @@ def eval_(
     from ..io import check_writable, write_json_atomic
     from ..progress import console, progress_bar, quiet_transformers
 
+    from ..eval.job import evaluate_deployment, is_deployment
+
     check_writable(json_out, force)
     quiet_transformers()
+    root = str(data_dir) if data_dir else None
+    if engine is None and is_deployment(model):
+        raise UserError(f"{model} is a deployment folder; give --engine to score its ONNX graph "
+                        "(onnxruntime, deepsparse-external, openvino)")
     with progress_bar() as progress:
-        result = evaluate(model, _split(ppl), seqlen, max_windows, _split(zeroshot), limit, device,
-                          str(data_dir) if data_dir else None, progress)
+        if engine is not None:
+            if zeroshot:
+                raise UserError("--zeroshot runs on PyTorch models only; drop it or give an HF model folder")
+            result = evaluate_deployment(model, engine, _split(ppl), seqlen, max_windows, cores, root, progress)
+        else:
+            result = evaluate(model, _split(ppl), seqlen or 2048, max_windows, _split(zeroshot), limit, device,
+                              root, progress)
     write_json_atomic(json_out, result, force)
     table = Table("metric", "value", title=f"{model}")
     for name, value in result["perplexity"].items():

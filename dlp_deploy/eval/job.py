@@ -21,12 +21,7 @@ def evaluate(model_ref: str, ppl: list[str], seqlen: int = 2048, max_windows: in
         check_tasks(zeroshot)
     model, tok = models.load(model_ref, device)
     result: dict = {"schema": "dlp-deploy/eval/1", "model": model_ref, "perplexity": {}, "perplexity_details": {}}
-    for name, text in texts.items():
-        cap = min(x for x in (max_windows, text.max_windows) if x is not None) if (max_windows or text.max_windows) \
-            else None
-        scored = perplexity(model, corpus_ids(tok, text.text), seqlen, cap, progress, f"ppl {name}")
-        result["perplexity"][name] = scored["ppl"]
-        result["perplexity_details"][name] = {**scored, "source": text.source}
+    _score_corpora(result, model, tok, texts, seqlen, max_windows, progress)
     if zeroshot:
         from .zeroshot import evaluate_zeroshot
 
@@ -34,6 +29,47 @@ def evaluate(model_ref: str, ppl: list[str], seqlen: int = 2048, max_windows: in
     result["weight_sparsity"] = model_sparsity(model)["global_sparsity"]
     result["pruning"] = _pruning_summary(model_ref)
     result["provenance"] = provenance(device=device)
+    return result
+
+
+def _score_corpora(result: dict, model_or_logits, tok, texts: dict, seqlen: int, max_windows, progress) -> None:
+    for name, text in texts.items():
+        cap = min(x for x in (max_windows, text.max_windows) if x is not None) if (max_windows or text.max_windows) \
+            else None
+        scored = perplexity(model_or_logits, corpus_ids(tok, text.text), seqlen, cap, progress, f"ppl {name}")
+        result["perplexity"][name] = scored["ppl"]
+        result["perplexity_details"][name] = {**scored, "source": text.source}
+
+
+def is_deployment(ref: str) -> bool:
+    from ..export.deployment import EXPORT_FILE
+
+    return (Path(ref) / EXPORT_FILE).is_file()
+
+
+def evaluate_deployment(deploy_dir: str, engine: str, ppl: list[str], seqlen: int | None = None,
+                        max_windows: int | None = None, cores: int | None = None, data_root: str | None = None,
+                        progress=None) -> dict:
+    """Perplexity of a deployment itself: its ONNX graph on an inference engine, the windows and scoring of the
+    PyTorch evaluation (each window one prefill step with an empty cache)."""
+    from ..errors import UserError
+    from ..export.deployment import load_deployment
+    from ..runtime.engines import ENGINES
+    from .perplexity import session_logits
+
+    dep = load_deployment(deploy_dir)
+    seqlen = seqlen or min(2048, dep.seq_len - 1)
+    if seqlen >= dep.seq_len:
+        raise UserError(f"--seqlen {seqlen} must be shorter than the deployment's {dep.seq_len}-token window; "
+                        f"use --seqlen {dep.seq_len - 1} or re-export with a larger --seq-len")
+    root = data.data_dir(data_root)
+    texts = {name: data.eval_text(name, root) for name in ppl}
+    session = ENGINES[engine].compile(dep.onnx_path, dep.seq_len, num_cores=cores)
+    result: dict = {"schema": "dlp-deploy/eval/1", "model": str(deploy_dir), "engine": engine, "perplexity": {},
+                    "perplexity_details": {}}
+    _score_corpora(result, session_logits(session), dep.tokenizer(), texts, seqlen, max_windows, progress)
+    result["deployment"] = {k: dep.info.get(k) for k in ("source", "quantization", "seq_len")}
+    result["provenance"] = provenance()
     return result
 
 

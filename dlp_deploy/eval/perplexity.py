@@ -27,7 +27,14 @@ def torch_logits(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
 def session_logits(session) -> Callable[[torch.Tensor], torch.Tensor]:
     """Logits of a whole window from an engine session: one prefill step with an empty cache, as generation
     starts (so the graph, its attention masks and its cache inputs are exactly what is deployed)."""
+    from ..errors import UserError
     from ..runtime.decode import step_inputs
+
+    if getattr(session, "internal_cache", False):
+        # a cache the engine keeps to itself holds no defined slots before the first step: score with the same
+        # graph and the cache in Python (deepsparse-external) instead
+        raise UserError(f"{session.name} keeps its KV cache inside the engine; score with deepsparse-external "
+                        "(the same compiled graph, cache carried in Python)")
 
     def logits(window: torch.Tensor) -> torch.Tensor:
         ids = window.numpy().astype(np.int64)[None]

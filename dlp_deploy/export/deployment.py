@@ -11,7 +11,7 @@ os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")  # DeepSparse phones home on 
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -22,7 +22,8 @@ from ..errors import UserError
 from ..io import atomic_dir, check_writable, write_json_atomic
 from ..models import decoder_layers, linear_modules, load, model_sparsity
 from ..provenance import provenance
-from .onnx import EXTERNAL_DATA_FILE, export_onnx, onnx_weight_sparsity
+from .. import data
+from .onnx import EXTERNAL_DATA_FILE, export_onnx, onnx_weight_sparsity, save_model
 
 MODEL_FILE = "model.onnx"
 EXPORT_FILE = "export.json"
@@ -47,8 +48,36 @@ def _no_progress(_: str) -> None:
 
 # ---------------------------------------------------------------- export
 
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """Static W8A8: SmoothQuant (alpha; 0 = off) on the PyTorch model, then activation ranges from `calib_samples`
+    C4 windows of `calib_seqlen` tokens through the fp32 graph; lm_head stays fp32 unless `head`."""
+
+    scheme: str = "int8"
+    head: bool = False
+    smooth_alpha: float = 0.5
+    calib_samples: int = 32
+    calib_seqlen: int = 256
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class QualityCheck:
+    """What validation measures beyond the fixed prompt: greedy agreement over `agreement_tokens` (each position
+    scored with the reference's own context), and the deployment's perplexity on `windows` windows of `seqlen`
+    tokens of `corpus`, which may exceed the PyTorch source's by at most `tolerance` (relative)."""
+
+    corpus: str = "wikitext2"
+    seqlen: int = 256
+    windows: int = 4
+    agreement_tokens: int = 64
+    tolerance: float = 0.05
+
+
 def export_deployment(model_or_dir, out, seq_len: int = 512, validate: bool = True, force: bool = False,
-                      tokenizer=None, progress: Progress | None = None, num_cores: int | None = None) -> dict:
+                      tokenizer=None, progress: Progress | None = None, num_cores: int | None = None,
+                      quantize: QuantizeOptions | None = None, quality: QualityCheck | None = QualityCheck(),
+                      data_root: str | None = None) -> dict:
     """Export a causal LM (an HF folder / alias, or a loaded model with `tokenizer`) to a deployment folder.
 
     Returns the export.json contents. Raises UserError on bad input and ValidationError when a check fails.
@@ -64,21 +93,31 @@ def export_deployment(model_or_dir, out, seq_len: int = 512, validate: bool = Tr
         model, tokenizer, source = _load_source(model_or_dir, tokenizer)
     max_positions = int(getattr(model.config, "max_position_embeddings", 0) or 0)
     prompt_ids = tokenizer(VALIDATION_PROMPT, return_tensors="pt")["input_ids"][0].tolist()
+    quality = quality if validate else None
     _check_seq_len(seq_len, max_positions, len(prompt_ids) if validate else 1, validate, model.config)
+    if quality is not None:
+        _check_quality_window(quality, seq_len, len(prompt_ids))
+    root = data.data_dir(data_root) if (quantize or quality) else None
 
     with atomic_dir(out, force) as tmp:
         onnx_path = tmp / MODEL_FILE
+        quantization = None
         with _timed(timings, "export_s"):
             progress("exporting ONNX graph")
-            exported = export_onnx(model, onnx_path, max_positions=max_positions)
+            if quantize is None:
+                exported = export_onnx(model, onnx_path, max_positions=max_positions)
+            else:
+                exported, quantization = _export_quantized(model, tokenizer, onnx_path, max_positions, quantize,
+                                                           root, progress)
         _save_hf_files(model, tokenizer, tmp)
         with _timed(timings, "sparsity_s"):
             progress("measuring sparsity in the ONNX file")
-            sparsity = _check_sparsity(model, onnx_path)
+            sparsity = _check_sparsity(model, onnx_path, quantized=quantize is not None)
             pattern = check_nm_pattern(model, onnx_path, _pruning_record(model_or_dir))
         validation = None
         if validate:
-            validation = validate_deployment(model, onnx_path, prompt_ids, seq_len, timings, progress, num_cores)
+            validation = validate_deployment(model, onnx_path, prompt_ids, seq_len, timings, progress, num_cores,
+                                             exact=quantize is None, quality=quality, tokenizer=tokenizer, root=root)
         timings["total_s"] = time.perf_counter() - started
         info = {
             "source": source,
@@ -90,6 +129,7 @@ def export_deployment(model_or_dir, out, seq_len: int = 512, validate: bool = Tr
             "sizes": _sizes(tmp),
             "weight_sparsity": sparsity,
             "nm_pattern": pattern,
+            "quantization": quantization,
             "validation": validation,
             "timings_s": {k: round(v, 3) for k, v in timings.items()},
             "provenance": provenance(),
@@ -180,6 +220,61 @@ def _sizes(folder: Path) -> dict:
     return {"model_onnx_bytes": onnx_bytes, "external_data_bytes": data_bytes, "folder_bytes": total}
 
 
+# ---------------------------------------------------------------- INT8
+
+def _export_quantized(model, tokenizer, onnx_path: Path, max_positions: int, options: QuantizeOptions, root,
+                      progress) -> tuple[dict, dict]:
+    """SmoothQuant on the PyTorch model, fp32 export beside the target, activation ranges on C4 windows run through
+    that graph, then the integer-MatMul rewrite into `onnx_path`."""
+    import onnx
+
+    from .quantize import insert_matmul_integer, observe_ranges, quant_targets, smooth_model
+
+    if options.scheme != "int8":
+        raise UserError(f"--quantize {options.scheme!r} is not supported; use int8")
+    windows = data.calibration("c4", tokenizer, options.calib_samples, options.calib_seqlen, options.seed,
+                               root).windows
+    smoothing = None
+    if options.smooth_alpha > 0:
+        progress("SmoothQuant: migrating activation outliers into the weights")
+        smoothing = smooth_model(model, windows, options.smooth_alpha)
+    fp32_path = onnx_path.with_name("fp32-for-calibration.onnx")
+    exported = export_onnx(model, fp32_path, max_positions=max_positions)
+    proto = onnx.load(str(fp32_path), load_external_data=True)
+    names = _block_weight_names(model) | ({_param_name(model, model.get_output_embeddings().weight)}
+                                          if options.head else set())
+    targets = quant_targets(proto, {f"{n}.T" for n in names} | names)
+    progress(f"calibrating {len(targets)} MatMul inputs on {len(windows)} C4 windows")
+    ranges = observe_ranges(fp32_path, sorted({t.activation for t in targets}), _prefill_feeds(fp32_path, windows))
+    summary = insert_matmul_integer(proto, targets, ranges)
+    for leftover in fp32_path.parent.glob(fp32_path.stem + "*"):
+        leftover.unlink()
+    exported["external_data"] = save_model(proto, onnx_path)
+    return exported, {**summary, "lm_head": "int8" if options.head else "fp32", "embeddings": "fp32 (Gather)",
+                      "smoothquant": smoothing,
+                      "calibration": {"corpus": "c4", "samples": options.calib_samples, "seqlen": options.calib_seqlen,
+                                      "seed": options.seed}}
+
+
+def _param_name(model, param) -> str:
+    return next(name for name, p in model.named_parameters() if p is param)
+
+
+def _prefill_feeds(onnx_path: Path, windows) -> list[dict]:
+    """Each calibration window as one prefill step with an empty cache, as deployed generation starts."""
+    from ..runtime.decode import step_inputs
+    from ..runtime.engines import GraphIO
+
+    io = GraphIO.read(onnx_path)
+    feeds = []
+    for w in windows:
+        ids = w.numpy().astype(np.int64)[None]
+        mask, positions, causal = step_inputs(ids.shape[1], 0, ids.shape[1])
+        past = [np.zeros((1, h, 0, d), np.float32) for h, d in io.cache_shapes]
+        feeds.append(dict(zip(io.input_names, (ids, mask, positions, causal, *past))))
+    return feeds
+
+
 # ---------------------------------------------------------------- sparsity
 
 def _block_weight_names(model) -> set[str]:
@@ -188,8 +283,11 @@ def _block_weight_names(model) -> set[str]:
     return {name for name, p in model.named_parameters() if id(p) in ids}
 
 
-def _check_sparsity(model, onnx_path: Path) -> dict:
-    """Sparsity as DeepSparse sees it (zeros in MatMul/Gemm initializers) must equal the PyTorch model's."""
+def _check_sparsity(model, onnx_path: Path, quantized: bool = False) -> dict:
+    """Sparsity as DeepSparse sees it (zeros in MatMul/Gemm initializers) must equal the PyTorch model's; for an
+    INT8 graph every PyTorch zero must be an int8 zero (rounding may add a few more, which are counted)."""
+    if quantized:
+        return _check_int8_mask(model, onnx_path)
     measured = onnx_weight_sparsity(onnx_path)
     torch_side = model_sparsity(model)
     block_names = _block_weight_names(model)
@@ -265,6 +363,31 @@ def check_nm_pattern(model, onnx_path: Path, record: dict | None) -> dict | None
             "groups_checked": checked, "groups_violating": violating}
 
 
+def _check_int8_mask(model, onnx_path: Path) -> dict:
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(onnx_path), load_external_data=True)
+    inits = {i.name: i for i in proto.graph.initializer}
+    params = dict(model.named_parameters())
+    lost = extra = zeros = total = 0
+    for name in _block_weight_names(model):
+        init = inits.get(f"{name}.T") or inits.get(name)
+        if init is None or init.data_type != onnx.TensorProto.INT8:
+            raise ValidationError(f"block weight {name} is not an int8 MatMulInteger weight in the INT8 graph")
+        q = numpy_helper.to_array(init)
+        q = q.T if init.name.endswith(".T") else q
+        mask = (params[name].detach().cpu().numpy() == 0)
+        lost += int(np.count_nonzero(q[mask]))
+        extra += int(np.count_nonzero((q == 0) & ~mask))
+        zeros, total = zeros + int(q.size - np.count_nonzero(q)), total + q.size
+    if lost:
+        raise ValidationError(f"{lost} pruned weights are non-zero in the INT8 graph; the mask did not survive")
+    torch_side = model_sparsity(model)
+    return {"global": zeros / total, "pytorch_global": torch_side["global_sparsity"], "block_params": total,
+            "int8": {"mask_preserved": True, "zeros_added_by_rounding": extra}}
+
+
 # ---------------------------------------------------------------- numerics
 
 def reference(model, prompt_ids: list[int], new_tokens: int) -> tuple[np.ndarray, list[int]]:
@@ -284,15 +407,30 @@ def logit_tolerance(ref_logits: np.ndarray) -> float:
 
 
 def validate_deployment(model, onnx_path: Path, prompt_ids: list[int], seq_len: int, timings: dict,
-                        progress: Progress = _no_progress, num_cores: int | None = None) -> dict:
+                        progress: Progress = _no_progress, num_cores: int | None = None, exact: bool = True,
+                        quality: QualityCheck | None = None, tokenizer=None, root=None) -> dict:
+    """Run the deployed graph on every installed engine against the PyTorch model. `exact` (fp32) demands
+    matching logits and greedy tokens; a quantized graph is judged by greedy agreement and perplexity."""
+    from ..eval.perplexity import corpus_ids, perplexity, session_logits
     from ..runtime.decode import generate
     from ..runtime.engines import ENGINES
 
+    agree_n = quality.agreement_tokens if quality else 0
     with _timed(timings, "reference_s"):
         progress("PyTorch reference (logits + HF generate)")
-        ref_logits, ref_tokens = reference(model, prompt_ids, VALIDATION_NEW_TOKENS)
+        ref_logits, ref_tokens = reference(model, prompt_ids, max(VALIDATION_NEW_TOKENS, agree_n))
     result = {"prompt": VALIDATION_PROMPT, "prompt_tokens": len(prompt_ids), "new_tokens": VALIDATION_NEW_TOKENS,
-              "reference_tokens": ref_tokens, "logit_tolerance": logit_tolerance(ref_logits)}
+              "reference_tokens": ref_tokens[:VALIDATION_NEW_TOKENS], "logit_tolerance": logit_tolerance(ref_logits),
+              "exact": exact}
+    ppl_ids = None
+    if quality:
+        text = data.eval_text(quality.corpus, root)
+        ppl_ids = corpus_ids(tokenizer, text.text)
+        with _timed(timings, "reference_ppl_s"):
+            progress(f"PyTorch {quality.corpus} perplexity")
+            ref_ppl = perplexity(model, ppl_ids, quality.seqlen, quality.windows)
+        result["quality"] = {**asdict(quality), "source": text.source, "reference_ppl": ref_ppl["ppl"],
+                             "agreement_reference_tokens": ref_tokens[:agree_n]}
     for name in VALIDATION_ENGINES:
         if name not in ENGINES.usable():
             result[name] = {"skipped": "not installed"}
@@ -306,7 +444,7 @@ def validate_deployment(model, onnx_path: Path, prompt_ids: list[int], seq_len: 
         gen = generate(session, prompt_ids, VALIDATION_NEW_TOKENS)
         entry = {
             "max_abs_logit_diff": float(np.abs(gen.first_logits - ref_logits).max()),
-            "greedy_match": gen.tokens == ref_tokens,
+            "greedy_match": gen.tokens == ref_tokens[:VALIDATION_NEW_TOKENS],
             "tokens": gen.tokens,
             "compile_s": round(compile_s, 3),
             "prefill_s": round(gen.prefill_s, 4),
@@ -315,27 +453,61 @@ def validate_deployment(model, onnx_path: Path, prompt_ids: list[int], seq_len: 
         if hasattr(session, "fraction_of_supported_ops"):
             entry["fraction_of_supported_ops"] = session.fraction_of_supported_ops(1)
             entry["fraction_of_supported_ops_prefill"] = session.fraction_of_supported_ops(len(prompt_ids))
+        if quality and session.internal_cache:
+            entry["quality_scored_on"] = "deepsparse-external (same graph; the internal cache cannot be scored)"
+        elif quality:
+            logits_of = session_logits(session)
+            entry["greedy_agreement"] = greedy_agreement(logits_of, prompt_ids, ref_tokens[:agree_n])
+            entry["ppl"] = perplexity(logits_of, ppl_ids, quality.seqlen, quality.windows)["ppl"]
+            entry["ppl_vs_reference"] = entry["ppl"] / result["quality"]["reference_ppl"] - 1
         del session
         timings[f"validate_{name}_s"] = time.perf_counter() - t0
         result[name] = entry
     return result
 
 
+def greedy_agreement(logits_of, prompt_ids: list[int], ref_tokens: list[int]) -> float:
+    """Share of the reference's greedy tokens the deployment also ranks first, each position given the
+    reference's own context (one pass over prompt + reference; a first disagreement does not spoil the rest)."""
+    import torch
+
+    window = torch.tensor(prompt_ids + ref_tokens[:-1])
+    predicted = logits_of(window)[len(prompt_ids) - 1:].argmax(dim=-1)
+    return float((predicted == torch.tensor(ref_tokens)).float().mean())
+
+
 def validation_failures(validation: dict) -> list[str]:
     tol = validation["logit_tolerance"]
+    exact = validation.get("exact", True)
+    quality = validation.get("quality")
     failures = []
     for name in VALIDATION_ENGINES:
         entry = validation.get(name) or {}
         if "skipped" in entry or not entry:
             continue
-        if not entry["max_abs_logit_diff"] <= tol:
+        if exact and not entry["max_abs_logit_diff"] <= tol:
             failures.append(f"{name} max |Δlogits| {entry['max_abs_logit_diff']:.3g} > {tol:.3g}")
-        if not entry["greedy_match"]:
+        if exact and not entry["greedy_match"]:
             failures.append(f"{name} greedy tokens differ from HF generate()")
+        if quality and entry.get("ppl_vs_reference", 0.0) > quality["tolerance"]:
+            failures.append(f"{name} perplexity {entry['ppl']:.3f} is {entry['ppl_vs_reference']:.2%} above the "
+                            f"PyTorch source's {quality['reference_ppl']:.3f} (tolerance {quality['tolerance']:.0%}"
+                            "; --ppl-tolerance)")
         for key in ("fraction_of_supported_ops", "fraction_of_supported_ops_prefill"):
             if key in entry and entry[key] != 1.0:
                 failures.append(f"{name} {key} is {entry[key]} (< 1.0: part of the graph falls back)")
     return failures
+
+
+def _check_quality_window(quality: QualityCheck, seq_len: int, prompt_len: int) -> None:
+    if quality.seqlen >= seq_len:
+        raise UserError(f"the perplexity window ({quality.seqlen} tokens) must be shorter than --seq-len {seq_len} "
+                        "(DeepSparse compiles a step within the window); lower --ppl-seqlen or raise --seq-len")
+    if prompt_len + quality.agreement_tokens >= seq_len:
+        raise UserError(f"--seq-len {seq_len} is too small for the {quality.agreement_tokens}-token agreement "
+                        f"check after a {prompt_len}-token prompt")
+    if not 0 <= quality.tolerance:
+        raise UserError(f"--ppl-tolerance {quality.tolerance} must be a non-negative fraction, e.g. 0.05")
 
 
 # ---------------------------------------------------------------- loading a deployment

@@ -355,9 +355,10 @@ def _digest(array: np.ndarray) -> tuple:
 # ---------------------------------------------------------------- sparsity as DeepSparse sees it
 
 def onnx_weight_sparsity(path: str | Path) -> dict:
-    """Exact-zero share of every fp32 initializer feeding a MatMul/Gemm weight input, and overall.
+    """Exact-zero share of every weight initializer of a MatMul/Gemm (fp32) or MatMulInteger (int8), and overall.
 
-    DeepSparse sees sparsity only this way, so it is measured on the file, not trusted from PyTorch.
+    DeepSparse sees sparsity only this way, so it is measured on the file, not trusted from PyTorch. Each entry
+    also says how many bytes a weight takes (4 fp32, 1 int8), which the bandwidth-bound ideal needs.
     """
     import onnx
     from onnx import numpy_helper
@@ -366,15 +367,19 @@ def onnx_weight_sparsity(path: str | Path) -> dict:
     inits = {init.name: init for init in proto.graph.initializer}
     weights = {}
     for node in proto.graph.node:
-        if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1 and node.input[1] in inits:
+        if node.op_type in ("MatMul", "Gemm", "MatMulInteger") and len(node.input) > 1 and node.input[1] in inits:
             weights[node.input[1]] = inits[node.input[1]]
     per, zeros, total = {}, 0, 0
     for name, init in weights.items():
-        if init.data_type != onnx.TensorProto.FLOAT:
+        if init.data_type not in _WEIGHT_BYTES:
             continue
         arr = numpy_helper.to_array(init)
         z = int(arr.size - np.count_nonzero(arr))
-        per[name] = {"shape": list(arr.shape), "zeros": z, "sparsity": z / arr.size}
+        per[name] = {"shape": list(arr.shape), "zeros": z, "sparsity": z / arr.size,
+                     "bytes_per_weight": _WEIGHT_BYTES[init.data_type]}
         zeros, total = zeros + z, total + arr.size
     return {"per_initializer": per, "zeros": zeros, "params": total,
             "overall": zeros / total if total else 0.0}
+
+
+_WEIGHT_BYTES = {1: 4, 3: 1}  # onnx.TensorProto.FLOAT, INT8

@@ -1,0 +1,201 @@
+"""Static W8A8 INT8 for an exported deployment graph, in the integer-MatMul form sparseml exported for DeepSparse:
+QuantizeLinear(x) -> MatMulInteger(x_u8, W_s8) -> Cast -> Mul(s_x * s_w). DeepSparse compiles all of it
+(fraction of supported ops 1.0; the same graph with QuantizeLinear/DequantizeLinear pairs around each MatMul
+compiled only 92% of its ops on a tiny LLaMA), and ONNX Runtime and OpenVINO run it as integer MatMuls too.
+
+- Weights: int8, symmetric, per output channel (scale = max|W[:, j]| / 127, zero point 0), so an exact zero stays
+  an exact zero and the pruning mask survives quantization bit for bit.
+- Activations: uint8, per tensor, asymmetric, from min/max observed on calibration windows (C4, not random input)
+  run through the fp32 graph with ONNX Runtime. u8 activations x s8 weights is the fast integer path on x86
+  (VNNI and AMX).
+- Decoder-block Linears only: lm_head (and the embeddings, which are a Gather) stay fp32 unless asked.
+
+The graph is rewritten with the `onnx` package alone (helper/numpy_helper of onnx 1.14.1, which DeepSparse pins):
+onnxruntime's quantization tools need a newer onnx and ml_dtypes, and would force a second environment.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+QMIN, QMAX = -127, 127  # symmetric int8 weights (-128 unused, as the reference W8A8 recipes do)
+
+
+@dataclass(frozen=True)
+class QuantTarget:
+    node: str  # MatMul node name
+    activation: str  # its input 0
+    weight: str  # initializer name (input 1)
+
+
+def quant_targets(proto, weight_names: set[str]) -> list[QuantTarget]:
+    """MatMuls whose weight input is one of `weight_names` (initializers of [in, out] layout)."""
+    inits = {i.name for i in proto.graph.initializer}
+    out = []
+    for node in proto.graph.node:
+        if node.op_type == "MatMul" and node.input[1] in inits and node.input[1] in weight_names:
+            out.append(QuantTarget(node.name, node.input[0], node.input[1]))
+    return out
+
+
+def weight_scales(weight: np.ndarray) -> np.ndarray:
+    """Per output channel (axis 1 of an [in, out] MatMul weight) symmetric scales; all-zero columns get 1."""
+    amax = np.abs(weight).max(axis=0).astype(np.float32)
+    return np.where(amax > 0, amax / QMAX, 1.0).astype(np.float32)
+
+
+def quantize_weight(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    scale = weight_scales(weight)
+    q = np.clip(np.rint(weight / scale[None, :]), QMIN, QMAX).astype(np.int8)
+    return q, scale
+
+
+def activation_qparams(lo: float, hi: float) -> tuple[np.float32, np.uint8]:
+    """uint8 asymmetric scale and zero point covering [min(lo, 0), max(hi, 0)] (zero exactly representable)."""
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    scale = (hi - lo) / 255.0 if hi > lo else 1.0
+    zero_point = int(np.clip(np.rint(-lo / scale), 0, 255))
+    return np.float32(scale), np.uint8(zero_point)
+
+
+def observe_ranges(onnx_path, tensors: list[str], feeds) -> dict[str, tuple[float, float]]:
+    """Min/max of each named intermediate tensor over the calibration feeds, run on ONNX Runtime (fp32 graph)."""
+    import onnx
+    import onnxruntime as ort
+
+    proto = onnx.load(str(onnx_path), load_external_data=True)
+    have = {o.name for o in proto.graph.output}
+    for name in tensors:
+        if name not in have:
+            proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    ranges = {t: [np.inf, -np.inf] for t in tensors}
+    for feed in feeds:
+        outs = dict(zip(names, session.run(None, feed)))
+        for t in tensors:
+            ranges[t][0] = min(ranges[t][0], float(outs[t].min()))
+            ranges[t][1] = max(ranges[t][1], float(outs[t].max()))
+    return {t: (lo, hi) for t, (lo, hi) in ranges.items()}
+
+
+def insert_matmul_integer(proto, targets: list[QuantTarget], ranges: dict[str, tuple[float, float]]) -> dict:
+    """Rewrite the graph in place in the integer-MatMul form sparseml exports for DeepSparse: each quantized
+    activation through one QuantizeLinear (shared by the MatMuls reading it), then
+    MatMulInteger(x_u8, W_s8, zp_x, 0) -> Cast(float) -> Mul(s_x * s_w[j])."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = {i.name: i for i in proto.graph.initializer}
+    new_inits, new_nodes, after = [], {}, {}
+    quantized: dict[str, tuple[str, str, np.float32]] = {}
+    for t in targets:
+        if t.activation not in quantized:
+            scale, zp = activation_qparams(*ranges[t.activation])
+            base = f"{t.activation}_q"
+            new_inits += [numpy_helper.from_array(np.array(scale, np.float32), f"{base}.scale"),
+                          numpy_helper.from_array(np.array(zp, np.uint8), f"{base}.zero_point")]
+            new_nodes.setdefault(t.node, []).append(
+                helper.make_node("QuantizeLinear", [t.activation, f"{base}.scale", f"{base}.zero_point"],
+                                 [f"{base}.quantized"], name=f"{base}.QuantizeLinear"))
+            quantized[t.activation] = (f"{base}.quantized", f"{base}.zero_point", scale)
+        q_in, zp_in, s_in = quantized[t.activation]
+        weight = numpy_helper.to_array(inits[t.weight])
+        q, scale = quantize_weight(weight)
+        inits[t.weight].CopyFrom(numpy_helper.from_array(q, t.weight))
+        new_inits += [numpy_helper.from_array(np.zeros((), np.int8), f"{t.weight}.zero_point"),
+                      numpy_helper.from_array((scale * s_in).astype(np.float32), f"{t.weight}.rescale")]
+        after[t.node] = [
+            helper.make_node("Cast", [f"{t.node}.int32"], [f"{t.node}.float"], name=f"{t.node}.Cast",
+                             to=TensorProto.FLOAT),
+            None]  # the Mul, filled below once the MatMul's output name is known
+    by_name = {t.node: t for t in targets}
+    nodes = []
+    for node in proto.graph.node:
+        nodes.extend(new_nodes.get(node.name, []))
+        if node.name not in by_name:
+            nodes.append(node)
+            continue
+        t = by_name[node.name]
+        q_in, zp_in, _ = quantized[t.activation]
+        output = node.output[0]
+        nodes.append(helper.make_node("MatMulInteger", [q_in, t.weight, zp_in, f"{t.weight}.zero_point"],
+                                      [f"{t.node}.int32"], name=f"{t.node}.MatMulInteger"))
+        nodes.append(after[t.node][0])
+        nodes.append(helper.make_node("Mul", [f"{t.node}.float", f"{t.weight}.rescale"], [output],
+                                      name=f"{t.node}.Rescale"))
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    proto.graph.initializer.extend(new_inits)
+    return {"matmuls_quantized": len(targets), "activations_quantized": len(quantized),
+            "weights": "int8 symmetric per output channel", "activations": "uint8 asymmetric per tensor",
+            "format": "MatMulInteger + Cast + Mul"}
+
+
+# ---------------------------------------------------------------- SmoothQuant (PyTorch side, before export)
+
+def smoothing_scales(act_absmax, weight_absmax, alpha: float):
+    """SmoothQuant's per-input-channel s_j = max|X_j|^a / max|W_:,j|^(1-a): X/s is easier to quantize, W*s
+    absorbs the difficulty (Xiao et al., 2023, eq. 4)."""
+    import torch
+
+    s = act_absmax.clamp(min=1e-5).pow(alpha) / weight_absmax.clamp(min=1e-5).pow(1 - alpha)
+    return torch.where(act_absmax > 0, s, torch.ones_like(s)).clamp(min=1e-5)
+
+
+def smooth_model(model, windows, alpha: float = 0.5) -> dict:
+    """Migrate activation outliers into the weights for the two Linear groups of every block that read a norm's
+    output (q/k/v after the input norm, the MLP's input Linears after the post-attention norm): the norm's weight
+    is divided by s and the Linears' input columns multiplied by it, which leaves the model's function unchanged
+    (checked on each block) and every zero weight zero. Returns what was smoothed."""
+    import torch
+
+    from ..models import decoder_layers
+    from ..prune.structured.geometry import block_geometry
+
+    blocks = decoder_layers(model)
+    hint = getattr(model.config, "head_dim", None)
+    groups = []  # (block, norm, [linears])
+    for i, block in enumerate(blocks):
+        g = block_geometry(block, i, hint)
+        attn = block.get_submodule(g.attention)
+        for norm_name, linears in (("input_layernorm", [attn.q_proj, attn.k_proj, attn.v_proj]),
+                                   ("post_attention_layernorm", [block.get_submodule(n) for n in g.mlp_in])):
+            norm = getattr(block, norm_name, None)
+            if norm is not None and getattr(norm, "weight", None) is not None:
+                groups.append((i, norm, linears))
+    absmax = {id(lins[0]): torch.zeros(lins[0].in_features) for _, _, lins in groups}
+
+    def observe(module, inp, _out) -> None:  # a forward hook that returned a value would replace the output
+        seen = inp[0].detach().abs().reshape(-1, module.in_features).amax(0).float().cpu()
+        torch.maximum(absmax[id(module)], seen, out=absmax[id(module)])
+
+    handles = [lins[0].register_forward_hook(observe) for _, _, lins in groups]
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for w in windows:
+                model(w.unsqueeze(0).to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    probe = torch.randn(1, 8, blocks[0].get_submodule(block_geometry(blocks[0], 0, hint).attention).q_proj.in_features,
+                        generator=torch.Generator().manual_seed(0))
+    smoothed = 0
+    with torch.no_grad():
+        for i, norm, lins in groups:
+            before = [lin(norm(probe.to(device))) for lin in lins]
+            w_absmax = torch.stack([lin.weight.abs().amax(dim=0).float().cpu() for lin in lins]).amax(0)
+            s = smoothing_scales(absmax[id(lins[0])], w_absmax, alpha).to(device)
+            norm.weight.div_(s.to(norm.weight.dtype))
+            for lin in lins:
+                lin.weight.mul_(s.to(lin.weight.dtype)[None, :])
+            after = [lin(norm(probe.to(device))) for lin in lins]
+            err = max(float((a - b).norm() / b.norm().clamp(min=1e-12)) for a, b in zip(after, before))
+            if err > 1e-3:  # the norm is not a plain elementwise scale (e.g. Gemma's 1 + w): undo, leave as is
+                for lin in lins:
+                    lin.weight.div_(s.to(lin.weight.dtype)[None, :])
+                norm.weight.mul_(s.to(norm.weight.dtype))
+                continue
+            smoothed += 1
+    return {"alpha": alpha, "groups_smoothed": smoothed, "groups": len(groups)}

@@ -1,0 +1,91 @@
+"""INT8 deployments: static W8A8 in the integer-MatMul form, zeros kept, validation by agreement and perplexity on
+every engine; a deployment's own perplexity through an engine."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
+
+import json
+
+import numpy as np
+import pytest
+
+from dlp_deploy.export.deployment import QualityCheck, QuantizeOptions, ValidationError, export_deployment
+from dlp_deploy.export.quantize import activation_qparams, quantize_weight
+from dlp_deploy.runtime import engines as engines_mod
+from dlp_deploy.testing import run_cli
+
+needs_deepsparse = pytest.mark.skipif(not engines_mod.deepsparse_available(), reason="deepsparse not installed")
+GQA = dict(hidden_size=128, intermediate_size=256, num_attention_heads=8, num_key_value_heads=2)
+QUICK = QuantizeOptions(calib_samples=4, calib_seqlen=64)
+CHECK = QualityCheck(seqlen=96, windows=3)
+
+
+def test_weight_quantization_keeps_zeros_and_bounds():
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(64, 32)).astype(np.float32)
+    w[rng.random(w.shape) < 0.6] = 0
+    w[:, 3] = 0  # an all-zero output channel
+    q, scale = quantize_weight(w)
+    assert q.dtype == np.int8 and np.all(q[w == 0] == 0) and np.abs(q).max() == 127
+    assert np.allclose(q * scale[None], w, atol=scale.max() / 2 + 1e-7)
+    scale, zp = activation_qparams(-1.0, 3.0)
+    assert zp == 64 and np.isclose(scale * (255 - zp), 3.0, rtol=1e-2)  # zero exactly representable
+
+
+@pytest.fixture(scope="module")
+def pruned(tmp_path_factory, data_root):
+    from dlp_deploy.prune.job import prune_to_folder
+    from dlp_deploy.prune.pipeline import PruneSettings
+    from dlp_deploy.testing import save_tiny
+
+    root = tmp_path_factory.mktemp("int8")
+    src = save_tiny(root / "src", seed=4, **GQA)
+    prune_to_folder(str(src), root / "pruned", PruneSettings(0.5, "wanda", "dlp", alpha=0.1), nsamples=4, seqlen=32,
+                    data_root=str(data_root))
+    return root
+
+
+@needs_deepsparse
+def test_int8_export_keeps_the_mask_and_validates_on_every_engine(pruned):
+    info = export_deployment(pruned / "pruned", pruned / "int8", seq_len=160, num_cores=1, quantize=QUICK, quality=CHECK)
+    sparsity = info["weight_sparsity"]
+    assert sparsity["int8"]["mask_preserved"] and sparsity["global"] >= sparsity["pytorch_global"] > 0.49
+    q = info["quantization"]
+    assert q["matmuls_quantized"] == 4 * 7 and q["lm_head"] == "fp32" and q["smoothquant"]["groups_smoothed"] == 8
+    v = info["validation"]
+    assert v["exact"] is False and v["quality"]["reference_ppl"] > 1
+    for engine in ("onnxruntime", "deepsparse-external", "openvino"):
+        assert abs(v[engine]["ppl_vs_reference"]) < 0.05, engine
+        assert 0.5 <= v[engine]["greedy_agreement"] <= 1.0
+    assert v["deepsparse"]["fraction_of_supported_ops"] == 1.0  # DeepSparse compiles all of the integer graph
+    # the int8 weights are in the file, 1 byte each, and they are what the bandwidth ideal counts
+    from dlp_deploy.export.onnx import onnx_weight_sparsity
+
+    per = onnx_weight_sparsity(pruned / "int8" / "model.onnx")["per_initializer"]
+    assert per["model.layers.0.mlp.down_proj.weight.T"]["bytes_per_weight"] == 1
+    assert per["lm_head.weight.T"]["bytes_per_weight"] == 4
+
+
+def test_int8_fails_validation_beyond_the_ppl_tolerance_and_publishes_nothing(pruned):
+    with pytest.raises(ValidationError, match=r"perplexity .* above the PyTorch source's .*tolerance 0%"):
+        export_deployment(pruned / "pruned", pruned / "strict", seq_len=160, num_cores=1, quantize=QUICK,
+                          quality=QualityCheck(seqlen=96, windows=3, tolerance=0.0))
+    assert not (pruned / "strict").exists()
+
+
+def test_deployment_perplexity_through_an_engine_equals_pytorch(pruned, data_root):
+    export_deployment(pruned / "pruned", pruned / "fp32", seq_len=160, validate=False)
+    out = pruned / "ev.json"
+    proc = run_cli("eval", pruned / "fp32", "--engine", "onnxruntime", "--ppl", "wikitext2", "--seqlen", "128",
+                   "--max-windows", "3", "--json", out, "--data-dir", data_root)
+    assert proc.returncode == 0, proc.stderr
+    engine_ppl = json.loads(out.read_text())["perplexity"]["wikitext2"]
+    proc = run_cli("eval", pruned / "pruned", "--ppl", "wikitext2", "--seqlen", "128", "--max-windows", "3",
+                   "--json", pruned / "ev-torch.json", "--data-dir", data_root)
+    assert proc.returncode == 0, proc.stderr
+    torch_ppl = json.loads((pruned / "ev-torch.json").read_text())["perplexity"]["wikitext2"]
+    assert engine_ppl == pytest.approx(torch_ppl, rel=1e-4)
+    proc = run_cli("eval", pruned / "fp32", "--json", pruned / "x.json")
+    assert proc.returncode == 2 and "give --engine" in proc.stderr
