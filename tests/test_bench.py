@@ -165,9 +165,14 @@ def test_sweep_resumes_and_report_renders(tmp_path, data_root):
     first = run_sweep(settings, run, log=lambda *_: None)
     assert {q["label"] for q in first["quality"]} == {"dense", "wanda-dlp-0.50", "wanda-uniform-0.50"}
     assert len(first["results"]) == 3 and all(r["engine"] == "onnxruntime" for r in first["results"])
-    dense = next(r for r in first["results"] if r["label"] == "dense")
-    assert dense["remeasured"]["decode_ms"]["median"] > 0  # measured again after all levels
+    # every pair measured in two worker processes, ABBA: dense first in round 1, last in round 2
+    assert sorted(p.name for p in (run / "bench").iterdir())[:2] == ["dense.onnxruntime.r0.json",
+                                                                    "dense.onnxruntime.r1.json"]
+    for r in first["results"]:
+        assert len(r["rounds"]) == 2 and len(r["decode_ms_runs"]) == 4
     assert all(r["speedup"]["baseline"] == "dense" for r in first["results"])
+    ci = next(r for r in first["results"] if r["label"] != "dense")["speedup"]["decode_ci95"]
+    assert ci[0] <= ci[1]
     stamp = (run / "models" / "wanda-dlp-0.50" / "pruning.json").stat().st_mtime_ns
     second = run_sweep(settings, run, log=lambda *_: None)  # everything cached: nothing is redone
     assert (run / "models" / "wanda-dlp-0.50" / "pruning.json").stat().st_mtime_ns == stamp
@@ -178,13 +183,59 @@ def test_sweep_resumes_and_report_renders(tmp_path, data_root):
     report = make_report([run], tmp_path / "report")
     md = (report / "report.md").read_text()
     assert "| Sparsity | measured | Latency ms (p50)" in md and "| 50% |" in md and "dense" in md
-    assert "measured first and again after all levels" in md and "what noise alone does here" in md
+    assert "interleaved rounds" in md and "what noise alone does here" in md
     html = (report / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 5 and 'src="http' not in html
     png = base64.b64decode(html.split("data:image/png;base64,")[1].split('"')[0])
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(UserError, match="already exists"):
         make_report([run], tmp_path / "report")
+
+    other = tmp_path / "other"  # the same run, as if measured on another CPU: never merged into one table
+    other.mkdir()
+    data = json.loads((run / "results.json").read_text())
+    data["machine"]["cpu_model"] = "Intel Xeon (another machine)"
+    (other / "results.json").write_text(json.dumps(data))
+    with pytest.raises(UserError, match="different machines"):
+        make_report([run, other], tmp_path / "merged")
+
+
+def test_interleaved_orders():
+    from dlp_deploy.bench.schedule import interleaved_order
+
+    assert interleaved_order(3, 4) == [(0, 0), (0, 1), (0, 2), (1, 2), (1, 1), (1, 0),
+                                       (2, 0), (2, 1), (2, 2), (3, 2), (3, 1), (3, 0)]
+    shuffled = interleaved_order(5, 3, "shuffle", seed=7)
+    assert shuffled == interleaved_order(5, 3, "shuffle", seed=7) != interleaved_order(5, 3, "shuffle", seed=8)
+    for r in range(3):  # every item once per round
+        assert sorted(i for rr, i in shuffled if rr == r) == list(range(5))
+
+
+def test_pairing_refuses_mismatched_runs_and_baselines_per_precision():
+    def row(label, ms, precision="fp32", gen_len=64, cpu="AMD EPYC", pruned=None):
+        return {"label": label, "engine": "ort", "kv_cache": "external", "sparsity": 0.0, "seq_len": 512,
+                "precision": precision, "settings": {"cores": 2, "prompt_len": 64, "gen_len": gen_len},
+                "machine": {"cpu_model": cpu, "isa": ["avx2"]}, "decode_ms": {"median": ms}, "prefill_ms": ms,
+                "e2e_tokens_per_s": 1e3 / ms, "decode_ms_runs": [ms * 0.98, ms, ms * 1.02],
+                "source": {"pruning": {"global_sparsity": pruned} if pruned else None}}
+
+    rows = [row("dense", 20.0), row("dense.int8", 10.0, "int8"), row("p50.int8", 8.0, "int8", pruned=0.5),
+            row("p50-long", 15.0, gen_len=128, pruned=0.5), row("p50-xeon", 15.0, cpu="Intel Xeon", pruned=0.5)]
+    attach_speedups(rows)
+    assert rows[2]["speedup"]["decode"] == pytest.approx(2.5) and rows[2]["speedup_vs_int8"]["decode"] == 1.25
+    lo, hi = rows[2]["speedup"]["decode_ci95"]
+    assert lo < 2.5 < hi < 2.7
+    assert rows[3]["speedup"] is None and rows[4]["speedup"] is None  # other gen_len, other machine: no baseline
+
+
+def test_bootstrap_interval_narrows_with_more_runs():
+    from dlp_deploy.bench.stats import bootstrap_ratio_ci
+
+    rng = np.random.default_rng(0)
+    few = bootstrap_ratio_ci(list(20 + rng.normal(0, 1, 4)), list(10 + rng.normal(0, 1, 4)))
+    many = bootstrap_ratio_ci(list(20 + rng.normal(0, 1, 64)), list(10 + rng.normal(0, 1, 64)))
+    assert few[0] < 2.0 < few[1] and many[0] < 2.0 < many[1]
+    assert many[1] - many[0] < few[1] - few[0]
 
 
 def test_pareto_front_keeps_only_undominated_points():

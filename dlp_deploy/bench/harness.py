@@ -108,6 +108,8 @@ def run_pair(deploy_dir: str, settings: BenchSettings) -> dict:
     for _ in range(settings.warmup):
         generate(session, prompt, settings.gen_len)
     runs = [generate(session, prompt, settings.gen_len) for _ in range(settings.runs)]
+    # the engine's footprint, before this process loads the ONNX file again for its own weight statistics
+    peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     tokens = [g.tokens for g in runs]
     session.vocab_size = int(runs[0].first_logits.shape[-1])
     overhead = _harness_overhead(session, prompt, settings.gen_len)
@@ -126,6 +128,7 @@ def run_pair(deploy_dir: str, settings: BenchSettings) -> dict:
         # decoder-block weights, as pruned and as measured in the ONNX file; lm_head stays dense
         "sparsity": (dep.info.get("weight_sparsity") or {}).get("global", weights["overall"]),
         "matmul_sparsity": weights["overall"],
+        "pytorch_sparsity": (dep.info.get("weight_sparsity") or {}).get("pytorch_global"),
         "source": dep.info.get("source"),
         "prefill_ms": float(np.median([g.prefill_s for g in runs]) * 1e3),
         "prefill_ms_runs": [g.prefill_s * 1e3 for g in runs],
@@ -133,7 +136,13 @@ def run_pair(deploy_dir: str, settings: BenchSettings) -> dict:
         "decode_tokens_per_s": 1e3 / decode["median"],
         "e2e_tokens_per_s": float(np.median(e2e)),
         "compile_s": compile_s,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mib": peak_rss_mib,
+        "decode_ms_runs": [float(np.median(g.decode_s)) * 1e3 for g in runs],
+        "e2e_tokens_per_s_runs": e2e,
+        "decode_s_all": [s for g in runs for s in g.decode_s],
+        "precision": "int8" if dep.info.get("quantization") else "fp32",
+        "seq_len": dep.seq_len,
+        "machine": {k: machine_info()[k] for k in ("cpu_model", "isa")},
         "harness_overhead": {"ms_per_token": overhead * 1e3, "fraction_of_decode": overhead * 1e3 / decode["median"]},
         "weights": weight_bytes_per_token(weights["per_initializer"]),
         "deterministic": all(t == tokens[0] for t in tokens),

@@ -27,7 +27,9 @@ def is_dense(result: dict) -> bool:
     """The dense baseline: nothing pruned it and under 1% of its weights are zeros (a dequantized GGUF, like
     SmolLM2's, already holds a few hundredths of a percent of exact zeros, so "no zeros at all" is too strict)."""
     pruning = (result.get("source") or {}).get("pruning") or {}
-    return not pruning.get("global_sparsity") and result["sparsity"] < DENSE_MAX_SPARSITY
+    # an INT8 graph's zeros include weights that rounded to zero: judge by the model it was exported from
+    zeros = result.get("pytorch_sparsity")
+    return not pruning.get("global_sparsity") and (result["sparsity"] if zeros is None else zeros) < DENSE_MAX_SPARSITY
 
 
 REMEASURED_KEYS = ("decode_ms", "prefill_ms", "decode_tokens_per_s", "e2e_tokens_per_s")
@@ -55,23 +57,54 @@ def _baseline(base: dict) -> dict:
             "e2e_tokens_per_s": mean([r["e2e_tokens_per_s"] for r in runs])}
 
 
-def attach_speedups(results: list[dict]) -> None:
-    """Add speedups against the dense entry of the same engine and KV-cache mode, where present (the least sparse
-    one when several qualify)."""
+def pair_key(r: dict) -> tuple:
+    """What must be equal for one measurement to divide another: engine, cache mode, window, cores, prompt and
+    generation lengths, and the machine (CPU model and ISA). Rows written before a field existed leave it None."""
+    s, m = r.get("settings") or {}, r.get("machine") or {}
+    return (r["engine"], r["kv_cache"], r.get("seq_len"), s.get("cores"), s.get("prompt_len"), s.get("gen_len"),
+            m.get("cpu_model"), tuple(m.get("isa") or ()))
+
+
+def precision_of(r: dict) -> str:
+    return r.get("precision") or "fp32"
+
+
+def attach_speedups(results: list[dict], seed: int = 0) -> None:
+    """Add speedups against the dense fp32 entry (`speedup`) and the dense INT8 entry (`speedup_vs_int8`) with the
+    same pair_key, where present (the least sparse one when several qualify); None where no such baseline was
+    measured, so mismatched runs are never divided."""
     baselines: dict[tuple, dict] = {}
     for r in sorted((r for r in results if is_dense(r)), key=lambda r: r["sparsity"], reverse=True):
-        baselines[(r["engine"], r["kv_cache"])] = r
+        baselines[(pair_key(r), precision_of(r))] = r
     for r in results:
-        base = baselines.get((r["engine"], r["kv_cache"]))
-        if base is None:
-            r["speedup"] = None
-            continue
-        b = _baseline(base)
-        r["speedup"] = {**_speedups(b, r), "baseline": base["label"], **{f"baseline_{k}": v for k, v in b.items()}}
-        # the bytes the dense model streams, over the non-zero bytes this one streams: a structured model's own
-        # weights are dense but fewer, so its ideal is against the baseline's bytes, not its own
-        sparse = r["weights"]["sparse_bytes"]
-        r["weights"]["ideal_speedup"] = base["weights"]["dense_bytes"] / sparse if sparse else None
+        for field_name, precision in (("speedup", "fp32"), ("speedup_vs_int8", "int8")):
+            base = baselines.get((pair_key(r), precision))
+            r[field_name] = None if base is None else _speedup_block(base, r, seed)
+        base = baselines.get((pair_key(r), "fp32"))
+        if base is not None and r.get("weights") and base.get("weights"):
+            # the bytes the dense fp32 model streams, over the non-zero bytes this one streams: a structured
+            # model's own weights are dense but fewer, an INT8 one's a quarter of the size
+            sparse = r["weights"]["sparse_bytes"]
+            r["weights"]["ideal_speedup"] = base["weights"]["dense_bytes"] / sparse if sparse else None
+
+
+def _speedup_block(base: dict, r: dict, seed: int) -> dict:
+    b = _baseline(base)
+    block = {**_speedups(b, r), "baseline": base["label"], **{f"baseline_{k}": v for k, v in b.items()}}
+    if len(base.get("decode_ms_runs") or []) > 1 and len(r.get("decode_ms_runs") or []) > 1:
+        block["decode_ci95"] = bootstrap_ratio_ci(base["decode_ms_runs"], r["decode_ms_runs"], seed=seed)
+    return block
+
+
+def bootstrap_ratio_ci(base_runs: list[float], runs: list[float], n: int = 2000, seed: int = 0,
+                       level: float = 0.95) -> list[float]:
+    """Percentile bootstrap of median(base) / median(runs) over independent resamples of each group's runs."""
+    rng = np.random.default_rng(seed)
+    base, other = np.asarray(base_runs, dtype=np.float64), np.asarray(runs, dtype=np.float64)
+    ratios = (np.median(rng.choice(base, (n, base.size)), axis=1) /
+              np.median(rng.choice(other, (n, other.size)), axis=1))
+    tail = (1 - level) / 2 * 100
+    return [float(np.percentile(ratios, tail)), float(np.percentile(ratios, 100 - tail))]
 
 
 def _speedups(baseline: dict, r: dict) -> dict:
@@ -85,6 +118,7 @@ def remeasured_row(result: dict) -> dict:
     speed = result["speedup"]
     row = {**result, **result["remeasured"], "remeasured": None}
     row["speedup"] = {**speed, **_speedups({k: speed[f"baseline_{k}"] for k in _BASELINE_KEYS}, row)}
+    row["speedup"].pop("decode_ci95", None)
     return row
 
 
@@ -94,9 +128,18 @@ def has_sparse_kernels(result: dict) -> bool:
 
 
 def dense_drift(results: list[dict]) -> dict[tuple, float]:
-    """(engine, kv_cache) -> relative change of the dense decode step between its first and repeated measurement."""
-    return {(r["engine"], r["kv_cache"]): r["remeasured"]["decode_ms"]["median"] / r["decode_ms"]["median"] - 1
-            for r in results if is_dense(r) and r.get("remeasured")}
+    """(engine, kv_cache) -> relative change of the dense fp32 decode step between its first and last measurement
+    (a repeat after all levels, or the first and last of its interleaved rounds)."""
+    out = {}
+    for r in results:
+        if not is_dense(r) or precision_of(r) != "fp32":
+            continue
+        if r.get("remeasured"):
+            out[(r["engine"], r["kv_cache"])] = r["remeasured"]["decode_ms"]["median"] / r["decode_ms"]["median"] - 1
+        elif len(r.get("rounds") or []) > 1:  # interleaved rounds: the first against the last
+            out[(r["engine"], r["kv_cache"])] = (r["rounds"][-1]["decode_ms_median"] / r["rounds"][0]["decode_ms_median"]
+                                                 - 1)
+    return out
 
 
 def control_spread(results: list[dict]) -> list[float]:

@@ -14,7 +14,7 @@ from ..errors import UserError
 from ..io import write_json_atomic
 from ..provenance import provenance
 from .harness import BenchSettings, bench_pair_subprocess, check_settings, machine_block
-from .stats import attach_remeasured, attach_speedups
+from .stats import attach_speedups
 
 DENSE = "dense"
 
@@ -50,6 +50,12 @@ class SweepSettings:
     structure_allocations: list[str] | None = None
     importances: list[str] = field(default_factory=lambda: ["activation"])
     multiple: int = 8
+    # every level exported in each precision; int8 levels also get the deployment's own perplexity (ONNX Runtime)
+    precisions: list[str] = field(default_factory=lambda: ["fp32"])
+    # each (level, precision, engine) measured in `rounds` worker processes, interleaved (bench/schedule.py)
+    rounds: int = 2
+    order: str = "abba"
+    order_seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -113,7 +119,7 @@ def check_sweep(s: SweepSettings, run_dir: Path) -> None:
     if saved.is_file():
         before = json.loads(saved.read_text())["settings"]
         grows = ("sparsities", "allocations", "engines", "patterns", "structure_sparsities", "structure_allocations",
-                 "importances")
+                 "importances", "precisions")
         changed = sorted(k for k, v in asdict(s).items() if k not in grows and before.get(k, v) != v)
         if changed:
             raise UserError(f"{run_dir} holds a sweep with other settings ({', '.join(changed)}); resume it with the "
@@ -125,40 +131,38 @@ def _bench_settings(s: SweepSettings, engine: str) -> BenchSettings:
 
 
 def run_sweep(s: SweepSettings, run_dir: Path, progress=None, log=print) -> dict:
-    """All models are prepared first (prune, eval, export: heavy, order-free), then benchmarked back to back, so
-    no preparation work shares the CPU with a measurement."""
+    """All models are prepared first (prune, eval, export: heavy, order-free), then benchmarked in interleaved
+    rounds, so no preparation work shares the CPU with a measurement and drift spreads over every level."""
+    from .schedule import run_interleaved
+
     run_dir = Path(run_dir)
     check_sweep(s, run_dir)
     write_json_atomic(run_dir / "run.json", {"settings": asdict(s), "provenance": provenance()}, force=True)
     plan = levels(s)
-    task = progress.add_task("sweep", total=len(plan) * (1 + len(s.engines)) + len(s.engines)) if progress else None
+    pairs_per_level = len(s.precisions) * len(s.engines)
+    task = progress.add_task("sweep", total=len(plan) * (1 + pairs_per_level * s.rounds)) if progress else None
     prepared = []
     for level in plan:
         prepared.append(prepare_level(s, run_dir, level, progress, log))
         if progress:
             progress.advance(task)
-    rows = []
-    for level, quality, deploy in prepared:
-        bench = []
-        for engine in s.engines:
-            bench.append(bench_step(s, run_dir, level, deploy, engine, log))
-            if progress:
-                progress.advance(task)
-        rows.append({"level": asdict(level), "quality": quality, "deploy": str(deploy), "bench": bench})
-    # the dense model once more, last: how far the machine drifted while the levels were measured
-    dense_level, _, dense_deploy = prepared[0]
-    repeats = []
-    for engine in s.engines:
-        repeats.append(bench_step(s, run_dir, dense_level, dense_deploy, engine, log, repeat=True))
-        if progress:
-            progress.advance(task)
-    return write_results(s, run_dir, rows, repeats)
+    pairs = [(level, precision, deploys[precision], engine) for level, _, deploys, _ in prepared
+             for precision in s.precisions for engine in s.engines]
+    measured = run_interleaved(
+        len(pairs), s.rounds, s.order, s.order_seed,
+        lambda r, i: bench_step(s, run_dir, *pairs[i], log, round_=r),
+        on_done=(lambda *_: progress.advance(task)) if progress else None)
+    return write_results(s, run_dir, prepared, pairs, measured)
 
 
-def prepare_level(s: SweepSettings, run_dir: Path, level: Level, progress, log) -> tuple[Level, dict, Path]:
+def prepare_level(s: SweepSettings, run_dir: Path, level: Level, progress, log) -> tuple:
+    """(level, PyTorch quality, {precision: deployment folder}, {precision: deployment eval or None})."""
     model_ref = s.model if level.sparsity is None else str(prune_step(s, run_dir, level, progress, log))
     quality = eval_step(s, run_dir, level, model_ref, progress, log)
-    return level, quality, export_step(s, run_dir, level, model_ref, log)
+    deploys = {p: export_step(s, run_dir, level, model_ref, log, p) for p in s.precisions}
+    deploy_quality = {p: deployment_eval_step(s, run_dir, level, deploys[p], p, log) if "int8" in s.precisions
+                      else None for p in s.precisions}
+    return level, quality, deploys, deploy_quality
 
 
 def prune_step(s: SweepSettings, run_dir: Path, level: Level, progress, log) -> Path:
@@ -183,46 +187,76 @@ def eval_step(s: SweepSettings, run_dir: Path, level: Level, model_ref: str, pro
     return json.loads(out.read_text())
 
 
-def export_step(s: SweepSettings, run_dir: Path, level: Level, model_ref: str, log) -> Path:
-    from ..export.deployment import EXPORT_FILE, export_deployment
+def _deploy_name(level: Level, precision: str) -> str:
+    return level.label if precision == "fp32" else f"{level.label}.{precision}"
 
-    out = run_dir / "deploy" / level.label
+
+def export_step(s: SweepSettings, run_dir: Path, level: Level, model_ref: str, log, precision: str = "fp32") -> Path:
+    from ..export.deployment import EXPORT_FILE, QuantizeOptions, export_deployment
+
+    out = run_dir / "deploy" / _deploy_name(level, precision)
     if not (out / EXPORT_FILE).is_file():
-        log(f"[{level.label}] export")
-        export_deployment(model_ref, out, seq_len=s.seq_len, validate=s.validate, force=True, num_cores=s.cores)
+        log(f"[{out.name}] export")
+        export_deployment(model_ref, out, seq_len=s.seq_len, validate=s.validate, force=True, num_cores=s.cores,
+                          quantize=None if precision == "fp32" else QuantizeOptions(precision, seed=s.seed))
     return out
 
 
-def bench_step(s: SweepSettings, run_dir: Path, level: Level, deploy: Path, engine: str, log,
-               repeat: bool = False) -> dict:
-    out = run_dir / "bench" / f"{level.label}.{engine}{'.repeat' if repeat else ''}.json"
+def deployment_eval_step(s: SweepSettings, run_dir: Path, level: Level, deploy: Path, precision: str, log) -> dict:
+    """The deployment's own perplexity (its ONNX graph on ONNX Runtime), windows of the export window minus one:
+    fp32 and INT8 deployments compared on the same protocol."""
+    from ..eval.job import evaluate_deployment
+
+    out = run_dir / "eval" / f"{_deploy_name(level, precision)}.onnxruntime.json"
     if not out.is_file():
-        log(f"[{level.label}] bench on {engine}{' (repeated after all levels)' if repeat else ''}")
+        log(f"[{deploy.name}] deployment perplexity")
+        write_json_atomic(out, evaluate_deployment(str(deploy), "onnxruntime", s.ppl, None, s.max_windows, s.cores),
+                          force=True)
+    return json.loads(out.read_text())
+
+
+def bench_step(s: SweepSettings, run_dir: Path, level: Level, precision: str, deploy: Path, engine: str, log,
+               round_: int = 0) -> dict:
+    out = run_dir / "bench" / f"{_deploy_name(level, precision)}.{engine}.r{round_}.json"
+    if not out.is_file():
+        log(f"[{deploy.name}] bench on {engine}, round {round_ + 1}/{s.rounds}")
         write_json_atomic(out, bench_pair_subprocess(deploy, _bench_settings(s, engine)), force=True)
     return json.loads(out.read_text())
 
 
-def write_results(s: SweepSettings, run_dir: Path, rows: list[dict], repeats: list[dict] = ()) -> dict:
-    results, quality = [], []
-    for row in rows:
-        level, q = row["level"], row["quality"]
-        export_info = json.loads((Path(row["deploy"]) / "export.json").read_text())
-        lv = Level(**level)
-        form = {"form": lv.form, "variant": lv.variant, "importance": lv.importance}
-        quality.append({"label": level["label"], "allocation": level["allocation"], **form,
-                        "target_sparsity": level["sparsity"] or 0.0, "sparsity": q["weight_sparsity"],
-                        "removed": (export_info["source"].get("pruning") or {}).get("global_sparsity", 0.0),
-                        "perplexity": q["perplexity"], "perplexity_details": q["perplexity_details"],
-                        "validation": _validation_summary(export_info)})
-        for r in row["bench"]:
-            results.append({**r, "allocation": level["allocation"], **form,
-                            "target_sparsity": level["sparsity"] or 0.0, "perplexity": q["perplexity"]})
-    attach_remeasured(results, repeats)
+def write_results(s: SweepSettings, run_dir: Path, prepared: list[tuple], pairs: list[tuple],
+                  measured: list[list[dict]]) -> dict:
+    from .schedule import merge_rounds
+
+    quality, meta = [], {}
+    for level, q, deploys, deploy_quality in prepared:
+        export_info = json.loads((Path(deploys[s.precisions[0]]) / "export.json").read_text())
+        form = {"form": level.form, "variant": level.variant, "importance": level.importance}
+        entry = {"label": level.label, "allocation": level.allocation, **form,
+                 "target_sparsity": level.sparsity or 0.0, "sparsity": q["weight_sparsity"],
+                 "removed": (export_info["source"].get("pruning") or {}).get("global_sparsity", 0.0),
+                 "perplexity": q["perplexity"], "perplexity_details": q["perplexity_details"],
+                 "validation": _validation_summary(export_info),
+                 "deployment_perplexity": {p: (dq or {}).get("perplexity") for p, dq in deploy_quality.items()}}
+        quality.append(entry)
+        meta[level.label] = (form, entry)
+    results = []
+    for (level, precision, _deploy, _engine), rounds in zip(pairs, measured):
+        form, entry = meta[level.label]
+        results.append({**merge_rounds(rounds), "allocation": level.allocation, **form, "precision": precision,
+                        "target_sparsity": level.sparsity or 0.0, "perplexity": q_of(entry, precision)})
     attach_speedups(results)
     report = {"schema": "dlp-deploy/sweep/1", "settings": asdict(s), "machine": machine_block(s.cores),
               "quality": quality, "results": results, "provenance": provenance()}
     write_json_atomic(run_dir / "results.json", report, force=True)
     return report
+
+
+def q_of(entry: dict, precision: str) -> dict:
+    """The perplexity a result row carries: where the sweep scored deployments (it does when INT8 is among its
+    precisions, since PyTorch cannot run an INT8 graph), every precision's deployment on the same protocol; else
+    the PyTorch model's. Both kinds stay in the quality table."""
+    return entry["deployment_perplexity"].get(precision) or entry["perplexity"]
 
 
 def _validation_summary(export_info: dict) -> dict | None:

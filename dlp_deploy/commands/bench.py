@@ -21,11 +21,16 @@ def bench_cmd(
     warmup: int = 1,
     external_cache: Annotated[bool, typer.Option(help="DeepSparse: carry the KV cache in Python, not inside "
                                                       "the engine")] = False,
+    rounds: Annotated[int, typer.Option(min=1, help="worker processes per (deployment, engine), interleaved")] = 2,
+    order: Annotated[str, typer.Option(help="abba (every other round reversed) or shuffle")] = "abba",
+    order_seed: int = 0,
     force: bool = False,
 ) -> None:
-    """Time generation (prefill, per-token decode, throughput) of each deployment on each engine."""
-    from ..bench.harness import BenchSettings, bench_report, check_settings, machine_block
-    from ..bench.stats import attach_remeasured, attach_speedups, is_dense
+    """Time generation (prefill, per-token decode, throughput) of each deployment on each engine, in interleaved
+    rounds; speedups against the dense fp32 and dense INT8 deployments with bootstrap confidence intervals."""
+    from ..bench.harness import BenchSettings, bench_pair_subprocess, bench_report, check_settings, machine_block
+    from ..bench.schedule import merge_rounds, run_interleaved
+    from ..bench.stats import attach_speedups
     from ..export.deployment import load_deployment
     from ..io import check_writable, write_json_atomic
     from ..progress import console, progress_bar
@@ -37,27 +42,15 @@ def bench_cmd(
     for dep, settings in plan:
         check_settings(settings, dep.seq_len)
     with progress_bar() as progress:
-        results = _run_plan(plan, progress)
-        # the dense deployment once more, last: how far the machine drifted while the others were measured
-        repeats = [(dep, st) for (dep, st), r in zip(plan, results) if is_dense(r)] if len(deployments) > 1 else []
-        if repeats:
-            attach_remeasured(results, _run_plan(repeats, progress, " (repeat)"))
+        task = progress.add_task("benchmarking", total=len(plan) * rounds)
+        measured = run_interleaved(len(plan), rounds, _order(order), order_seed,
+                                   lambda r, i: bench_pair_subprocess(plan[i][0].folder, plan[i][1]),
+                                   on_done=lambda r, i: progress.advance(task))
+    results = [merge_rounds(m) for m in measured]
     _unique_labels(results)
     attach_speedups(results)
     write_json_atomic(json_out, bench_report(results, machine_block(cores)), force)
     console.print(results_table(results))
-
-
-def _run_plan(plan, progress, suffix: str = "") -> list[dict]:
-    from ..bench.harness import bench_pair_subprocess
-
-    results = []
-    task = progress.add_task("benchmarking", total=len(plan))
-    for dep, settings in plan:
-        progress.update(task, description=f"{dep.folder.name} on {settings.engine}{suffix}")
-        results.append(bench_pair_subprocess(dep.folder, settings))
-        progress.advance(task)
-    return results
 
 
 def _unique_labels(results: list[dict]) -> None:
@@ -72,17 +65,17 @@ def results_table(results: list[dict]):
     """The figures a person compares; p90/p99, RSS and compile time are in the JSON and the report."""
     from rich.table import Table
 
-    drift = ", ".join(f"{r['engine']} {r['decode_ms']['median']:.2f} → {r['remeasured']['decode_ms']['median']:.2f} ms"
-                      for r in results if r.get("remeasured"))
     from ..bench.stats import removed_share
 
-    table = Table("model", "engine", "removed", "prefill ms", "decode ms", "tok/s", "speedup",
-                  caption=f"dense re-measured last: {drift}" if drift else None)
+    table = Table("model", "engine", "removed", "prefill ms", "decode ms", "tok/s", "speedup (95% CI)",
+                  caption="decode speedups against the dense fp32 deployment on the same engine")
     for r in results:
         speed = r.get("speedup")
-        table.add_row(r["label"], f"{r['engine']}/{r['kv_cache'][:3]}", f"{removed_share(r):.0%}",
+        ci = (speed or {}).get("decode_ci95")
+        table.add_row(r["label"], f"{r['engine']}/{r['kv_cache'][:3]} {r.get('precision', 'fp32')}",
+                      f"{removed_share(r):.0%}",
                       f"{r['prefill_ms']:.1f}", f"{r['decode_ms']['median']:.2f}", f"{r['decode_tokens_per_s']:.1f}",
-                      "—" if not speed else f"{speed['decode']:.2f}x")
+                      "—" if not speed else f"{speed['decode']:.2f}x" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""))
     return table
 
 
@@ -91,6 +84,22 @@ def _floats(csv: str, flag: str) -> list[float]:
         return [float(x) for x in csv.split(",") if x.strip()]
     except ValueError:
         raise UserError(f"{flag} {csv!r} is not a comma list of numbers, e.g. 0.1,0.5,0.9") from None
+
+
+def _precisions(csv: str) -> list[str]:
+    names = _names(csv)
+    bad = [n for n in names if n not in ("fp32", "int8")]
+    if bad or not names:
+        raise UserError(f"--precision {csv!r}: give fp32, int8 or fp32,int8")
+    return names
+
+
+def _order(name: str) -> str:
+    from ..bench.schedule import ORDERS
+
+    if name not in ORDERS:
+        raise UserError(f"--order {name!r}: choose {' or '.join(ORDERS)}")
+    return name
 
 
 def _names(csv: str) -> list[str]:
@@ -132,6 +141,10 @@ def sweep_cmd(
     importance: Annotated[str, typer.Option(help="structured importances, comma list: activation, taylor")]
     = "activation",
     multiple: Annotated[int, typer.Option(help="structured: MLP widths a multiple of this")] = 8,
+    precision: Annotated[str, typer.Option(help="comma list: fp32, int8 (each level exported in each)")] = "fp32",
+    rounds: Annotated[int, typer.Option(min=1, help="worker processes per measured pair, interleaved")] = 2,
+    order: Annotated[str, typer.Option(help="abba or shuffle")] = "abba",
+    order_seed: int = 0,
 ) -> None:
     """prune -> eval -> export -> bench at each sparsity and form (and dense), one results.json for `report`."""
     import os
@@ -148,7 +161,7 @@ def sweep_cmd(
                              external_cache, device, _names(pattern), structure,
                              _floats(structure_sparsities, "--structure-sparsities") if structure_sparsities else None,
                              _names(structure_allocations) if structure_allocations else None, _names(importance),
-                             multiple)
+                             multiple, _precisions(precision), rounds, _order(order), order_seed)
     quiet_transformers()
     with progress_bar() as progress:
         report = run_sweep(settings, out, progress, log=console.print)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..bench.stats import (attach_speedups, control_spread, dense_drift, has_sparse_kernels, is_dense,
-                           noise_band, removes_weights)
+                           noise_band, precision_of, removes_weights)
 from ..io import atomic_dir
 from . import figures
 from .tables import (FORMS_HEADER, TABLE5_HEADER, forms, forms_rows, nm_quality_rows, quality_rows,
@@ -27,6 +27,11 @@ def load_runs(run_dirs: list[Path]) -> dict:
         if data.get("schema") != SCHEMA:
             raise UserError(f"{path} has schema {data.get('schema')!r}, expected {SCHEMA!r}; re-run the sweep")
         runs.append(data)
+    machines = {(run["machine"]["cpu_model"], tuple(run["machine"]["isa"])) for run in runs}
+    if len(machines) > 1:
+        raise UserError("these runs were measured on different machines (" +
+                        "; ".join(f"{cpu}, {'/'.join(isa)}" for cpu, isa in sorted(machines)) +
+                        "): speedups only compare within one machine, so report each machine's runs separately")
     merged = dict(runs[0])
     merged["results"] = [r for run in runs for r in run["results"]]
     merged["quality"] = [q for run in runs for q in run["quality"]]
@@ -40,7 +45,7 @@ def make_report(run_dirs: list[Path], out: Path, force: bool = False) -> Path:
     unstructured = unstructured_only(data["results"])
     with atomic_dir(out, force) as tmp:
         plots = {}
-        if len(forms(data["results"])) > 1:
+        if len(forms(data["results"])) > 1 or len({precision_of(r) for r in data["results"]}) > 1:
             plots["pareto.png"] = figures.pareto(data["results"], corpus, tmp / "pareto.png")
         if forms(unstructured):
             plots.update({
@@ -190,12 +195,19 @@ def noise_paragraph(results: list[dict]) -> str:
     """What the run itself says about its noise: dense drift, the dense-kernel control, the harness's own cost."""
     sentences = []
     drift = dense_drift(results)
-    dense = {(r["engine"], r["kv_cache"]): r for r in results if is_dense(r) and r.get("remeasured")}
-    if drift:
+    remeasured = [r for r in results if is_dense(r) and r.get("remeasured")]
+    if drift and remeasured:
+        dense = {(r["engine"], r["kv_cache"]): r for r in remeasured}
         sentences.append("The dense model was measured first and again after all levels: " + "; ".join(
             f"{e} ({kv} KV) {dense[e, kv]['decode_ms']['median']:.2f} → "
             f"{dense[e, kv]['remeasured']['decode_ms']['median']:.2f} ms per decode step ({d:+.1%})"
             for (e, kv), d in sorted(drift.items())) + "; speedups divide by the mean of the two.")
+    elif drift:
+        sentences.append("Every model was measured in interleaved rounds (ABBA or shuffled; separate worker "
+                         "processes), the dense fp32 model's first and last round differing by " + "; ".join(
+                             f"{e} ({kv} KV) {d:+.1%}" for (e, kv), d in sorted(drift.items())) +
+                         "; speedups are ratios of medians over every run of every round, with 95% bootstrap "
+                         "intervals.")
     control = control_spread(results)
     if control:
         engines = sorted({r["engine"] for r in results if not has_sparse_kernels(r)})

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from ..bench.stats import remeasured_row, removed_share
+from ..bench.stats import precision_of, remeasured_row, removed_share
 
 
 def series(results: list[dict]) -> dict[tuple[str, str], list[dict]]:
@@ -11,7 +11,7 @@ def series(results: list[dict]) -> dict[tuple[str, str], list[dict]]:
     dense = defaultdict(list)
     grouped: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in results:
-        engine = f"{r['engine']} ({r['kv_cache']} KV)"
+        engine = f"{r['engine']} ({r['kv_cache']} KV)" + ("" if precision_of(r) == "fp32" else f", {precision_of(r)}")
         if r["allocation"] is None:
             dense[engine].append(r)
         else:
@@ -92,11 +92,20 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 
 def _level_name(r: dict) -> str:
-    return "dense" if r["allocation"] is None else r.get("variant") or r["allocation"]
+    name = "dense" if r["allocation"] is None else r.get("variant") or r["allocation"]
+    return name if precision_of(r) == "fp32" else f"{name}, {precision_of(r)}"
 
 
-FORMS_HEADER = ["model", "form / allocation", "target", "removed", "ppl", "decode ms", "tokens/s", "decode speedup",
-                "ideal (bandwidth)", "prefill ms", "prefill speedup", "on Pareto front"]
+FORMS_HEADER = ["model", "form / allocation", "target", "removed", "ppl", "decode ms", "tokens/s",
+                "decode speedup [95% CI]", "vs dense INT8", "ideal (bandwidth)", "prefill ms", "prefill speedup",
+                "on Pareto front"]
+
+
+def _with_ci(speed: dict | None) -> str:
+    if not speed:
+        return "—"
+    ci = speed.get("decode_ci95")
+    return _x(speed.get("decode")) + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
 
 
 def forms_rows(results: list[dict], corpus: str) -> dict[str, list[list[str]]]:
@@ -105,12 +114,13 @@ def forms_rows(results: list[dict], corpus: str) -> dict[str, list[list[str]]]:
     for engine, rows in _by_engine(results).items():
         front = {id(rows[i]) for i in pareto_front([(r["decode_tokens_per_s"], r["perplexity"][corpus]) for r in rows])}
         for r in sorted(rows, key=lambda r: (r["allocation"] is not None, r.get("form") or "", _level_name(r),
-                                             r["target_sparsity"])):
+                                             r["target_sparsity"], precision_of(r))):
             speed = r.get("speedup") or {}
             out[engine].append([
                 r["label"], _level_name(r), "—" if r["allocation"] is None else f"{r['target_sparsity']:.0%}",
                 f"{removed_share(r):.1%}", f"{r['perplexity'][corpus]:.2f}", f"{r['decode_ms']['median']:.2f}",
-                f"{r['decode_tokens_per_s']:.1f}", _x(speed.get("decode")), _x(r["weights"].get("ideal_speedup")),
+                f"{r['decode_tokens_per_s']:.1f}", _with_ci(r.get("speedup")), _with_ci(r.get("speedup_vs_int8")),
+                _x(r["weights"].get("ideal_speedup")),
                 f"{r['prefill_ms']:.1f}", _x(speed.get("prefill")), "yes" if id(r) in front else ""])
     return dict(out)
 
