@@ -7,9 +7,11 @@ import os
 import platform
 import sys
 from functools import lru_cache
+from pathlib import Path
 
 _PACKAGES = ("dlp-deploy", "torch", "transformers", "onnx", "onnxruntime", "deepsparse", "numpy", "datasets")
-_ISA_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx512vnni", "avx_vnni", "amx_tile", "fma", "f16c")
+_ISA_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx512vnni", "avx_vnni", "avx512_bf16", "amx_tile",
+              "amx_int8", "amx_bf16", "fma", "f16c")
 
 
 def package_versions() -> dict[str, str | None]:
@@ -47,9 +49,24 @@ def machine_info() -> dict:
         "logical_cores": os.cpu_count(),
         "usable_cores": usable,
         "memory_gib": _memory_gib(),
+        "last_level_cache_bytes": _last_level_cache_bytes(),
         "os": platform.platform(),
         "arch": platform.machine(),
     }
+
+
+def _last_level_cache_bytes() -> int | None:
+    """The largest cache cpu0 sees (sysfs; None where unreadable): whether a model's weights stay in cache or
+    stream from DRAM on every token decides what sparsity can save."""
+    sizes = []
+    for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = entry.read_text().strip().upper()
+        scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+        try:
+            sizes.append(int(text.rstrip("KMG")) * scale)
+        except ValueError:
+            continue
+    return max(sizes, default=None)
 
 
 def _memory_gib() -> float | None:

@@ -89,3 +89,30 @@ def test_deployment_perplexity_through_an_engine_equals_pytorch(pruned, data_roo
     assert engine_ppl == pytest.approx(torch_ppl, rel=1e-4)
     proc = run_cli("eval", pruned / "fp32", "--json", pruned / "x.json")
     assert proc.returncode == 2 and "give --engine" in proc.stderr
+
+
+def test_sweep_in_both_precisions_reports_both_baselines(tmp_path, data_root):
+    from dlp_deploy.bench.sweep import SweepSettings, run_sweep
+    from dlp_deploy.report.render import make_report
+    from dlp_deploy.testing import save_tiny
+
+    model = save_tiny(tmp_path / "tiny", seed=2, **GQA)
+    settings = SweepSettings(str(model), [0.5], "wanda", ["dlp"], ["onnxruntime", "openvino"], nsamples=2,
+                             calib_seqlen=32, eval_seqlen=64, max_windows=2, seq_len=96, validate=False, cores=1,
+                             prompt_len=8, gen_len=8, runs=2, warmup=0, precisions=["fp32", "int8"], rounds=2,
+                             order="shuffle")
+    result = run_sweep(settings, tmp_path / "run", log=lambda *_: None)
+    rows = {(r["label"], r["engine"]): r for r in result["results"]}
+    assert set(rows) == {(f"{m}{p}", e) for m in ("dense", "wanda-dlp-0.50") for p in ("", ".int8")
+                         for e in ("onnxruntime", "openvino")}
+    sparse_int8 = rows[("wanda-dlp-0.50.int8", "onnxruntime")]
+    assert sparse_int8["precision"] == "int8" and sparse_int8["speedup"]["baseline"] == "dense"
+    assert sparse_int8["speedup_vs_int8"]["baseline"] == "dense.int8"
+    assert rows[("dense.int8", "onnxruntime")]["speedup_vs_int8"]["decode"] == pytest.approx(1.0)
+    # every row carries the deployment's own perplexity (one protocol for both precisions)
+    quality = {q["label"]: q for q in result["quality"]}
+    deployed = quality["wanda-dlp-0.50"]["deployment_perplexity"]
+    assert sparse_int8["perplexity"] == deployed["int8"] and deployed["fp32"]["wikitext2"] > 1
+    assert sparse_int8["weights"]["ideal_speedup"] > 4  # a quarter of the bytes, half of them zeros
+    md = (make_report([tmp_path / "run"], tmp_path / "report") / "report.md").read_text()
+    assert "vs dense INT8" in md and "wanda-dlp-0.50.int8" in md and "AMX-INT8" in md

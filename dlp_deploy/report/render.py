@@ -72,9 +72,15 @@ def build_sections(data: dict, corpus: str, plots: set[str] | None = None) -> li
     items: list[tuple[str, object]] = [("h1", f"Speedup report: {s['model']}, {s['method']} pruning")]
     items.append(("p", summary_sentence(data)))
     items.append(("h", "Machine"))
-    items.append(("table", [["CPU", "ISA", "cores used / usable", "memory", "copy bandwidth (1 thread)"],
+    cache = m.get("last_level_cache_bytes")
+    items.append(("table", [["CPU", "ISA", "cores used / usable", "memory", "last-level cache",
+                              "copy bandwidth (1 thread = per core)"],
                             [m["cpu_model"], ", ".join(m["isa"]), f"{m['cores_used']} / {m['usable_cores']}",
-                             f"{m['memory_gib']} GiB", f"{m['copy_bandwidth_gbs']:.1f} GB/s"]]))
+                             f"{m['memory_gib']} GiB", f"{cache / 2**20:.0f} MiB" if cache else "unknown",
+                             f"{m['copy_bandwidth_gbs']:.1f} GB/s"]]))
+    kernels = openvino_kernel_sentence(data["results"], m)
+    if kernels:
+        items.append(("p", kernels))
     if m["cores_used"] <= 4:
         items.append(("p", f"Measured on {m['cores_used']} cores. Sparse kernels need cores to decompress and "
                            "bandwidth to save; a 2-core machine shows the least of what DeepSparse can do."))
@@ -102,6 +108,18 @@ def build_sections(data: dict, corpus: str, plots: set[str] | None = None) -> li
     items.append(("h", "Versions"))
     items.append(("table", [["package", "version"]] + [[k, str(v)] for k, v in data["provenance"]["versions"].items()]))
     return items
+
+
+def openvino_kernel_sentence(results: list[dict], machine: dict) -> str | None:
+    rows = [r for r in results if r["engine"] == "openvino" and r.get("kernels")]
+    if not rows:
+        return None
+    amx = "amx_int8" in machine.get("isa", [])
+    used = [r["label"] for r in rows if r["kernels"].get("sparse_kernel_used")]
+    types = sorted({t for r in rows for t in r["kernels"]["matmul_exec_types"]})
+    return (f"OpenVINO: this CPU {'has' if amx else 'has no'} AMX-INT8, the only ISA with its sparse INT8 kernel; "
+            f"a sparse kernel ran for {len(used)} of {len(rows)} OpenVINO rows"
+            f"{' (' + ', '.join(used) + ')' if used else ''}. MatMul kernels executed: {', '.join(types)}.")
 
 
 def forms_sections(data: dict, corpus: str) -> list[tuple[str, object]]:

@@ -24,7 +24,7 @@ def openvino_available() -> bool:
 def has_amx_int8() -> bool:
     from ..provenance import machine_info
 
-    return "amx_int8" in machine_info().get("isa", []) or "amx_tile" in machine_info().get("isa", [])
+    return "amx_int8" in machine_info().get("isa", [])
 
 
 def openvino_config(num_cores: int | None, sparse_rate: float | None = None, perf_counters: bool = False) -> dict:
