@@ -5,7 +5,8 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 DATA    ?= $(abspath ../shared/data)
 RUN     ?= runs/smollm2-demo
-export DLP_DEPLOY_DATA ?= $(DATA)
+# only where the offline corpora exist: elsewhere the data comes from the hub
+export DLP_DEPLOY_DATA ?= $(if $(wildcard $(DATA)/.),$(DATA),)
 export NM_DISABLE_ANALYTICS := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 

@@ -281,3 +281,16 @@ def test_export_records_what_pruned_the_source(tmp_path):
                                           "granularity": "per-output", "global_sparsity": 0.7001,
                                           "target_sparsity": 0.7}
     assert _pruning_summary(tmp_path / "nothing") is None
+
+
+def test_external_data_decision_counts_tensor_bytes(tmp_path):
+    """Protobuf cannot size a message over 2 GB, so the decision counts the initializers' bytes itself."""
+    import onnx
+    from onnx import numpy_helper
+
+    from dlp_deploy.export.onnx import tensor_bytes
+
+    export_onnx(tiny_llama(4), tmp_path / "m.onnx")
+    proto = onnx.load(str(tmp_path / "m.onnx"))
+    expected = sum(numpy_helper.to_array(t).nbytes for t in proto.graph.initializer)
+    assert tensor_bytes(proto) == expected and expected > 100_000

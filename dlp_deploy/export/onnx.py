@@ -302,11 +302,30 @@ def export_onnx(model: nn.Module, path: str | Path, max_positions: int | None = 
             "opset": OPSET, "ir_version": int(proto.ir_version)}
 
 
+def tensor_bytes(proto) -> int:
+    """Bytes of the graph's initializers, counted from the tensors: protobuf cannot even measure (ByteSize) or
+    serialise a message over 2 GB, so the decision to go external must not ask it to."""
+    from onnx import TensorProto, helper
+
+    total = 0
+    for t in proto.graph.initializer:
+        if t.HasField("raw_data"):
+            total += len(t.raw_data)
+        elif t.data_location == TensorProto.EXTERNAL:
+            total += int(next((e.value for e in t.external_data if e.key == "length"), 0) or 0)
+        else:
+            count = 1
+            for d in t.dims:
+                count *= d
+            total += count * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    return total
+
+
 def save_model(proto, path: Path) -> bool:
     """Save inline when it fits in one protobuf, else with every tensor in one external data file."""
     import onnx
 
-    external = proto.ByteSize() > _PROTOBUF_LIMIT
+    external = tensor_bytes(proto) > _PROTOBUF_LIMIT
     if external:
         onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=EXTERNAL_DATA_FILE, size_threshold=1024)
