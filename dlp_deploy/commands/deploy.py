@@ -32,7 +32,8 @@ def export_cmd(
     calib_samples: Annotated[int, typer.Option("--calib-samples", min=1, help="INT8 calibration windows")] = 32,
     ppl_tolerance: Annotated[float, typer.Option("--ppl-tolerance", help="largest relative perplexity rise over "
                                                                          "the PyTorch source")] = 0.05,
-    ppl_seqlen: Annotated[int, typer.Option("--ppl-seqlen", min=2, help="perplexity window for validation")] = 256,
+    ppl_seqlen: Annotated[Optional[int], typer.Option("--ppl-seqlen", min=2, help="perplexity window for "
+                                                      "validation (default 256, or --seq-len minus one)")] = None,
     ppl_windows: Annotated[int, typer.Option("--ppl-windows", min=1, help="perplexity windows for validation")] = 4,
     data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="offline corpora folder (else env "
                                                                         "DLP_DEPLOY_DATA, else the hub)")] = None,

@@ -68,10 +68,16 @@ class QualityCheck:
     tokens of `corpus`, which may exceed the PyTorch source's by at most `tolerance` (relative)."""
 
     corpus: str = "wikitext2"
-    seqlen: int = 256
+    seqlen: int | None = None  # None: 256, or the export window minus one where that is shorter
     windows: int = 4
-    agreement_tokens: int = 64
+    agreement_tokens: int | None = None  # None: 64, or what fits after the prompt in the window
     tolerance: float = 0.05
+
+    def fitted(self, seq_len: int, prompt_len: int) -> "QualityCheck":
+        from dataclasses import replace
+
+        return replace(self, seqlen=self.seqlen or min(256, seq_len - 1),
+                       agreement_tokens=self.agreement_tokens or max(1, min(64, seq_len - prompt_len - 1)))
 
 
 def export_deployment(model_or_dir, out, seq_len: int = 512, validate: bool = True, force: bool = False,
@@ -96,6 +102,7 @@ def export_deployment(model_or_dir, out, seq_len: int = 512, validate: bool = Tr
     quality = quality if validate else None
     _check_seq_len(seq_len, max_positions, len(prompt_ids) if validate else 1, validate, model.config)
     if quality is not None:
+        quality = quality.fitted(seq_len, len(prompt_ids))
         _check_quality_window(quality, seq_len, len(prompt_ids))
     root = data.data_dir(data_root) if (quantize or quality) else None
 

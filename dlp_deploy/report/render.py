@@ -162,50 +162,71 @@ def report_band(results: list[dict]) -> float:
     return max(MIN_BAND, noise_band(results))
 
 
+def _clears(r: dict, band: float) -> bool:
+    """A decode speedup beyond the noise band: its interval's lower end where it has one, else the estimate."""
+    ci = r["speedup"].get("decode_ci95")
+    return (ci[0] if ci else r["speedup"]["decode"]) > 1 + band
+
+
+def _first_clearing(rows: list[dict], band: float) -> dict | None:
+    """The lowest level whose speedup clears the band: a level named by a rule, not the maximum of noisy rows."""
+    return next((r for r in sorted(rows, key=lambda r: (r["target_sparsity"], r["label"])) if _clears(r, band)), None)
+
+
+def _engine_groups(rows: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for r in rows:
+        name = f"{r['engine']} ({r['kv_cache']} KV cache{'' if precision_of(r) == 'fp32' else ', ' + precision_of(r)})"
+        out.setdefault(name, []).append(r)
+    return dict(sorted(out.items()))
+
+
 def summary_sentence(data: dict) -> str:
-    """The answer first: per engine, whether sparsity buys a decode speedup beyond this run's noise, the best one
-    reached, and the densest-to-sparsest figures next to the bandwidth-bound ideal."""
+    """The answer first: per engine, the first level at which sparsity buys a decode speedup beyond this run's
+    noise (or that none does), and the sparsest level's figures next to the bandwidth-bound ideal."""
     rows = [r for r in data["results"] if r.get("speedup") and r["allocation"] is not None]
     if not rows:
         return "No dense baseline in these runs, so no speedups are computed."
     band = report_band(data["results"])
-    if len(forms(rows)) > 1:
+    if len(forms(rows)) > 1 or len({precision_of(r) for r in rows}) > 1:
         return forms_summary(rows, band, data["settings"]["ppl"][0])
+    primary = data["settings"]["allocations"][0]
     parts = []
-    for engine in sorted({(r["engine"], r["kv_cache"]) for r in rows}):
-        mine = [r for r in rows if (r["engine"], r["kv_cache"]) == engine]
-        best = max(mine, key=lambda r: r["speedup"]["decode"])
-        top = max(mine, key=lambda r: (r["target_sparsity"], r["allocation"] == data["settings"]["allocations"][0]))
+    for engine, mine in _engine_groups(rows).items():
+        main = [r for r in mine if r["allocation"] == primary] or mine
+        top = max(main, key=lambda r: r["target_sparsity"])
+        first = _first_clearing(main, band)
         if not has_sparse_kernels(mine[0]):
             verdict = "dense kernels, so no speedup is expected and what it shows is noise"
-        elif best["speedup"]["decode"] > 1 + band:
-            verdict = "sparsity buys a decode speedup beyond this run's noise"
+        elif first:
+            verdict = (f"from {first['target_sparsity']:.0%} ({primary}) on, sparsity buys a decode speedup beyond "
+                       f"this run's noise ({first['speedup']['decode']:.2f}x there)")
         else:
-            verdict = "sparsity does not speed up decode beyond this run's noise"
-        parts.append(f"{engine[0]} ({engine[1]} KV cache): {verdict}: best {best['speedup']['decode']:.2f}x at "
-                     f"{best['target_sparsity']:.0%} {best['allocation']}; at {top['target_sparsity']:.0%} "
-                     f"{top['speedup']['decode']:.2f}x decode and {top['speedup']['prefill']:.2f}x prefill, against a "
-                     f"bandwidth-bound ideal of {top['weights']['ideal_speedup']:.2f}x")
+            verdict = f"no level ({primary}) speeds up decode beyond this run's noise"
+        parts.append(f"{engine}: {verdict}; at {top['target_sparsity']:.0%} {top['speedup']['decode']:.2f}x decode "
+                     f"and {top['speedup']['prefill']:.2f}x prefill, against a bandwidth-bound ideal of "
+                     f"{top['weights']['ideal_speedup']:.2f}x")
     return ". ".join(parts) + f". Speedups within ±{band:.0%} of 1.0x are not told apart from noise (below)."
 
 
 def forms_summary(rows: list[dict], band: float, corpus: str) -> str:
-    """Per engine and form: the fastest model of that form, its speedup and perplexity, and whether the speedup
-    is beyond this run's noise (zeros on a dense-kernel engine are noise by construction)."""
+    """Per engine and form: the lowest level whose decode speedup clears this run's noise, with its perplexity,
+    or that none does (zeros on a dense-kernel engine are noise by construction)."""
     parts = []
-    for engine in sorted({(r["engine"], r["kv_cache"]) for r in rows}):
-        mine = [r for r in rows if (r["engine"], r["kv_cache"]) == engine]
+    for engine, mine in _engine_groups(rows).items():
         said = []
         for form in forms(mine):
-            best = max((r for r in mine if (r.get("form") or "unstructured") == form),
-                       key=lambda r: r["speedup"]["decode"])
-            x = best["speedup"]["decode"]
-            if not has_sparse_kernels(best) and not removes_weights(best):
-                tag = "noise: dense kernels"
+            of_form = [r for r in mine if (r.get("form") or "unstructured") == form]
+            if not has_sparse_kernels(of_form[0]) and not removes_weights(of_form[0]):
+                said.append(f"{form}: noise only (dense kernels)")
+                continue
+            first = _first_clearing(of_form, band)
+            if first is None:
+                said.append(f"{form}: no level beyond noise")
             else:
-                tag = "beyond noise" if x > 1 + band else "within noise"
-            said.append(f"{form} {x:.2f}x ({best['label']}, ppl {best['perplexity'][corpus]:.1f}; {tag})")
-        parts.append(f"{engine[0]} ({engine[1]} KV cache), fastest of each form: " + "; ".join(said))
+                said.append(f"{form}: from {first['target_sparsity']:.0%} ({first['label']}, "
+                            f"{first['speedup']['decode']:.2f}x, ppl {first['perplexity'][corpus]:.1f})")
+        parts.append(f"{engine}, first level of each form whose decode speedup clears the noise: " + "; ".join(said))
     return ". ".join(parts) + f". Speedups within ±{band:.0%} of 1.0x are not told apart from noise (below)."
 
 
