@@ -56,6 +56,7 @@ class SweepSettings:
     rounds: int = 2
     order: str = "abba"
     order_seed: int = 0
+    alpha: float | None = None  # DLP's spread; None: the paper's App. G value per level
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,8 @@ def levels(s: SweepSettings) -> list[Level]:
 def level_settings(s: SweepSettings, level: Level):
     from ..commands.quality import prune_settings
 
-    return prune_settings(level.sparsity, s.method, level.allocation, None, pattern=level.pattern,
+    alpha = s.alpha if level.allocation == "dlp" else None
+    return prune_settings(level.sparsity, s.method, level.allocation, alpha, pattern=level.pattern,
                           structure=level.structure, importance=level.importance or "activation",
                           multiple=s.multiple)
 

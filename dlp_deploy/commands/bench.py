@@ -145,6 +145,8 @@ def sweep_cmd(
     rounds: Annotated[int, typer.Option(min=1, help="worker processes per measured pair, interleaved")] = 2,
     order: Annotated[str, typer.Option(help="abba or shuffle")] = "abba",
     order_seed: int = 0,
+    alpha: Annotated[Optional[float], typer.Option(help="DLP spread for every DLP level (default: the paper's "
+                                                        "App. G value per sparsity)")] = None,
 ) -> None:
     """prune -> eval -> export -> bench at each sparsity and form (and dense), one results.json for `report`."""
     import os
@@ -161,7 +163,7 @@ def sweep_cmd(
                              external_cache, device, _names(pattern), structure,
                              _floats(structure_sparsities, "--structure-sparsities") if structure_sparsities else None,
                              _names(structure_allocations) if structure_allocations else None, _names(importance),
-                             multiple, _precisions(precision), rounds, _order(order), order_seed)
+                             multiple, _precisions(precision), rounds, _order(order), order_seed, alpha)
     quiet_transformers()
     with progress_bar() as progress:
         report = run_sweep(settings, out, progress, log=console.print)
