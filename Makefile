@@ -10,7 +10,7 @@ export DLP_DEPLOY_DATA ?= $(if $(wildcard $(DATA)/.),$(DATA),)
 export NM_DISABLE_ANALYTICS := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: setup assets test demo bench quality sweep clean
+.PHONY: setup assets test demo bench quality sweep forms clean
 
 setup: $(STAMP) assets
 
@@ -48,6 +48,15 @@ sweep: setup
 	$(BIN)/dlp-deploy sweep smollm2-135m --sparsities 0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9 --allocation dlp --baseline uniform \
 	    --nsamples 32 --calib-seqlen 512 --max-windows 8 --no-validate --out $(SWEEP)
 	$(BIN)/dlp-deploy report $(SWEEP) --out reports/smollm2-135m-sweep --force
+
+# The committed forms report (reports/smollm2-135m-forms): every pruning form against one dense model.
+FORMS ?= runs/smollm2-forms
+forms: setup
+	$(BIN)/dlp-deploy sweep smollm2-135m --sparsities 0.5 --allocation dlp --baseline owl \
+	    --pattern unstructured,2:4,4:8,mixed:4,mixed:8 --structure heads,channels \
+	    --structure-sparsities 0.2,0.3,0.5 --structure-allocations uniform,dlp --importance activation,taylor \
+	    --nsamples 32 --calib-seqlen 512 --max-windows 8 --no-validate --out $(FORMS)
+	$(BIN)/dlp-deploy report $(FORMS) --out reports/smollm2-135m-forms --force
 
 clean:
 	rm -rf runs .pytest_cache

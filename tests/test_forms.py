@@ -262,3 +262,33 @@ def test_cli_refuses_bad_forms_in_one_line(tiny_dir, tmp_path, args, fragment):
     proc = run_cli("prune", tiny_dir, "--out", out, *args)
     assert_one_line_error(proc, fragment)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("kv_keep,per_group", [(2, 3), (1, 4), (2, 1)])
+def test_shrinking_equals_silencing_the_removed_units(kv_keep, per_group):
+    """Removing heads and channels computes exactly what the full model computes with the removed heads' o_proj
+    columns and the removed channels' down_proj columns zeroed: the shrink keeps the right slices in the right
+    order (query head h reads KV head h // group)."""
+    import copy
+
+    from dlp_deploy.prune.structured.apply import apply_keep
+    from dlp_deploy.prune.structured.plan import Keep
+
+    model = tiny_llama(seed=3, **{**GQA, "num_key_value_heads": 2})  # 8 query heads, 2 KV heads, group 4
+    silenced = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(0)
+    for i, block in enumerate(decoder_layers(model)):
+        g = block_geometry(block, i)
+        kv = sorted(torch.randperm(2, generator=gen)[:kv_keep].tolist())
+        heads = [k * 4 + j for k in kv for j in sorted(torch.randperm(4, generator=gen)[:per_group].tolist())]
+        channels = sorted(torch.randperm(256, generator=gen)[:136].tolist())
+        apply_keep(block, g, Keep(kv, heads, channels))
+        ref = decoder_layers(silenced)[i]
+        with torch.no_grad():
+            gone = [h for h in range(8) if h not in heads]
+            for h in gone:
+                ref.self_attn.o_proj.weight[:, h * 16:(h + 1) * 16] = 0
+            ref.mlp.down_proj.weight[:, [c for c in range(256) if c not in channels]] = 0
+    ids = torch.randint(0, 256, (1, 20), generator=gen)
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, silenced(ids).logits, atol=1e-5)
