@@ -32,7 +32,7 @@ def is_dense(result: dict) -> bool:
     return not pruning.get("global_sparsity") and (result["sparsity"] if zeros is None else zeros) < DENSE_MAX_SPARSITY
 
 
-REMEASURED_KEYS = ("decode_ms", "prefill_ms", "decode_tokens_per_s", "e2e_tokens_per_s")
+REMEASURED_KEYS = ("decode_ms", "prefill_ms", "decode_tokens_per_s", "e2e_tokens_per_s", "decode_ms_runs")
 
 
 def attach_remeasured(results: list[dict], repeats) -> None:
@@ -40,7 +40,7 @@ def attach_remeasured(results: list[dict], repeats) -> None:
     for rep in repeats:
         for r in results:
             if (r["model"], r["engine"], r["kv_cache"]) == (rep["model"], rep["engine"], rep["kv_cache"]):
-                r["remeasured"] = {k: rep[k] for k in REMEASURED_KEYS}
+                r["remeasured"] = {k: rep[k] for k in REMEASURED_KEYS if k in rep}
                 break
 
 
@@ -91,11 +91,24 @@ def attach_speedups(results: list[dict], seed: int = 0) -> None:
 def _speedup_block(base: dict, r: dict, seed: int) -> dict:
     b = _baseline(base)
     block = {**_speedups(b, r), "baseline": base["label"], **{f"baseline_{k}": v for k, v in b.items()}}
-    if len(base.get("decode_ms_runs") or []) > 1 and len(r.get("decode_ms_runs") or []) > 1:
+    base_runs = _all_runs(base)
+    if len(base_runs) > 1 and len(r.get("decode_ms_runs") or []) > 1:
         # the estimate and its interval are the same statistic: median per-run decode step, dense over this
-        block["decode"] = float(np.median(base["decode_ms_runs"]) / np.median(r["decode_ms_runs"]))
-        block["decode_ci95"] = bootstrap_ratio_ci(base["decode_ms_runs"], r["decode_ms_runs"], seed=seed)
+        block["decode"] = float(np.median(base_runs) / np.median(r["decode_ms_runs"]))
+        block["decode_ci95"] = bootstrap_ratio_ci(base_runs, r["decode_ms_runs"], seed=seed)
     return block
+
+
+def _all_runs(base: dict) -> list[float]:
+    """Every per-run decode median of a baseline, its repeat after all levels included; empty where a measurement
+    of it kept no per-run figures (then the point estimate stays the mean of its medians, with no interval)."""
+    runs = list(base.get("decode_ms_runs") or [])
+    if base.get("remeasured"):
+        repeat = base["remeasured"].get("decode_ms_runs")
+        if not repeat:
+            return []
+        runs += list(repeat)
+    return runs
 
 
 def bootstrap_ratio_ci(base_runs: list[float], runs: list[float], n: int = 2000, seed: int = 0,
