@@ -160,8 +160,19 @@ def dense_drift(results: list[dict]) -> dict[tuple, float]:
 def control_spread(results: list[dict]) -> list[float]:
     """Decode speedups of zero-pruned models (unstructured, N:M) on engines without sparse kernels: the same work
     at every sparsity, so their distance from 1.0 is what noise alone does to a speedup in this run."""
-    return [r["speedup"]["decode"] for r in results
-            if r.get("speedup") and not has_sparse_kernels(r) and not is_dense(r) and not removes_weights(r)]
+    out = []
+    for r in results:
+        if has_sparse_kernels(r) or is_dense(r) or removes_weights(r):
+            continue
+        same_precision = sparsity_speedup(r)  # an INT8 row against dense INT8: INT8's own gain is no noise
+        if same_precision:
+            out.append(same_precision["decode"])
+    return out
+
+
+def sparsity_speedup(r: dict) -> dict | None:
+    """The speedup that pruning alone explains: against the dense model of the same precision."""
+    return r.get("speedup") if precision_of(r) == "fp32" else r.get(f"speedup_vs_{precision_of(r)}")
 
 
 def removes_weights(result: dict) -> bool:

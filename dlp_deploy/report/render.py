@@ -8,7 +8,8 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..bench.stats import (attach_speedups, control_spread, dense_drift, has_sparse_kernels, is_dense,
-                           noise_band, precision_of, removes_weights)
+                           noise_band, precision_of, removes_weights,
+                           sparsity_speedup)
 from ..io import atomic_dir
 from . import figures
 from .tables import (FORMS_HEADER, TABLE5_HEADER, forms, forms_rows, nm_quality_rows, quality_rows,
@@ -163,9 +164,13 @@ def report_band(results: list[dict]) -> float:
 
 
 def _clears(r: dict, band: float) -> bool:
-    """A decode speedup beyond the noise band: its interval's lower end where it has one, else the estimate."""
-    ci = r["speedup"].get("decode_ci95")
-    return (ci[0] if ci else r["speedup"]["decode"]) > 1 + band
+    """A decode speedup beyond the noise band, against the dense model of the row's own precision (so INT8's gain
+    is not credited to sparsity): its interval's lower end where it has one, else the estimate."""
+    speed = sparsity_speedup(r)
+    if not speed:
+        return False
+    ci = speed.get("decode_ci95")
+    return (ci[0] if ci else speed["decode"]) > 1 + band
 
 
 def _first_clearing(rows: list[dict], band: float) -> dict | None:
@@ -189,7 +194,7 @@ def summary_sentence(data: dict) -> str:
         return "No dense baseline in these runs, so no speedups are computed."
     band = report_band(data["results"])
     if len(forms(rows)) > 1 or len({precision_of(r) for r in rows}) > 1:
-        return forms_summary(rows, band, data["settings"]["ppl"][0])
+        return forms_summary(rows, band, data["settings"]["ppl"][0], data["results"])
     primary = data["settings"]["allocations"][0]
     parts = []
     for engine, mine in _engine_groups(rows).items():
@@ -209,7 +214,7 @@ def summary_sentence(data: dict) -> str:
     return ". ".join(parts) + f". Speedups within ±{band:.0%} of 1.0x are not told apart from noise (below)."
 
 
-def forms_summary(rows: list[dict], band: float, corpus: str) -> str:
+def forms_summary(rows: list[dict], band: float, corpus: str, all_rows: list[dict] | None = None) -> str:
     """Per engine and form: the lowest level whose decode speedup clears this run's noise, with its perplexity,
     or that none does (zeros on a dense-kernel engine are noise by construction)."""
     parts = []
@@ -225,9 +230,22 @@ def forms_summary(rows: list[dict], band: float, corpus: str) -> str:
                 said.append(f"{form}: no level beyond noise")
             else:
                 said.append(f"{form}: from {first['target_sparsity']:.0%} ({first['label']}, "
-                            f"{first['speedup']['decode']:.2f}x, ppl {first['perplexity'][corpus]:.1f})")
-        parts.append(f"{engine}, first level of each form whose decode speedup clears the noise: " + "; ".join(said))
+                            f"{sparsity_speedup(first)['decode']:.2f}x, ppl {first['perplexity'][corpus]:.1f})")
+        parts.append(f"{engine}, first level of each form whose decode speedup (against dense in the same "
+                     "precision) clears the noise: " + "; ".join(said))
+    all_rows = all_rows or rows
+    parts += [quantization_sentence(all_rows)] if any(precision_of(r) != "fp32" for r in all_rows) else []
     return ". ".join(parts) + f". Speedups within ±{band:.0%} of 1.0x are not told apart from noise (below)."
+
+
+def quantization_sentence(rows: list[dict]) -> str:
+    """What INT8 alone buys per engine: dense INT8 against dense fp32, with the perplexity it costs."""
+    said = []
+    for r in sorted(rows, key=lambda r: r["engine"]):
+        if precision_of(r) != "fp32" and r["allocation"] is None and r.get("speedup"):
+            ci = r["speedup"].get("decode_ci95")
+            said.append(f"{r['engine']} {r['speedup']['decode']:.2f}x" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""))
+    return "INT8 alone (dense INT8 against dense fp32): " + ", ".join(said) if said else "no dense INT8 row"
 
 
 def noise_paragraph(results: list[dict]) -> str:
