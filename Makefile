@@ -10,7 +10,7 @@ export DLP_DEPLOY_DATA ?= $(if $(wildcard $(DATA)/.),$(DATA),)
 export NM_DISABLE_ANALYTICS := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: setup assets test demo bench quality sweep forms clean
+.PHONY: setup assets test demo bench quality sweep forms int8 clean
 
 setup: $(STAMP) assets
 
@@ -57,6 +57,14 @@ forms: setup
 	    --structure-sparsities 0.2,0.3,0.5 --structure-allocations uniform,dlp --importance activation,taylor \
 	    --nsamples 32 --calib-seqlen 512 --max-windows 8 --no-validate --out $(FORMS)
 	$(BIN)/dlp-deploy report $(FORMS) --out reports/smollm2-135m-forms --force
+
+# The committed INT8 report (reports/smollm2-135m-int8): fp32 and INT8, dense and DLP 50%, three engines.
+INT8 ?= runs/smollm2-int8
+int8: setup
+	$(BIN)/dlp-deploy sweep smollm2-135m --sparsities 0.5 --allocation dlp --baseline none --precision fp32,int8 \
+	    --engines deepsparse,onnxruntime,openvino --nsamples 32 --calib-seqlen 512 --max-windows 8 --no-validate \
+	    --rounds 2 --runs 3 --gen-len 64 --out $(INT8)
+	$(BIN)/dlp-deploy report $(INT8) --out reports/smollm2-135m-int8 --force
 
 clean:
 	rm -rf runs .pytest_cache

@@ -290,3 +290,17 @@ def test_sweep_over_forms_and_its_report(tmp_path, data_root):
     assert "![pareto.png](pareto.png)" in md and (tmp_path / "report" / "pareto.png").is_file()
     assert "| structured-activation-uniform-0.30 | structured activation, uniform | 30% |" in md
     assert "first level of each form whose decode speedup clears the noise" in md
+
+
+def test_int8_gain_is_not_counted_as_noise():
+    from dlp_deploy.bench.stats import control_spread
+
+    def row(label, ms, precision, pruned=None):
+        return {"label": label, "engine": "ort", "kv_cache": "x", "sparsity": 0.5 if pruned else 0.0,
+                "precision": precision, "sparse_kernels": False, "decode_ms": {"median": ms}, "prefill_ms": ms,
+                "e2e_tokens_per_s": 1e3 / ms, "source": {"pruning": {"global_sparsity": pruned} if pruned else None}}
+
+    rows = [row("dense", 20.0, "fp32"), row("dense.int8", 10.0, "int8"), row("p50.int8", 10.5, "int8", 0.5)]
+    attach_speedups(rows)
+    assert rows[2]["speedup"]["decode"] == pytest.approx(20 / 10.5)  # INT8 plus zeros against dense fp32
+    assert control_spread(rows) == [pytest.approx(10 / 10.5)]  # the zeros alone, against dense INT8
