@@ -284,10 +284,14 @@ def _prefill_feeds(onnx_path: Path, windows) -> list[dict]:
 
 # ---------------------------------------------------------------- sparsity
 
+def _block_weight_layers(model) -> dict[str, int]:
+    """Parameter name -> block index of the decoder blocks' Linear weights (what model_sparsity counts)."""
+    layer_of = {id(m.weight): i for i, block in enumerate(decoder_layers(model)) for m in linear_modules(block).values()}
+    return {name: layer_of[id(p)] for name, p in model.named_parameters() if id(p) in layer_of}
+
+
 def _block_weight_names(model) -> set[str]:
-    """Parameter names of the decoder blocks' Linear weights (what model_sparsity counts)."""
-    ids = {id(m.weight) for block in decoder_layers(model) for m in linear_modules(block).values()}
-    return {name for name, p in model.named_parameters() if id(p) in ids}
+    return set(_block_weight_layers(model))
 
 
 def _check_sparsity(model, onnx_path: Path, quantized: bool = False) -> dict:
@@ -349,9 +353,7 @@ def check_nm_pattern(model, onnx_path: Path, record: dict | None) -> dict | None
     if len(n_per_layer) != len(decoder_layers(model)):
         raise ValidationError(f"pruning.json lists {len(n_per_layer)} layers, the model has "
                               f"{len(decoder_layers(model))}; re-run the prune")
-    layer_of = {id(mod.weight): i for i, block in enumerate(decoder_layers(model))
-                for mod in linear_modules(block).values()}
-    names = {name: layer_of[id(p)] for name, p in model.named_parameters() if id(p) in layer_of}
+    names = _block_weight_layers(model)
     proto = onnx.load(str(onnx_path), load_external_data=True)
     checked = violating = 0
     for init in proto.graph.initializer:
