@@ -65,3 +65,24 @@ def test_replaying_layer_zeros_call_everywhere_would_be_wrong(family):
         inputs = capture_block_inputs(model, WINDOWS)
     inputs.block_kwargs = [inputs.block_kwargs[0]] * len(inputs.block_kwargs)
     assert relative_error(model, replay(model, inputs)) > 1e-3
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mixed_nm_and_structured_prune_every_family(family):
+    """Both new forms on each family's tiny model: target met, model still runs; a fused qkv (Phi-3) is refused for
+    structured pruning with the reason, not pruned wrong."""
+    from dlp_deploy.errors import UserError
+    from dlp_deploy.prune.pipeline import PruneSettings, prune_model
+
+    for settings, target in ((PruneSettings(0.5, "wanda", "dlp", alpha=0.15, pattern="mixed:8"), 0.5),
+                             (PruneSettings(0.3, "wanda", "dlp", alpha=0.1, structure="heads,channels"), 0.3)):
+        model = build(family)
+        if settings.structure and family.startswith("phi3"):
+            with pytest.raises(UserError, match="fused self_attn.qkv_proj"):
+                prune_model(model, WINDOWS, settings)
+            continue
+        result = prune_model(model, WINDOWS, settings)
+        realised = sum(r * n for r, n in zip(result.realized, result.block_sizes)) / sum(result.block_sizes)
+        assert realised == pytest.approx(target, abs=0.01)
+        with torch.no_grad():
+            assert torch.isfinite(model(WINDOWS).logits).all()
