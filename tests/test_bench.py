@@ -142,7 +142,9 @@ def test_bench_cli_writes_versioned_results_with_speedup(deployments, tmp_path):
     data = json.loads(out.read_text())
     assert data["schema"] == "dlp-deploy/bench/1"
     assert {"cpu_model", "isa", "cores_used", "copy_bandwidth_gbs"} <= set(data["machine"])
+    assert data["machine"]["cores_measured"] == [1] and set(data["machine"]["copy_bandwidth_gbs_by_threads"]) == {"1"}
     sparse = next(r for r in data["results"] if r["label"] == "sparse50")
+    assert sparse["cores"] == 1 and "core_scaling" not in sparse  # one count: nothing to scale against
     assert sparse["speedup"]["baseline"] == "dense" and sparse["speedup"]["decode"] > 0
     dense = next(r for r in data["results"] if r["label"] == "dense")
     assert len(dense["rounds"]) == 2 and len(dense["decode_ms_runs"]) == 4  # two interleaved worker processes

@@ -11,6 +11,7 @@ import os
 import resource
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -46,10 +47,24 @@ class BenchSettings:
         return self.engine
 
 
-def check_settings(s: BenchSettings, seq_len: int) -> None:
+def core_counts(cores: int | list[int] | None) -> list[int | None]:
+    """The core counts a bench or sweep measures at, ascending; None (the engines' default: all usable cores)
+    stays a single entry."""
+    if cores is None:
+        return [None]
+    return sorted({cores} if isinstance(cores, int) else set(cores))
+
+
+def check_cores(cores: int | list[int] | None) -> None:
     usable = machine_info()["usable_cores"]
-    if s.cores is not None and not 1 <= s.cores <= usable:
-        raise UserError(f"--cores {s.cores} is not available: this machine lets the process use {usable} cores")
+    bad = [c for c in core_counts(cores) if c is not None and not 1 <= c <= usable]
+    if bad:
+        raise UserError(f"--cores {','.join(map(str, bad))} is not available: this machine lets the process use "
+                        f"{usable} cores")
+
+
+def check_settings(s: BenchSettings, seq_len: int) -> None:
+    check_cores(s.cores)
     if s.batch != 1:
         raise UserError("--batch above 1 is not supported yet by the KV-cache loop; use --batch 1")
     if s.prompt_len < 1 or s.gen_len < 1 or s.runs < 1 or s.warmup < 0:
@@ -74,7 +89,8 @@ class NullSession:
         self.seq_len, self._real = real.seq_len, real
         vocab = real.vocab_size
         self._logits = {1: np.zeros((1, 1, vocab), np.float32)}
-        self._present = [np.zeros((1, h, real.seq_len, d), np.float32) for h, d in real.io.cache_shapes]
+        io = getattr(real, "io", None)  # None: an engine holding its cache itself (llama.cpp) hands none back
+        self._present = [np.zeros((1, h, real.seq_len, d), np.float32) for h, d in io.cache_shapes] if io else []
 
     def prepare(self, length: int) -> None:
         self._logits.setdefault(length, np.zeros((1, length, self._logits[1].shape[-1]), np.float32))
@@ -110,6 +126,8 @@ def engine_options(settings: BenchSettings, dep) -> dict:
     the recorded kernel types show the dense path."""
     from ..runtime.openvino_engine import has_amx_int8
 
+    if settings.engine == "llamacpp":
+        return {"all_logits": False}  # the last position's logits, as llama.cpp serves
     if settings.engine != "openvino" or not dep.info.get("quantization") or not has_amx_int8():
         return {}
     sparsity = (dep.info.get("weight_sparsity") or {}).get("pytorch_global") or 0.0
@@ -119,13 +137,12 @@ def engine_options(settings: BenchSettings, dep) -> dict:
 def run_pair(deploy_dir: str, settings: BenchSettings) -> dict:
     """Benchmark one deployment on one engine in this process (the worker's body)."""
     from ..export.deployment import load_deployment
-    from ..export.onnx import onnx_weight_sparsity
-
     dep = load_deployment(deploy_dir)
     check_settings(settings, dep.seq_len)
     prompt = prompt_ids(dep.tokenizer(), settings.prompt_len)
     t0 = time.perf_counter()
-    session = ENGINES[settings.session_kind].compile(dep.onnx_path, dep.seq_len, settings.cores, settings.batch,
+    dep.check_engine(settings.session_kind)
+    session = ENGINES[settings.session_kind].compile(dep.model_path, dep.seq_len, settings.cores, settings.batch,
                                                      **engine_options(settings, dep))
     session.prepare(settings.prompt_len)
     session.prepare(1)
@@ -139,13 +156,15 @@ def run_pair(deploy_dir: str, settings: BenchSettings) -> dict:
     session.vocab_size = int(runs[0].first_logits.shape[-1])
     overhead = _harness_overhead(session, prompt, settings.gen_len)
     kernels = session.kernel_report() if hasattr(session, "kernel_report") else None
-    weights = onnx_weight_sparsity(dep.onnx_path)
+    weights = deployment_weight_stats(dep)
     decode = latency_summary([s for g in runs for s in g.decode_s])
     e2e = [len(g.tokens) / (g.prefill_s + sum(g.decode_s)) for g in runs]
     return {
         "model": str(Path(deploy_dir)),
         "label": Path(deploy_dir).name,
         "engine": settings.engine,
+        # the count the engine ran with, resolved, so a default run pairs with an explicit one of the same count
+        "cores": settings.cores or machine_info()["usable_cores"],
         "kv_cache": "internal" if session.internal_cache else "external",
         # an engine that reports its executed kernels (OpenVINO) says itself whether a sparse one ran
         "sparse_kernels": kernels["sparse_kernel_used"] if kernels else ENGINES[settings.session_kind].sparse_kernels,
@@ -166,7 +185,7 @@ def run_pair(deploy_dir: str, settings: BenchSettings) -> dict:
         "decode_ms_runs": [float(np.median(g.decode_s)) * 1e3 for g in runs],
         "e2e_tokens_per_s_runs": e2e,
         "decode_s_all": [s for g in runs for s in g.decode_s],
-        "precision": "int8" if dep.info.get("quantization") else "fp32",
+        "precision": precision_of_deployment(dep),
         "seq_len": dep.seq_len,
         "machine": {k: machine_info()[k] for k in ("cpu_model", "isa")},
         "harness_overhead": {"ms_per_token": overhead * 1e3, "fraction_of_decode": overhead * 1e3 / decode["median"]},
@@ -175,6 +194,23 @@ def run_pair(deploy_dir: str, settings: BenchSettings) -> dict:
         "tokens": tokens[0],  # greedy output of the first run: equal across engines when the numerics agree
         "settings": asdict(settings),
     }
+
+
+def deployment_weight_stats(dep) -> dict:
+    if dep.format == "gguf":
+        from ..export.gguf import gguf_weight_stats
+
+        return gguf_weight_stats(dep.model_path)
+    from ..export.onnx import onnx_weight_sparsity
+
+    return onnx_weight_sparsity(dep.model_path)
+
+
+def precision_of_deployment(dep) -> str:
+    """fp32 or int8 for ONNX; the GGUF weight format (q4_1, q8_0, ...) for llama.cpp files."""
+    if dep.format == "gguf":
+        return dep.info["format"]["quant"]
+    return "int8" if dep.info.get("quantization") else "fp32"
 
 
 def _harness_overhead(session, prompt: list[int], gen_len: int) -> float:
@@ -200,24 +236,46 @@ def bench_pair_subprocess(deploy_dir: str | Path, settings: BenchSettings) -> di
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def measure_copy_bandwidth(mib: int = 256, repeats: int = 5) -> float:
-    """Memory bandwidth seen by one thread copying a large buffer (bytes read + written), GB/s."""
+def copy_bandwidth_by_threads(counts: list[int], mib: int = 256, repeats: int = 5) -> dict[str, float]:
+    """{"N": GB/s} for N threads each copying its share of one large buffer; one pair of buffers serves every
+    count, so the whole measurement stays well under two seconds."""
     src = np.ones(mib * 2**20 // 4, np.float32)
     dst = np.empty_like(src)
-    best = min(_timed_copy(src, dst) for _ in range(repeats))
-    return 2 * src.nbytes / best / 1e9
+    np.copyto(dst, src)  # fault the destination's pages in before anything is timed
+    return {str(n): 2 * src.nbytes / min(_timed_copy(src, dst, n) for _ in range(repeats)) / 1e9
+            for n in sorted(set(counts))}
 
 
-def _timed_copy(src, dst) -> float:
+def _timed_copy(src, dst, threads: int = 1) -> float:
+    """Seconds for `threads` threads to copy their slices; numpy releases the GIL while it copies, so the slices
+    move in parallel."""
+    pairs = list(zip(np.array_split(src, threads), np.array_split(dst, threads)))
+    start = threading.Barrier(threads + 1)
+
+    def copy(s, d):
+        start.wait()
+        np.copyto(d, s)
+
+    workers = [threading.Thread(target=copy, args=pair) for pair in pairs]
+    for w in workers:
+        w.start()
+    start.wait()
     t0 = time.perf_counter()
-    np.copyto(dst, src)
+    for w in workers:
+        w.join()
     return time.perf_counter() - t0
 
 
-def machine_block(cores: int | None) -> dict:
+def machine_block(cores: int | list[int] | None) -> dict:
+    """The machine, measured once per bench or sweep: `cores_used` is the largest count measured (all usable
+    cores by default), `cores_measured` every count, and the copy bandwidth at 1 thread (= per core, the figure
+    reports before lists had) and at each count."""
     info = dict(machine_info())
-    info["cores_used"] = cores or info["usable_cores"]
-    info["copy_bandwidth_gbs"] = measure_copy_bandwidth()
+    counts = [c or info["usable_cores"] for c in core_counts(cores)]
+    info["cores_used"] = max(counts)
+    info["cores_measured"] = counts
+    info["copy_bandwidth_gbs_by_threads"] = copy_bandwidth_by_threads([1, *counts])
+    info["copy_bandwidth_gbs"] = info["copy_bandwidth_gbs_by_threads"]["1"]
     return info
 
 

@@ -60,9 +60,24 @@ def _baseline(base: dict) -> dict:
 def pair_key(r: dict) -> tuple:
     """What must be equal for one measurement to divide another: engine, cache mode, window, cores, prompt and
     generation lengths, and the machine (CPU model and ISA). Rows written before a field existed leave it None."""
+    return (*setup_key(r), cores_of(r))
+
+
+def setup_key(r: dict) -> tuple:
+    """pair_key without the core count: what one model's measurements at several core counts share."""
     s, m = r.get("settings") or {}, r.get("machine") or {}
-    return (r["engine"], r["kv_cache"], r.get("seq_len"), s.get("cores"), s.get("prompt_len"), s.get("gen_len"),
+    return (r["engine"], r["kv_cache"], r.get("seq_len"), s.get("prompt_len"), s.get("gen_len"),
             m.get("cpu_model"), tuple(m.get("isa") or ()))
+
+
+def cores_of(r: dict) -> int | None:
+    """The cores a row ran with: the resolved count where recorded, else the setting (None: the engine's default
+    on a file written before rows recorded their count)."""
+    return r.get("cores") or (r.get("settings") or {}).get("cores")
+
+
+def core_counts_in(results: list[dict]) -> list[int]:
+    return sorted({c for c in map(cores_of, results) if c is not None})
 
 
 def precision_of(r: dict) -> str:
@@ -70,22 +85,83 @@ def precision_of(r: dict) -> str:
 
 
 def attach_speedups(results: list[dict], seed: int = 0) -> None:
-    """Add speedups against the dense fp32 entry (`speedup`) and the dense INT8 entry (`speedup_vs_int8`) with the
-    same pair_key, where present (the least sparse one when several qualify); None where no such baseline was
-    measured, so mismatched runs are never divided."""
+    """Add speedups against the dense fp32 entry (`speedup`), the dense INT8 entry (`speedup_vs_int8`) and, for
+    any other precision (a GGUF format), the dense entry of that precision (`speedup_vs_<precision>`), each with
+    the same pair_key where present (the least sparse one when several qualify); None where no such baseline was
+    measured, so mismatched runs are never divided. Every row also gets `vs_peer`: its decode tokens/s against
+    dense llama.cpp in the peer format (PEER_PRECISION), same machine, cores and lengths."""
     baselines: dict[tuple, dict] = {}
     for r in sorted((r for r in results if is_dense(r)), key=lambda r: r["sparsity"], reverse=True):
         baselines[(pair_key(r), precision_of(r))] = r
     for r in results:
-        for field_name, precision in (("speedup", "fp32"), ("speedup_vs_int8", "int8")):
+        fields = [("speedup", "fp32"), ("speedup_vs_int8", "int8")]
+        if precision_of(r) not in ("fp32", "int8"):
+            fields.append((f"speedup_vs_{precision_of(r)}", precision_of(r)))
+        for field_name, precision in fields:
             base = baselines.get((pair_key(r), precision))
             r[field_name] = None if base is None else _speedup_block(base, r, seed)
-        base = baselines.get((pair_key(r), "fp32"))
+        base = baselines.get((pair_key(r), "fp32")) or baselines.get((pair_key(r), precision_of(r)))
         if base is not None and r.get("weights") and base.get("weights"):
-            # the bytes the dense fp32 model streams, over the non-zero bytes this one streams: a structured
-            # model's own weights are dense but fewer, an INT8 one's a quarter of the size
+            # the bytes the dense fp32 model streams (an engine without fp32 files: its dense model in the row's
+            # format), over the non-zero bytes this one streams: a structured model's own weights are dense but
+            # fewer, an INT8 one's a quarter of the size
             sparse = r["weights"]["sparse_bytes"]
             r["weights"]["ideal_speedup"] = base["weights"]["dense_bytes"] / sparse if sparse else None
+    attach_peer(results, seed)
+    attach_core_scaling(results, seed)
+
+
+PEER_ENGINE = "llamacpp"
+PEER_PRECISION = "q4_1"  # SmolLM2 ships as Q4_1; the 4-bit format users download
+
+
+def peer_key(r: dict) -> tuple:
+    """What a cross-engine comparison must share: the machine, cores and prompt/generation lengths (the engine,
+    its cache and the file format are what is being compared)."""
+    s, m = r.get("settings") or {}, r.get("machine") or {}
+    return (s.get("prompt_len"), s.get("gen_len"), m.get("cpu_model"), tuple(m.get("isa") or ()), cores_of(r))
+
+
+def peer_rows(results: list[dict]) -> dict[tuple, dict]:
+    return {peer_key(r): r for r in results
+            if r["engine"] == PEER_ENGINE and precision_of(r) == PEER_PRECISION and is_dense(r)}
+
+
+def attach_peer(results: list[dict], seed: int = 0) -> None:
+    """`vs_peer`: decode speed against the dense model as llama.cpp runs it in PEER_PRECISION (>1: faster than
+    what most CPU users would deploy instead), with a bootstrap interval over runs."""
+    peers = peer_rows(results)
+    for r in results:
+        peer = peers.get(peer_key(r))
+        r["vs_peer"] = None if peer is None else {"peer": f"{PEER_ENGINE} {PEER_PRECISION} dense",
+                                                  **_ratio_block(peer, r, seed)}
+
+
+def attach_core_scaling(results: list[dict], seed: int = 0) -> None:
+    """Where one model was measured at several core counts, each row's decode gain over the same model at the
+    smallest count (`core_scaling`); rows measured at one count only get none."""
+    smallest: dict[tuple, dict] = {}
+    for r in sorted((r for r in results if cores_of(r) is not None), key=cores_of, reverse=True):
+        smallest[same_model(r)] = r
+    for r in results:
+        base = smallest.get(same_model(r))
+        if base is not None and base is not r:
+            r["core_scaling"] = {"baseline_cores": cores_of(base), **_ratio_block(base, r, seed)}
+
+
+def same_model(r: dict) -> tuple:
+    """One deployment on one engine setup, whatever the core count."""
+    return (r.get("model") or r["label"], precision_of(r), setup_key(r))
+
+
+def _ratio_block(base: dict, r: dict, seed: int) -> dict:
+    """Decode-step ratio base / r: the median per-run figures with a bootstrap interval where both have several
+    runs, else the medians over all steps."""
+    base_runs, runs = base.get("decode_ms_runs") or [], r.get("decode_ms_runs") or []
+    if len(base_runs) > 1 and len(runs) > 1:
+        return {"decode": float(np.median(base_runs) / np.median(runs)),
+                "decode_ci95": bootstrap_ratio_ci(base_runs, runs, seed=seed)}
+    return {"decode": base["decode_ms"]["median"] / r["decode_ms"]["median"]}
 
 
 def _speedup_block(base: dict, r: dict, seed: int) -> dict:
@@ -144,16 +220,23 @@ def has_sparse_kernels(result: dict) -> bool:
 
 def dense_drift(results: list[dict]) -> dict[tuple, float]:
     """(engine, kv_cache) -> relative change of the dense fp32 decode step between its first and last measurement
-    (a repeat after all levels, or the first and last of its interleaved rounds)."""
+    (a repeat after all levels, or the first and last of its interleaved rounds); where the dense model ran at
+    several core counts, the largest drift among them, so the noise band never shrinks by averaging."""
     out = {}
+    fp32_engines = {r["engine"] for r in results if is_dense(r) and precision_of(r) == "fp32"}
     for r in results:
-        if not is_dense(r) or precision_of(r) != "fp32":
+        # an engine's fp32 dense model, or its dense model in any format where it runs no fp32 (llama.cpp)
+        if not is_dense(r) or (precision_of(r) != "fp32" and r["engine"] in fp32_engines):
             continue
         if r.get("remeasured"):
-            out[(r["engine"], r["kv_cache"])] = r["remeasured"]["decode_ms"]["median"] / r["decode_ms"]["median"] - 1
+            drift = r["remeasured"]["decode_ms"]["median"] / r["decode_ms"]["median"] - 1
         elif len(r.get("rounds") or []) > 1:  # interleaved rounds: the first against the last
-            out[(r["engine"], r["kv_cache"])] = (r["rounds"][-1]["decode_ms_median"] / r["rounds"][0]["decode_ms_median"]
-                                                 - 1)
+            drift = r["rounds"][-1]["decode_ms_median"] / r["rounds"][0]["decode_ms_median"] - 1
+        else:
+            continue
+        key = (r["engine"], r["kv_cache"])
+        if abs(drift) >= abs(out.get(key, 0.0)):
+            out[key] = drift
     return out
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from ..errors import UserError
 from ..io import write_json_atomic
 from ..provenance import provenance
-from .harness import BenchSettings, bench_pair_subprocess, check_settings, machine_block
+from .harness import BenchSettings, bench_pair_subprocess, check_cores, check_settings, core_counts, machine_block
 from .stats import attach_speedups
 
 DENSE = "dense"
@@ -35,7 +35,8 @@ class SweepSettings:
     max_windows: int | None = None
     seq_len: int = 512
     validate: bool = True
-    cores: int | None = None
+    # one count (None: all usable), or a list: every pair is then measured at each count (scaling with cores)
+    cores: int | list[int] | None = None
     prompt_len: int = 64
     gen_len: int = 128
     runs: int = 5
@@ -50,7 +51,8 @@ class SweepSettings:
     structure_allocations: list[str] | None = None
     importances: list[str] = field(default_factory=lambda: ["activation"])
     multiple: int = 8
-    # every level exported in each precision; int8 levels also get the deployment's own perplexity (ONNX Runtime)
+    # every level exported in each precision: fp32 and int8 as ONNX, GGUF formats (q4_1, q8_0, ...) for llama.cpp;
+    # a sweep with more than fp32 scores every deployment itself (ONNX Runtime, or llama.cpp for GGUF)
     precisions: list[str] = field(default_factory=lambda: ["fp32"])
     # each (level, precision, engine) measured in `rounds` worker processes, interleaved (bench/schedule.py)
     rounds: int = 2
@@ -112,11 +114,46 @@ def level_settings(s: SweepSettings, level: Level):
                           multiple=s.multiple)
 
 
+ONNX_PRECISIONS = ("fp32", "int8")
+
+
+def precision_format(precision: str) -> str:
+    from ..export.gguf import GGUF_QUANTS
+
+    if precision in ONNX_PRECISIONS:
+        return "onnx"
+    if precision in GGUF_QUANTS:
+        return "gguf"
+    raise UserError(f"unknown precision {precision!r}; choose from {', '.join(ONNX_PRECISIONS + tuple(GGUF_QUANTS))}")
+
+
+def runs_on(engine: str, precision: str) -> bool:
+    """Whether `engine` reads the file format `precision` is exported to (llama.cpp GGUF, the others ONNX)."""
+    from ..runtime.engines import ENGINES
+
+    return dict.get(ENGINES, engine).model_format == precision_format(precision)
+
+
+def scoring_engine(precision: str) -> str:
+    return "llamacpp" if precision_format(precision) == "gguf" else "onnxruntime"
+
+
 def check_sweep(s: SweepSettings, run_dir: Path) -> None:
+    from ..runtime.engines import ENGINES
+
     for level in levels(s)[1:]:
         level_settings(s, level)
     for engine in s.engines:
-        check_settings(_bench_settings(s, engine), s.seq_len)
+        ENGINES[engine]  # noqa: B018 - unknown or uninstalled engines refuse here, before any work
+    for precision in s.precisions:
+        if not any(runs_on(e, precision) for e in s.engines):
+            fmt = precision_format(precision)
+            raise UserError(f"--precision {precision} makes {fmt.upper()} deployments and none of --engines "
+                            f"{','.join(s.engines)} runs them; add " + ("llamacpp" if fmt == "gguf" else "onnxruntime"))
+    check_cores(s.cores)
+    for engine in s.engines:
+        for cores in core_counts(s.cores):
+            check_settings(_bench_settings(s, engine, cores), s.seq_len)
     saved = run_dir / "run.json"
     if saved.is_file():
         before = json.loads(saved.read_text())["settings"]
@@ -128,8 +165,13 @@ def check_sweep(s: SweepSettings, run_dir: Path) -> None:
                             "same options or choose a new --out")
 
 
-def _bench_settings(s: SweepSettings, engine: str) -> BenchSettings:
-    return BenchSettings(engine, s.cores, s.prompt_len, s.gen_len, 1, s.runs, s.warmup, s.external_cache)
+def _bench_settings(s: SweepSettings, engine: str, cores: int | None) -> BenchSettings:
+    return BenchSettings(engine, cores, s.prompt_len, s.gen_len, 1, s.runs, s.warmup, s.external_cache)
+
+
+def _most_cores(s: SweepSettings) -> int | None:
+    """Export validation and deployment perplexity run once, at the largest count measured."""
+    return core_counts(s.cores)[-1]
 
 
 def run_sweep(s: SweepSettings, run_dir: Path, progress=None, log=print) -> dict:
@@ -141,15 +183,17 @@ def run_sweep(s: SweepSettings, run_dir: Path, progress=None, log=print) -> dict
     check_sweep(s, run_dir)
     write_json_atomic(run_dir / "run.json", {"settings": asdict(s), "provenance": provenance()}, force=True)
     plan = levels(s)
-    pairs_per_level = len(s.precisions) * len(s.engines)
+    pairs_per_level = sum(runs_on(e, p) for p in s.precisions for e in s.engines) * len(core_counts(s.cores))
     task = progress.add_task("sweep", total=len(plan) * (1 + pairs_per_level * s.rounds)) if progress else None
     prepared = []
     for level in plan:
         prepared.append(prepare_level(s, run_dir, level, progress, log))
         if progress:
             progress.advance(task)
-    pairs = [(level, precision, deploys[precision], engine) for level, _, deploys, _ in prepared
-             for precision in s.precisions for engine in s.engines]
+    # the core count is one more interleaved item, so a drifting machine spreads over every count as well
+    pairs = [(level, precision, deploys[precision], engine, cores) for level, _, deploys, _ in prepared
+             for precision in s.precisions for engine in s.engines for cores in core_counts(s.cores)
+             if runs_on(engine, precision)]
     measured = run_interleaved(
         len(pairs), s.rounds, s.order, s.order_seed,
         lambda r, i: bench_step(s, run_dir, *pairs[i], log, round_=r),
@@ -162,7 +206,7 @@ def prepare_level(s: SweepSettings, run_dir: Path, level: Level, progress, log) 
     model_ref = s.model if level.sparsity is None else str(prune_step(s, run_dir, level, progress, log))
     quality = eval_step(s, run_dir, level, model_ref, progress, log)
     deploys = {p: export_step(s, run_dir, level, model_ref, log, p) for p in s.precisions}
-    deploy_quality = {p: deployment_eval_step(s, run_dir, level, deploys[p], p, log) if "int8" in s.precisions
+    deploy_quality = {p: deployment_eval_step(s, run_dir, level, deploys[p], p, log) if s.precisions != ["fp32"]
                       else None for p in s.precisions}
     return level, quality, deploys, deploy_quality
 
@@ -194,35 +238,44 @@ def _deploy_name(level: Level, precision: str) -> str:
 
 
 def export_step(s: SweepSettings, run_dir: Path, level: Level, model_ref: str, log, precision: str = "fp32") -> Path:
-    from ..export.deployment import EXPORT_FILE, QuantizeOptions, export_deployment
+    from ..export.deployment import EXPORT_FILE, QuantizeOptions, export_deployment, export_gguf_deployment
 
     out = run_dir / "deploy" / _deploy_name(level, precision)
-    if not (out / EXPORT_FILE).is_file():
+    if not (out / EXPORT_FILE).is_file() and precision_format(precision) == "gguf":
+        log(f"[{out.name}] export GGUF")
+        export_gguf_deployment(model_ref, out, precision, seq_len=s.seq_len, validate=s.validate, force=True,
+                               num_cores=_most_cores(s))
+    elif not (out / EXPORT_FILE).is_file():
         log(f"[{out.name}] export")
-        export_deployment(model_ref, out, seq_len=s.seq_len, validate=s.validate, force=True, num_cores=s.cores,
+        export_deployment(model_ref, out, seq_len=s.seq_len, validate=s.validate, force=True,
+                          num_cores=_most_cores(s),
                           quantize=None if precision == "fp32" else QuantizeOptions(precision, seed=s.seed))
     return out
 
 
 def deployment_eval_step(s: SweepSettings, run_dir: Path, level: Level, deploy: Path, precision: str, log) -> dict:
-    """The deployment's own perplexity (its ONNX graph on ONNX Runtime), windows of the export window minus one:
-    fp32 and INT8 deployments compared on the same protocol."""
+    """The deployment's own perplexity (an ONNX graph on ONNX Runtime, a GGUF file on llama.cpp), windows of the
+    export window minus one: every precision compared on the same protocol."""
     from ..eval.job import evaluate_deployment
 
-    out = run_dir / "eval" / f"{_deploy_name(level, precision)}.onnxruntime.json"
+    engine = scoring_engine(precision)
+    out = run_dir / "eval" / f"{_deploy_name(level, precision)}.{engine}.json"
     if not out.is_file():
-        log(f"[{deploy.name}] deployment perplexity")
-        write_json_atomic(out, evaluate_deployment(str(deploy), "onnxruntime", s.ppl, None, s.max_windows, s.cores),
-                          force=True)
+        log(f"[{deploy.name}] deployment perplexity ({engine})")
+        result = evaluate_deployment(str(deploy), engine, s.ppl, None, s.max_windows, _most_cores(s))
+        write_json_atomic(out, result, force=True)
     return json.loads(out.read_text())
 
 
-def bench_step(s: SweepSettings, run_dir: Path, level: Level, precision: str, deploy: Path, engine: str, log,
-               round_: int = 0) -> dict:
-    out = run_dir / "bench" / f"{_deploy_name(level, precision)}.{engine}.r{round_}.json"
+def bench_step(s: SweepSettings, run_dir: Path, level: Level, precision: str, deploy: Path, engine: str,
+               cores: int | None, log, round_: int = 0) -> dict:
+    # a single count keeps the file names of sweeps from before core lists, so those resume
+    tag = f".c{cores}" if isinstance(s.cores, list) else ""
+    out = run_dir / "bench" / f"{_deploy_name(level, precision)}.{engine}{tag}.r{round_}.json"
     if not out.is_file():
-        log(f"[{deploy.name}] bench on {engine}, round {round_ + 1}/{s.rounds}")
-        write_json_atomic(out, bench_pair_subprocess(deploy, _bench_settings(s, engine)), force=True)
+        on = f"{engine} with {cores} core{'s' if cores > 1 else ''}" if tag else engine
+        log(f"[{deploy.name}] bench on {on}, round {round_ + 1}/{s.rounds}")
+        write_json_atomic(out, bench_pair_subprocess(deploy, _bench_settings(s, engine, cores)), force=True)
     return json.loads(out.read_text())
 
 
@@ -243,7 +296,7 @@ def write_results(s: SweepSettings, run_dir: Path, prepared: list[tuple], pairs:
         quality.append(entry)
         meta[level.label] = (form, entry)
     results = []
-    for (level, precision, _deploy, _engine), rounds in zip(pairs, measured):
+    for (level, precision, *_), rounds in zip(pairs, measured):
         form, entry = meta[level.label]
         results.append({**merge_rounds(rounds), "allocation": level.allocation, **form, "precision": precision,
                         "target_sparsity": level.sparsity or 0.0, "perplexity": q_of(entry, precision)})

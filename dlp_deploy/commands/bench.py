@@ -13,7 +13,8 @@ def bench_cmd(
     deployments: Annotated[list[Path], typer.Argument(help="deployment folders made by `dlp-deploy export`")],
     json_out: Annotated[Path, typer.Option("--json", help="results file (must not exist unless --force)")],
     engine: Annotated[list[str], typer.Option(help="deepsparse and/or onnxruntime (repeat the option)")] = None,
-    cores: Annotated[Optional[int], typer.Option(help="cores for both engines (default: all usable)")] = None,
+    cores: Annotated[Optional[str], typer.Option(help="cores for every engine (default: all usable), or a comma "
+                                                      "list (1,2) to measure each at every count")] = None,
     prompt_len: int = 64,
     gen_len: int = 128,
     batch: int = 1,
@@ -28,7 +29,8 @@ def bench_cmd(
 ) -> None:
     """Time generation (prefill, per-token decode, throughput) of each deployment on each engine, in interleaved
     rounds; speedups against the dense fp32 and dense INT8 deployments with bootstrap confidence intervals."""
-    from ..bench.harness import BenchSettings, bench_pair_subprocess, bench_report, check_settings, machine_block
+    from ..bench.harness import (BenchSettings, bench_pair_subprocess, bench_report, check_settings, core_counts,
+                                 machine_block)
     from ..bench.schedule import merge_rounds, run_interleaved
     from ..bench.stats import attach_speedups
     from ..export.deployment import load_deployment
@@ -36,9 +38,10 @@ def bench_cmd(
     from ..progress import console, progress_bar
 
     check_writable(json_out, force)
+    counts = _cores(cores)
     engines = engine or ["deepsparse", "onnxruntime"]
-    plan = [(load_deployment(d), BenchSettings(e, cores, prompt_len, gen_len, batch, runs, warmup, external_cache))
-            for d in deployments for e in engines]
+    plan = [(load_deployment(d), BenchSettings(e, c, prompt_len, gen_len, batch, runs, warmup, external_cache))
+            for d in deployments for e in engines for c in core_counts(counts)]
     for dep, settings in plan:
         check_settings(settings, dep.seq_len)
     with progress_bar() as progress:
@@ -49,15 +52,17 @@ def bench_cmd(
     results = [merge_rounds(m) for m in measured]
     _unique_labels(results)
     attach_speedups(results)
-    write_json_atomic(json_out, bench_report(results, machine_block(cores)), force)
+    write_json_atomic(json_out, bench_report(results, machine_block(counts)), force)
     console.print(results_table(results))
 
 
 def _unique_labels(results: list[dict]) -> None:
     """Folder names label results; where two deployments share a name, their paths do."""
-    names = [r["label"] for r in results]
+    paths: dict[str, set] = {}
     for r in results:
-        if names.count(r["label"]) > len({x["engine"] for x in results}):
+        paths.setdefault(r["label"], set()).add(r["model"])
+    for r in results:
+        if len(paths[r["label"]]) > 1:
             r["label"] = r["model"]
 
 
@@ -65,15 +70,17 @@ def results_table(results: list[dict]):
     """The figures a person compares; p90/p99, RSS and compile time are in the JSON and the report."""
     from rich.table import Table
 
-    from ..bench.stats import removed_share
+    from ..bench.stats import core_counts_in, cores_of, removed_share, sparsity_speedup
 
-    table = Table("model", "engine", "removed", "prefill ms", "decode ms", "tok/s", "speedup (95% CI)",
-                  caption="decode speedups against the dense fp32 deployment on the same engine")
+    several = len(core_counts_in(results)) > 1
+    table = Table("model", "engine", *(["cores"] if several else []), "removed", "prefill ms", "decode ms", "tok/s",
+                  "speedup (95% CI)", caption="decode speedups against the dense deployment in the same precision "
+                  "on the same engine" + (" and cores" if several else ""))
     for r in results:
-        speed = r.get("speedup")
+        speed = sparsity_speedup(r)
         ci = (speed or {}).get("decode_ci95")
         table.add_row(r["label"], f"{r['engine']}/{r['kv_cache'][:3]} {r.get('precision', 'fp32')}",
-                      f"{removed_share(r):.0%}",
+                      *([str(cores_of(r))] if several else []), f"{removed_share(r):.0%}",
                       f"{r['prefill_ms']:.1f}", f"{r['decode_ms']['median']:.2f}", f"{r['decode_tokens_per_s']:.1f}",
                       "—" if not speed else f"{speed['decode']:.2f}x" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""))
     return table
@@ -86,11 +93,32 @@ def _floats(csv: str, flag: str) -> list[float]:
         raise UserError(f"{flag} {csv!r} is not a comma list of numbers, e.g. 0.1,0.5,0.9") from None
 
 
+def _cores(text: str | None) -> int | list[int] | None:
+    """--cores N, or N,M,… to measure at every count; one distinct count stays an int, so sweep folders from
+    before lists resume with the same settings. Checked against the usable cores before any work starts."""
+    from ..bench.harness import check_cores
+
+    if text is None:
+        return None
+    try:
+        counts = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise UserError(f"--cores {text!r} is not a core count or a comma list of them, e.g. 2 or 1,2") from None
+    if not counts:
+        raise UserError(f"--cores {text!r} names no core count; give e.g. 2 or 1,2")
+    cores = counts[0] if len(counts) == 1 else counts
+    check_cores(cores)
+    return cores
+
+
 def _precisions(csv: str) -> list[str]:
+    from ..bench.sweep import precision_format
+
     names = _names(csv)
-    bad = [n for n in names if n not in ("fp32", "int8")]
-    if bad or not names:
-        raise UserError(f"--precision {csv!r}: give fp32, int8 or fp32,int8")
+    if not names:
+        raise UserError(f"--precision {csv!r}: give fp32, int8, a GGUF format (q4_1, q8_0, ...) or a comma list")
+    for name in names:
+        precision_format(name)
     return names
 
 
@@ -123,7 +151,8 @@ def sweep_cmd(
     max_windows: Optional[int] = None,
     seq_len: Annotated[int, typer.Option(help="export window (prompt + generated tokens)")] = 512,
     validate: Annotated[bool, typer.Option(help="check each export against PyTorch")] = True,
-    cores: Optional[int] = None,
+    cores: Annotated[Optional[str], typer.Option(help="cores (default: all usable), or a comma list (1,2): every "
+                                                      "pair measured at each count")] = None,
     prompt_len: int = 64,
     gen_len: int = 128,
     runs: int = 5,
@@ -141,7 +170,8 @@ def sweep_cmd(
     importance: Annotated[str, typer.Option(help="structured importances, comma list: activation, taylor")]
     = "activation",
     multiple: Annotated[int, typer.Option(help="structured: MLP widths a multiple of this")] = 8,
-    precision: Annotated[str, typer.Option(help="comma list: fp32, int8 (each level exported in each)")] = "fp32",
+    precision: Annotated[str, typer.Option(help="comma list: fp32, int8 (ONNX), f16, q8_0, q4_0, q4_1, q4_k_m "
+                                                "(GGUF for --engines llamacpp); each level exported in each")] = "fp32",
     rounds: Annotated[int, typer.Option(min=1, help="worker processes per measured pair, interleaved")] = 2,
     order: Annotated[str, typer.Option(help="abba or shuffle")] = "abba",
     order_seed: int = 0,
@@ -159,7 +189,7 @@ def sweep_cmd(
     settings = SweepSettings(model, _floats(sparsities, "--sparsities"), method,
                              _names(allocation) + [b for b in _names(baseline) if b not in _names(allocation)],
                              _names(engines), calib, nsamples, calib_seqlen, seed, _names(ppl), eval_seqlen,
-                             max_windows, seq_len, validate, cores, prompt_len, gen_len, runs, warmup,
+                             max_windows, seq_len, validate, _cores(cores), prompt_len, gen_len, runs, warmup,
                              external_cache, device, _names(pattern), structure,
                              _floats(structure_sparsities, "--structure-sparsities") if structure_sparsities else None,
                              _names(structure_allocations) if structure_allocations else None, _names(importance),

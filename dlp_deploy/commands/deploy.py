@@ -30,20 +30,41 @@ def export_cmd(
     smooth_alpha: Annotated[float, typer.Option("--smooth-alpha", help="SmoothQuant migration strength before "
                                                                        "INT8 (0 = off)")] = 0.5,
     calib_samples: Annotated[int, typer.Option("--calib-samples", min=1, help="INT8 calibration windows")] = 32,
-    ppl_tolerance: Annotated[float, typer.Option("--ppl-tolerance", help="largest relative perplexity rise over "
-                                                                         "the PyTorch source")] = 0.05,
+    ppl_tolerance: Annotated[Optional[float], typer.Option("--ppl-tolerance", help="largest relative perplexity "
+                             "rise over the PyTorch source (default 5%; for GGUF one that fits --quant)")] = None,
     ppl_seqlen: Annotated[Optional[int], typer.Option("--ppl-seqlen", min=2, help="perplexity window for "
                                                       "validation (default 256, or --seq-len minus one)")] = None,
     ppl_windows: Annotated[int, typer.Option("--ppl-windows", min=1, help="perplexity windows for validation")] = 4,
     data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="offline corpora folder (else env "
                                                                         "DLP_DEPLOY_DATA, else the hub)")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="onnx (DeepSparse, ONNX Runtime, OpenVINO) or gguf "
+                                                      "(llama.cpp)")] = "onnx",
+    quant: Annotated[str, typer.Option("--quant", help="GGUF weight format: f32, f16, q8_0, q4_0, q4_1, q4_k_m "
+                                                       "(--format gguf)")] = "q8_0",
 ) -> None:
-    """Export a causal LM to an ONNX deployment folder (fp32 or INT8) for DeepSparse, ONNX Runtime and OpenVINO,
-    checked against PyTorch."""
-    from ..export.deployment import QualityCheck, QuantizeOptions, export_deployment
+    """Export a causal LM to a deployment folder checked against PyTorch: ONNX (fp32 or INT8) for DeepSparse,
+    ONNX Runtime and OpenVINO, or GGUF for llama.cpp."""
+    from ..errors import UserError
+    from ..export.deployment import QualityCheck, QuantizeOptions, export_deployment, export_gguf_deployment
 
+    if fmt not in ("onnx", "gguf"):
+        raise UserError(f"--format {fmt!r} is not one of onnx, gguf")
+    if fmt == "gguf":
+        if quantize:
+            raise UserError("--quantize applies to ONNX; for GGUF pick the weight format with --quant")
+        from ..export.gguf import gguf_quant
+
+        tolerance = ppl_tolerance if ppl_tolerance is not None else gguf_quant(quant).ppl_tolerance
+        quality = QualityCheck(seqlen=ppl_seqlen, windows=ppl_windows, tolerance=tolerance)
+        with err.status("exporting") as status:
+            info = export_gguf_deployment(model, out, quant, seq_len=seq_len, validate=validate, force=force,
+                                          progress=lambda step: status.update(step), num_cores=num_cores,
+                                          quality=quality, data_root=str(data_dir) if data_dir else None)
+        _print_summary(out, info)
+        return
     options = QuantizeOptions(quantize, quantize_head, smooth_alpha, calib_samples) if quantize else None
-    quality = QualityCheck(seqlen=ppl_seqlen, windows=ppl_windows, tolerance=ppl_tolerance)
+    quality = QualityCheck(seqlen=ppl_seqlen, windows=ppl_windows,
+                           tolerance=0.05 if ppl_tolerance is None else ppl_tolerance)
     with err.status("exporting") as status:
         info = export_deployment(model, out, seq_len=seq_len, validate=validate, force=force,
                                  progress=lambda step: status.update(step), num_cores=num_cores, quantize=options,
@@ -59,9 +80,10 @@ def _print_summary(out: Path, info: dict) -> None:
     if not validation:
         err.print("validation skipped (--no-validate)")
         return
-    for name, entry in validation.items():
-        if not isinstance(entry, dict):
-            continue
+    from ..export.deployment import VALIDATION_ENGINES
+
+    for name in validation.get("engines", VALIDATION_ENGINES):
+        entry = validation.get(name) or {}
         if "skipped" in entry:
             err.print(f"  {name}: skipped ({entry['skipped']})")
             continue
@@ -77,7 +99,8 @@ def _print_summary(out: Path, info: dict) -> None:
 def generate_cmd(
     deploy_dir: Annotated[Path, typer.Argument(help="folder made by `dlp-deploy export`")],
     prompt: Annotated[str, typer.Option("--prompt", help="text to continue")],
-    engine: Annotated[str, typer.Option("--engine", help="onnxruntime, deepsparse (engine-internal KV cache), deepsparse-external or openvino")] =
+    engine: Annotated[str, typer.Option("--engine", help="onnxruntime, deepsparse (engine-internal KV cache), deepsparse-external, "
+                                                     "openvino (ONNX folders) or llamacpp (GGUF folders)")] =
         "deepsparse",
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 64,
     num_cores: Annotated[Optional[int], typer.Option("--num-cores", help="CPU cores (default: all)")] = None,
@@ -89,10 +112,11 @@ def generate_cmd(
 
     deployment = load_deployment(deploy_dir)
     kind = ENGINES[engine]
+    deployment.check_engine(engine)
     tokenizer = deployment.tokenizer()
     prompt_ids = tokenizer(prompt)["input_ids"]
     with err.status(f"compiling for {engine}"):
-        session = kind.compile(deployment.onnx_path, deployment.seq_len, num_cores=num_cores)
+        session = kind.compile(deployment.model_path, deployment.seq_len, num_cores=num_cores)
         session.prepare(len(prompt_ids))
         session.prepare(1)
     stream = TextStream(tokenizer)

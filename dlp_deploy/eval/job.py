@@ -50,7 +50,7 @@ def is_deployment(ref: str) -> bool:
 def evaluate_deployment(deploy_dir: str, engine: str, ppl: list[str], seqlen: int | None = None,
                         max_windows: int | None = None, cores: int | None = None, data_root: str | None = None,
                         progress=None) -> dict:
-    """Perplexity of a deployment itself: its ONNX graph on an inference engine, the windows and scoring of the
+    """Perplexity of a deployment itself: its ONNX graph or GGUF file on an inference engine, the windows and scoring of the
     PyTorch evaluation (each window one prefill step with an empty cache)."""
     from ..errors import UserError
     from ..export.deployment import load_deployment
@@ -58,13 +58,14 @@ def evaluate_deployment(deploy_dir: str, engine: str, ppl: list[str], seqlen: in
     from .perplexity import session_logits
 
     dep = load_deployment(deploy_dir)
+    dep.check_engine(engine)
     seqlen = seqlen or min(2048, dep.seq_len - 1)
     if seqlen >= dep.seq_len:
         raise UserError(f"--seqlen {seqlen} must be shorter than the deployment's {dep.seq_len}-token window; "
                         f"use --seqlen {dep.seq_len - 1} or re-export with a larger --seq-len")
     root = data.data_dir(data_root)
     texts = {name: data.eval_text(name, root) for name in ppl}
-    session = ENGINES[engine].compile(dep.onnx_path, dep.seq_len, num_cores=cores)
+    session = ENGINES[engine].compile(dep.model_path, dep.seq_len, num_cores=cores)
     result: dict = {"schema": "dlp-deploy/eval/1", "model": str(deploy_dir), "engine": engine, "perplexity": {},
                     "perplexity_details": {}}
     _score_corpora(result, session_logits(session), dep.tokenizer(), texts, seqlen, max_windows, progress)

@@ -30,7 +30,7 @@ def session_logits(session) -> Callable[[torch.Tensor], torch.Tensor]:
     from ..errors import UserError
     from ..runtime.decode import step_inputs
 
-    if getattr(session, "internal_cache", False):
+    if getattr(session, "internal_cache", False) and not getattr(session, "scores_windows", False):
         # a cache the engine keeps to itself holds no defined slots before the first step: score with the same
         # graph and the cache in Python (deepsparse-external) instead
         raise UserError(f"{session.name} keeps its KV cache inside the engine; score with deepsparse-external "

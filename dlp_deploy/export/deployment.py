@@ -148,6 +148,63 @@ def export_deployment(model_or_dir, out, seq_len: int = 512, validate: bool = Tr
     return info
 
 
+def export_gguf_deployment(model_or_dir, out, quant: str = "q8_0", seq_len: int = 512, validate: bool = True,
+                           force: bool = False, tokenizer=None, progress: Progress | None = None,
+                           num_cores: int | None = None, quality: QualityCheck | None = None,
+                           data_root: str | None = None) -> dict:
+    """Export a causal LM to a GGUF deployment folder (model.gguf + HF config/tokenizer + export.json) for
+    llama.cpp, validated on llama.cpp against PyTorch with tolerances that fit `quant`."""
+    from .gguf import GGUF_FILE, gguf_quant, stored_block_sparsity, write_gguf
+
+    progress = progress or _no_progress
+    spec = gguf_quant(quant)
+    out = Path(out)
+    check_writable(out, force)
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    with _timed(timings, "load_s"):
+        progress("loading model")
+        model, tokenizer, source = _load_source(model_or_dir, tokenizer)
+    max_positions = int(getattr(model.config, "max_position_embeddings", 0) or 0)
+    prompt_ids = tokenizer(VALIDATION_PROMPT, return_tensors="pt")["input_ids"][0].tolist()
+    _check_seq_len(seq_len, max_positions, len(prompt_ids) if validate else 1, validate, model.config)
+    quality = (quality or QualityCheck(tolerance=spec.ppl_tolerance)) if validate else None
+    if quality is not None:
+        quality = quality.fitted(seq_len, len(prompt_ids))
+        _check_quality_window(quality, seq_len, len(prompt_ids))
+    root = data.data_dir(data_root) if quality else None
+    with atomic_dir(out, force) as tmp:
+        _save_hf_files(model, tokenizer, tmp)
+        with _timed(timings, "export_s"):
+            progress(f"writing GGUF ({spec.name})")
+            written = write_gguf(model, tokenizer, tmp / GGUF_FILE, spec, tmp, name=str(source["model"]))
+        validation = None
+        if validate:
+            validation = validate_deployment(model, tmp / GGUF_FILE, prompt_ids, seq_len, timings, progress,
+                                             num_cores, exact=False, quality=quality, tokenizer=tokenizer, root=root,
+                                             engines=("llamacpp",), logit_scale=spec.logit_tolerance)
+        timings["total_s"] = time.perf_counter() - started
+        info = {
+            "source": source,
+            "format": {"type": "gguf", "file": GGUF_FILE, **written},
+            "seq_len": seq_len,
+            "max_position_embeddings": max_positions,
+            "sizes": {"model_gguf_bytes": (tmp / GGUF_FILE).stat().st_size,
+                      "folder_bytes": sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())},
+            "weight_sparsity": {**stored_block_sparsity(tmp / GGUF_FILE),
+                                "pytorch_global": model_sparsity(model)["global_sparsity"]},
+            "quantization": {"scheme": f"gguf-{spec.name}", "produced_by": spec.produced_by},
+            "validation": validation,
+            "timings_s": {k: round(v, 3) for k, v in timings.items()},
+            "provenance": provenance(),
+        }
+        write_json_atomic(tmp / EXPORT_FILE, info, force=True)
+        failures = validation_failures(validation) if validation else []
+        if failures:
+            raise ValidationError("export validation failed, folder not published: " + "; ".join(failures))
+    return info
+
+
 class _timed:
     def __init__(self, timings: dict, key: str):
         self.timings, self.key = timings, key
@@ -415,11 +472,13 @@ def logit_tolerance(ref_logits: np.ndarray) -> float:
     return 1e-3 * max(1.0, float(np.abs(ref_logits).max()))
 
 
-def validate_deployment(model, onnx_path: Path, prompt_ids: list[int], seq_len: int, timings: dict,
+def validate_deployment(model, model_path: Path, prompt_ids: list[int], seq_len: int, timings: dict,
                         progress: Progress = _no_progress, num_cores: int | None = None, exact: bool = True,
-                        quality: QualityCheck | None = None, tokenizer=None, root=None) -> dict:
-    """Run the deployed graph on every installed engine against the PyTorch model. `exact` (fp32) demands
-    matching logits and greedy tokens; a quantized graph is judged by greedy agreement and perplexity."""
+                        quality: QualityCheck | None = None, tokenizer=None, root=None,
+                        engines: tuple[str, ...] = VALIDATION_ENGINES, logit_scale: float | None = None) -> dict:
+    """Run the deployed file on every installed engine of `engines` against the PyTorch model. `exact` (fp32
+    ONNX) demands matching logits and greedy tokens; a quantized file is judged by greedy agreement and perplexity,
+    and by its logits too where `logit_scale` gives a bound that fits the format (relative to the logit scale)."""
     from ..eval.perplexity import corpus_ids, perplexity, session_logits
     from ..runtime.decode import generate
     from ..runtime.engines import ENGINES
@@ -428,9 +487,11 @@ def validate_deployment(model, onnx_path: Path, prompt_ids: list[int], seq_len: 
     with _timed(timings, "reference_s"):
         progress("PyTorch reference (logits + HF generate)")
         ref_logits, ref_tokens = reference(model, prompt_ids, max(VALIDATION_NEW_TOKENS, agree_n))
+    tolerance = logit_tolerance(ref_logits) if logit_scale is None else \
+        logit_scale * max(1.0, float(np.abs(ref_logits).max()))
     result = {"prompt": VALIDATION_PROMPT, "prompt_tokens": len(prompt_ids), "new_tokens": VALIDATION_NEW_TOKENS,
-              "reference_tokens": ref_tokens[:VALIDATION_NEW_TOKENS], "logit_tolerance": logit_tolerance(ref_logits),
-              "exact": exact}
+              "reference_tokens": ref_tokens[:VALIDATION_NEW_TOKENS], "logit_tolerance": tolerance,
+              "exact": exact, "logit_check": exact or logit_scale is not None, "engines": list(engines)}
     ppl_ids = None
     if quality:
         text = data.eval_text(quality.corpus, root)
@@ -440,13 +501,13 @@ def validate_deployment(model, onnx_path: Path, prompt_ids: list[int], seq_len: 
             ref_ppl = perplexity(model, ppl_ids, quality.seqlen, quality.windows)
         result["quality"] = {**asdict(quality), "source": text.source, "reference_ppl": ref_ppl["ppl"],
                              "agreement_reference_tokens": ref_tokens[:agree_n]}
-    for name in VALIDATION_ENGINES:
+    for name in engines:
         if name not in ENGINES.usable():
             result[name] = {"skipped": "not installed"}
             continue
         t0 = time.perf_counter()
         progress(f"validating on {name}")
-        session = ENGINES[name].compile(onnx_path, seq_len, num_cores=num_cores)
+        session = ENGINES[name].compile(model_path, seq_len, num_cores=num_cores)
         session.prepare(len(prompt_ids))
         session.prepare(1)
         compile_s = time.perf_counter() - t0
@@ -462,7 +523,7 @@ def validate_deployment(model, onnx_path: Path, prompt_ids: list[int], seq_len: 
         if hasattr(session, "fraction_of_supported_ops"):
             entry["fraction_of_supported_ops"] = session.fraction_of_supported_ops(1)
             entry["fraction_of_supported_ops_prefill"] = session.fraction_of_supported_ops(len(prompt_ids))
-        if quality and session.internal_cache:
+        if quality and session.internal_cache and not getattr(session, "scores_windows", False):
             entry["quality_scored_on"] = "deepsparse-external (same graph; the internal cache cannot be scored)"
         elif quality:
             logits_of = session_logits(session)
@@ -490,11 +551,11 @@ def validation_failures(validation: dict) -> list[str]:
     exact = validation.get("exact", True)
     quality = validation.get("quality")
     failures = []
-    for name in VALIDATION_ENGINES:
+    for name in validation.get("engines", VALIDATION_ENGINES):
         entry = validation.get(name) or {}
         if "skipped" in entry or not entry:
             continue
-        if exact and not entry["max_abs_logit_diff"] <= tol:
+        if validation.get("logit_check", exact) and not entry["max_abs_logit_diff"] <= tol:
             failures.append(f"{name} max |Δlogits| {entry['max_abs_logit_diff']:.3g} > {tol:.3g}")
         if exact and not entry["greedy_match"]:
             failures.append(f"{name} greedy tokens differ from HF generate()")
@@ -524,8 +585,29 @@ def _check_quality_window(quality: QualityCheck, seq_len: int, prompt_len: int) 
 @dataclass(frozen=True)
 class Deployment:
     folder: Path
-    onnx_path: Path
+    model_path: Path  # model.onnx or model.gguf
     info: dict
+
+    @property
+    def format(self) -> str:
+        return "gguf" if self.model_path.suffix == ".gguf" else "onnx"
+
+    @property
+    def onnx_path(self) -> Path:
+        if self.format != "onnx":
+            raise UserError(f"{self.folder} is a GGUF deployment (llama.cpp); this step needs an ONNX one "
+                            "(`dlp-deploy export MODEL --format onnx`)")
+        return self.model_path
+
+    def check_engine(self, engine: str) -> None:
+        """A one-line refusal when `engine` cannot run this folder's file."""
+        from ..runtime.engines import ENGINES, engines_for
+
+        wanted = ENGINES[engine].model_format
+        if wanted != self.format:
+            raise UserError(f"engine {engine} runs {wanted.upper()} deployments and {self.folder} holds a "
+                            f"{self.format.upper()} one; use --engine {' or '.join(engines_for(self.format))}, or "
+                            f"export with --format {wanted}")
 
     @property
     def seq_len(self) -> int:
@@ -541,7 +623,10 @@ def load_deployment(folder) -> Deployment:
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder} is not a folder; give a deployment folder made by `dlp-deploy export`")
-    missing = [name for name in (MODEL_FILE, EXPORT_FILE, "config.json") if not (folder / name).is_file()]
+    from .gguf import GGUF_FILE
+
+    model_file = GGUF_FILE if (folder / GGUF_FILE).is_file() else MODEL_FILE
+    missing = [name for name in (model_file, EXPORT_FILE, "config.json") if not (folder / name).is_file()]
     if missing:
         raise UserError(f"{folder} is not a deployment folder (no {', '.join(missing)}); "
                         "create one with `dlp-deploy export MODEL --out DIR`")
@@ -549,4 +634,4 @@ def load_deployment(folder) -> Deployment:
         info = json.loads((folder / EXPORT_FILE).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise UserError(f"{folder / EXPORT_FILE} is unreadable ({exc}); re-run `dlp-deploy export`") from None
-    return Deployment(folder, folder / MODEL_FILE, info)
+    return Deployment(folder, folder / model_file, info)

@@ -7,13 +7,13 @@ import json
 from pathlib import Path
 
 from ..errors import UserError
-from ..bench.stats import (attach_speedups, control_spread, dense_drift, has_sparse_kernels, is_dense,
-                           noise_band, precision_of, removes_weights,
-                           sparsity_speedup)
+from ..bench.stats import (attach_speedups, control_spread, core_counts_in, cores_of, dense_drift,
+                           has_sparse_kernels, is_dense, noise_band, peer_rows, precision_of, removes_weights,
+                           sparsity_speedup, PEER_ENGINE, PEER_PRECISION)
 from ..io import atomic_dir
 from . import figures
-from .tables import (FORMS_HEADER, TABLE5_HEADER, forms, forms_rows, nm_quality_rows, quality_rows,
-                     structured_quality_rows, table5_rows, unstructured_only)
+from .tables import (FORMS_HEADER, TABLE5_HEADER, forms, forms_rows, nm_quality_rows, quality_rows, scaling_header,
+                     scaling_rows, structured_quality_rows, table5_rows, unstructured_only)
 
 SCHEMA = "dlp-deploy/sweep/1"
 
@@ -33,6 +33,8 @@ def load_runs(run_dirs: list[Path]) -> dict:
         raise UserError("these runs were measured on different machines (" +
                         "; ".join(f"{cpu}, {'/'.join(isa)}" for cpu, isa in sorted(machines)) +
                         "): speedups only compare within one machine, so report each machine's runs separately")
+    for run in runs:
+        _resolve_cores(run)
     merged = dict(runs[0])
     merged["results"] = [r for run in runs for r in run["results"]]
     merged["quality"] = [q for run in runs for q in run["quality"]]
@@ -40,19 +42,38 @@ def load_runs(run_dirs: list[Path]) -> dict:
     return merged
 
 
+def _resolve_cores(run: dict) -> None:
+    """Rows written before they recorded their core count ran with the run's setting, or all the cores the
+    machine block says were used: resolved, they pair with newer rows of the same count."""
+    used = run["machine"].get("cores_used")
+    for r in run["results"]:
+        if r.get("cores") is None:
+            r["cores"] = (r.get("settings") or {}).get("cores") or used
+
+
+def at_largest_count(data: dict) -> dict:
+    """The sections before core lists existed read one core count, the largest (the machine as deployed); only
+    the scaling table puts counts side by side."""
+    counts = core_counts_in(data["results"])
+    if len(counts) < 2:
+        return data
+    return {**data, "results": [r for r in data["results"] if cores_of(r) == counts[-1]]}
+
+
 def make_report(run_dirs: list[Path], out: Path, force: bool = False) -> Path:
     data = load_runs(run_dirs)
     corpus = data["settings"]["ppl"][0]
-    unstructured = unstructured_only(data["results"])
+    main = at_largest_count(data)["results"]
+    unstructured = unstructured_only(main)
     with atomic_dir(out, force) as tmp:
         plots = {}
-        if len(forms(data["results"])) > 1 or len({precision_of(r) for r in data["results"]}) > 1:
-            plots["pareto.png"] = figures.pareto(data["results"], corpus, tmp / "pareto.png")
+        if len(forms(main)) > 1 or len({precision_of(r) for r in main}) > 1:
+            plots["pareto.png"] = figures.pareto(main, corpus, tmp / "pareto.png")
         if forms(unstructured):
             plots.update({
                 "decode_tokens_per_s.png": figures.decode_throughput(unstructured, tmp / "decode_tokens_per_s.png"),
                 "decode_speedup.png": figures.decode_speedup(unstructured, tmp / "decode_speedup.png",
-                                                             report_band(data["results"])),
+                                                             report_band(main)),
                 "prefill_speedup.png": figures.prefill_speedup(unstructured, tmp / "prefill_speedup.png"),
                 "perplexity.png": figures.perplexity(unstructured_only(data["quality"]), corpus,
                                                      tmp / "perplexity.png"),
@@ -69,14 +90,16 @@ def build_sections(data: dict, corpus: str, plots: set[str] | None = None) -> li
     """The report as (kind, content) items: ('h', title), ('p', text), ('table', rows), ('plot', name)."""
     plots = plots if plots is not None else {"decode_tokens_per_s.png", "decode_speedup.png", "prefill_speedup.png",
                                              "perplexity.png", "tradeoff.png"}
-    s, m = data["settings"], data["machine"]
+    s, m, everything = data["settings"], data["machine"], data["results"]
+    data = at_largest_count(data)
     items: list[tuple[str, object]] = [("h1", f"Speedup report: {s['model']}, {s['method']} pruning")]
     items.append(("p", summary_sentence(data)))
     items.append(("h", "Machine"))
     cache = m.get("last_level_cache_bytes")
     items.append(("table", [["CPU", "ISA", "cores used / usable", "memory", "last-level cache",
                               "copy bandwidth (1 thread = per core)"],
-                            [m["cpu_model"], ", ".join(m["isa"]), f"{m['cores_used']} / {m['usable_cores']}",
+                            [m["cpu_model"], ", ".join(m["isa"]),
+                             f"{_cores_used(m, everything)} / {m['usable_cores']}",
                              f"{m['memory_gib']} GiB", f"{cache / 2**20:.0f} MiB" if cache else "unknown",
                              f"{m['copy_bandwidth_gbs']:.1f} GB/s"]]))
     kernels = openvino_kernel_sentence(data["results"], m)
@@ -85,6 +108,8 @@ def build_sections(data: dict, corpus: str, plots: set[str] | None = None) -> li
     if m["cores_used"] <= 4:
         items.append(("p", f"Measured on {m['cores_used']} cores. Sparse kernels need cores to decompress and "
                            "bandwidth to save; a 2-core machine shows the least of what DeepSparse can do."))
+    if len(core_counts_in(everything)) > 1:
+        items += scaling_section(everything, m)
     if "pareto.png" in plots:
         items += forms_sections(data, corpus)
     if "decode_speedup.png" not in plots:
@@ -109,6 +134,37 @@ def build_sections(data: dict, corpus: str, plots: set[str] | None = None) -> li
     items.append(("h", "Versions"))
     items.append(("table", [["package", "version"]] + [[k, str(v)] for k, v in data["provenance"]["versions"].items()]))
     return items
+
+
+def _cores_used(machine: dict, results: list[dict]) -> str:
+    counts = core_counts_in(results)
+    return ", ".join(map(str, counts)) if len(counts) > 1 else str(machine["cores_used"])
+
+
+def scaling_section(results: list[dict], machine: dict) -> list[tuple[str, object]]:
+    """Each model at every core count measured, with the bandwidth per core that relates the figures to other
+    machines: a decode step that streams its weights is bound by memory bandwidth more than by cores."""
+    counts = core_counts_in(results)
+    items: list[tuple[str, object]] = [("h", "Scaling with cores")]
+    items.append(("p", f"Every model measured at {', '.join(map(str, counts))} cores, interleaved. 'vs "
+                       f"{counts[0]} core{'s' if counts[0] > 1 else ''}': decode gain over the same model at that "
+                       "count; 'vs dense': against the dense model of the same precision at the same count (speedups "
+                       f"never divide across counts). The other sections show {counts[-1]} cores."))
+    items.append(("p", bandwidth_sentence(machine, counts)))
+    for engine, rows in scaling_rows(results).items():
+        items.append(("h3", engine))
+        items.append(("table", [scaling_header(results)] + rows))
+    return items
+
+
+def bandwidth_sentence(machine: dict, counts: list[int]) -> str:
+    by = machine.get("copy_bandwidth_gbs_by_threads") or {"1": machine["copy_bandwidth_gbs"]}
+    said = [f"{by[str(n)]:.1f} GB/s with {n} thread{'s' if n > 1 else ''}"
+            + ("" if n == 1 else f" ({by[str(n)] / n:.1f} GB/s per core)")
+            for n in sorted({1, *counts}) if str(n) in by]
+    return ("Measured copy bandwidth (read + write) on this machine: " + ", ".join(said) + "; decode streams "
+            "every weight once per token, so relate these figures to a larger machine by its bandwidth per core "
+            "and in total rather than by its core count alone.")
 
 
 def openvino_kernel_sentence(results: list[dict], machine: dict) -> str | None:
@@ -189,11 +245,11 @@ def _engine_groups(rows: list[dict]) -> dict[str, list[dict]]:
 def summary_sentence(data: dict) -> str:
     """The answer first: per engine, the first level at which sparsity buys a decode speedup beyond this run's
     noise (or that none does), and the sparsest level's figures next to the bandwidth-bound ideal."""
-    rows = [r for r in data["results"] if r.get("speedup") and r["allocation"] is not None]
+    rows = [r for r in data["results"] if sparsity_speedup(r) and r["allocation"] is not None]
     if not rows:
         return "No dense baseline in these runs, so no speedups are computed."
     band = report_band(data["results"])
-    if len(forms(rows)) > 1 or len({precision_of(r) for r in rows}) > 1:
+    if len(forms(rows)) > 1 or len({precision_of(r) for r in rows}) > 1 or any(not r.get("speedup") for r in rows):
         return forms_summary(rows, band, data["settings"]["ppl"][0], data["results"])
     primary = data["settings"]["allocations"][0]
     parts = []
@@ -234,7 +290,8 @@ def forms_summary(rows: list[dict], band: float, corpus: str, all_rows: list[dic
         parts.append(f"{engine}, first level of each form whose decode speedup (against dense in the same "
                      "precision) clears the noise: " + "; ".join(said))
     all_rows = all_rows or rows
-    parts += [quantization_sentence(all_rows)] if any(precision_of(r) != "fp32" for r in all_rows) else []
+    parts += [quantization_sentence(all_rows)] if any(precision_of(r) == "int8" for r in all_rows) else []
+    parts += [peer_sentence(all_rows, corpus)] if peer_rows(all_rows) else []
     return ". ".join(parts) + f". Speedups within ±{band:.0%} of 1.0x are not told apart from noise (below)."
 
 
@@ -242,10 +299,36 @@ def quantization_sentence(rows: list[dict]) -> str:
     """What INT8 alone buys per engine: dense INT8 against dense fp32, with the perplexity it costs."""
     said = []
     for r in sorted(rows, key=lambda r: r["engine"]):
-        if precision_of(r) != "fp32" and r["allocation"] is None and r.get("speedup"):
+        if precision_of(r) == "int8" and r["allocation"] is None and r.get("speedup"):
             ci = r["speedup"].get("decode_ci95")
             said.append(f"{r['engine']} {r['speedup']['decode']:.2f}x" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""))
     return "INT8 alone (dense INT8 against dense fp32): " + ", ".join(said) if said else "no dense INT8 row"
+
+
+def peer_sentence(rows: list[dict], corpus: str) -> str:
+    """Where every deployment stands against the peer users would pick (dense llama.cpp in 4-bit), in decode
+    speed and perplexity: which beat it, and the fastest of those that do not."""
+    peer = next(iter(peer_rows(rows).values()))
+    others = [r for r in rows if r is not peer and r.get("vs_peer")]
+    faster = sorted((r for r in others if _beats(r["vs_peer"])), key=lambda r: -r["vs_peer"]["decode"])
+    head = (f"The peer, dense {PEER_ENGINE} {PEER_PRECISION}: {peer['decode_tokens_per_s']:.1f} tokens/s, "
+            f"ppl {peer['perplexity'][corpus]:.2f}")
+    if not faster:
+        best = max(others, key=lambda r: r["vs_peer"]["decode"], default=None)
+        tail = "" if best is None else (f"; the closest is {_who(best)} at {best['vs_peer']['decode']:.2f}x "
+                                        f"(ppl {best['perplexity'][corpus]:.2f})")
+        return head + ". No other deployment decodes faster beyond its 95% interval" + tail
+    return head + ". Faster beyond their 95% interval: " + ", ".join(
+        f"{_who(r)} {r['vs_peer']['decode']:.2f}x at ppl {r['perplexity'][corpus]:.2f}" for r in faster)
+
+
+def _beats(block: dict) -> bool:
+    ci = block.get("decode_ci95")
+    return ci[0] > 1.0 if ci else block["decode"] > 1.0
+
+
+def _who(r: dict) -> str:
+    return f"{r['label']} on {r['engine']} ({precision_of(r)})"
 
 
 def noise_paragraph(results: list[dict]) -> str:

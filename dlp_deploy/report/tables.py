@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from ..bench.stats import precision_of, remeasured_row, removed_share
+from ..bench.stats import (core_counts_in, cores_of, precision_of, remeasured_row, removed_share, same_model,
+                           sparsity_speedup)
 
 
 def series(results: list[dict]) -> dict[tuple[str, str], list[dict]]:
@@ -98,7 +99,7 @@ def _level_name(r: dict) -> str:
 
 FORMS_HEADER = ["model", "form / allocation", "target", "removed", "ppl", "decode ms", "tokens/s",
                 "decode speedup [95% CI]", "vs dense INT8", "ideal (bandwidth)", "prefill ms", "prefill speedup",
-                "on Pareto front"]
+                "vs llama.cpp q4_1 dense [95% CI]", "on Pareto front"]
 
 
 def _with_ci(speed: dict | None) -> str:
@@ -115,14 +116,25 @@ def forms_rows(results: list[dict], corpus: str) -> dict[str, list[list[str]]]:
         front = {id(rows[i]) for i in pareto_front([(r["decode_tokens_per_s"], r["perplexity"][corpus]) for r in rows])}
         for r in sorted(rows, key=lambda r: (r["allocation"] is not None, r.get("form") or "", _level_name(r),
                                              r["target_sparsity"], precision_of(r))):
-            speed = r.get("speedup") or {}
+            speed = _headline_speedup(r)
             out[engine].append([
                 r["label"], _level_name(r), "—" if r["allocation"] is None else f"{r['target_sparsity']:.0%}",
                 f"{removed_share(r):.1%}", f"{r['perplexity'][corpus]:.2f}", f"{r['decode_ms']['median']:.2f}",
-                f"{r['decode_tokens_per_s']:.1f}", _with_ci(r.get("speedup")), _with_ci(r.get("speedup_vs_int8")),
+                f"{r['decode_tokens_per_s']:.1f}", _with_ci(speed) + _against(r), _with_ci(r.get("speedup_vs_int8")),
                 _x(r["weights"].get("ideal_speedup")),
-                f"{r['prefill_ms']:.1f}", _x(speed.get("prefill")), "yes" if id(r) in front else ""])
+                f"{r['prefill_ms']:.1f}", _x((speed or {}).get("prefill")), _with_ci(r.get("vs_peer")),
+                "yes" if id(r) in front else ""])
     return dict(out)
+
+
+def _headline_speedup(r: dict) -> dict | None:
+    """Against dense fp32 on the same engine; an engine without fp32 files (llama.cpp) against its dense model in
+    the row's own format."""
+    return r.get("speedup") or sparsity_speedup(r)
+
+
+def _against(r: dict) -> str:
+    return "" if r.get("speedup") or not sparsity_speedup(r) else f" (vs dense {precision_of(r)})"
 
 
 def _by_engine(results: list[dict]) -> dict[str, list[dict]]:
@@ -157,3 +169,53 @@ def structured_quality_rows(quality: list[dict], corpus: str) -> list[list[str]]
         out.append([f"{level:.0%}"] + [f"{cells[c]['perplexity'][corpus]:.2f} ({cells[c]['removed']:.1%})"
                                        if c in cells else "—" for c in columns])
     return out
+
+
+# ---------------------------------------------------------------- scaling with cores
+
+def _cores_name(n: int) -> str:
+    return f"{n} core" + ("" if n == 1 else "s")
+
+
+def scaling_header(results: list[dict]) -> list[str]:
+    counts = core_counts_in(results)
+    header = ["model", "precision"]
+    for n in counts:
+        header += [f"{_cores_name(n)}: tokens/s"] + ([f"{_cores_name(n)}: vs {_cores_name(counts[0])}"]
+                                                     if n != counts[0] else []) + [f"{_cores_name(n)}: vs dense"]
+    return header
+
+
+def scaling_rows(results: list[dict]) -> dict[str, list[list[str]]]:
+    """Per engine, one row per model: at each core count its decode tokens/s, its gain over the same model at the
+    smallest count, and its speedup against dense of the same precision at that count (never across counts)."""
+    counts = core_counts_in(results)
+    out: dict[str, list[list[str]]] = {}
+    for engine, rows in _by_engine(results).items():
+        models: dict[tuple, dict[int, dict]] = defaultdict(dict)
+        for r in rows:
+            models[same_model(r)][cores_of(r)] = r
+        lines = []
+        for by_count in sorted(models.values(), key=lambda m: _model_order(next(iter(m.values())))):
+            first = next(iter(by_count.values()))
+            line = [first["label"], precision_of(first)]
+            for n in counts:
+                line += _scaling_cells(by_count.get(n), n == counts[0])
+            lines.append(line)
+        out[engine] = lines
+    return out
+
+
+def _model_order(r: dict) -> tuple:
+    """Dense first, then form, series, level and precision, as the forms table orders them."""
+    return r["allocation"] is not None, r.get("form") or "", _level_name(r), r["target_sparsity"], precision_of(r)
+
+
+def _scaling_cells(r: dict | None, smallest: bool) -> list[str]:
+    width = 2 if smallest else 3
+    if r is None:
+        return ["—"] * width
+    cells = [f"{r['decode_tokens_per_s']:.1f}"]
+    if not smallest:
+        cells.append(_with_ci(r.get("core_scaling")))
+    return cells + [_with_ci(sparsity_speedup(r))]

@@ -22,6 +22,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import UserError
+from .llamacpp_engine import LLAMACPP_MISSING, LlamaCppSession, llamacpp_available
 from .openvino_engine import OPENVINO_MISSING, OpenVinoSessionMixin, openvino_available
 
 PAST_PREFIX = "past_key_values"
@@ -278,6 +279,7 @@ class EngineKind:
     # whether the engine's kernels skip zero weights; one that does not does the same work at every sparsity, so
     # any "speedup" it shows in a sweep is the run's noise (the report uses it as that control)
     sparse_kernels: bool = False
+    model_format: str = "onnx"  # the deployment file it runs: model.onnx or model.gguf
 
     def compile(self, onnx_path, seq_len: int, num_cores: int | None = None, batch: int = 1, **options):
         return self.session(onnx_path, seq_len, num_cores=num_cores, batch=batch, **options)
@@ -309,4 +311,11 @@ ENGINES = EngineRegistry({
                                       DEEPSPARSE_MISSING, sparse_kernels=True),
     # dense kernels except INT8 weights on AMX CPUs with the sparse-weights rate set: a session reports which ran
     "openvino": EngineKind("openvino", OpenVinoSession, openvino_available, OPENVINO_MISSING),
+    # no sparse kernels: zeros are multiplied like any other weight; structured models are smaller and faster
+    "llamacpp": EngineKind("llamacpp", LlamaCppSession, llamacpp_available, LLAMACPP_MISSING,
+                           model_format="gguf"),
 })
+
+
+def engines_for(model_format: str) -> list[str]:
+    return [name for name, kind in ENGINES.items() if kind.model_format == model_format]

@@ -79,6 +79,12 @@ def _mlp(block: nn.Module, attention: str, hidden: int, index: int) -> tuple[tup
     linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear) and not n.startswith(attention + ".")}
     ins = [n for n, m in linears.items() if m.in_features == hidden and m.out_features != hidden]
     outs = [n for n, m in linears.items() if m.out_features == hidden and m.in_features != hidden]
+    if not ins and not outs and len(linears) > 1 and all(m.in_features == m.out_features == hidden
+                                                          for m in linears.values()):
+        # a structured model can keep exactly `hidden` channels: shapes no longer tell the projections apart, so
+        # take the MLP's own order (the one writing back is registered last in every LLaMA-family MLP)
+        *ins, last = linears
+        outs = [last]
     widths = {linears[n].out_features for n in ins}
     if len(outs) != 1 or not ins or len(widths) != 1 or linears[outs[0]].in_features not in widths:
         shapes = ", ".join(f"{n} {m.in_features}->{m.out_features}" for n, m in linears.items())

@@ -1,0 +1,379 @@
+"""GGUF files for llama.cpp: the peer deployment most CPU users pick.
+
+Tensors are named by gguf-py's own HF -> GGUF name map (the one llama.cpp's converter uses), so the writer follows
+the model's structure rather than a list of families. A model whose blocks all have the same widths is written as
+llama.cpp's `llama` architecture; a structured-pruned one (different head counts or FFN widths per block) as `deci`,
+the LLaMA-shaped architecture whose loader reads `head_count`, `head_count_kv` and `feed_forward_length` as
+per-layer arrays (the `llama` loader reads only the first layer's values).
+
+Quantization: f32, f16, q8_0, q4_0 and q4_1 come from gguf-py's quantizers; q4_k_m from llama.cpp's own
+`llama_model_quantize` (in the installed llama-cpp-python) applied to an f32 GGUF written first, since gguf-py
+has no k-quant quantizer. llama.cpp has no sparse kernels: unstructured zeros are stored and cost as much as any
+other weight.
+"""
+from __future__ import annotations
+
+import math
+import tempfile
+from dataclasses import dataclass
+from hashlib import sha256
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+from ..models import decoder_layers
+
+GGUF_FILE = "model.gguf"
+TOKENIZER_PROBE = ('\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) '
+                   '✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作'
+                   '1314151天～ ------======= нещо на Български \'\'\'\'\'\'```````""""......!!!!!!?????? I\'ve been '
+                   '\'told he\'s there, \'RE you sure? \'M not sure I\'ll make it, \'D you like some tea? We\'Ve a\'lL')
+# llama.cpp names its BPE pre-tokenizers by a hash of the token ids of TOKENIZER_PROBE (from its converter's table);
+# an unknown one is written as "default", which only matters when llama.cpp tokenizes text itself
+KNOWN_PRE_TOKENIZERS = {
+    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",
+    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",
+    "d4540891389ea895b53b399da6ac824becc30f2fba0e9ddbb98f92e55ca0e97c": "qwen2",
+    "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea": "qwen2",
+    "0fe1cf6eda062318a1af7270f3331a85c539a01778ff948e24388e949c5282f4": "gpt-2",
+    "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",
+    "63b97e4253352e6f357cc59ea5b583e3a680eaeaf2632188c2b952de2588485e": "tekken",
+    "049ecf7629871e3041641907f3de7c733e4dbfdc736f57d882ba0b0845599754": "deepseek-llm",
+    "b6dc8df998e1cfbdc4eac8243701a65afe638679230920b50d6f17d81c098166": "olmo",
+}
+# HF model types whose blocks are LLaMA's (RMSNorm, SwiGLU, rotary on q/k): the only ones the writer maps
+LLAMA_SHAPED = ("llama", "mistral")
+
+
+@dataclass(frozen=True)
+class GgufQuant:
+    name: str
+    tensor_type: str  # gguf GGMLQuantizationType name for 2-D weights ("" = produced by llama.cpp's quantizer)
+    file_type: str  # gguf LlamaFileType name
+    produced_by: str
+    # max |Δlogit| against PyTorch on the validation prompt, relative to the largest |logit|: llama.cpp keeps its
+    # KV cache in f16 and sums in its own order, so even f32 weights are not bit-close; the rest is the format's
+    # rounding, measured on SmolLM2 and tiny random models with headroom
+    logit_tolerance: float
+    ppl_tolerance: float  # default for --ppl-tolerance: the deployment's perplexity over the PyTorch source's
+
+
+GGUF_QUANTS = {q.name: q for q in (
+    GgufQuant("f32", "F32", "ALL_F32", "gguf-py", 0.01, 0.01),
+    GgufQuant("f16", "F16", "MOSTLY_F16", "gguf-py", 0.02, 0.01),
+    GgufQuant("q8_0", "Q8_0", "MOSTLY_Q8_0", "gguf-py", 0.1, 0.03),
+    # 4-bit: a max |Δlogit| bound says little (SmolLM2: 0.16-0.59 of the logit scale); agreement and perplexity
+    # judge these. Q4_0 re-quantizes weights that were already 4-bit on another grid (SmolLM2 ships as Q4_1)
+    GgufQuant("q4_1", "Q4_1", "MOSTLY_Q4_1", "gguf-py", 0.5, 0.15),
+    GgufQuant("q4_k_m", "", "MOSTLY_Q4_K_M", "llama.cpp llama_model_quantize", 0.5, 0.15),
+    GgufQuant("q4_0", "Q4_0", "MOSTLY_Q4_0", "gguf-py", 0.75, 0.5),
+)}
+
+
+def gguf_quant(name: str) -> GgufQuant:
+    if name not in GGUF_QUANTS:
+        raise UserError(f"unknown GGUF quantization {name!r}; choose one of {', '.join(GGUF_QUANTS)}")
+    return GGUF_QUANTS[name]
+
+
+# ---------------------------------------------------------------- geometry
+
+@dataclass(frozen=True)
+class GgufLayout:
+    arch: str  # "llama" (uniform blocks) or "deci" (per-layer widths)
+    head_dim: int
+    heads: list[int]
+    kv_heads: list[int]
+    ffn: list[int]
+
+    @property
+    def uniform(self) -> bool:
+        return len(set(self.heads)) == len(set(self.kv_heads)) == len(set(self.ffn)) == 1
+
+    def per_layer(self, values: list[int]):
+        return values[0] if self.uniform else values
+
+
+def gguf_layout(model) -> GgufLayout:
+    """Widths of every block read from its modules (a structured model's blocks differ), or a one-line refusal."""
+    from ..prune.structured.geometry import block_geometry
+
+    config = model.config
+    if config.model_type not in LLAMA_SHAPED:
+        raise UserError(f"GGUF export writes LLaMA-shaped models ({', '.join(LLAMA_SHAPED)}); {config.model_type!r} "
+                        "is not supported yet: export it to ONNX instead (--format onnx)")
+    if getattr(config, "hidden_act", "silu") != "silu":
+        raise UserError(f"GGUF export needs SwiGLU (hidden_act silu), the model uses {config.hidden_act!r}")
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+    geoms = [block_geometry(block, i, head_dim) for i, block in enumerate(decoder_layers(model))]
+    heads, kv_heads, ffn = ([g.num_heads for g in geoms], [g.num_kv_heads for g in geoms],
+                            [g.intermediate for g in geoms])
+    uniform = len(set(heads)) == len(set(kv_heads)) == len(set(ffn)) == 1
+    return GgufLayout("llama" if uniform else "deci", head_dim, heads, kv_heads, ffn)
+
+
+def permute_rotary(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """HF rotates the two halves of each head (rotate_half); llama.cpp's `llama` rope rotates adjacent pairs.
+    Reorder each head's rows so the same pairs rotate (llama.cpp's converter does the same)."""
+    return (weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:])
+            .swapaxes(1, 2).reshape(weight.shape))
+
+
+# ---------------------------------------------------------------- writing
+
+def write_gguf(model, tokenizer, path: Path, quant: GgufQuant, tokenizer_dir: Path, name: str = "") -> dict:
+    """Write `model` as a GGUF file in `quant`; returns what export.json records about it."""
+    layout = gguf_layout(model)
+    if quant.tensor_type:
+        tensors = _write(model, tokenizer, path, quant, layout, tokenizer_dir, name)
+    else:
+        with tempfile.TemporaryDirectory(prefix="dlp-gguf-", dir=path.parent) as tmp:
+            source = Path(tmp) / "f32.gguf"
+            _write(model, tokenizer, source, GGUF_QUANTS["f32"], layout, tokenizer_dir, name)
+            llamacpp_quantize(source, path, quant)
+        tensors = _tensor_types(path)
+    return {"architecture": layout.arch, "quant": quant.name, "produced_by": quant.produced_by,
+            "tensor_types": tensors, "head_count": layout.heads, "head_count_kv": layout.kv_heads,
+            "feed_forward_length": layout.ffn, "head_dim": layout.head_dim,
+            "sparse_kernels": False}
+
+
+def _write(model, tokenizer, path: Path, quant: GgufQuant, layout: GgufLayout, tokenizer_dir: Path,
+           name: str) -> dict[str, int]:
+    import gguf
+
+    arch = gguf.MODEL_ARCH.LLAMA if layout.arch == "llama" else gguf.MODEL_ARCH.DECI
+    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
+    _write_hparams(writer, model.config, layout, quant, name)
+    _write_vocab(writer, tokenizer, model.config.vocab_size, tokenizer_dir)
+    counts: dict[str, int] = {}
+    for gguf_name, tensor in _named_tensors(model, layout, arch):
+        data, raw_type = _encode(tensor, quant)
+        writer.add_tensor(gguf_name, data, raw_dtype=raw_type)  # the writer turns byte rows into element rows
+        counts[raw_type.name] = counts.get(raw_type.name, 0) + 1
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return counts
+
+
+def _write_hparams(writer, config, layout: GgufLayout, quant: GgufQuant, name: str) -> None:
+    import gguf
+
+    writer.add_name(name or config.model_type)
+    writer.add_context_length(int(config.max_position_embeddings))
+    writer.add_embedding_length(int(config.hidden_size))
+    writer.add_block_count(len(layout.heads))
+    writer.add_feed_forward_length(layout.per_layer(layout.ffn))
+    writer.add_head_count(layout.per_layer(layout.heads))
+    writer.add_head_count_kv(layout.per_layer(layout.kv_heads))
+    writer.add_key_length(layout.head_dim)
+    writer.add_value_length(layout.head_dim)
+    writer.add_rope_dimension_count(layout.head_dim)
+    writer.add_rope_freq_base(float(_rope(config).get("rope_theta", getattr(config, "rope_theta", 10000.0))))
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    writer.add_vocab_size(int(config.vocab_size))
+    writer.add_file_type(getattr(gguf.LlamaFileType, quant.file_type))
+    scaling = _rope(config).get("rope_type", "default")
+    if scaling == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(_rope(config)["factor"]))
+    elif scaling not in ("default", "llama3"):  # llama3 is carried by the rope_freqs tensor
+        raise UserError(f"rope scaling {scaling!r} is not written to GGUF yet; export to ONNX instead")
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _rope(config) -> dict:
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    return dict(params.get("full_attention", params)) if isinstance(params, dict) else {}
+
+
+def _named_tensors(model, layout: GgufLayout, arch):
+    """(GGUF name, fp32 tensor) for every weight llama.cpp reads, q/k reordered for its rotary layout."""
+    import gguf
+
+    blocks = len(layout.heads)
+    names = gguf.get_tensor_name_map(arch, blocks)
+    seen: set[int] = set()
+    for hf_name, param in model.state_dict(keep_vars=True).items():
+        if id(param) in seen:
+            continue  # a tied head is the embedding: llama.cpp reuses token_embd when `output` is absent
+        seen.add(id(param))
+        gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            if "rotary_emb" in hf_name:
+                continue
+            raise UserError(f"no GGUF tensor for {hf_name}; this model's layout is not LLaMA's")
+        tensor = param.detach().float().cpu()
+        block = _block_index(gguf_name)
+        if gguf_name.endswith(("attn_q.weight", "attn_q.bias")):
+            tensor = permute_rotary(tensor, layout.heads[block])
+        elif gguf_name.endswith(("attn_k.weight", "attn_k.bias")):
+            tensor = permute_rotary(tensor, layout.kv_heads[block])
+        yield gguf_name, tensor
+    freqs = _llama3_rope_factors(model.config, layout.head_dim)
+    if freqs is not None:
+        yield gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", freqs
+
+
+def _block_index(gguf_name: str) -> int:
+    parts = gguf_name.split(".")
+    return int(parts[1]) if parts[0] == "blk" else -1
+
+
+def _llama3_rope_factors(config, head_dim: int) -> torch.Tensor | None:
+    """Llama 3.x's frequency-dependent rope scaling as llama.cpp reads it (a per-frequency factor tensor)."""
+    rope = _rope(config)
+    if rope.get("rope_type") != "llama3":
+        return None
+    base = float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+    factor, low, high = rope.get("factor", 8.0), rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    old = rope.get("original_max_position_embeddings", 8192)
+    freqs = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    out = []
+    for freq in freqs.tolist():
+        wavelen = 2 * math.pi / freq
+        if wavelen < old / high:
+            out.append(1.0)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(out, dtype=torch.float32)
+
+
+def _encode(tensor: torch.Tensor, quant: GgufQuant):
+    """Bytes and type of one tensor: 1-D tensors stay f32 (as llama.cpp's converter keeps norms); a weight whose
+    rows do not split into the format's blocks falls back to f16."""
+    import gguf
+
+    array = tensor.numpy()
+    if array.ndim == 1:
+        return array.astype(np.float32), gguf.GGMLQuantizationType.F32
+    qtype = getattr(gguf.GGMLQuantizationType, quant.tensor_type)
+    if qtype == gguf.GGMLQuantizationType.F32:
+        return array.astype(np.float32), qtype
+    try:
+        return gguf.quants.quantize(array.astype(np.float32), qtype), qtype
+    except gguf.QuantError:
+        return array.astype(np.float16), gguf.GGMLQuantizationType.F16
+
+
+# ---------------------------------------------------------------- vocabulary
+
+def _write_vocab(writer, tokenizer, vocab_size: int, tokenizer_dir: Path) -> None:
+    """The tokenizer as llama.cpp reads it: a byte-level BPE ("gpt2": tokens + merges) or a SentencePiece-style
+    one ("llama": tokens + scores, byte-fallback tokens typed BYTE). Token ids are the model's."""
+    import gguf
+
+    spm = _is_sentencepiece(tokenizer)
+    tokens, types = _tokens(tokenizer, vocab_size, spm)
+    writer.add_tokenizer_model("llama" if spm else "gpt2")
+    if not spm:
+        writer.add_tokenizer_pre(_pre_tokenizer(tokenizer))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    if spm:
+        writer.add_token_scores([-float(i) for i in range(len(tokens))])
+    special = gguf.SpecialVocab(str(tokenizer_dir), load_merges=not spm, n_vocab=len(tokens))
+    if not spm and not special.merges:
+        special.merges = ["\u0120 \u0120"]  # llama.cpp refuses a BPE vocabulary without merges; one harmless pair
+    special.add_to_gguf(writer)
+
+
+def _tokens(tokenizer, vocab_size: int, spm: bool) -> tuple[list[str], list[int]]:
+    import gguf
+
+    reverse = {i: t for t, i in tokenizer.get_vocab().items()}
+    special_ids = set(tokenizer.all_special_ids)
+    added = tokenizer.get_added_vocab()
+    tokens, types = [], []
+    for i in range(vocab_size):
+        token = reverse.get(i)
+        if token is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif i in special_ids:
+            tokens.append(token)
+            types.append(gguf.TokenType.CONTROL)
+        elif token in added:
+            tokens.append(token)
+            types.append(gguf.TokenType.USER_DEFINED)
+        elif spm and len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+            tokens.append(token)
+            types.append(gguf.TokenType.BYTE)
+        else:
+            tokens.append(token)
+            types.append(gguf.TokenType.NORMAL)
+    return tokens, types
+
+
+def _is_sentencepiece(tokenizer) -> bool:
+    import json
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return True
+    model = json.loads(backend.to_str()).get("model", {})
+    return bool(model.get("byte_fallback"))
+
+
+def _pre_tokenizer(tokenizer) -> str:
+    ids = tokenizer.encode(TOKENIZER_PROBE)
+    return KNOWN_PRE_TOKENIZERS.get(sha256(str(ids).encode()).hexdigest(), "default")
+
+
+# ---------------------------------------------------------------- llama.cpp's quantizer
+
+def llamacpp_quantize(source: Path, target: Path, quant: GgufQuant) -> None:
+    from ..runtime.llamacpp_engine import llamacpp_module
+
+    llama_cpp = llamacpp_module()
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_{quant.file_type}")
+    status = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params)
+    if status != 0 or not target.is_file():
+        raise UserError(f"llama.cpp could not quantize to {quant.name} (status {status})")
+
+
+def _tensor_types(path: Path) -> dict[str, int]:
+    import gguf
+
+    counts: dict[str, int] = {}
+    for tensor in gguf.GGUFReader(str(path)).tensors:
+        counts[tensor.tensor_type.name] = counts.get(tensor.tensor_type.name, 0) + 1
+    return counts
+
+
+def gguf_weight_stats(path: Path) -> dict:
+    """Every matrix a decode step multiplies (block weights, and `output`, or `token_embd` when the head is tied
+    to it), with its zeros as stored (dequantized) and bytes per weight, in the shape `onnx_weight_sparsity`
+    reports for ONNX files, so the bandwidth-bound ideal is computed the same way for both formats."""
+    import gguf
+    from gguf.quants import dequantize
+
+    tensors = {t.name: t for t in gguf.GGUFReader(str(path)).tensors if len(t.shape) == 2}
+    head = "output.weight" if "output.weight" in tensors else "token_embd.weight"
+    per, zeros, total = {}, 0, 0
+    for name, tensor in tensors.items():
+        if not (name.startswith("blk.") or name == head):
+            continue
+        values = dequantize(np.asarray(tensor.data), tensor.tensor_type)
+        z = int(values.size - np.count_nonzero(values))
+        per[name] = {"shape": [int(d) for d in reversed(tensor.shape)], "zeros": z, "sparsity": z / values.size,
+                     "bytes_per_weight": int(tensor.n_bytes) / int(tensor.n_elements)}
+        zeros, total = zeros + z, total + values.size
+    return {"per_initializer": per, "zeros": zeros, "params": total, "overall": zeros / total if total else 0.0}
+
+
+def stored_block_sparsity(path: Path) -> dict:
+    """Zeros among the block weights as stored in the GGUF file: what llama.cpp multiplies by."""
+    per = gguf_weight_stats(path)["per_initializer"]
+    blocks = [e for name, e in per.items() if name.startswith("blk.")]
+    total = sum(int(np.prod(e["shape"])) for e in blocks)
+    return {"global": sum(e["zeros"] for e in blocks) / total if total else 0.0, "block_params": total,
+            "note": "llama.cpp has no sparse kernels: stored zeros are multiplied like any other weight"}
