@@ -10,7 +10,7 @@ export DLP_DEPLOY_DATA ?= $(if $(wildcard $(DATA)/.),$(DATA),)
 export NM_DISABLE_ANALYTICS := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: setup assets test demo bench quality sweep forms int8 clean
+.PHONY: setup assets test demo bench quality sweep forms int8 deploy-report clean
 
 setup: $(STAMP) assets
 
@@ -67,6 +67,16 @@ int8: setup
 	    --engines deepsparse,onnxruntime,openvino --nsamples 32 --calib-seqlen 512 --max-windows 8 --no-validate \
 	    --rounds 2 --runs 3 --gen-len 64 --out $(INT8)
 	$(BIN)/dlp-deploy report $(INT8) --out reports/smollm2-135m-int8 --force
+
+# The committed deployment report (reports/smollm2-135m-deploy): dense, DLP 50/70% and structured DLP 30/50% in
+# fp32 and INT8 on DeepSparse, ONNX Runtime and OpenVINO, and in GGUF q4_1/q8_0 on llama.cpp (the peer), one run.
+DEPLOY ?= runs/smollm2-deploy
+deploy-report: setup
+	$(BIN)/dlp-deploy sweep smollm2-135m --sparsities 0.5,0.7 --allocation dlp --baseline none \
+	    --structure heads,channels --structure-sparsities 0.3,0.5 --structure-allocations dlp --importance activation \
+	    --precision fp32,int8,q4_1,q8_0 --engines deepsparse,onnxruntime,openvino,llamacpp \
+	    --nsamples 32 --calib-seqlen 512 --max-windows 8 --no-validate --rounds 2 --runs 3 --gen-len 64 --out $(DEPLOY)
+	$(BIN)/dlp-deploy report $(DEPLOY) --out reports/smollm2-135m-deploy --force
 
 clean:
 	rm -rf runs .pytest_cache

@@ -56,6 +56,29 @@ def save_tiny(folder: str | Path, seed: int = 0, **overrides) -> Path:
     return folder
 
 
+# real models' shapes, for speed only: random weights (HF init), a byte-level tokenizer, the real vocabulary size
+RANDOM_SHAPES = {
+    "llama-1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                     num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048),  # TinyLlama-1.1B
+    "llama-350m": dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=22,
+                       num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=2048),
+}
+
+
+def random_llama_folder(folder: str | Path, shape: str, seed: int = 0) -> Path:
+    """An HF folder holding a random-weight LLaMA of RANDOM_SHAPES[shape] (fp32) and the byte tokenizer."""
+    import json
+
+    folder = Path(folder)
+    model = tiny_llama(seed, **RANDOM_SHAPES[shape])
+    model.config.use_cache = True
+    model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    (folder / "random.json").write_text(json.dumps({"shape": shape, "seed": seed, "weights": "random (HF init)",
+                                                    "note": "for speed only; perplexity is meaningless"}, indent=1))
+    return folder
+
+
 def run_cli(*args, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """`dlp-deploy ARGS…` in a fresh interpreter, as a user runs it; output captured."""
     return subprocess.run([sys.executable, "-m", "dlp_deploy", *map(str, args)], capture_output=True, text=True,

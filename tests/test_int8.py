@@ -116,3 +116,38 @@ def test_sweep_in_both_precisions_reports_both_baselines(tmp_path, data_root):
     assert sparse_int8["weights"]["ideal_speedup"] > 4  # a quarter of the bytes, half of them zeros
     md = (make_report([tmp_path / "run"], tmp_path / "report") / "report.md").read_text()
     assert "vs dense INT8" in md and "wanda-dlp-0.50.int8" in md and "AMX-INT8" in md
+
+
+def test_calibration_reads_a_graph_with_external_data(tmp_path, monkeypatch):
+    """Over 2 GB a graph cannot pass through one protobuf (the 1.1B INT8 export failed so): calibration must run
+    the graph from its file, weights in the external data file, and see the same ranges as an inline graph."""
+    from dlp_deploy.export import onnx as onnx_mod
+    from dlp_deploy.export.deployment import _prefill_feeds
+    from dlp_deploy.export.onnx import export_onnx
+    from dlp_deploy.export.quantize import observe_ranges
+    from dlp_deploy.testing import tiny_llama
+    import torch
+
+    model = tiny_llama(2)
+    (tmp_path / "inline").mkdir()
+    export_onnx(model, tmp_path / "inline" / "model.onnx")
+    monkeypatch.setattr(onnx_mod, "_PROTOBUF_LIMIT", 0)
+    (tmp_path / "external").mkdir()
+    assert export_onnx(model, tmp_path / "external" / "model.onnx")["external_data"] is True
+    windows = [torch.randint(0, 256, (24,), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    import onnx
+
+    tensor = next(n.output[0] for n in onnx.load(str(tmp_path / "inline" / "model.onnx")).graph.node
+                  if n.op_type == "Mul")
+    real_load = onnx.load
+
+    def load_graph_only(path, *args, **kwargs):  # pulling the weights into the proto is what breaks over 2 GB
+        assert kwargs.get("load_external_data") is False, "calibration loaded the weights into the protobuf"
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(onnx, "load", load_graph_only)
+    ranges = {where: observe_ranges(tmp_path / where / "model.onnx", [tensor],
+                                    _prefill_feeds(tmp_path / where / "model.onnx", windows))
+              for where in ("inline", "external")}
+    assert ranges["inline"] == ranges["external"]
+    assert sorted(p.name for p in (tmp_path / "external").iterdir()) == ["model.data", "model.onnx"]

@@ -174,9 +174,10 @@ def _most_cores(s: SweepSettings) -> int | None:
     return core_counts(s.cores)[-1]
 
 
-def run_sweep(s: SweepSettings, run_dir: Path, progress=None, log=print) -> dict:
+def run_sweep(s: SweepSettings, run_dir: Path, progress=None, log=print, prepare_only: bool = False) -> dict | None:
     """All models are prepared first (prune, eval, export: heavy, order-free), then benchmarked in interleaved
-    rounds, so no preparation work shares the CPU with a measurement and drift spreads over every level."""
+    rounds, so no preparation work shares the CPU with a measurement and drift spreads over every level.
+    `prepare_only` stops before the benchmarks (they resume from the prepared folders on the next start)."""
     from .schedule import run_interleaved
 
     run_dir = Path(run_dir)
@@ -190,6 +191,9 @@ def run_sweep(s: SweepSettings, run_dir: Path, progress=None, log=print) -> dict
         prepared.append(prepare_level(s, run_dir, level, progress, log))
         if progress:
             progress.advance(task)
+    if prepare_only:
+        log(f"prepared {len(prepared)} levels in {run_dir}; run the same command without --prepare-only to measure")
+        return None
     # the core count is one more interleaved item, so a drifting machine spreads over every count as well
     pairs = [(level, precision, deploys[precision], engine, cores) for level, _, deploys, _ in prepared
              for precision in s.precisions for engine in s.engines for cores in core_counts(s.cores)

@@ -177,6 +177,8 @@ def sweep_cmd(
     order_seed: int = 0,
     alpha: Annotated[Optional[float], typer.Option(help="DLP spread for every DLP level (default: the paper's "
                                                         "App. G value per sparsity)")] = None,
+    prepare_only: Annotated[bool, typer.Option("--prepare-only", help="prune, evaluate and export, then stop "
+                                               "before measuring (e.g. while another benchmark runs)")] = False,
 ) -> None:
     """prune -> eval -> export -> bench at each sparsity and form (and dense), one results.json for `report`."""
     import os
@@ -196,7 +198,9 @@ def sweep_cmd(
                              multiple, _precisions(precision), rounds, _order(order), order_seed, alpha)
     quiet_transformers()
     with progress_bar() as progress:
-        report = run_sweep(settings, out, progress, log=console.print)
+        report = run_sweep(settings, out, progress, log=console.print, prepare_only=prepare_only)
+    if report is None:
+        return
     console.print(results_table(report["results"]))
     console.print(f"results: {out / 'results.json'}  (next: dlp-deploy report {out} --out REPORT_DIR)")
 

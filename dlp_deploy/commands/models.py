@@ -30,3 +30,25 @@ def list_aliases() -> None:
     for name, alias in ALIASES.items():
         state = "fetched" if (alias.folder() / "config.json").is_file() else "not fetched"
         typer.echo(f"{name}\t{state}\t{alias.folder()}")
+
+
+@app.command("random")
+def random_model(
+    shape: Annotated[str, typer.Argument(help="a LLaMA shape: llama-1b (TinyLlama-1.1B's), llama-350m")],
+    out: Annotated[str, typer.Option("--out", help="HF folder to create")],
+    seed: Annotated[int, typer.Option(help="weight seed")] = 0,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing --out")] = False,
+) -> None:
+    """Save a random-weight LLaMA of a real model's shape with a byte-level tokenizer: for speed measurements in
+    the regime where weights stream from DRAM (its perplexity means nothing)."""
+    from pathlib import Path
+
+    from ..io import atomic_dir, check_writable
+    from ..testing import RANDOM_SHAPES, random_llama_folder
+
+    if shape not in RANDOM_SHAPES:
+        raise UserError(f"unknown shape {shape!r}; choose from {', '.join(RANDOM_SHAPES)}")
+    check_writable(Path(out), force)
+    with atomic_dir(Path(out), force) as tmp:
+        random_llama_folder(tmp, shape, seed)
+    typer.echo(out)

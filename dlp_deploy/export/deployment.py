@@ -94,16 +94,9 @@ def export_deployment(model_or_dir, out, seq_len: int = 512, validate: bool = Tr
     timings: dict[str, float] = {}
     started = time.perf_counter()
 
-    with _timed(timings, "load_s"):
-        progress("loading model")
-        model, tokenizer, source = _load_source(model_or_dir, tokenizer)
+    model, tokenizer, source, prompt_ids, quality = _load_and_check(model_or_dir, tokenizer, seq_len, validate,
+                                                                   quality, timings, progress)
     max_positions = int(getattr(model.config, "max_position_embeddings", 0) or 0)
-    prompt_ids = tokenizer(VALIDATION_PROMPT, return_tensors="pt")["input_ids"][0].tolist()
-    quality = quality if validate else None
-    _check_seq_len(seq_len, max_positions, len(prompt_ids) if validate else 1, validate, model.config)
-    if quality is not None:
-        quality = quality.fitted(seq_len, len(prompt_ids))
-        _check_quality_window(quality, seq_len, len(prompt_ids))
     root = data.data_dir(data_root) if (quantize or quality) else None
 
     with atomic_dir(out, force) as tmp:
@@ -141,10 +134,7 @@ def export_deployment(model_or_dir, out, seq_len: int = 512, validate: bool = Tr
             "timings_s": {k: round(v, 3) for k, v in timings.items()},
             "provenance": provenance(),
         }
-        write_json_atomic(tmp / EXPORT_FILE, info, force=True)
-        failures = validation_failures(validation) if validation else []
-        if failures:
-            raise ValidationError("export validation failed, folder not published: " + "; ".join(failures))
+        _write_export_record(tmp, info)
     return info
 
 
@@ -162,16 +152,10 @@ def export_gguf_deployment(model_or_dir, out, quant: str = "q8_0", seq_len: int 
     check_writable(out, force)
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    with _timed(timings, "load_s"):
-        progress("loading model")
-        model, tokenizer, source = _load_source(model_or_dir, tokenizer)
+    model, tokenizer, source, prompt_ids, quality = _load_and_check(
+        model_or_dir, tokenizer, seq_len, validate, quality or QualityCheck(tolerance=spec.ppl_tolerance), timings,
+        progress)
     max_positions = int(getattr(model.config, "max_position_embeddings", 0) or 0)
-    prompt_ids = tokenizer(VALIDATION_PROMPT, return_tensors="pt")["input_ids"][0].tolist()
-    _check_seq_len(seq_len, max_positions, len(prompt_ids) if validate else 1, validate, model.config)
-    quality = (quality or QualityCheck(tolerance=spec.ppl_tolerance)) if validate else None
-    if quality is not None:
-        quality = quality.fitted(seq_len, len(prompt_ids))
-        _check_quality_window(quality, seq_len, len(prompt_ids))
     root = data.data_dir(data_root) if quality else None
     with atomic_dir(out, force) as tmp:
         _save_hf_files(model, tokenizer, tmp)
@@ -198,11 +182,33 @@ def export_gguf_deployment(model_or_dir, out, quant: str = "q8_0", seq_len: int 
             "timings_s": {k: round(v, 3) for k, v in timings.items()},
             "provenance": provenance(),
         }
-        write_json_atomic(tmp / EXPORT_FILE, info, force=True)
-        failures = validation_failures(validation) if validation else []
-        if failures:
-            raise ValidationError("export validation failed, folder not published: " + "; ".join(failures))
+        _write_export_record(tmp, info)
     return info
+
+
+def _load_and_check(model_or_dir, tokenizer, seq_len: int, validate: bool, quality: QualityCheck | None,
+                    timings: dict, progress):
+    """The source model, its tokenizer and provenance, the validation prompt, and the quality check fitted to the
+    window (None without validation); bad windows are refused before anything is written."""
+    with _timed(timings, "load_s"):
+        progress("loading model")
+        model, tokenizer, source = _load_source(model_or_dir, tokenizer)
+    max_positions = int(getattr(model.config, "max_position_embeddings", 0) or 0)
+    prompt_ids = tokenizer(VALIDATION_PROMPT, return_tensors="pt")["input_ids"][0].tolist()
+    quality = quality if validate else None
+    _check_seq_len(seq_len, max_positions, len(prompt_ids) if validate else 1, validate, model.config)
+    if quality is not None:
+        quality = quality.fitted(seq_len, len(prompt_ids))
+        _check_quality_window(quality, seq_len, len(prompt_ids))
+    return model, tokenizer, source, prompt_ids, quality
+
+
+def _write_export_record(folder: Path, info: dict) -> None:
+    """export.json goes into the folder either way; a failed validation then stops it being published."""
+    write_json_atomic(folder / EXPORT_FILE, info, force=True)
+    failures = validation_failures(info["validation"]) if info.get("validation") else []
+    if failures:
+        raise ValidationError("export validation failed, folder not published: " + "; ".join(failures))
 
 
 class _timed:

@@ -16,6 +16,7 @@ onnxruntime's quantization tools need a newer onnx and ml_dtypes, and would forc
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -64,12 +65,19 @@ def observe_ranges(onnx_path, tensors: list[str], feeds) -> dict[str, tuple[floa
     import onnx
     import onnxruntime as ort
 
-    proto = onnx.load(str(onnx_path), load_external_data=True)
+    # the graph only, weights left where they are: a model over 2 GB cannot pass through one protobuf, so the
+    # copy with extra outputs is saved beside the original and reads the same external data file
+    proto = onnx.load(str(onnx_path), load_external_data=False)
     have = {o.name for o in proto.graph.output}
     for name in tensors:
         if name not in have:
             proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    probe = Path(onnx_path).with_suffix(".outputs.onnx")
+    onnx.save_model(proto, str(probe))
+    try:
+        session = ort.InferenceSession(str(probe), providers=["CPUExecutionProvider"])
+    finally:
+        probe.unlink()
     names = [o.name for o in session.get_outputs()]
     ranges = {t: [np.inf, -np.inf] for t in tensors}
     for feed in feeds:

@@ -86,6 +86,17 @@ def make_report(run_dirs: list[Path], out: Path, force: bool = False) -> Path:
     return out
 
 
+def random_weights_note(model: str) -> str | None:
+    """A model made by `dlp-deploy models random` measures speed only: say so before any figure."""
+    path = Path(model) / "random.json"
+    if not path.is_file():
+        return None
+    info = json.loads(path.read_text())
+    return (f"**Random weights** ({info.get('shape')}, seed {info.get('seed')}): this model has a real model's "
+            "shape and random weights, so its speed figures are real and its perplexities mean nothing (they are "
+            "shown only because the tables have the column).")
+
+
 def build_sections(data: dict, corpus: str, plots: set[str] | None = None) -> list[tuple[str, object]]:
     """The report as (kind, content) items: ('h', title), ('p', text), ('table', rows), ('plot', name)."""
     plots = plots if plots is not None else {"decode_tokens_per_s.png", "decode_speedup.png", "prefill_speedup.png",
@@ -93,6 +104,9 @@ def build_sections(data: dict, corpus: str, plots: set[str] | None = None) -> li
     s, m, everything = data["settings"], data["machine"], data["results"]
     data = at_largest_count(data)
     items: list[tuple[str, object]] = [("h1", f"Speedup report: {s['model']}, {s['method']} pruning")]
+    random_note = random_weights_note(s["model"])
+    if random_note:
+        items.append(("p", random_note))
     items.append(("p", summary_sentence(data)))
     items.append(("h", "Machine"))
     cache = m.get("last_level_cache_bytes")
@@ -292,6 +306,7 @@ def forms_summary(rows: list[dict], band: float, corpus: str, all_rows: list[dic
     all_rows = all_rows or rows
     parts += [quantization_sentence(all_rows)] if any(precision_of(r) == "int8" for r in all_rows) else []
     parts += [peer_sentence(all_rows, corpus)] if peer_rows(all_rows) else []
+    parts += [fastest_sentence(all_rows, corpus)] if any(r.get("speedup") for r in all_rows) else []
     return ". ".join(parts) + f". Speedups within ±{band:.0%} of 1.0x are not told apart from noise (below)."
 
 
@@ -320,6 +335,26 @@ def peer_sentence(rows: list[dict], corpus: str) -> str:
         return head + ". No other deployment decodes faster beyond its 95% interval" + tail
     return head + ". Faster beyond their 95% interval: " + ", ".join(
         f"{_who(r)} {r['vs_peer']['decode']:.2f}x at ppl {r['perplexity'][corpus]:.2f}" for r in faster)
+
+
+def fastest_sentence(rows: list[dict], corpus: str) -> str:
+    """The fastest deployment of the run on any engine, against the dense fp32 and dense INT8 models on its
+    engine, with the perplexity it costs over dense fp32 there (the figure a deployment decision starts from)."""
+    best = max(rows, key=lambda r: r["decode_tokens_per_s"])
+    dense = next((r for r in rows if is_dense(r) and precision_of(r) == "fp32" and r["engine"] == best["engine"]),
+                 None)
+    said = [f"Fastest deployment: {_who(best)}, {best['decode_tokens_per_s']:.1f} tokens/s, ppl "
+            f"{best['perplexity'][corpus]:.2f}"]
+    for key, name in (("speedup", "dense fp32"), ("speedup_vs_int8", "dense INT8")):
+        block = best.get(key)
+        if block:
+            ci = block.get("decode_ci95")
+            said.append(f"{block['decode']:.2f}x" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "") +
+                        f" over {name} on {best['engine']}")
+    if dense is not None and dense is not best:
+        said.append(f"perplexity {best['perplexity'][corpus] / dense['perplexity'][corpus] - 1:+.0%} over dense fp32 "
+                    f"({dense['perplexity'][corpus]:.2f})")
+    return "; ".join(said)
 
 
 def _beats(block: dict) -> bool:
