@@ -10,7 +10,7 @@ export DLP_DEPLOY_DATA ?= $(if $(wildcard $(DATA)/.),$(DATA),)
 export NM_DISABLE_ANALYTICS := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: setup assets test demo bench quality sweep forms int8 deploy-report clean
+.PHONY: setup assets test demo bench quality sweep forms int8 deploy-report dram clean
 
 setup: $(STAMP) assets
 
@@ -77,6 +77,20 @@ deploy-report: setup
 	    --precision fp32,int8,q4_1,q8_0 --engines deepsparse,onnxruntime,openvino,llamacpp \
 	    --nsamples 32 --calib-seqlen 512 --max-windows 8 --no-validate --rounds 2 --runs 3 --gen-len 64 --out $(DEPLOY)
 	$(BIN)/dlp-deploy report $(DEPLOY) --out reports/smollm2-135m-deploy --force
+
+# The committed DRAM-regime report (reports/llama-1b-random-dram): a random-weight LLaMA of TinyLlama-1.1B's shape
+# (4.4 GB in fp32, far beyond any last-level cache), dense vs 70% magnitude, fp32/INT8 and llama.cpp q4_1.
+# Speed only: the weights are random. Preparation first (it can run beside other work), then the measurement.
+DRAM ?= runs/dram
+DRAM_SWEEP = $(BIN)/dlp-deploy sweep $(DRAM)/llama-1b-random --method magnitude --sparsities 0.7 --allocation uniform \
+	    --baseline none --precision fp32,int8,q4_1 --engines deepsparse,onnxruntime,openvino,llamacpp --nsamples 2 \
+	    --calib-seqlen 64 --max-windows 1 --eval-seqlen 128 --seq-len 256 --prompt-len 32 --gen-len 32 --runs 3 \
+	    --no-validate --rounds 2 --out $(DRAM)/sweep
+dram: setup
+	test -f $(DRAM)/llama-1b-random/random.json || $(BIN)/dlp-deploy models random llama-1b --out $(DRAM)/llama-1b-random
+	$(DRAM_SWEEP) --prepare-only
+	$(DRAM_SWEEP)
+	$(BIN)/dlp-deploy report $(DRAM)/sweep --out reports/llama-1b-random-dram --force
 
 clean:
 	rm -rf runs .pytest_cache
