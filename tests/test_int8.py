@@ -151,3 +151,24 @@ def test_calibration_reads_a_graph_with_external_data(tmp_path, monkeypatch):
               for where in ("inline", "external")}
     assert ranges["inline"] == ranges["external"]
     assert sorted(p.name for p in (tmp_path / "external").iterdir()) == ["model.data", "model.onnx"]
+
+
+def test_int8_folder_over_the_protobuf_limit_holds_only_its_own_weights(tmp_path, monkeypatch, data_root):
+    """The fp32 graph calibration runs on must not leave its weights behind (it left 4.4 GB of model.data beside a
+    1.1B INT8 graph) nor share a data file with the INT8 graph."""
+    from dlp_deploy.export import onnx as onnx_mod
+    from dlp_deploy.runtime.decode import generate
+    from dlp_deploy.runtime.engines import ENGINES
+    from dlp_deploy.testing import save_tiny
+
+    monkeypatch.setattr(onnx_mod, "_PROTOBUF_LIMIT", 0)  # stand-in for a > 2 GB model: both graphs external
+    src = save_tiny(tmp_path / "src")
+    fp32 = export_deployment(str(src), tmp_path / "fp32", seq_len=64, validate=False)
+    int8 = export_deployment(str(src), tmp_path / "int8", seq_len=64, validate=False, data_root=str(data_root),
+                             quantize=QuantizeOptions(calib_samples=2, calib_seqlen=32))
+    assert fp32["format"]["external_data"] and int8["format"]["external_data"]
+    names = sorted(p.name for p in (tmp_path / "int8").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "fp32").iterdir())  # no scratch file or folder left
+    assert (tmp_path / "int8" / "model.data").stat().st_size < 0.5 * (tmp_path / "fp32" / "model.data").stat().st_size
+    tokens = generate(ENGINES["onnxruntime"].compile(tmp_path / "int8" / "model.onnx", 64), [5, 6, 7], 4).tokens
+    assert len(tokens) == 4

@@ -10,6 +10,7 @@ import os
 os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")  # DeepSparse phones home on import otherwise
 
 import json
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -308,17 +309,20 @@ def _export_quantized(model, tokenizer, onnx_path: Path, max_positions: int, opt
     if options.smooth_alpha > 0:
         progress("SmoothQuant: migrating activation outliers into the weights")
         smoothing = smooth_model(model, windows, options.smooth_alpha)
-    fp32_path = onnx_path.with_name("fp32-for-calibration.onnx")
-    exported = export_onnx(model, fp32_path, max_positions=max_positions)
-    proto = onnx.load(str(fp32_path), load_external_data=True)
-    names = _block_weight_names(model) | ({_param_name(model, model.get_output_embeddings().weight)}
-                                          if options.head else set())
-    targets = quant_targets(proto, {f"{n}.T" for n in names} | names)
-    progress(f"calibrating {len(targets)} MatMul inputs on {len(windows)} C4 windows")
-    ranges = observe_ranges(fp32_path, sorted({t.activation for t in targets}), _prefill_feeds(fp32_path, windows))
+    # a folder of its own: over 2 GB the fp32 graph's weights go to an external data file of the same name as the
+    # deployment's, which must neither stay behind (4.4 GB of dead weight beside a 1.1B INT8 graph) nor be mixed
+    # with the INT8 graph's own
+    with tempfile.TemporaryDirectory(prefix="fp32-for-calibration-", dir=onnx_path.parent) as scratch:
+        fp32_path = Path(scratch) / MODEL_FILE
+        exported = export_onnx(model, fp32_path, max_positions=max_positions)
+        proto = onnx.load(str(fp32_path), load_external_data=True)
+        names = _block_weight_names(model) | ({_param_name(model, model.get_output_embeddings().weight)}
+                                              if options.head else set())
+        targets = quant_targets(proto, {f"{n}.T" for n in names} | names)
+        progress(f"calibrating {len(targets)} MatMul inputs on {len(windows)} C4 windows")
+        ranges = observe_ranges(fp32_path, sorted({t.activation for t in targets}),
+                                _prefill_feeds(fp32_path, windows))
     summary = insert_matmul_integer(proto, targets, ranges)
-    for leftover in fp32_path.parent.glob(fp32_path.stem + "*"):
-        leftover.unlink()
     exported["external_data"] = save_model(proto, onnx_path)
     return exported, {**summary, "lm_head": "int8" if options.head else "fp32", "embeddings": "fp32 (Gather)",
                       "smoothquant": smoothing,
