@@ -65,9 +65,13 @@ def pair_key(r: dict) -> tuple:
 
 def setup_key(r: dict) -> tuple:
     """pair_key without the core count: what one model's measurements at several core counts share."""
+    return (r["engine"], r["kv_cache"], r.get("seq_len"), *_workload_and_machine(r))
+
+
+def _workload_and_machine(r: dict) -> tuple:
+    """Prompt and generation lengths, CPU model and ISA: what every comparison of two rows needs equal."""
     s, m = r.get("settings") or {}, r.get("machine") or {}
-    return (r["engine"], r["kv_cache"], r.get("seq_len"), s.get("prompt_len"), s.get("gen_len"),
-            m.get("cpu_model"), tuple(m.get("isa") or ()))
+    return (s.get("prompt_len"), s.get("gen_len"), m.get("cpu_model"), tuple(m.get("isa") or ()))
 
 
 def cores_of(r: dict) -> int | None:
@@ -118,8 +122,7 @@ PEER_PRECISION = "q4_1"  # SmolLM2 ships as Q4_1; the 4-bit format users downloa
 def peer_key(r: dict) -> tuple:
     """What a cross-engine comparison must share: the machine, cores and prompt/generation lengths (the engine,
     its cache and the file format are what is being compared)."""
-    s, m = r.get("settings") or {}, r.get("machine") or {}
-    return (s.get("prompt_len"), s.get("gen_len"), m.get("cpu_model"), tuple(m.get("isa") or ()), cores_of(r))
+    return (*_workload_and_machine(r), cores_of(r))
 
 
 def peer_rows(results: list[dict]) -> dict[tuple, dict]:

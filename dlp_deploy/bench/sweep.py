@@ -245,11 +245,13 @@ def export_step(s: SweepSettings, run_dir: Path, level: Level, model_ref: str, l
     from ..export.deployment import EXPORT_FILE, QuantizeOptions, export_deployment, export_gguf_deployment
 
     out = run_dir / "deploy" / _deploy_name(level, precision)
-    if not (out / EXPORT_FILE).is_file() and precision_format(precision) == "gguf":
+    if (out / EXPORT_FILE).is_file():
+        return out
+    if precision_format(precision) == "gguf":
         log(f"[{out.name}] export GGUF")
         export_gguf_deployment(model_ref, out, precision, seq_len=s.seq_len, validate=s.validate, force=True,
                                num_cores=_most_cores(s))
-    elif not (out / EXPORT_FILE).is_file():
+    else:
         log(f"[{out.name}] export")
         export_deployment(model_ref, out, seq_len=s.seq_len, validate=s.validate, force=True,
                           num_cores=_most_cores(s),

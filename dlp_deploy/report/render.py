@@ -13,7 +13,7 @@ from ..bench.stats import (attach_speedups, control_spread, core_counts_in, core
 from ..io import atomic_dir
 from . import figures
 from .tables import (FORMS_HEADER, TABLE5_HEADER, forms, forms_rows, nm_quality_rows, quality_rows, scaling_header,
-                     scaling_rows, structured_quality_rows, table5_rows, unstructured_only)
+                     scaling_rows, structured_quality_rows, table5_rows, unstructured_only, with_ci)
 
 SCHEMA = "dlp-deploy/sweep/1"
 
@@ -239,8 +239,7 @@ def _clears(r: dict, band: float) -> bool:
     speed = sparsity_speedup(r)
     if not speed:
         return False
-    ci = speed.get("decode_ci95")
-    return (ci[0] if ci else speed["decode"]) > 1 + band
+    return lower_end(speed) > 1 + band
 
 
 def _first_clearing(rows: list[dict], band: float) -> dict | None:
@@ -315,8 +314,7 @@ def quantization_sentence(rows: list[dict]) -> str:
     said = []
     for r in sorted(rows, key=lambda r: r["engine"]):
         if precision_of(r) == "int8" and r["allocation"] is None and r.get("speedup"):
-            ci = r["speedup"].get("decode_ci95")
-            said.append(f"{r['engine']} {r['speedup']['decode']:.2f}x" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""))
+            said.append(f"{r['engine']} {with_ci(r['speedup'])}")
     return "INT8 alone (dense INT8 against dense fp32): " + ", ".join(said) if said else "no dense INT8 row"
 
 
@@ -325,7 +323,7 @@ def peer_sentence(rows: list[dict], corpus: str) -> str:
     speed and perplexity: which beat it, and the fastest of those that do not."""
     peer = next(iter(peer_rows(rows).values()))
     others = [r for r in rows if r is not peer and r.get("vs_peer")]
-    faster = sorted((r for r in others if _beats(r["vs_peer"])), key=lambda r: -r["vs_peer"]["decode"])
+    faster = sorted((r for r in others if lower_end(r["vs_peer"]) > 1.0), key=lambda r: -r["vs_peer"]["decode"])
     head = (f"The peer, dense {PEER_ENGINE} {PEER_PRECISION}: {peer['decode_tokens_per_s']:.1f} tokens/s, "
             f"ppl {peer['perplexity'][corpus]:.2f}")
     if not faster:
@@ -348,18 +346,17 @@ def fastest_sentence(rows: list[dict], corpus: str) -> str:
     for key, name in (("speedup", "dense fp32"), ("speedup_vs_int8", "dense INT8")):
         block = best.get(key)
         if block:
-            ci = block.get("decode_ci95")
-            said.append(f"{block['decode']:.2f}x" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "") +
-                        f" over {name} on {best['engine']}")
+            said.append(f"{with_ci(block)} over {name} on {best['engine']}")
     if dense is not None and dense is not best:
         said.append(f"perplexity {best['perplexity'][corpus] / dense['perplexity'][corpus] - 1:+.0%} over dense fp32 "
                     f"({dense['perplexity'][corpus]:.2f})")
     return "; ".join(said)
 
 
-def _beats(block: dict) -> bool:
+def lower_end(block: dict) -> float:
+    """A decode ratio's 95% interval's lower end where it has one, else the estimate: what a claim rests on."""
     ci = block.get("decode_ci95")
-    return ci[0] > 1.0 if ci else block["decode"] > 1.0
+    return ci[0] if ci else block["decode"]
 
 
 def _who(r: dict) -> str:

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from ..bench.stats import (core_counts_in, cores_of, precision_of, remeasured_row, removed_share, same_model,
-                           sparsity_speedup)
+from ..bench.stats import (PEER_PRECISION, core_counts_in, cores_of, precision_of, remeasured_row,
+                           removed_share, same_model, sparsity_speedup)
 
 
 def series(results: list[dict]) -> dict[tuple[str, str], list[dict]]:
@@ -99,10 +99,11 @@ def _level_name(r: dict) -> str:
 
 FORMS_HEADER = ["model", "form / allocation", "target", "removed", "ppl", "decode ms", "tokens/s",
                 "decode speedup [95% CI]", "vs dense INT8", "ideal (bandwidth)", "prefill ms", "prefill speedup",
-                "vs llama.cpp q4_1 dense [95% CI]", "on Pareto front"]
+                f"vs llama.cpp {PEER_PRECISION} dense [95% CI]", "on Pareto front"]
 
 
-def _with_ci(speed: dict | None) -> str:
+def with_ci(speed: dict | None) -> str:
+    """A decode ratio with its 95% interval where it has one ("1.73x [1.58, 1.93]"), or a dash."""
     if not speed:
         return "—"
     ci = speed.get("decode_ci95")
@@ -120,9 +121,9 @@ def forms_rows(results: list[dict], corpus: str) -> dict[str, list[list[str]]]:
             out[engine].append([
                 r["label"], _level_name(r), "—" if r["allocation"] is None else f"{r['target_sparsity']:.0%}",
                 f"{removed_share(r):.1%}", f"{r['perplexity'][corpus]:.2f}", f"{r['decode_ms']['median']:.2f}",
-                f"{r['decode_tokens_per_s']:.1f}", _with_ci(speed) + _against(r), _with_ci(r.get("speedup_vs_int8")),
+                f"{r['decode_tokens_per_s']:.1f}", with_ci(speed) + _against(r), with_ci(r.get("speedup_vs_int8")),
                 _x(r["weights"].get("ideal_speedup")),
-                f"{r['prefill_ms']:.1f}", _x((speed or {}).get("prefill")), _with_ci(r.get("vs_peer")),
+                f"{r['prefill_ms']:.1f}", _x((speed or {}).get("prefill")), with_ci(r.get("vs_peer")),
                 "yes" if id(r) in front else ""])
     return dict(out)
 
@@ -217,5 +218,5 @@ def _scaling_cells(r: dict | None, smallest: bool) -> list[str]:
         return ["—"] * width
     cells = [f"{r['decode_tokens_per_s']:.1f}"]
     if not smallest:
-        cells.append(_with_ci(r.get("core_scaling")))
-    return cells + [_with_ci(sparsity_speedup(r))]
+        cells.append(with_ci(r.get("core_scaling")))
+    return cells + [with_ci(sparsity_speedup(r))]
