@@ -150,3 +150,26 @@ def test_square_mlp_of_a_structured_model_is_still_understood():
     geometry = block_geometry(decoder_layers(model)[0], 0)
     assert geometry.mlp_out == "mlp.down_proj" and geometry.intermediate == 64
     assert set(geometry.mlp_in) == {"mlp.gate_proj", "mlp.up_proj"}
+
+
+@needs_llamacpp
+def test_tiny_mistral_exports_as_llama_and_matches(tmp_path, data_root):
+    """Mistral's blocks are LLaMA's: the same name map and rotary reorder must carry it."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from dlp_deploy.export.deployment import export_gguf_deployment
+    from dlp_deploy.testing import tiny_tokenizer
+
+    torch.manual_seed(7)
+    model = MistralForCausalLM(MistralConfig(vocab_size=256, hidden_size=128, intermediate_size=256,
+                                             num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=2,
+                                             max_position_embeddings=512, sliding_window=None, bos_token_id=0,
+                                             eos_token_id=0, pad_token_id=0)).eval()
+    src = tmp_path / "mistral"
+    model.save_pretrained(src)
+    tiny_tokenizer().save_pretrained(src)
+    info = export_gguf_deployment(str(src), tmp_path / "f32", "f32", seq_len=128, data_root=str(data_root))
+    assert info["format"]["architecture"] == "llama"
+    ref, _ = torch_logits(src, PROMPT)
+    got = llamacpp_logits(tmp_path / "f32" / "model.gguf", PROMPT)
+    assert np.abs(got - ref).max() <= 0.01 * np.abs(ref).max()
