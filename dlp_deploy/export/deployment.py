@@ -127,6 +127,7 @@ def export_deployment(model_or_dir, out, seq_len: int = 512, validate: bool = Tr
             "seq_len": seq_len,
             "max_position_embeddings": max_positions,
             "architecture": exported["spec"].describe(),
+            "graph_proof": exported["proof"],
             "sizes": _sizes(tmp),
             "weight_sparsity": sparsity,
             "nm_pattern": pattern,
@@ -156,6 +157,7 @@ def export_gguf_deployment(model_or_dir, out, quant: str = "q8_0", seq_len: int 
     model, tokenizer, source, prompt_ids, quality = _load_and_check(
         model_or_dir, tokenizer, seq_len, validate, quality or QualityCheck(tolerance=spec.ppl_tolerance), timings,
         progress)
+    _check_no_sliding_window(model, seq_len)
     max_positions = int(getattr(model.config, "max_position_embeddings", 0) or 0)
     root = data.data_dir(data_root) if quality else None
     with atomic_dir(out, force) as tmp:
@@ -197,7 +199,7 @@ def _load_and_check(model_or_dir, tokenizer, seq_len: int, validate: bool, quali
     max_positions = int(getattr(model.config, "max_position_embeddings", 0) or 0)
     prompt_ids = tokenizer(VALIDATION_PROMPT, return_tensors="pt")["input_ids"][0].tolist()
     quality = quality if validate else None
-    _check_seq_len(seq_len, max_positions, len(prompt_ids) if validate else 1, validate, model.config)
+    _check_seq_len(seq_len, max_positions, len(prompt_ids) if validate else 1, validate)
     if quality is not None:
         quality = quality.fitted(seq_len, len(prompt_ids))
         _check_quality_window(quality, seq_len, len(prompt_ids))
@@ -255,7 +257,18 @@ def _pruning_summary(model_dir) -> dict | None:
     return summary
 
 
-def _check_seq_len(seq_len: int, max_positions: int, prompt_len: int, validate: bool, config) -> None:
+def _check_no_sliding_window(model, seq_len: int) -> None:
+    """The GGUF architectures written here have no sliding window: past it, llama.cpp would attend differently."""
+    from ..models import decoder_layers
+    from .blocks import sliding_window
+
+    windows = [w for w in (sliding_window(b.self_attn, model.config) for b in decoder_layers(model)) if w]
+    if windows and seq_len > min(windows):
+        raise UserError(f"--seq-len {seq_len} exceeds the model's sliding attention window ({min(windows)}), which "
+                        f"the GGUF export does not implement; use --seq-len {min(windows)} or less, or --format onnx")
+
+
+def _check_seq_len(seq_len: int, max_positions: int, prompt_len: int, validate: bool) -> None:
     need = prompt_len + VALIDATION_NEW_TOKENS if validate else 2
     if seq_len < need:
         what = (f"the {prompt_len}-token validation prompt plus {VALIDATION_NEW_TOKENS} generated tokens"
@@ -264,10 +277,6 @@ def _check_seq_len(seq_len: int, max_positions: int, prompt_len: int, validate: 
     if max_positions and seq_len > max_positions:
         raise UserError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings ({max_positions}); "
                         f"use --seq-len {max_positions} or less")
-    window = getattr(config, "sliding_window", None)
-    if window and getattr(config, "use_sliding_window", True) and seq_len > window:
-        raise UserError(f"--seq-len {seq_len} exceeds the model's sliding attention window ({window}), "
-                        f"which the export does not implement; use --seq-len {window} or less")
 
 
 def _save_hf_files(model, tokenizer, folder: Path) -> None:

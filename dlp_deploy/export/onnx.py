@@ -1,9 +1,11 @@
-"""ONNX export of LLaMA-family decoders with an external KV cache, in DeepSparse's text-generation contract.
+"""ONNX export of RoPE decoders (LLaMA, Mistral, Qwen2/3, Gemma-2/3, Phi-3, OLMo-2 shapes) with an external KV
+cache, in DeepSparse's text-generation contract.
 
-The graph is built from the HF model's own modules (embeddings, norms, MLPs, q/k/v/o Linears, lm_head) found by
-structure, around an attention written here: plain MatMul/Softmax with the `causal_mask` input, GQA by folding each
-KV head's query heads into rows (no repeated K/V), and RoPE gathered from cos/sin tables precomputed by the model's own rotary module (runtime Sin/Cos split
-the graph into two DeepSparse subgraphs and break the engine's internal KV cache).
+The graph is built from the HF model's own modules (embeddings, norms, MLPs, projections, lm_head) found by
+structure, around an attention written here (blocks.py): plain MatMul/Softmax with the `causal_mask` input (and a
+sliding band derived from it), GQA by folding each KV head's query heads into rows (no repeated K/V), and RoPE
+gathered from cos/sin tables made by the model's own rotary module. proof.py checks the result against the model
+before anything is written.
 """
 from __future__ import annotations
 
@@ -14,31 +16,26 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
 from ..models import decoder_layers
+from .blocks import LayerSpec, block_forward, is_norm_like, layer_spec
+from .proof import prove
+from .trace import Trace, rope_tables, trace_model
 
 OPSET = 17
 INPUT_NAMES_FIXED = ("input_ids", "attention_mask", "positions", "causal_mask")
 EXTERNAL_DATA_FILE = "model.data"
 _PROTOBUF_LIMIT = 2**31 - 2**20  # stay clear of protobuf's hard 2 GiB ceiling
 
-_ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
-_BLOCK_PARTS = ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
+PROOF_TOLERANCE = 1e-4  # relative L2 error of a rewritten block (or the whole graph) against the HF forward, fp32
+PROOF_LENGTH = 16
+MAX_PROOF_LENGTH = 512  # sliding windows up to this are exercised by the proof
 
 
 # ---------------------------------------------------------------- structural discovery
-
-@dataclass
-class LayerSpec:
-    """One decoder block's attention geometry, read from its own Linear shapes (layers may differ)."""
-
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    scaling: float
-
 
 @dataclass
 class DecoderSpec:
@@ -46,14 +43,21 @@ class DecoderSpec:
     blocks: nn.ModuleList
     final_norm: nn.Module
     lm_head: nn.Module
-    rotary: nn.Module
+    rope: list[tuple[torch.Tensor, torch.Tensor]]
     layers: list[LayerSpec] = field(default_factory=list)
+    final_softcap: float | None = None
+    trace: Trace | None = field(default=None, repr=False)
 
     @property
     def num_layers(self) -> int:
         return len(self.blocks)
 
+    @property
+    def tied(self) -> bool:
+        return self.lm_head.weight is self.embed.weight
+
     def describe(self) -> dict:
+        windows = [s.window for s in self.layers]
         return {
             "num_layers": self.num_layers,
             "num_heads": [s.num_heads for s in self.layers],
@@ -61,28 +65,47 @@ class DecoderSpec:
             "head_dim": sorted({s.head_dim for s in self.layers}),
             "vocab_size": int(self.lm_head.weight.shape[0]),
             "hidden_size": int(self.embed.weight.shape[1]),
+            "wiring": sorted({s.wiring for s in self.layers}),
+            "fused_qkv": any(s.fused_qkv for s in self.layers),
+            "qk_norm": sorted({s.qk_norm for s in self.layers if s.qk_norm}),
+            "attention_softcap": next((s.softcap for s in self.layers if s.softcap), None),
+            "final_logit_softcap": self.final_softcap,
+            "sliding_window": windows if any(windows) else None,
+            "rope_tables": len(self.rope),
+            "tied_embeddings": self.tied,
         }
 
 
-def discover(model: nn.Module) -> DecoderSpec:
-    """Find the parts of a LLaMA-family causal LM, or raise UserError naming what is missing."""
+def discover(model: nn.Module, max_positions: int) -> DecoderSpec:
+    """Find the parts of a RoPE decoder by structure, or raise UserError naming what is missing."""
     arch = type(model).__name__
     embed = _call_or_none(model, "get_input_embeddings")
     lm_head = _call_or_none(model, "get_output_embeddings")
     if not isinstance(embed, nn.Embedding):
         raise UserError(f"{arch}: no nn.Embedding input embeddings (get_input_embeddings); "
-                        "only LLaMA-family decoders can be exported")
+                        "only decoder-only causal LMs can be exported")
     if not isinstance(lm_head, nn.Linear):
         raise UserError(f"{arch}: no nn.Linear output head (get_output_embeddings); "
                         "only causal LMs with an lm_head can be exported")
     blocks = decoder_layers(model)
-    for i, block in enumerate(blocks):
-        _check_block(block, i, arch)
-    final_norm = _final_norm(model, blocks, arch)
-    rotary = _rotary(model, arch)
     config = getattr(model, "config", None)
-    layers = [_layer_spec(block.self_attn, config, i, arch) for i, block in enumerate(blocks)]
-    return DecoderSpec(embed, blocks, final_norm, lm_head, rotary, layers)
+    layers = [layer_spec(block, config, i, arch) for i, block in enumerate(blocks)]
+    final_norm = _final_norm(model, blocks, arch)
+    trace = trace_model(model, blocks, proof_length(layers, max_positions))
+    rope, index = rope_tables(model, trace, max_positions, arch)
+    for i, (layer, r) in enumerate(zip(layers, index)):
+        layer.rope = r
+        if rope[r][0].shape[-1] != layer.head_dim:
+            raise UserError(f"{arch}: block {i} rotates {rope[r][0].shape[-1]} of {layer.head_dim} head dims; "
+                            "partial rotary embeddings are not supported")
+    softcap = getattr(config, "final_logit_softcapping", None)
+    return DecoderSpec(embed, blocks, final_norm, lm_head, rope, layers, float(softcap) if softcap else None, trace)
+
+
+def proof_length(layers: list[LayerSpec], max_positions: int) -> int:
+    """Long enough to slide past the smallest window when that stays cheap."""
+    windows = [s.window for s in layers if s.window and s.window + 8 <= MAX_PROOF_LENGTH]
+    return min(max_positions, max([PROOF_LENGTH, *(w + 8 for w in windows)]))
 
 
 def _call_or_none(model, method):
@@ -93,161 +116,78 @@ def _call_or_none(model, method):
         return None
 
 
-def _check_block(block: nn.Module, index: int, arch: str) -> None:
-    missing = [name for name in _BLOCK_PARTS if not isinstance(getattr(block, name, None), nn.Module)]
-    if missing:
-        raise UserError(f"{arch}: decoder block {index} ({type(block).__name__}) has no {', '.join(missing)}; "
-                        f"export supports pre-norm LLaMA-family blocks ({', '.join(_BLOCK_PARTS)})")
-    attn = block.self_attn
-    missing = [name for name in _ATTENTION_PROJECTIONS if not isinstance(getattr(attn, name, None), nn.Linear)]
-    if missing:
-        raise UserError(f"{arch}: attention of block {index} ({type(attn).__name__}) has no nn.Linear "
-                        f"{', '.join(missing)}; export needs separate q/k/v/o projections")
-    # anything else with weights inside attention (q_norm/k_norm, sinks, ...) would be silently dropped by our
-    # re-implemented attention, so refuse rather than export a wrong graph
-    extra = [name for name, child in attn.named_children()
-             if name not in _ATTENTION_PROJECTIONS and any(True for _ in child.parameters())]
-    extra += [name for name, _ in attn.named_parameters(recurse=False)]
-    if extra:
-        raise UserError(f"{arch}: attention of block {index} has extra weighted parts ({', '.join(extra)}) "
-                        "that the exporter does not implement; only plain LLaMA/Mistral/Qwen2 attention is supported")
-    if any(isinstance(m, nn.Linear) for m in block.mlp.modules()) is False:
-        raise UserError(f"{arch}: MLP of block {index} has no nn.Linear layers")
-
-
 def _final_norm(model: nn.Module, blocks: nn.ModuleList, arch: str) -> nn.Module:
     """The norm that owns-by-sibling the block stack: a weighted leaf module next to the ModuleList."""
     for parent in model.modules():
         if any(child is blocks for child in parent.children()):
-            norms = [child for child in parent.children()
-                     if child is not blocks and _is_norm_like(child)]
+            norms = [child for child in parent.children() if child is not blocks and is_norm_like(child)]
             if len(norms) == 1:
                 return norms[0]
             raise UserError(f"{arch}: expected one final norm beside the decoder blocks, found {len(norms)}; "
-                            "only LLaMA-family decoders can be exported")
+                            "only decoder-only causal LMs with a final norm can be exported")
     raise UserError(f"{arch}: cannot find the module holding the decoder blocks")
 
 
-def _is_norm_like(module: nn.Module) -> bool:
-    weight = getattr(module, "weight", None)
-    return (not list(module.children()) and isinstance(weight, torch.Tensor) and weight.dim() == 1
-            and not isinstance(module, (nn.Embedding, nn.Linear)))
-
-
-def _rotary(model: nn.Module, arch: str) -> nn.Module:
-    rotaries = [m for m in model.modules() if isinstance(getattr(m, "inv_freq", None), torch.Tensor)]
-    if not rotaries:
-        raise UserError(f"{arch}: no rotary position embedding module (a module with an inv_freq buffer); "
-                        "export supports RoPE decoders only")
-    if len({tuple(m.inv_freq.flatten().tolist()) for m in rotaries}) > 1:
-        raise UserError(f"{arch}: several different rotary embeddings found; per-layer RoPE is not supported")
-    return rotaries[0]
-
-
-def _layer_spec(attn: nn.Module, config, index: int, arch: str) -> LayerSpec:
-    head_dim = getattr(attn, "head_dim", None) or getattr(config, "head_dim", None)
-    if not head_dim and config is not None:
-        head_dim = config.hidden_size // config.num_attention_heads
-    if not head_dim:
-        raise UserError(f"{arch}: cannot tell the attention head size of block {index} (no head_dim)")
-    q, k, v, o = (getattr(attn, name) for name in _ATTENTION_PROJECTIONS)
-    if q.out_features % head_dim or k.out_features % head_dim or k.out_features != v.out_features:
-        raise UserError(f"{arch}: block {index} projections q={q.out_features}, k={k.out_features}, "
-                        f"v={v.out_features} are not whole heads of size {head_dim}")
-    heads, kv_heads = q.out_features // head_dim, k.out_features // head_dim
-    if kv_heads == 0 or heads % kv_heads:
-        raise UserError(f"{arch}: block {index} has {heads} query heads for {kv_heads} KV heads; "
-                        "grouped-query attention needs a whole number of query heads per KV head")
-    if o.in_features != q.out_features:
-        raise UserError(f"{arch}: block {index} o_proj takes {o.in_features} features but attention yields "
-                        f"{q.out_features}")
-    scaling = float(getattr(attn, "scaling", head_dim ** -0.5))
-    return LayerSpec(heads, kv_heads, head_dim, scaling)
-
-
 # ---------------------------------------------------------------- the exported module
-
-def rope_tables(rotary: nn.Module, max_positions: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin for every absolute position, from the model's own rotary module (so RoPE scaling variants hold)."""
-    positions = torch.arange(max_positions, dtype=torch.long)[None]
-    with torch.no_grad():
-        cos, sin = rotary(torch.zeros(1, dtype=torch.float32), positions)
-    cos, sin = cos[0].float().contiguous(), sin[0].float().contiguous()
-    if cos.shape != (max_positions, head_dim):
-        raise UserError(f"rotary tables have shape {tuple(cos.shape)}, expected ({max_positions}, {head_dim}); "
-                        "partial rotary embeddings are not supported")
-    return cos, sin
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
 
 class KVCacheDecoder(nn.Module):
     """forward(input_ids, attention_mask, positions, causal_mask, *past) -> (logits, *present).
 
     past/present alternate key, value per layer; keys are stored after RoPE; present = concat(past, new) on axis 2.
+    RoPE is gathered from cos/sin tables precomputed by the model's own rotary module (runtime Sin/Cos split the
+    graph into two DeepSparse subgraphs and break the engine's internal KV cache).
     """
 
-    def __init__(self, spec: DecoderSpec, max_positions: int):
+    def __init__(self, spec: DecoderSpec):
         super().__init__()
         self.spec = spec
         # registered so the exporter sees the HF modules' parameters; not copied
         self.embed, self.blocks, self.norm, self.lm_head = spec.embed, spec.blocks, spec.final_norm, spec.lm_head
-        head_dims = {s.head_dim for s in spec.layers}
-        for d in head_dims:
-            cos, sin = rope_tables(spec.rotary, max_positions, d)
-            self.register_buffer(f"rope_cos_{d}", cos, persistent=False)
-            self.register_buffer(f"rope_sin_{d}", sin, persistent=False)
+        for i, (cos, sin) in enumerate(spec.rope):
+            self.register_buffer(f"rope_cos_{i}", cos, persistent=False)
+            self.register_buffer(f"rope_sin_{i}", sin, persistent=False)
+        self.windows = sorted({s.window for s in spec.layers if s.window})
+
+    def mask_biases(self, attention_mask, causal_mask, positions) -> dict:
+        """Additive mask per window (None: full attention). A key may be masked by the causal structure or by
+        padding; a sliding layer also masks keys `window` or more slots behind the query. The runtime's window
+        keeps a row's visible slots contiguous, so the keys out of reach are the causal mask shifted left by
+        `window` slots (Slice + Concat: DeepSparse asserts on a CumSum-derived mask and falls back on Pad)."""
+        allowed = causal_mask * attention_mask[:, None, None, :]
+        biases = {None: _bias(allowed)}
+        for window in self.windows:
+            # columns shifted left by `window`, zero-filled (whichever side is shorter, the widths add to the total)
+            out_of_reach = torch.cat((causal_mask[..., window:], causal_mask[..., :window] * 0), dim=-1)
+            biases[window] = _bias(allowed * (1 - out_of_reach))
+        return biases
 
     def forward(self, input_ids, attention_mask, positions, causal_mask, *past):
-        # a key may be masked by either the causal structure or padding in attention_mask
-        allowed = causal_mask * attention_mask[:, None, None, :]
-        mask_bias = (1 - allowed).to(torch.float32) * torch.finfo(torch.float32).min
+        biases = self.mask_biases(attention_mask, causal_mask, positions)
         hidden = self.embed(input_ids)
         presents = []
         for i, (block, layer) in enumerate(zip(self.blocks, self.spec.layers)):
-            cos = getattr(self, f"rope_cos_{layer.head_dim}")[positions].unsqueeze(1)
-            sin = getattr(self, f"rope_sin_{layer.head_dim}")[positions].unsqueeze(1)
-            attn_out, key, value = self._attention(block.self_attn, layer, block.input_layernorm(hidden),
-                                                   cos, sin, mask_bias, past[2 * i], past[2 * i + 1])
+            cos = getattr(self, f"rope_cos_{layer.rope}")[positions].unsqueeze(1)
+            sin = getattr(self, f"rope_sin_{layer.rope}")[positions].unsqueeze(1)
+            hidden, key, value = block_forward(block, layer, hidden, cos, sin, biases[layer.window],
+                                               past[2 * i], past[2 * i + 1])
             presents += [key, value]
-            hidden = hidden + attn_out
-            hidden = hidden + block.mlp(block.post_attention_layernorm(hidden))
-        logits = self.lm_head(self.norm(hidden))
-        return (logits, *presents)
+        return (self.logits(self.norm(hidden)), *presents)
 
-    @staticmethod
-    def _attention(attn, layer: LayerSpec, x, cos, sin, mask_bias, past_key, past_value):
-        """GQA without repeating K/V: each KV head attends for its `group` query heads stacked along the rows.
-
-        Keeping Concat(past, new) -> MatMul free of Expand/Reshape is what DeepSparse's internal KV cache needs
-        (its cached-concat fusion asserts otherwise), and it avoids materialising repeated keys.
-        """
-        batch, length = x.shape[0], x.shape[1]
-        heads, kv_heads, dim = layer.num_heads, layer.num_kv_heads, layer.head_dim
-        q = attn.q_proj(x).reshape(batch, length, heads, dim).transpose(1, 2)
-        k = attn.k_proj(x).reshape(batch, length, kv_heads, dim).transpose(1, 2)
-        v = attn.v_proj(x).reshape(batch, length, kv_heads, dim).transpose(1, 2)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        key = torch.cat((past_key, k), dim=2)
-        value = torch.cat((past_value, v), dim=2)
-        group = heads // kv_heads
-        if group == 1:
-            scores = torch.matmul(q, key.transpose(2, 3)) * layer.scaling + mask_bias
-            probs = torch.softmax(scores, dim=-1)
+    def logits(self, hidden):
+        if self.spec.tied:
+            # a Gemm on the [vocab, hidden] embedding (transB) reads the one stored matrix; a MatMul would get a
+            # transposed copy folded in and store the vocabulary twice
+            batch, length, width = hidden.shape
+            logits = F.linear(hidden.reshape(batch * length, width), self.lm_head.weight, self.lm_head.bias)
+            logits = logits.reshape(batch, length, -1)
         else:
-            # query head h uses KV head h // group, so heads of one group are contiguous: fold them into rows, and
-            # add the mask in 5-D (tiling it with Concat instead makes DeepSparse's compiler assert)
-            q = q.reshape(batch, kv_heads, group * length, dim)
-            scores = torch.matmul(q, key.transpose(2, 3)) * layer.scaling
-            scores = scores.reshape(batch, kv_heads, group, length, -1) + mask_bias[:, :, None]
-            probs = torch.softmax(scores, dim=-1).reshape(batch, kv_heads, group * length, -1)
-        out = torch.matmul(probs, value).reshape(batch, heads, length, dim)
-        out = out.transpose(1, 2).reshape(batch, length, heads * dim)
-        return attn.o_proj(out), key, value
+            logits = self.lm_head(hidden)
+        cap = self.spec.final_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
+def _bias(allowed: torch.Tensor) -> torch.Tensor:
+    return (1 - allowed).to(torch.float32) * torch.finfo(torch.float32).min
 
 
 # ---------------------------------------------------------------- export
@@ -281,13 +221,15 @@ def _dynamic_axes(inputs: list[str], outputs: list[str]) -> dict:
 
 
 def export_onnx(model: nn.Module, path: str | Path, max_positions: int | None = None) -> dict:
-    """Export `model` to `path` (external data in model.data beside it when over 2 GB). Returns a summary."""
+    """Prove the rewritten graph against the model, then export it to `path` (external data in model.data beside
+    it when over 2 GB). Returns a summary."""
     import onnx
 
     path = Path(path)
-    spec = discover(model)
     max_positions = max_positions or int(getattr(model.config, "max_position_embeddings"))
-    wrapper = KVCacheDecoder(spec, max_positions).eval()
+    spec = discover(model, max_positions)
+    wrapper = KVCacheDecoder(spec).eval()
+    proof = prove(model, wrapper, PROOF_TOLERANCE)  # refuses before anything is written
     inputs, outputs = io_names(spec.num_layers)
     with tempfile.TemporaryDirectory(prefix="dlp-export-", dir=path.parent) as tmp:
         raw = Path(tmp) / "raw.onnx"
@@ -295,10 +237,11 @@ def export_onnx(model: nn.Module, path: str | Path, max_positions: int | None = 
             torch.onnx.export(wrapper, _dummy_inputs(spec), str(raw), dynamo=False, opset_version=OPSET,
                               input_names=inputs, output_names=outputs,
                               dynamic_axes=_dynamic_axes(inputs, outputs), do_constant_folding=True)
-        proto = onnx.load(str(raw), load_external_data=True)
-    renamed = name_weight_initializers(proto, model)
-    external = save_model(proto, path)
-    return {"spec": spec, "external_data": external, "named_initializers": renamed,
+        # weights stay in the exporter's files until save_model streams them, one at a time, to their place
+        proto = onnx.load(str(raw), load_external_data=False)
+        renamed = name_weight_initializers(proto, model, Path(tmp))
+        external = save_model(proto, path, Path(tmp))
+    return {"spec": spec, "external_data": external, "named_initializers": renamed, "proof": proof,
             "opset": OPSET, "ir_version": int(proto.ir_version)}
 
 
@@ -321,20 +264,61 @@ def tensor_bytes(proto) -> int:
     return total
 
 
-def save_model(proto, path: Path) -> bool:
-    """Save inline when it fits in one protobuf, else with every tensor in one external data file."""
+def save_model(proto, path: Path, base_dir: Path | None = None) -> bool:
+    """Save inline when it fits in one protobuf, else with every tensor in one external data file, streamed one
+    tensor at a time. `base_dir` is where tensors the proto stores externally live now (the exporter's files)."""
     import onnx
 
     external = tensor_bytes(proto) > _PROTOBUF_LIMIT
     if external:
-        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=EXTERNAL_DATA_FILE, size_threshold=1024)
-    else:
-        onnx.save_model(proto, str(path))
+        _stream_to_external_file(proto, path.parent / EXTERNAL_DATA_FILE, base_dir)
+    elif base_dir is not None:
+        onnx.load_external_data_for_model(proto, str(base_dir))
+    onnx.save_model(proto, str(path))
     return external
 
 
-def name_weight_initializers(proto, model: nn.Module) -> int:
+_TYPED_FIELDS = ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data")
+_INLINE_BELOW = 1024  # small constants stay in the graph, as onnx's own external-data writer does
+
+
+def _stream_to_external_file(proto, data_path: Path, base_dir: Path | None) -> None:
+    """Move every initializer's bytes into `data_path` (one tensor in memory at a time), pointing the proto there."""
+    from onnx import TensorProto
+
+    with open(data_path, "wb") as out:
+        for t in proto.graph.initializer:
+            blob = _initializer_bytes(t, base_dir)
+            for name in _TYPED_FIELDS:
+                t.ClearField(name)
+            del t.external_data[:]
+            if len(blob) < _INLINE_BELOW:
+                t.data_location = TensorProto.DEFAULT
+                t.raw_data = blob
+                continue
+            t.ClearField("raw_data")
+            offset = out.seek(-(-out.tell() // 4096) * 4096)  # page-aligned, so engines may map tensors
+            out.write(blob)
+            t.data_location = TensorProto.EXTERNAL
+            for key, value in (("location", data_path.name), ("offset", str(offset)), ("length", str(len(blob)))):
+                entry = t.external_data.add()
+                entry.key, entry.value = key, value
+
+
+def _initializer_bytes(t, base_dir: Path | None) -> bytes:
+    from onnx import TensorProto, numpy_helper
+
+    if t.data_location == TensorProto.EXTERNAL:
+        info = {e.key: e.value for e in t.external_data}
+        with open(Path(base_dir or ".") / info["location"], "rb") as f:
+            f.seek(int(info.get("offset", 0)))
+            return f.read(int(info["length"])) if "length" in info else f.read()
+    if t.HasField("raw_data"):
+        return t.raw_data
+    return numpy_helper.to_array(t).tobytes()
+
+
+def name_weight_initializers(proto, model: nn.Module, base_dir: Path | None = None) -> int:
     """Give the exporter's anonymous folded weights (onnx::MatMul_123) their PyTorch names.
 
     Constant folding turns each Linear weight into a transposed initializer; matching by content lets
@@ -353,7 +337,8 @@ def name_weight_initializers(proto, model: nn.Module) -> int:
     for init in proto.graph.initializer:
         if len(init.dims) != 2 or init.name in by_digest.values():
             continue
-        target = by_digest.get(_digest(numpy_helper.to_array(init)))
+        array = numpy_helper.to_array(init, base_dir=str(base_dir) if base_dir else "")
+        target = by_digest.get(_digest(array))
         if target and target not in taken:
             renames[init.name] = target
             taken.add(target)
