@@ -142,3 +142,19 @@ def test_unknown_norm_layout_and_attention_parts_are_refused(tmp_path):
     model.model.layers[2].self_attn.sinks = nn.Parameter(torch.zeros(4))
     with pytest.raises(UserError, match="attention of block 2 has weighted parts.*sinks"):
         export_onnx(model, tmp_path / "model.onnx")
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_a_tied_vocabulary_is_stored_once(family, tmp_path):
+    """Embedding and head read one stored matrix (Gemma's embedding scale kept); the untied case stores two."""
+    import onnx
+
+    model = build(family)
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    info = export_onnx(model, tmp_path / "model.onnx", max_positions=64)
+    assert info["spec"].describe()["tied_embeddings"] is True
+    proto = onnx.load(str(tmp_path / "model.onnx"))
+    vocabulary = [t for t in proto.graph.initializer if BASE["vocab_size"] in t.dims]
+    assert len(vocabulary) == 1 and info["proof"]["logits_error"] < 1e-5

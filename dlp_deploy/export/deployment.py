@@ -22,7 +22,7 @@ import torch
 from ..errors import UserError
 from ..io import atomic_dir, check_writable, write_json_atomic
 from ..models import decoder_layers, linear_modules, load, model_sparsity
-from ..provenance import provenance
+from ..provenance import PeakRSS, provenance
 from .. import data
 from .onnx import EXTERNAL_DATA_FILE, export_onnx, onnx_weight_sparsity, save_model
 
@@ -103,7 +103,7 @@ def export_deployment(model_or_dir, out, seq_len: int = 512, validate: bool = Tr
     with atomic_dir(out, force) as tmp:
         onnx_path = tmp / MODEL_FILE
         quantization = None
-        with _timed(timings, "export_s"):
+        with _timed(timings, "export_s"), PeakRSS() as export_memory:
             progress("exporting ONNX graph")
             if quantize is None:
                 exported = export_onnx(model, onnx_path, max_positions=max_positions)
@@ -116,9 +116,11 @@ def export_deployment(model_or_dir, out, seq_len: int = 512, validate: bool = Tr
             sparsity = _check_sparsity(model, onnx_path, quantized=quantize is not None)
             pattern = check_nm_pattern(model, onnx_path, _pruning_record(model_or_dir))
         validation = None
-        if validate:
-            validation = validate_deployment(model, onnx_path, prompt_ids, seq_len, timings, progress, num_cores,
-                                             exact=quantize is None, quality=quality, tokenizer=tokenizer, root=root)
+        with PeakRSS() as validation_memory:
+            if validate:
+                validation = validate_deployment(model, onnx_path, prompt_ids, seq_len, timings, progress,
+                                                 num_cores, exact=quantize is None, quality=quality,
+                                                 tokenizer=tokenizer, root=root)
         timings["total_s"] = time.perf_counter() - started
         info = {
             "source": source,
@@ -129,6 +131,9 @@ def export_deployment(model_or_dir, out, seq_len: int = 512, validate: bool = Tr
             "architecture": exported["spec"].describe(),
             "graph_proof": exported["proof"],
             "sizes": _sizes(tmp),
+            "memory": {"export": {**export_memory.as_dict(),
+                                  "note": "process RSS while exporting (the source model already loaded at start)"},
+                       "validation": validation_memory.as_dict() if validate else None},
             "weight_sparsity": sparsity,
             "nm_pattern": pattern,
             "quantization": quantization,

@@ -47,6 +47,7 @@ class DecoderSpec:
     layers: list[LayerSpec] = field(default_factory=list)
     final_softcap: float | None = None
     trace: Trace | None = field(default=None, repr=False)
+    embed_scale: float | None | bool = None  # what the embedding module multiplies rows by; False: not a scalar
 
     @property
     def num_layers(self) -> int:
@@ -99,7 +100,23 @@ def discover(model: nn.Module, max_positions: int) -> DecoderSpec:
             raise UserError(f"{arch}: block {i} rotates {rope[r][0].shape[-1]} of {layer.head_dim} head dims; "
                             "partial rotary embeddings are not supported")
     softcap = getattr(config, "final_logit_softcapping", None)
-    return DecoderSpec(embed, blocks, final_norm, lm_head, rope, layers, float(softcap) if softcap else None, trace)
+    return DecoderSpec(embed, blocks, final_norm, lm_head, rope, layers, float(softcap) if softcap else None, trace,
+                       embedding_scale(embed))
+
+
+def embedding_scale(embed: nn.Embedding) -> float | None | bool:
+    """None when the module returns its rows as stored, the factor when it scales them by one scalar (Gemma's
+    sqrt(hidden)), False otherwise (then the module itself is exported)."""
+    ids = torch.arange(min(16, embed.num_embeddings))[None]
+    with torch.no_grad():
+        plain, got = F.embedding(ids, embed.weight), embed(ids)
+    if torch.equal(plain, got):
+        return None
+    nonzero = plain.abs() > 1e-6
+    ratios = (got[nonzero] / plain[nonzero]).float()
+    if ratios.numel() and torch.allclose(ratios, ratios.median().expand_as(ratios), rtol=1e-3):
+        return float(ratios.median())
+    return False
 
 
 def proof_length(layers: list[LayerSpec], max_positions: int) -> int:
@@ -163,7 +180,10 @@ class KVCacheDecoder(nn.Module):
 
     def forward(self, input_ids, attention_mask, positions, causal_mask, *past):
         biases = self.mask_biases(attention_mask, causal_mask, positions)
-        hidden = self.embed(input_ids)
+        # a tied vocabulary matrix is read by both ends through one transposed [hidden, vocab] copy, which is the
+        # only one stored (each end using the [vocab, hidden] parameter on its own would store it twice)
+        shared = self.lm_head.weight.t() if self.shared_vocabulary else None
+        hidden = self.embed(input_ids) if shared is None else self._embed_from(shared, input_ids)
         presents = []
         for i, (block, layer) in enumerate(zip(self.blocks, self.spec.layers)):
             cos = getattr(self, f"rope_cos_{layer.rope}")[positions].unsqueeze(1)
@@ -171,19 +191,22 @@ class KVCacheDecoder(nn.Module):
             hidden, key, value = block_forward(block, layer, hidden, cos, sin, biases[layer.window],
                                                past[2 * i], past[2 * i + 1])
             presents += [key, value]
-        return (self.logits(self.norm(hidden)), *presents)
-
-    def logits(self, hidden):
-        if self.spec.tied:
-            # a Gemm on the [vocab, hidden] embedding (transB) reads the one stored matrix; a MatMul would get a
-            # transposed copy folded in and store the vocabulary twice
-            batch, length, width = hidden.shape
-            logits = F.linear(hidden.reshape(batch * length, width), self.lm_head.weight, self.lm_head.bias)
-            logits = logits.reshape(batch, length, -1)
-        else:
-            logits = self.lm_head(hidden)
+        hidden = self.norm(hidden)
+        logits = self.lm_head(hidden) if shared is None else torch.matmul(hidden, shared)
+        if shared is not None and self.lm_head.bias is not None:
+            logits = logits + self.lm_head.bias
         cap = self.spec.final_softcap
-        return logits if cap is None else torch.tanh(logits / cap) * cap
+        return (logits if cap is None else torch.tanh(logits / cap) * cap, *presents)
+
+    def _embed_from(self, shared: torch.Tensor, input_ids):
+        batch, length = input_ids.shape
+        columns = torch.index_select(shared, 1, input_ids.reshape(-1))
+        hidden = columns.t().reshape(batch, length, shared.shape[0])
+        return hidden if self.spec.embed_scale is None else hidden * self.spec.embed_scale
+
+    @property
+    def shared_vocabulary(self) -> bool:
+        return self.spec.tied and self.spec.embed_scale is not False
 
 
 def _bias(allowed: torch.Tensor) -> torch.Tensor:
@@ -246,12 +269,12 @@ def export_onnx(model: nn.Module, path: str | Path, max_positions: int | None = 
 
 
 def tensor_bytes(proto) -> int:
-    """Bytes of the graph's initializers, counted from the tensors: protobuf cannot even measure (ByteSize) or
+    """Bytes of the graph's tensors (initializers and Constant values), counted from the tensors: protobuf cannot even measure (ByteSize) or
     serialise a message over 2 GB, so the decision to go external must not ask it to."""
     from onnx import TensorProto, helper
 
     total = 0
-    for t in proto.graph.initializer:
+    for t in all_tensors(proto):
         if t.HasField("raw_data"):
             total += len(t.raw_data)
         elif t.data_location == TensorProto.EXTERNAL:
@@ -262,6 +285,16 @@ def tensor_bytes(proto) -> int:
                 count *= d
             total += count * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
     return total
+
+
+def all_tensors(proto):
+    """Initializers and the tensors of Constant nodes (the exporter writes large ones externally too)."""
+    yield from proto.graph.initializer
+    for node in proto.graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
 
 
 def save_model(proto, path: Path, base_dir: Path | None = None) -> bool:
@@ -287,7 +320,7 @@ def _stream_to_external_file(proto, data_path: Path, base_dir: Path | None) -> N
     from onnx import TensorProto
 
     with open(data_path, "wb") as out:
-        for t in proto.graph.initializer:
+        for t in all_tensors(proto):
             blob = _initializer_bytes(t, base_dir)
             for name in _TYPED_FIELDS:
                 t.ClearField(name)
