@@ -10,7 +10,7 @@ export DLP_DEPLOY_DATA ?= $(if $(wildcard $(DATA)/.),$(DATA),)
 export NM_DISABLE_ANALYTICS := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: setup assets test demo bench quality sweep forms int8 deploy-report dram clean
+.PHONY: setup assets test demo bench quality sweep forms int8 deploy-report dram memory clean
 
 setup: $(STAMP) assets
 
@@ -91,6 +91,12 @@ dram: setup
 	$(DRAM_SWEEP) --prepare-only
 	$(DRAM_SWEEP)
 	$(BIN)/dlp-deploy report $(DRAM)/sweep --out reports/llama-1b-random-dram --force
+
+# The committed memory report (reports/memory): peak RSS of a wanda + DLP prune, out of core vs in memory, for
+# SmolLM2 and random-weight LLaMAs of 0.3B and 1.5B in bf16 shards, each prune in a fresh process. It holds the
+# shared benchmark lock: the 1.5B in-memory prune needs ~8 GB.
+memory: setup
+	flock /tmp/dlp-bench.lock $(BIN)/python scripts/memory_bench.py --out reports/memory
 
 clean:
 	rm -rf runs .pytest_cache

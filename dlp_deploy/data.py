@@ -113,6 +113,30 @@ def eval_text(name: str, root: Path | None) -> EvalText:
     return EVAL_CORPORA[name](root)
 
 
+# ---------------------------------------------------------------- window length
+
+DEFAULT_SEQLEN = 2048  # the pruning papers' window (LLaMA's context)
+# where configs keep their context length (LLaMA-style first, then GPT-2 / Falcon / ChatGLM / MPT spellings)
+CONTEXT_ATTRS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "max_seq_len")
+
+
+def model_context(config) -> int | None:
+    """The context length a model config declares, or None when it declares none."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for attr in CONTEXT_ATTRS:
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def default_seqlen(config) -> int:
+    """Calibration and evaluation window when none is given: min(2048, the model's context), so a model with a
+    shorter context is never fed positions it was not trained for."""
+    context = model_context(config)
+    return DEFAULT_SEQLEN if context is None else min(DEFAULT_SEQLEN, context)
+
+
 # ---------------------------------------------------------------- calibration
 
 @dataclass(frozen=True)
@@ -155,7 +179,11 @@ def sample_text_windows(ids: list[int], nsamples: int, seqlen: int, seed: int) -
 
 def calibration(name: str, tokenizer, nsamples: int, seqlen: int, seed: int, root: Path | None) -> Calibration:
     def tokenize(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
+        # Wanda's and SparseGPT's loaders call `tokenizer(doc, return_tensors='pt')`, i.e. with the tokenizer's
+        # default special tokens: a LLaMA tokenizer puts BOS at position 0 of every document (or of the joined
+        # WikiText-2/PTB train text). The length test then counts BOS, and the random slice [i, i + seqlen) holds
+        # it only when i == 0; tokenizers that add no BOS (GPT-2 style) are unaffected.
+        return tokenizer(text)["input_ids"]
 
     if name == "c4":
         docs = c4_documents(root, C4_CALIB_DOCS, "train")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -52,16 +53,79 @@ class GGUFAlias:
         out = self.folder()
         if (out / "config.json").is_file():
             return out
-        gguf = self.locate_gguf(install=True)
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        _forget_quantization(model)
-        with atomic_dir(out, force=True) as tmp:
-            model.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
+        dequantize_gguf(self.locate_gguf(install=True), out)
         return out
+
+
+def dequantize_gguf(gguf: Path, out: Path, record: dict | None = None) -> None:
+    """Dequantize a GGUF file (weights, config and tokenizer, as transformers' GGUF loader reads them) into a
+    plain HF folder `out` (fp32 safetensors), atomically; `record` is written beside it as GGUF_SOURCE_FILE."""
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    _forget_quantization(model)
+    with atomic_dir(out, force=True) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if record is not None:
+            (tmp / GGUF_SOURCE_FILE).write_text(json.dumps(record, indent=1))
+
+
+# ---------------------------------------------------------------- any local GGUF, under a name
+
+GGUF_MAGIC = b"GGUF"  # every GGUF file starts with these four bytes
+GGUF_SOURCE_FILE = "gguf_source.json"  # in a fetched folder: which file it came from
+MODEL_NAME = re.compile(r"[a-z0-9][a-z0-9._-]*")  # a cache folder name that cannot be read as a path or hub id
+
+
+def models_dir() -> Path:
+    return cache_dir() / "models"
+
+
+def gguf_model_name(path: Path) -> str:
+    """The default name of a fetched GGUF: its file stem, lower case, other characters as '-'."""
+    return re.sub(r"[^a-z0-9._-]+", "-", path.stem.lower()).strip("-._") or "gguf-model"
+
+
+def fetch_gguf(path: str | os.PathLike, name: str | None = None, force: bool = False) -> Path:
+    """Dequantize a local GGUF into the cache as models/NAME, so that NAME works as MODEL in every command.
+    Fetching the same file under the same name again is a no-op; another file needs --force or another name."""
+    import json
+
+    gguf = Path(path).expanduser()
+    if not gguf.is_file():
+        raise UserError(f"{gguf} does not exist; give the path of a local .gguf model file")
+    with gguf.open("rb") as f:
+        if f.read(len(GGUF_MAGIC)) != GGUF_MAGIC:
+            raise UserError(f"{gguf} is not a GGUF file (it does not start with the GGUF magic bytes); give a "
+                            "llama.cpp .gguf model, or use an HF folder directly as MODEL")
+    name = name if name is not None else gguf_model_name(gguf)
+    if not MODEL_NAME.fullmatch(name) or name in ALIASES:
+        raise UserError(f"--name {name!r} is not usable: give lower-case letters, digits, '.', '_' or '-' (starting "
+                        f"with a letter or digit), other than a built-in alias ({', '.join(ALIASES)})")
+    out = models_dir() / name
+    source = {"gguf": str(gguf.resolve()), "bytes": gguf.stat().st_size}
+    if (out / "config.json").is_file() and not force:
+        recorded = out / GGUF_SOURCE_FILE
+        if recorded.is_file() and json.loads(recorded.read_text()) == source:
+            return out
+        raise UserError(f"model name {name!r} is already fetched at {out} from another source; pass --force to "
+                        "replace it, or choose another --name")
+    try:
+        dequantize_gguf(gguf, out, source)
+    except BaseException as exc:
+        # transformers' GGUF loader raises these for an architecture or tensor type it lacks; the tokenizers
+        # library panics (a BaseException from Rust) on a vocabulary it cannot rebuild, e.g. a merge whose result
+        # is no token. Anything else is a bug and keeps its traceback
+        if not (isinstance(exc, (ValueError, KeyError, NotImplementedError))
+                or type(exc).__name__ == "PanicException"):
+            raise
+        raise UserError(f"cannot dequantize {gguf} with transformers' GGUF loader ({_first_line(exc)}); "
+                        "convert it with a tool that supports its architecture and give the HF folder") from None
+    return out
 
 
 def _forget_quantization(model) -> None:
@@ -83,8 +147,11 @@ ALIASES: dict[str, GGUFAlias] = {
 
 
 def resolve(model: str) -> str:
-    """A local folder, a built-in alias (must be fetched), or a hub id, in that order."""
+    """A local folder, a built-in alias (must be fetched), a fetched GGUF's name, or a hub id, in that order."""
     path = Path(model).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        raise UserError(f"{path} is a GGUF file; run `dlp-deploy models fetch {path} --name NAME` once, then give "
+                        "NAME as MODEL")
     if path.exists():
         if not (path / "config.json").is_file():
             raise UserError(f"{path} has no config.json; point MODEL at a Hugging Face model folder")
@@ -94,15 +161,17 @@ def resolve(model: str) -> str:
         if not (folder / "config.json").is_file():
             raise UserError(f"model alias {model!r} is not fetched yet; run `dlp-deploy models fetch {model}`")
         return str(folder)
+    if MODEL_NAME.fullmatch(model) and (models_dir() / model / "config.json").is_file():
+        return str(models_dir() / model)  # fetched from a local GGUF
     if model.count("/") == 1 and not model.startswith((".", "/")):
         return model  # a hub id; loading reports whether the hub is reachable
-    raise UserError(f"model {model!r} not found: give an existing HF folder, a hub id (org/name), "
-                    f"or an alias ({', '.join(ALIASES)})")
+    raise UserError(f"model {model!r} not found: give an existing HF folder, a hub id (org/name), an alias "
+                    f"({', '.join(ALIASES)}) or a name fetched with `dlp-deploy models fetch FILE.gguf`")
 
 
-def load(model: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
-    """Load (model, tokenizer) in eval mode; a clear error if it is not a causal LM."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def load_config(model: str):
+    """(resolved reference, config) of a causal LM; a clear error if it is not one. Nothing is loaded but the config."""
+    from transformers import AutoConfig
 
     ref = resolve(model)
     try:
@@ -115,6 +184,14 @@ def load(model: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise UserError(f"{model!r} is a {config.model_type!r} model, not a causal LM; give a decoder-only "
                         "language model (LLaMA, Mistral, Qwen2, …)")
+    return ref, config
+
+
+def load(model: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """Load (model, tokenizer) in eval mode, weights in `dtype`; a clear error if it is not a causal LM."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ref, config = load_config(model)
     try:
         if (Path(ref) / STRUCTURE_FILE).is_file():
             lm = load_structured(Path(ref), config, dtype)
@@ -192,6 +269,36 @@ def linear_modules(block: nn.Module) -> dict[str, nn.Linear]:
 
 def prunable_modules(model: nn.Module) -> list[dict[str, nn.Linear]]:
     return [linear_modules(block) for block in decoder_layers(model)]
+
+
+def unprunable_weights(block: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Weight matrices in a block that no nn.Linear holds (qualified parameter name -> shape): MoE experts stored
+    as 3-D parameters (transformers 5's `experts.gate_up_proj` [E, 2I, H]), routers, custom projections. Pruning
+    only sees nn.Linear, so these would stay dense while the reported sparsity counted the Linears alone.
+    Norm scales and biases (1-D) are never pruned, so they are not listed."""
+    found = {}
+    for module_name, module in block.named_modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            continue
+        for name, param in module.named_parameters(recurse=False):
+            if param.dim() >= 2:
+                found[f"{module_name}.{name}" if module_name else name] = tuple(param.shape)
+    return found
+
+
+def check_prunable(model: nn.Module) -> None:
+    """Refuse (one line) a model whose decoder blocks hold weights pruning cannot reach, before any work."""
+    for index, block in enumerate(decoder_layers(model)):
+        found = unprunable_weights(block)
+        if not found:
+            continue
+        name, shape = next(((n, s) for n, s in found.items() if len(s) >= 3), next(iter(found.items())))
+        module = name.rpartition(".")[0] or name
+        why = ("MoE expert pruning is not supported" if len(shape) >= 3
+               else "dlp-deploy prunes nn.Linear weights only")
+        raise UserError(f"{type(model).__name__}: layer {index} module {module} holds {name} {list(shape)} outside "
+                        f"nn.Linear ({why}); it would stay dense while the reported sparsity claimed the target, "
+                        f"so prune a dense (non-MoE) model built from nn.Linear layers")
 
 
 def model_sparsity(model: nn.Module) -> dict:

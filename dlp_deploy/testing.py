@@ -34,14 +34,16 @@ def _byte_char(b: int) -> str:
     return chr(256 + sum(1 for x in range(b) if x not in printable))
 
 
+TINY_CONFIG = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                   num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
+                   bos_token_id=0, eos_token_id=0, pad_token_id=0)
+
+
 def tiny_llama(seed: int = 0, **overrides):
     """A small random LLaMA (GQA by default); keyword overrides go to LlamaConfig (e.g. attention_bias=True)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
-               bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    cfg.update(overrides)
+    cfg = {**TINY_CONFIG, **overrides}
     torch.manual_seed(seed)
     model = LlamaForCausalLM(LlamaConfig(**cfg)).eval()
     model.config.use_cache = False
@@ -62,19 +64,33 @@ RANDOM_SHAPES = {
                      num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048),  # TinyLlama-1.1B
     "llama-350m": dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=22,
                        num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=2048),
+    # TinyLlama's width and vocabulary, 32 layers: 1.54B parameters, 3.1 GB in bf16 (the memory benchmark)
+    "llama-1.5b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048),
 }
+RANDOM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def random_llama_folder(folder: str | Path, shape: str, seed: int = 0) -> Path:
-    """An HF folder holding a random-weight LLaMA of RANDOM_SHAPES[shape] (fp32) and the byte tokenizer."""
+def random_llama_folder(folder: str | Path, shape: str, seed: int = 0, dtype: str = "fp32",
+                        max_shard_size: str | None = None) -> Path:
+    """An HF folder holding a random-weight LLaMA of RANDOM_SHAPES[shape] and the byte tokenizer, its weights in
+    `dtype`, in shards of at most `max_shard_size` (e.g. "500MB"; None: transformers' default)."""
     import json
 
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     folder = Path(folder)
-    model = tiny_llama(seed, **RANDOM_SHAPES[shape])
+    if dtype == "fp32":
+        model = tiny_llama(seed, **RANDOM_SHAPES[shape])
+    else:  # built in the target dtype: a 1.5B model need not exist in fp32 (6 GB) on its way to disk
+        cfg = LlamaConfig(**{**TINY_CONFIG, **RANDOM_SHAPES[shape]})
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM._from_config(cfg, dtype=RANDOM_DTYPES[dtype]).eval()
     model.config.use_cache = True
-    model.save_pretrained(folder)
+    model.save_pretrained(folder, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     tiny_tokenizer().save_pretrained(folder)
-    (folder / "random.json").write_text(json.dumps({"shape": shape, "seed": seed, "weights": "random (HF init)",
+    (folder / "random.json").write_text(json.dumps({"shape": shape, "seed": seed, "dtype": dtype,
+                                                    "weights": "random (HF init)",
                                                     "note": "for speed only; perplexity is meaningless"}, indent=1))
     return folder
 

@@ -134,6 +134,13 @@ def _names(csv: str) -> list[str]:
     return [x.strip() for x in csv.split(",") if x.strip() and x.strip() != "none"]
 
 
+def _allocations(csv: str) -> list[str]:
+    """Like _names, but an allocation expression keeps its own commas (expr:abslog>var>atan,asin)."""
+    from ..prune.allocate import split_allocations
+
+    return split_allocations(csv)
+
+
 def sweep_cmd(
     model: Annotated[str, typer.Argument(help="HF folder, hub id or alias (smollm2-135m)")],
     out: Annotated[Path, typer.Option(help="run folder; an interrupted sweep resumes from it")],
@@ -144,10 +151,12 @@ def sweep_cmd(
     engines: str = "deepsparse,onnxruntime",
     calib: str = "c4",
     nsamples: int = 128,
-    calib_seqlen: int = 2048,
+    calib_seqlen: Annotated[Optional[int], typer.Option(help="calibration window; default min(2048, the model's "
+                                                             "context)")] = None,
     seed: int = 0,
     ppl: str = "wikitext2",
-    eval_seqlen: int = 2048,
+    eval_seqlen: Annotated[Optional[int], typer.Option(help="perplexity window; default min(2048, the model's "
+                                                            "context)")] = None,
     max_windows: Optional[int] = None,
     seq_len: Annotated[int, typer.Option(help="export window (prompt + generated tokens)")] = 512,
     validate: Annotated[bool, typer.Option(help="check each export against PyTorch")] = True,
@@ -189,13 +198,25 @@ def sweep_cmd(
     if data_dir:
         os.environ["DLP_DEPLOY_DATA"] = str(data_dir)
     settings = SweepSettings(model, _floats(sparsities, "--sparsities"), method,
-                             _names(allocation) + [b for b in _names(baseline) if b not in _names(allocation)],
+                             _allocations(allocation)
+                             + [b for b in _allocations(baseline) if b not in _allocations(allocation)],
                              _names(engines), calib, nsamples, calib_seqlen, seed, _names(ppl), eval_seqlen,
                              max_windows, seq_len, validate, _cores(cores), prompt_len, gen_len, runs, warmup,
                              external_cache, device, _names(pattern), structure,
                              _floats(structure_sparsities, "--structure-sparsities") if structure_sparsities else None,
-                             _names(structure_allocations) if structure_allocations else None, _names(importance),
+                             _allocations(structure_allocations) if structure_allocations else None,
+                             _names(importance),
                              multiple, _precisions(precision), rounds, _order(order), order_seed, alpha)
+    if calib_seqlen is None or eval_seqlen is None:
+        # min(2048, the model's context), resolved now (after the option checks, which answer before any work)
+        # so that run.json and the report hold the number
+        from dataclasses import replace
+
+        from ..data import default_seqlen
+        from ..models import load_config
+
+        window = default_seqlen(load_config(model)[1])
+        settings = replace(settings, calib_seqlen=calib_seqlen or window, eval_seqlen=eval_seqlen or window)
     quiet_transformers()
     with progress_bar() as progress:
         report = run_sweep(settings, out, progress, log=console.print, prepare_only=prepare_only)

@@ -8,12 +8,11 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import UserError
-from ..prune.allocate import ALLOCATORS, REDUCERS, default_dlp_alpha
+from ..prune.allocate import ALLOCATORS, OWL_LAMBDA, OWL_M, REDUCERS, default_dlp_alpha, get_allocator
 from ..prune.masks import GRANULARITIES
 from ..prune.pruners import PRUNERS
 
 Method = enum.Enum("Method", {k: k for k in PRUNERS}, type=str)
-Allocation = enum.Enum("Allocation", {k: k for k in ALLOCATORS}, type=str)
 Reducer = enum.Enum("Reducer", {k: k for k in REDUCERS}, type=str)
 Granularity = enum.Enum("Granularity", {k: k for k in GRANULARITIES}, type=str)
 
@@ -28,11 +27,19 @@ def prune(
     sparsity: Annotated[Optional[float], typer.Option(help="target share of decoder-Linear weights removed, in "
                                                            "[0, 1); an N:M pattern implies it")] = None,
     method: Annotated[Method, typer.Option(help="weight scores (unstructured and N:M forms)")] = "wanda",
-    allocation: Annotated[Optional[Allocation], typer.Option(help="per-layer ratios; default dlp (uniform for a "
-                                                                  "fixed N:M pattern)")] = None,
-    alpha: Annotated[Optional[float], typer.Option(help="DLP spread; default: the paper's App. G value")] = None,
+    allocation: Annotated[Optional[str], typer.Option(
+        help=f"per-layer ratios: {', '.join(ALLOCATORS)}, or an expression expr:PRE,..>REDUCE>POST,.. "
+             "(README); default dlp (uniform for a fixed N:M pattern)")] = None,
+    alpha: Annotated[Optional[float], typer.Option(help="DLP (and expr:) spread; default: the paper's App. G "
+                                                        "value")] = None,
     reducer: Annotated[Reducer, typer.Option(help="DLP layer statistic over Wanda scores")] = "median",
-    granularity: Annotated[Granularity, typer.Option()] = "per-output",
+    granularity: Annotated[Optional[Granularity], typer.Option(
+        help="mask comparison group (unstructured); default: the method's reference (wanda per-output, "
+             "sparsegpt per-layer inside each 128-column block)")] = None,
+    owl_m: Annotated[float, typer.Option("--owl-m", help="OWL: outliers are Wanda scores above M times their "
+                                                         "layer's mean")] = OWL_M,
+    owl_lambda: Annotated[float, typer.Option("--owl-lambda", help="OWL: layer ratios span target ± lambda")]
+    = OWL_LAMBDA,
     pattern: Annotated[str, typer.Option(help="unstructured, N:M (N pruned of every M inputs, e.g. 2:4, 4:8) or "
                                               "mixed:M (per-layer N from the allocation), M in 4, 8")] = "unstructured",
     structure: Annotated[Optional[str], typer.Option(help="structured pruning: remove whole heads and/or MLP "
@@ -42,9 +49,17 @@ def prune(
     multiple: Annotated[int, typer.Option(help="structured: keep MLP widths a multiple of this")] = 8,
     calib: Annotated[str, typer.Option(help="calibration corpus: c4, wikitext2, ptb")] = "c4",
     nsamples: Annotated[int, typer.Option(min=1)] = 128,
-    seqlen: Annotated[int, typer.Option(min=2)] = 2048,
+    seqlen: Annotated[Optional[int], typer.Option(min=2, help="calibration window; default min(2048, the "
+                                                              "model's context)")] = None,
     seed: int = 0,
-    device: Device = "cpu",
+    device: Annotated[str, typer.Option(help="torch device: auto (CUDA when present, else cpu), cpu, cuda, "
+                                             "cuda:1 …")] = "auto",
+    dtype: Annotated[str, typer.Option(help="weights and activations while pruning: auto (the checkpoint's), "
+                                            "bf16, fp16, fp32; statistics are fp32 and the output keeps the "
+                                            "input's dtype")] = "auto",
+    stream: Annotated[Optional[bool], typer.Option("--stream/--in-memory", help="read one decoder block at a "
+                                                   "time from the safetensors shards (default where the input "
+                                                   "and form allow it) or load the whole model")] = None,
     data_dir: DataDir = None,
     force: Annotated[bool, typer.Option(help="replace an existing --out")] = False,
 ) -> None:
@@ -53,11 +68,11 @@ def prune(
     from ..prune.job import prune_to_folder
 
     settings = prune_settings(sparsity, _v(method), _v(allocation), alpha, _v(reducer), _v(granularity), pattern,
-                              structure, importance, multiple)
+                              structure, importance, multiple, owl_m, owl_lambda)
     quiet_transformers()
     with progress_bar() as progress:
         report = prune_to_folder(model, out, settings, calib, nsamples, seqlen, seed, device,
-                                 str(data_dir) if data_dir else None, force, progress)
+                                 str(data_dir) if data_dir else None, force, progress, dtype.lower(), stream)
     if report["layers_clipped"]:
         console.print(f"[yellow]warning:[/] {report['layers_clipped']} layer ratios fell outside "
                       f"[0, {report['ratio_bounds'][1]}] and were clipped (correction "
@@ -69,11 +84,15 @@ def prune(
     what = f"{settings.importance} structured" if settings.structure else f"{settings.method}, {settings.form}"
     console.print(f"pruned {model}: global sparsity {report['global_sparsity']:.4f} "
                   f"({what}, {settings.allocation}) -> {out}")
+    loading, peak = report["loading"], report["memory"]["rss_peak_bytes"] / 2**30
+    how = loading["mode"] + (f" ({loading['why_in_memory']})" if loading["why_in_memory"] else "")
+    console.print(f"{how}, {report['dtype']['compute']} on {report['device']}, peak RSS {peak:.2f} GiB")
 
 
 def prune_settings(sparsity: float | None, method: str, allocation: str | None, alpha: float | None,
-                   reducer: str = "median", granularity: str = "per-output", pattern: str = "unstructured",
-                   structure: str | None = None, importance: str = "activation", multiple: int = 8):
+                   reducer: str = "median", granularity: str | None = None, pattern: str = "unstructured",
+                   structure: str | None = None, importance: str = "activation", multiple: int = 8,
+                   owl_m: float = OWL_M, owl_lambda: float = OWL_LAMBDA):
     """Fill what the form implies (an N:M pattern's sparsity and uniform allocation, DLP's default alpha), then
     validate: the one place the CLI and the sweep build settings."""
     from ..prune.masks import parse_pattern
@@ -87,10 +106,10 @@ def prune_settings(sparsity: float | None, method: str, allocation: str | None, 
     if not 0 <= sparsity < 1:
         raise UserError(f"--sparsity {sparsity} is outside [0, 1); give a fraction such as 0.5")
     allocation = allocation or ("uniform" if fixed is not None else "dlp")
-    if alpha is None and allocation == "dlp":
+    if alpha is None and get_allocator(allocation).uses_alpha:
         alpha = default_dlp_alpha(sparsity)
     settings = PruneSettings(sparsity, method, allocation, alpha, reducer, granularity, pattern.strip().lower(),
-                             structure, importance, multiple)
+                             structure, importance, multiple, owl_m, owl_lambda)
     validate_settings(settings)
     return settings
 
@@ -100,7 +119,8 @@ def eval_(
                                               "folder (with --engine)")],
     json_out: Annotated[Path, typer.Option("--json", help="result file (must not exist unless --force)")],
     ppl: Annotated[str, typer.Option(help="comma list of wikitext2, ptb, c4; empty for none")] = "wikitext2",
-    seqlen: Annotated[Optional[int], typer.Option(min=2, help="window; default 2048, for a deployment its "
+    seqlen: Annotated[Optional[int], typer.Option(min=2, help="window; default min(2048, the model's context), "
+                                                              "for a deployment min(2048, its "
                                                               "--seq-len minus one")] = None,
     engine: Annotated[Optional[str], typer.Option(help="score a deployment folder's ONNX graph on this engine "
                                                        "(onnxruntime, deepsparse-external, openvino)")] = None,
@@ -133,7 +153,7 @@ def eval_(
                 raise UserError("--zeroshot runs on PyTorch models only; drop it or give an HF model folder")
             result = evaluate_deployment(model, engine, _split(ppl), seqlen, max_windows, cores, root, progress)
         else:
-            result = evaluate(model, _split(ppl), seqlen or 2048, max_windows, _split(zeroshot), limit, device,
+            result = evaluate(model, _split(ppl), seqlen, max_windows, _split(zeroshot), limit, device,
                               root, progress)
     write_json_atomic(json_out, result, force)
     table = Table("metric", "value", title=f"{model}")

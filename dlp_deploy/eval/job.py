@@ -10,7 +10,7 @@ from ..provenance import provenance
 from .perplexity import corpus_ids, perplexity
 
 
-def evaluate(model_ref: str, ppl: list[str], seqlen: int = 2048, max_windows: int | None = None,
+def evaluate(model_ref: str, ppl: list[str], seqlen: int | None = None, max_windows: int | None = None,
              zeroshot: list[str] | None = None, limit: int | None = None, device: str = "cpu",
              data_root: str | None = None, progress=None) -> dict:
     root = data.data_dir(data_root) if ppl else None
@@ -20,7 +20,9 @@ def evaluate(model_ref: str, ppl: list[str], seqlen: int = 2048, max_windows: in
 
         check_tasks(zeroshot)
     model, tok = models.load(model_ref, device)
-    result: dict = {"schema": "dlp-deploy/eval/1", "model": model_ref, "perplexity": {}, "perplexity_details": {}}
+    seqlen = seqlen or data.default_seqlen(model.config)  # None: min(2048, the model's context)
+    result: dict = {"schema": "dlp-deploy/eval/1", "model": model_ref, "seqlen": seqlen, "perplexity": {},
+                    "perplexity_details": {}}
     _score_corpora(result, model, tok, texts, seqlen, max_windows, progress)
     if zeroshot:
         from .zeroshot import evaluate_zeroshot
@@ -59,15 +61,15 @@ def evaluate_deployment(deploy_dir: str, engine: str, ppl: list[str], seqlen: in
 
     dep = load_deployment(deploy_dir)
     dep.check_engine(engine)
-    seqlen = seqlen or min(2048, dep.seq_len - 1)
+    seqlen = seqlen or min(data.DEFAULT_SEQLEN, dep.seq_len - 1)
     if seqlen >= dep.seq_len:
         raise UserError(f"--seqlen {seqlen} must be shorter than the deployment's {dep.seq_len}-token window; "
                         f"use --seqlen {dep.seq_len - 1} or re-export with a larger --seq-len")
     root = data.data_dir(data_root)
     texts = {name: data.eval_text(name, root) for name in ppl}
     session = ENGINES[engine].compile(dep.model_path, dep.seq_len, num_cores=cores)
-    result: dict = {"schema": "dlp-deploy/eval/1", "model": str(deploy_dir), "engine": engine, "perplexity": {},
-                    "perplexity_details": {}}
+    result: dict = {"schema": "dlp-deploy/eval/1", "model": str(deploy_dir), "engine": engine, "seqlen": seqlen,
+                    "perplexity": {}, "perplexity_details": {}}
     _score_corpora(result, session_logits(session), dep.tokenizer(), texts, seqlen, max_windows, progress)
     result["deployment"] = {k: dep.info.get(k) for k in ("source", "quantization", "seq_len")}
     result["provenance"] = provenance()

@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..models import decoder_layers, linear_modules
-from .allocate import ALLOCATORS, Allocation, allocate, mixed_nm_counts
+from ..models import check_prunable, decoder_layers, linear_modules
+from .allocate import OWL_LAMBDA, OWL_M, Allocation, allocate, get_allocator, mixed_nm_counts
 from .masks import MaskSpec, parse_pattern
-from .pruners import PRUNERS, Pruner
+from .pruners import PRUNERS, Pruner, default_granularity
 from .scores import ActivationNorms, wanda_scores
 
 
@@ -29,11 +29,18 @@ class PruneSettings:
     allocation: str = "dlp"
     alpha: float | None = None
     reducer: str = "median"
-    granularity: str = "per-output"
+    granularity: str | None = None  # None: the method's reference selection (pruners.default_granularity)
     pattern: str = "unstructured"
     structure: str | None = None  # "heads", "channels" or "heads,channels"
     importance: str = "activation"  # structured only: activation | taylor
     multiple: int = 8  # structured only: MLP widths kept a multiple of this
+    owl_m: float = OWL_M  # OWL only: a score is an outlier above owl_m times its layer's mean
+    owl_lambda: float = OWL_LAMBDA  # OWL only: ratios span [p - owl_lambda, p + owl_lambda]
+
+    def __post_init__(self):
+        # resolved here so that pruning.json (asdict) records the granularity actually used
+        if self.granularity is None:
+            self.granularity = default_granularity(self.method, self.pattern)
 
     @property
     def form(self) -> str:
@@ -69,7 +76,7 @@ def _call_kwargs(kw: dict) -> dict:
     return out
 
 
-def capture_block_inputs(model: nn.Module, windows: torch.Tensor) -> BlockInputs:
+def capture_block_inputs(model: nn.Module, windows: torch.Tensor, residency=None) -> BlockInputs:
     """Every window's hidden states entering the first block, and each block's own call (from one full forward:
     calls depend on the window length, which all windows share, not on the tokens)."""
     blocks = decoder_layers(model)
@@ -83,7 +90,8 @@ def capture_block_inputs(model: nn.Module, windows: torch.Tensor) -> BlockInputs
 
     handles = [b.register_forward_pre_hook(record(i), with_kwargs=True) for i, b in enumerate(blocks)]
     try:
-        model(windows[0].unsqueeze(0).to(device), use_cache=False)
+        with residency.forward(model) if residency else contextlib.nullcontext():
+            model(windows[0].unsqueeze(0).to(device), use_cache=False)
     finally:
         for h in handles:
             h.remove()
@@ -131,26 +139,57 @@ def collecting(modules: dict[str, nn.Linear], factory) -> Iterator[dict[str, obj
             h.remove()
 
 
+def held(residency, index: int, phase: str):
+    """Block `index`'s weights for the duration of a phase ("statistics" or "prune"). `residency` is None when the
+    whole model is in memory; out of core (stream.StreamedModel) it loads the block, frees it after, and saves it
+    after the prune phase."""
+    return residency.block(index, phase) if residency else contextlib.nullcontext()
+
+
 def block_sizes(model: nn.Module) -> list[int]:
     return [sum(m.weight.numel() for m in linear_modules(b).values()) for b in decoder_layers(model)]
 
 
+def statistics_need_activations(allocator_name: str, method: str) -> bool:
+    """Whether the allocator's dense statistics read calibration activations (Wanda scores): "wanda" inputs
+    always, "score" inputs unless the method's score is |W| (magnitude)."""
+    inputs = get_allocator(allocator_name).inputs
+    return inputs == "wanda" or (inputs == "score" and method != "magnitude")
+
+
 @torch.no_grad()
-def dense_layer_statistics(model: nn.Module, inputs: BlockInputs, allocator_name: str, params: dict,
-                           progress=None) -> list[float]:
-    """The allocator's per-layer statistic over the dense model's Wanda scores (every layer's is needed before
-    any ratio is known)."""
-    statistic = ALLOCATORS[allocator_name].layer_statistic
+def dense_layer_statistics(model: nn.Module, inputs: BlockInputs | None, allocator_name: str, params: dict,
+                           progress=None, residency=None) -> list:
+    """The allocator's per-layer statistic over the dense model (every layer's is needed before any ratio is
+    known), from what the allocator reads (allocate.py): the block's Wanda scores flattened ("wanda"), the method's
+    score per Linear ("score"), its fp32 weights ("weights") or its Linear shapes ("shapes")."""
+    allocator = get_allocator(allocator_name)
+    statistic, kind = allocator.layer_statistic, allocator.inputs
+    activations = statistics_need_activations(allocator_name, params.get("method", "wanda"))
     blocks = decoder_layers(model)
     task = progress.add_task("layer statistics (dense)", total=len(blocks)) if progress else None
     values = []
     for index, block in enumerate(blocks):
-        modules = linear_modules(block)
-        with collecting(modules, ActivationNorms) as norms:
-            run_block(block, index, inputs)
-        scores = torch.cat([wanda_scores(m.weight.float(), norms[n].sq_norm).flatten() for n, m in modules.items()])
-        values.append(statistic(scores, params))
-        del scores
+        if kind == "shapes":  # shapes only: the block's weights need not be read
+            values.append(statistic({n: tuple(m.weight.shape) for n, m in linear_modules(block).items()}, params))
+            if progress:
+                progress.advance(task)
+            continue
+        with held(residency, index, "statistics"):
+            modules = linear_modules(block)
+            if activations:
+                with collecting(modules, ActivationNorms) as norms:
+                    run_block(block, index, inputs)
+                mats = {n: wanda_scores(m.weight.float(), norms[n].sq_norm) for n, m in modules.items()}
+            elif kind == "score":
+                mats = {n: m.weight.float().abs() for n, m in modules.items()}
+            else:
+                mats = {n: m.weight.float() for n, m in modules.items()}
+            if kind == "wanda":
+                values.append(statistic(torch.cat([x.flatten() for x in mats.values()]), params))
+            else:
+                values.append(statistic(mats, params))
+            del mats
         if progress:
             progress.advance(task)
     return values
@@ -158,21 +197,23 @@ def dense_layer_statistics(model: nn.Module, inputs: BlockInputs, allocator_name
 
 @torch.no_grad()
 def prune_blocks(model: nn.Module, inputs: BlockInputs | None, pruner: Pruner, ratios: list[float],
-                 spec: MaskSpec, progress=None) -> None:
+                 spec: MaskSpec, progress=None, residency=None) -> None:
     """Sequential pruning: each block's statistics come from the outputs of the blocks already pruned."""
     blocks = decoder_layers(model)
     task = progress.add_task(f"pruning ({pruner.name})", total=len(blocks)) if progress else None
     for index, (block, ratio) in enumerate(zip(blocks, ratios)):
-        modules = linear_modules(block)
-        if pruner.collector is None:
-            stats = dict.fromkeys(modules)
-        else:
-            with collecting(modules, pruner.collector) as stats:
-                run_block(block, index, inputs, keep=False)
-        for name, m in modules.items():
-            m.weight.data = pruner.prune(m.weight.data, stats[name], ratio, spec)
-        if inputs is not None:
-            run_block(block, index, inputs)
+        with held(residency, index, "prune"):
+            modules = linear_modules(block)
+            if pruner.collector is None:
+                stats = dict.fromkeys(modules)
+            else:
+                with collecting(modules, pruner.collector) as stats:
+                    run_block(block, index, inputs, keep=False)
+            for name, m in modules.items():
+                m.weight.data = pruner.prune(m.weight.data, stats[name], ratio, spec)
+            del stats  # a block's Hessians are as large as its weights
+            if inputs is not None:
+                run_block(block, index, inputs)
         if progress:
             progress.advance(task)
 
@@ -188,23 +229,30 @@ def realized_sparsity(model: nn.Module) -> list[float]:
 def needs_calibration(settings: PruneSettings) -> bool:
     if settings.structure:
         return True  # activation norms or calibration-loss gradients
-    return PRUNERS[settings.method].collector is not None or ALLOCATORS[settings.allocation].layer_statistic is not None
+    return PRUNERS[settings.method].collector is not None or statistics_need_activations(settings.allocation,
+                                                                                         settings.method)
 
 
-def prune_model(model: nn.Module, windows: torch.Tensor | None, settings: PruneSettings, progress=None) -> PruneResult:
-    """Prune `model` in place. `windows` [n, seqlen] token ids may be None when nothing needs calibration."""
+def prune_model(model: nn.Module, windows: torch.Tensor | None, settings: PruneSettings, progress=None,
+                residency=None) -> PruneResult:
+    """Prune `model` in place. `windows` [n, seqlen] token ids may be None when nothing needs calibration.
+    `residency` (stream.StreamedModel) prunes out of core: blocks are loaded one at a time and saved as pruned."""
+    if residency is not None and settings.structure:
+        raise UserError("structured pruning changes tensor shapes; it cannot stream, prune it in memory")
     validate_settings(settings)
     validate_for_model(settings, model)
     if needs_calibration(settings) and windows is None:
         raise UserError(f"{settings.form} pruning with {settings.allocation} allocation needs calibration data")
     timings: dict[str, float] = {}
-    params = {"alpha": settings.alpha, "reducer": settings.reducer}
+    params = {"alpha": settings.alpha, "reducer": settings.reducer, "owl_m": settings.owl_m,
+              "owl_lambda": settings.owl_lambda, "method": settings.method}
     n_blocks = len(decoder_layers(model))
 
     t = time.perf_counter()
-    if ALLOCATORS[settings.allocation].layer_statistic is not None:
-        stats = dense_layer_statistics(model, capture_block_inputs(model, windows), settings.allocation, params,
-                                       progress)
+    if get_allocator(settings.allocation).layer_statistic is not None:
+        inputs = capture_block_inputs(model, windows, residency) \
+            if statistics_need_activations(settings.allocation, settings.method) else None
+        stats = dense_layer_statistics(model, inputs, settings.allocation, params, progress, residency)
     else:
         stats = [0.0] * n_blocks
     timings["layer_statistics_s"] = time.perf_counter() - t
@@ -218,14 +266,17 @@ def prune_model(model: nn.Module, windows: torch.Tensor | None, settings: PruneS
     if settings.structure:
         extras = _prune_structured(model, windows, settings, allocation, progress, timings)
     else:
-        extras = _prune_weights(model, windows, settings, allocation, sizes, progress)
+        extras = _prune_weights(model, windows, settings, allocation, sizes, progress, residency)
     timings["prune_s"] = time.perf_counter() - t
-    realized = [1 - now / before for now, before in zip(block_sizes(model), sizes)] if settings.structure \
-        else realized_sparsity(model)
+    if settings.structure:
+        realized = [1 - now / before for now, before in zip(block_sizes(model), sizes)]
+    else:  # out of core each block's figure was taken while it was resident
+        realized = list(residency.realized) if residency else realized_sparsity(model)
     return PruneResult(allocation, realized, sizes, timings, extras)
 
 
-def _prune_weights(model, windows, settings: PruneSettings, allocation: Allocation, sizes, progress) -> dict:
+def _prune_weights(model, windows, settings: PruneSettings, allocation: Allocation, sizes, progress,
+                   residency=None) -> dict:
     """Unstructured, N:M and mixed N:M: zeros inside the weights. For N:M patterns the layer ratio is n_l / m."""
     pattern = parse_pattern(settings.pattern)
     extras: dict = {"pattern": str(pattern)}
@@ -238,8 +289,8 @@ def _prune_weights(model, windows, settings: PruneSettings, allocation: Allocati
         allocation.ratios = [n / pattern.m for n in counts]
     spec = MaskSpec(settings.granularity, pattern.m)
     pruner = PRUNERS[settings.method]
-    inputs = capture_block_inputs(model, windows) if pruner.collector is not None else None
-    prune_blocks(model, inputs, pruner, allocation.ratios, spec, progress)
+    inputs = capture_block_inputs(model, windows, residency) if pruner.collector is not None else None
+    prune_blocks(model, inputs, pruner, allocation.ratios, spec, progress, residency)
     if pattern.m:
         extras["m"] = pattern.m
     return extras
@@ -275,15 +326,21 @@ def validate_settings(s: PruneSettings) -> None:
 
     if not 0 <= s.sparsity < 1:
         raise UserError(f"--sparsity {s.sparsity} is outside [0, 1); give a fraction such as 0.5")
-    for value, registry, flag in ((s.method, PRUNERS, "--method"), (s.allocation, ALLOCATORS, "--allocation"),
+    for value, registry, flag in ((s.method, PRUNERS, "--method"),
                                   (s.reducer, REDUCERS, "--reducer"), (s.granularity, GRANULARITIES, "--granularity"),
                                   (s.importance, IMPORTANCE, "--importance")):
         if value not in registry:
             raise UserError(f"unknown {flag} {value!r}; choose from {', '.join(registry)}")
-    if s.allocation == "dlp" and s.alpha is None:
-        raise UserError("DLP needs --alpha (the CLI fills in the paper's default)")
+    allocator = get_allocator(s.allocation)  # a registry name or expr:...; a UserError names the valid ones
+    if allocator.uses_alpha and s.alpha is None:
+        raise UserError(f"{s.allocation} needs --alpha (the CLI fills in DLP's App. G default)")
     if s.alpha is not None and not 0 <= s.alpha < 0.5:
         raise UserError(f"--alpha {s.alpha} is outside [0, 0.5); the paper uses 0.02-0.15")
+    if not s.owl_m > 0:
+        raise UserError(f"--owl-m {s.owl_m} must be positive (outliers are scores above M times the layer mean; "
+                        f"OWL uses {OWL_M:g})")
+    if not 0 <= s.owl_lambda < 0.5:
+        raise UserError(f"--owl-lambda {s.owl_lambda} is outside [0, 0.5); OWL uses {OWL_LAMBDA:g}")
     pattern = parse_pattern(s.pattern)
     if s.structure:
         parse_units(s.structure)
@@ -304,7 +361,9 @@ def validate_settings(s: PruneSettings) -> None:
 
 
 def validate_for_model(s: PruneSettings, model: nn.Module) -> None:
-    """Checks that need the model: an N:M group size must divide every prunable layer's input width."""
+    """Checks that need the model: every block weight must be prunable (no MoE experts outside nn.Linear), and an
+    N:M group size must divide every prunable layer's input width."""
+    check_prunable(model)
     pattern = parse_pattern(s.pattern)
     if pattern.m is None:
         return
