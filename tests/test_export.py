@@ -305,4 +305,5 @@ def test_export_over_two_gigabytes_loads_and_validates_on_both_engines(tmp_path)
           f"{peak / 2**30:.2f} GiB, validation peak {info['memory']['validation']['rss_peak_bytes'] / 2**30:.2f} GiB")
     # measured 3.0x the weights (the model itself, the TorchScript exporter's copy and its constant-folded
     # transposes; saving adds one tensor at a time): a regression guard against a proto of everything on top
-    assert peak < 3.5 * data_file.stat().st_size
+    # (growth, not the absolute peak: the test process may hold memory from earlier tests)
+    assert info["memory"]["export"]["rss_growth_bytes"] < 3.5 * data_file.stat().st_size

@@ -109,7 +109,8 @@ def test_family_deploys_and_validates_on_both_engines(family, tmp_path):
     src = tmp_path / "src"
     build(family).save_pretrained(src)
     tiny_tokenizer().save_pretrained(src)
-    info = export_deployment(src, tmp_path / "deploy", seq_len=64, num_cores=1)
+    # perplexity through the engines is validated on LLaMA elsewhere; here the graph's numerics and tokens
+    info = export_deployment(src, tmp_path / "deploy", seq_len=64, num_cores=1, quality=None)
     for engine in ("onnxruntime", "deepsparse", "deepsparse-external"):
         assert info["validation"][engine]["greedy_match"] is True, engine
         assert info["validation"][engine]["max_abs_logit_diff"] < 1e-3, engine

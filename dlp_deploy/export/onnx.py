@@ -47,7 +47,6 @@ class DecoderSpec:
     layers: list[LayerSpec] = field(default_factory=list)
     final_softcap: float | None = None
     trace: Trace | None = field(default=None, repr=False)
-    embed_scale: float | None | bool = None  # what the embedding module multiplies rows by; False: not a scalar
 
     @property
     def num_layers(self) -> int:
@@ -100,23 +99,8 @@ def discover(model: nn.Module, max_positions: int) -> DecoderSpec:
             raise UserError(f"{arch}: block {i} rotates {rope[r][0].shape[-1]} of {layer.head_dim} head dims; "
                             "partial rotary embeddings are not supported")
     softcap = getattr(config, "final_logit_softcapping", None)
-    return DecoderSpec(embed, blocks, final_norm, lm_head, rope, layers, float(softcap) if softcap else None, trace,
-                       embedding_scale(embed))
+    return DecoderSpec(embed, blocks, final_norm, lm_head, rope, layers, float(softcap) if softcap else None, trace)
 
-
-def embedding_scale(embed: nn.Embedding) -> float | None | bool:
-    """None when the module returns its rows as stored, the factor when it scales them by one scalar (Gemma's
-    sqrt(hidden)), False otherwise (then the module itself is exported)."""
-    ids = torch.arange(min(16, embed.num_embeddings))[None]
-    with torch.no_grad():
-        plain, got = F.embedding(ids, embed.weight), embed(ids)
-    if torch.equal(plain, got):
-        return None
-    nonzero = plain.abs() > 1e-6
-    ratios = (got[nonzero] / plain[nonzero]).float()
-    if ratios.numel() and torch.allclose(ratios, ratios.median().expand_as(ratios), rtol=1e-3):
-        return float(ratios.median())
-    return False
 
 
 def proof_length(layers: list[LayerSpec], max_positions: int) -> int:
@@ -180,10 +164,7 @@ class KVCacheDecoder(nn.Module):
 
     def forward(self, input_ids, attention_mask, positions, causal_mask, *past):
         biases = self.mask_biases(attention_mask, causal_mask, positions)
-        # a tied vocabulary matrix is read by both ends through one transposed [hidden, vocab] copy, which is the
-        # only one stored (each end using the [vocab, hidden] parameter on its own would store it twice)
-        shared = self.lm_head.weight.t() if self.shared_vocabulary else None
-        hidden = self.embed(input_ids) if shared is None else self._embed_from(shared, input_ids)
+        hidden = self.embed(input_ids)
         presents = []
         for i, (block, layer) in enumerate(zip(self.blocks, self.spec.layers)):
             cos = getattr(self, f"rope_cos_{layer.rope}")[positions].unsqueeze(1)
@@ -191,22 +172,21 @@ class KVCacheDecoder(nn.Module):
             hidden, key, value = block_forward(block, layer, hidden, cos, sin, biases[layer.window],
                                                past[2 * i], past[2 * i + 1])
             presents += [key, value]
-        hidden = self.norm(hidden)
-        logits = self.lm_head(hidden) if shared is None else torch.matmul(hidden, shared)
-        if shared is not None and self.lm_head.bias is not None:
-            logits = logits + self.lm_head.bias
+        return (self.logits(self.norm(hidden)), *presents)
+
+    def logits(self, hidden):
+        if self.spec.tied:
+            # Gemm(transB) reads the stored [vocab, hidden] embedding itself; a MatMul (what a Linear without bias
+            # exports to) would get a transposed copy folded in and store the vocabulary twice. The exporter emits
+            # Gemm only for a 2-D input with a bias, hence the reshape and the zero bias.
+            batch, length, width = hidden.shape
+            weight = self.lm_head.weight
+            bias = self.lm_head.bias if self.lm_head.bias is not None else weight.new_zeros(weight.shape[0])
+            logits = F.linear(hidden.reshape(batch * length, width), weight, bias).reshape(batch, length, -1)
+        else:
+            logits = self.lm_head(hidden)
         cap = self.spec.final_softcap
-        return (logits if cap is None else torch.tanh(logits / cap) * cap, *presents)
-
-    def _embed_from(self, shared: torch.Tensor, input_ids):
-        batch, length = input_ids.shape
-        columns = torch.index_select(shared, 1, input_ids.reshape(-1))
-        hidden = columns.t().reshape(batch, length, shared.shape[0])
-        return hidden if self.spec.embed_scale is None else hidden * self.spec.embed_scale
-
-    @property
-    def shared_vocabulary(self) -> bool:
-        return self.spec.tied and self.spec.embed_scale is not False
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
 def _bias(allowed: torch.Tensor) -> torch.Tensor:
