@@ -179,9 +179,9 @@ def layer_spec(block: nn.Module, config, index: int, arch: str, rope: int = 0) -
     fused = _check_attention(attn, index, arch)
     head_dim = _head_dim(attn, config, index, arch)
     heads, kv_heads = _head_counts(attn, fused, head_dim, config, index, arch)
-    softcap = getattr(attn, "attn_logit_softcapping", None)
+    cap = getattr(attn, "attn_logit_softcapping", None)
     return LayerSpec(heads, kv_heads, head_dim, float(getattr(attn, "scaling", head_dim ** -0.5)), wiring, fused,
-                     _qk_norm(attn, heads, kv_heads, head_dim, index, arch), float(softcap) if softcap else None,
+                     _qk_norm(attn, heads, kv_heads, head_dim, index, arch), float(cap) if cap else None,
                      sliding_window(attn, config), rope)
 
 
@@ -223,13 +223,13 @@ def attention(attn: nn.Module, layer: LayerSpec, x, cos, sin, mask_bias, past_ke
     value = torch.cat((past_value, v), dim=2)
     group = heads // kv_heads
     if group == 1:
-        scores = _softcap(torch.matmul(q, key.transpose(2, 3)) * layer.scaling, layer.softcap) + mask_bias
+        scores = softcap(torch.matmul(q, key.transpose(2, 3)) * layer.scaling, layer.softcap) + mask_bias
         probs = torch.softmax(scores, dim=-1)
     else:
         # query head h uses KV head h // group, so heads of one group are contiguous: fold them into rows, and
         # add the mask in 5-D (tiling it with Concat instead makes DeepSparse's compiler assert)
         q = q.reshape(batch, kv_heads, group * length, dim)
-        scores = _softcap(torch.matmul(q, key.transpose(2, 3)) * layer.scaling, layer.softcap)
+        scores = softcap(torch.matmul(q, key.transpose(2, 3)) * layer.scaling, layer.softcap)
         scores = scores.reshape(batch, kv_heads, group, length, -1) + mask_bias[:, :, None]
         probs = torch.softmax(scores, dim=-1).reshape(batch, kv_heads, group * length, -1)
     out = torch.matmul(probs, value).reshape(batch, heads, length, dim)
@@ -237,7 +237,7 @@ def attention(attn: nn.Module, layer: LayerSpec, x, cos, sin, mask_bias, past_ke
     return attn.o_proj(out), key, value
 
 
-def _softcap(scores: torch.Tensor, cap: float | None) -> torch.Tensor:
+def softcap(scores: torch.Tensor, cap: float | None) -> torch.Tensor:
     return scores if cap is None else torch.tanh(scores / cap) * cap
 
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..models import decoder_layers
-from .blocks import LayerSpec, block_forward, is_norm_like, layer_spec
+from .blocks import LayerSpec, block_forward, is_norm_like, layer_spec, softcap
 from .proof import prove
 from .trace import Trace, rope_tables, trace_model
 
@@ -98,9 +98,8 @@ def discover(model: nn.Module, max_positions: int) -> DecoderSpec:
         if rope[r][0].shape[-1] != layer.head_dim:
             raise UserError(f"{arch}: block {i} rotates {rope[r][0].shape[-1]} of {layer.head_dim} head dims; "
                             "partial rotary embeddings are not supported")
-    softcap = getattr(config, "final_logit_softcapping", None)
-    return DecoderSpec(embed, blocks, final_norm, lm_head, rope, layers, float(softcap) if softcap else None, trace)
-
+    cap = getattr(config, "final_logit_softcapping", None)
+    return DecoderSpec(embed, blocks, final_norm, lm_head, rope, layers, float(cap) if cap else None, trace)
 
 
 def proof_length(layers: list[LayerSpec], max_positions: int) -> int:
@@ -167,12 +166,16 @@ class KVCacheDecoder(nn.Module):
         hidden = self.embed(input_ids)
         presents = []
         for i, (block, layer) in enumerate(zip(self.blocks, self.spec.layers)):
-            cos = getattr(self, f"rope_cos_{layer.rope}")[positions].unsqueeze(1)
-            sin = getattr(self, f"rope_sin_{layer.rope}")[positions].unsqueeze(1)
+            cos, sin = self.rope_at(layer, positions)
             hidden, key, value = block_forward(block, layer, hidden, cos, sin, biases[layer.window],
                                                past[2 * i], past[2 * i + 1])
             presents += [key, value]
         return (self.logits(self.norm(hidden)), *presents)
+
+    def rope_at(self, layer: LayerSpec, positions):
+        """The layer's cos/sin rows for `positions`, shaped to broadcast over heads."""
+        return (getattr(self, f"rope_cos_{layer.rope}")[positions].unsqueeze(1),
+                getattr(self, f"rope_sin_{layer.rope}")[positions].unsqueeze(1))
 
     def logits(self, hidden):
         if self.spec.tied:
@@ -185,8 +188,7 @@ class KVCacheDecoder(nn.Module):
             logits = F.linear(hidden.reshape(batch * length, width), weight, bias).reshape(batch, length, -1)
         else:
             logits = self.lm_head(hidden)
-        cap = self.spec.final_softcap
-        return logits if cap is None else torch.tanh(logits / cap) * cap
+        return softcap(logits, self.spec.final_softcap)
 
 
 def _bias(allowed: torch.Tensor) -> torch.Tensor:

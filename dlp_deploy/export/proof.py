@@ -37,8 +37,7 @@ def replay_block(wrapper, index: int, hidden: torch.Tensor, split: int) -> tuple
     attention, outputs = [], []
     for start, end in ((0, split), (split, total)):
         biases, positions = _step(wrapper, end, start, end - start)
-        cos = getattr(wrapper, f"rope_cos_{layer.rope}")[positions].unsqueeze(1)
-        sin = getattr(wrapper, f"rope_sin_{layer.rope}")[positions].unsqueeze(1)
+        cos, sin = wrapper.rope_at(layer, positions)
         out, key, value = block_forward(block, layer, hidden[:, start:end], cos, sin, biases[layer.window], key,
                                         value, on_attention=attention.append)
         outputs.append(out)
