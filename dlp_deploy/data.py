@@ -21,6 +21,8 @@ LAYOUT = ("wikitext-2-raw/wiki.test.raw, ptb/ptb.test.txt, ptb/ptb.valid.txt, c4
 C4_CALIB_DOCS = range(0, 1000)
 C4_EVAL_DOCS = range(1000, 2000)
 C4_MAX_EVAL_WINDOWS = 256
+# hub C4 validation documents past the papers' evaluation slice (0-1099): the search's validation text online
+HUB_VALIDATION_DOCS = range(1100, 2100)
 
 
 def data_dir(explicit: str | os.PathLike | None = None) -> Path | None:
@@ -143,11 +145,19 @@ def default_seqlen(config) -> int:
 class Calibration:
     windows: torch.Tensor  # [nsamples, seqlen] token ids
     source: str
+    docs: tuple[int, ...] = ()  # C4 only: every document index the sampler drew (used or too short)
 
 
 def sample_doc_windows(docs: list[str], tokenize: Callable[[str], list[int]], nsamples: int, seqlen: int,
                        seed: int) -> torch.Tensor:
     """Wanda/SparseGPT's C4 sampler: random document longer than seqlen, then a random window inside it."""
+    return draw_doc_windows(docs, tokenize, nsamples, seqlen, seed)[0]
+
+
+def draw_doc_windows(docs: list[str], tokenize: Callable[[str], list[int]], nsamples: int, seqlen: int,
+                     seed: int) -> tuple[torch.Tensor, list[int]]:
+    """sample_doc_windows, also returning the indices of every document drawn (sorted), so that held-out text can
+    avoid them."""
     rng = random.Random(seed)
     tokens: dict[int, list[int]] = {}
     max_draws = 20 * len(docs)  # bounds the search when no document is long enough
@@ -165,7 +175,7 @@ def sample_doc_windows(docs: list[str], tokenize: Callable[[str], list[int]], ns
         ids = tokens[i]
         start = rng.randint(0, len(ids) - seqlen - 1)
         windows.append(ids[start:start + seqlen])
-    return torch.stack([torch.tensor(w, dtype=torch.long) for w in windows])
+    return torch.stack([torch.tensor(w, dtype=torch.long) for w in windows]), sorted(tokens)
 
 
 def sample_text_windows(ids: list[int], nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
@@ -188,7 +198,9 @@ def calibration(name: str, tokenizer, nsamples: int, seqlen: int, seed: int, roo
     if name == "c4":
         docs = c4_documents(root, C4_CALIB_DOCS, "train")
         source = "hub allenai/c4 en train shard 0" if root is None else "local c4_validation_2k docs 0-999"
-        return Calibration(sample_doc_windows(docs, tokenize, nsamples, seqlen, seed), source)
+        windows, drawn = draw_doc_windows(docs, tokenize, nsamples, seqlen, seed)
+        offset = C4_CALIB_DOCS.start if root is not None else 0
+        return Calibration(windows, source, tuple(offset + i for i in drawn))
     if name in ("wikitext2", "ptb"):
         if root is not None:
             raise UserError(f"calibration on {name} needs its train split, which the offline data folder lacks; "
@@ -206,3 +218,50 @@ def _train_text(name: str) -> str:
         return " ".join(rows)  # Wanda's get_wikitext2 joins train rows with a space
     rows = _hub(lambda: load_dataset("ptb_text_only", "penn_treebank", split="train")["sentence"], name)
     return " ".join(rows)
+
+
+# ---------------------------------------------------------------- held-out validation (search, --alpha auto)
+
+@dataclass(frozen=True)
+class Validation:
+    ids: torch.Tensor  # [windows, seqlen] token ids
+    source: str
+    docs: tuple[int, ...]  # C4 validation document indices the text came from
+
+
+def validation_windows(tokenizer, calibration: Calibration, windows: int, seqlen: int, root: Path | None,
+                       calib_corpus: str = "c4") -> Validation:
+    """Held-out C4 text for choosing allocations: never an evaluation document and never one the calibration
+    sampler drew. Offline: the documents 0-999 that calibration did not draw (1000-1999 are evaluation); online:
+    hub validation documents 1100+ (0-1099 are the papers' evaluation slice; calibration reads train). Documents
+    are joined with a space in index order and cut into `windows` non-overlapping windows of `seqlen` tokens."""
+    if root is None:
+        pool, source = HUB_VALIDATION_DOCS, "hub allenai/c4 en validation docs from 1100"
+        texts = _hub(lambda: _hub_validation_texts(pool), "c4")
+    else:
+        pool, source = C4_CALIB_DOCS, "local c4_validation_2k docs 0-999 not drawn by calibration"
+        texts = c4_documents(root, pool, "validation")
+    drawn = set(calibration.docs) if calib_corpus == "c4" else set()
+    needed, count, used, chosen = windows * seqlen, 0, [], []
+    for offset, text in enumerate(texts):
+        index = pool.start + offset
+        if index in drawn:
+            continue
+        used.append(index)
+        chosen.append(text)
+        count += len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if count >= needed + 2:  # margin: joining can merge tokens across a boundary
+            break
+    ids = tokenizer(" ".join(chosen))["input_ids"]  # tokenized once, as the evaluation corpora are
+    if len(ids) < needed:
+        raise UserError(f"held-out C4 text has {len(ids)} tokens, fewer than {windows} validation windows of "
+                        f"{seqlen}; ask for fewer --val-windows")
+    return Validation(torch.tensor(ids[:needed], dtype=torch.long).reshape(windows, seqlen), source, tuple(used))
+
+
+def _hub_validation_texts(pool: range) -> list[str]:
+    from datasets import load_dataset
+
+    ds = load_dataset("allenai/c4", data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"},
+                      split="validation")
+    return ds["text"][pool.start:pool.stop]

@@ -96,19 +96,26 @@ def levels(s: SweepSettings) -> list[Level]:
             continue
         tag = "" if pattern.kind == "unstructured" else f"mixed{pattern.m}-"
         for p in s.sparsities:
-            out += [Level(f"{s.method}-{tag}{a}-{p:.2f}", p, a, str(pattern)) for a in s.allocations]
+            out += [Level(f"{s.method}-{tag}{_folder_safe(a)}-{p:.2f}", p, a, str(pattern)) for a in s.allocations]
     if s.structure:
         for p in s.structure_sparsities or s.sparsities:
             for imp in s.importances:
-                out += [Level(f"structured-{imp}-{a}-{p:.2f}", p, a, "unstructured", s.structure, imp)
+                out += [Level(f"structured-{imp}-{_folder_safe(a)}-{p:.2f}", p, a, "unstructured", s.structure, imp)
                         for a in (s.structure_allocations or s.allocations)]
     return out
 
 
+def _folder_safe(allocation: str) -> str:
+    """An allocation as part of a folder name: an expression's ':', '>' and ',' become '_' (expr_abslog_var_atan)."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in allocation)
+
+
 def level_settings(s: SweepSettings, level: Level):
     from ..commands.quality import prune_settings
+    from ..prune.allocate import get_allocator
 
-    alpha = s.alpha if level.allocation == "dlp" else None
+    # --alpha is the spread of the allocations that have one (dlp, expr:...); the others ignore it
+    alpha = s.alpha if level.allocation and get_allocator(level.allocation).uses_alpha else None
     return prune_settings(level.sparsity, s.method, level.allocation, alpha, pattern=level.pattern,
                           structure=level.structure, importance=level.importance or "activation",
                           multiple=s.multiple)

@@ -30,16 +30,18 @@ def prune(
     allocation: Annotated[Optional[str], typer.Option(
         help=f"per-layer ratios: {', '.join(ALLOCATORS)}, or an expression expr:PRE,..>REDUCE>POST,.. "
              "(README); default dlp (uniform for a fixed N:M pattern)")] = None,
-    alpha: Annotated[Optional[float], typer.Option(help="DLP (and expr:) spread; default: the paper's App. G "
-                                                        "value")] = None,
+    alpha: Annotated[Optional[str], typer.Option(help="DLP (and expr:) spread; default: the paper's App. G "
+                                                      "value; auto: chosen on held-out C4 text")] = None,
     reducer: Annotated[Reducer, typer.Option(help="DLP layer statistic over Wanda scores")] = "median",
     granularity: Annotated[Optional[Granularity], typer.Option(
         help="mask comparison group (unstructured); default: the method's reference (wanda per-output, "
              "sparsegpt per-layer inside each 128-column block)")] = None,
     owl_m: Annotated[float, typer.Option("--owl-m", help="OWL: outliers are Wanda scores above M times their "
                                                          "layer's mean")] = OWL_M,
-    owl_lambda: Annotated[float, typer.Option("--owl-lambda", help="OWL: layer ratios span target ± lambda")]
-    = OWL_LAMBDA,
+    owl_lambda: Annotated[str, typer.Option("--owl-lambda", help="OWL: layer ratios span target ± lambda; auto: "
+                                                                 "chosen on held-out C4 text")] = str(OWL_LAMBDA),
+    val_windows: Annotated[int, typer.Option(help="--alpha/--owl-lambda auto: held-out C4 windows (calibration "
+                                                  "length) that score the grid")] = 16,
     pattern: Annotated[str, typer.Option(help="unstructured, N:M (N pruned of every M inputs, e.g. 2:4, 4:8) or "
                                               "mixed:M (per-layer N from the allocation), M in 4, 8")] = "unstructured",
     structure: Annotated[Optional[str], typer.Option(help="structured pruning: remove whole heads and/or MLP "
@@ -67,8 +69,9 @@ def prune(
     from ..progress import console, progress_bar, quiet_transformers
     from ..prune.job import prune_to_folder
 
-    settings = prune_settings(sparsity, _v(method), _v(allocation), alpha, _v(reducer), _v(granularity), pattern,
-                              structure, importance, multiple, owl_m, owl_lambda)
+    alpha_value, owl_lambda_value, auto = _auto_values(alpha, owl_lambda)
+    settings = prune_settings(sparsity, _v(method), _v(allocation), alpha_value, _v(reducer), _v(granularity),
+                              pattern, structure, importance, multiple, owl_m, owl_lambda_value, auto, val_windows)
     quiet_transformers()
     with progress_bar() as progress:
         report = prune_to_folder(model, out, settings, calib, nsamples, seqlen, seed, device,
@@ -92,7 +95,8 @@ def prune(
 def prune_settings(sparsity: float | None, method: str, allocation: str | None, alpha: float | None,
                    reducer: str = "median", granularity: str | None = None, pattern: str = "unstructured",
                    structure: str | None = None, importance: str = "activation", multiple: int = 8,
-                   owl_m: float = OWL_M, owl_lambda: float = OWL_LAMBDA):
+                   owl_m: float = OWL_M, owl_lambda: float = OWL_LAMBDA, auto: str | None = None,
+                   val_windows: int = 16):
     """Fill what the form implies (an N:M pattern's sparsity and uniform allocation, DLP's default alpha), then
     validate: the one place the CLI and the sweep build settings."""
     from ..prune.masks import parse_pattern
@@ -109,9 +113,69 @@ def prune_settings(sparsity: float | None, method: str, allocation: str | None, 
     if alpha is None and get_allocator(allocation).uses_alpha:
         alpha = default_dlp_alpha(sparsity)
     settings = PruneSettings(sparsity, method, allocation, alpha, reducer, granularity, pattern.strip().lower(),
-                             structure, importance, multiple, owl_m, owl_lambda)
+                             structure, importance, multiple, owl_m, owl_lambda, auto, val_windows)
     validate_settings(settings)
     return settings
+
+
+def _auto_values(alpha: str | None, owl_lambda: str) -> tuple[float | None, float, str | None]:
+    """--alpha and --owl-lambda take a number or `auto` (at most one of them auto)."""
+    def number(text: str, flag: str) -> float:
+        try:
+            return float(text)
+        except ValueError:
+            raise UserError(f"{flag} {text!r} is neither a number nor auto") from None
+
+    autos = [flag for flag, v in (("alpha", alpha), ("owl_lambda", owl_lambda)) if (v or "").lower() == "auto"]
+    if len(autos) > 1:
+        raise UserError("--alpha auto and --owl-lambda auto: one allocation uses one of them; give one")
+    alpha_value = None if alpha is None or "alpha" in autos else number(alpha, "--alpha")
+    lam = OWL_LAMBDA if "owl_lambda" in autos else number(owl_lambda, "--owl-lambda")
+    return alpha_value, lam, (autos[0] if autos else None)
+
+
+def search(
+    model: Annotated[str, typer.Argument(help="HF folder, hub id or alias (smollm2-135m)")],
+    out: Annotated[Path, typer.Option(help="search folder: search.json, history.jsonl, best.json; an existing "
+                                           "one with the same settings is resumed")],
+    sparsity: Annotated[float, typer.Option(help="target sparsity the expressions are scored at")],
+    name: Annotated[Optional[str], typer.Option(help="save the best expression under this name for --allocation "
+                                                     "NAME (default: the --out folder's name)")] = None,
+    candidates: Annotated[int, typer.Option(min=1, help="budget: candidates in all (a resumed search counts "
+                                                        "those it has)")] = 100,
+    time_budget: Annotated[Optional[float], typer.Option(help="budget: minutes of new scoring in this run")] = None,
+    population: Annotated[int, typer.Option(help="DSA: population size")] = 20,
+    top_k: Annotated[int, typer.Option(help="DSA: parents are the top k of each draw")] = 5,
+    sample_ratio: Annotated[float, typer.Option(help="DSA: share of the population each draw takes")] = 0.9,
+    alpha: Annotated[Optional[float], typer.Option(help="fixed spread (default: DLP's App. G value)")] = None,
+    search_alpha: Annotated[bool, typer.Option(help="search alpha with the expression")] = False,
+    method: Annotated[str, typer.Option(help="one-shot scores while searching: wanda or magnitude")] = "wanda",
+    calib: str = "c4",
+    nsamples: Annotated[int, typer.Option(min=1)] = 128,
+    seqlen: Annotated[Optional[int], typer.Option(min=2, help="calibration and validation window")] = None,
+    val_windows: Annotated[int, typer.Option(min=1, help="held-out C4 windows scoring each candidate")] = 16,
+    seed: int = 0,
+    device: Annotated[str, typer.Option(help="torch device: auto (CUDA when present, else cpu), cpu, cuda …")]
+    = "auto",
+    data_dir: DataDir = None,
+    force: Annotated[bool, typer.Option(help="start over (and replace a saved allocation of that name)")] = False,
+) -> None:
+    """Evolve DSA allocation expressions (seeded, resumable); fitness is the one-shot pruned model's perplexity on
+    held-out C4 text disjoint from calibration and evaluation."""
+    from ..progress import console, progress_bar, quiet_transformers
+    from ..prune.search import SearchSettings, run_search
+
+    settings = SearchSettings(model, sparsity, method, alpha, search_alpha, population, top_k, sample_ratio, seed,
+                              calib, nsamples, seqlen, val_windows)
+    quiet_transformers()
+    with progress_bar() as progress:
+        result = run_search(settings, out, name, candidates, time_budget * 60 if time_budget else None, device,
+                            str(data_dir) if data_dir else None, force, progress)
+    ref = result["references"]
+    console.print(f"best: expr:{result['expression']} (alpha {result['alpha']:g}) validation ppl "
+                  f"{result['fitness']:.3f} (uniform {ref['uniform']:.3f}, dense {ref['dense']:.3f}) after "
+                  f"{result['candidates']} candidates ({result['candidates_per_hour']:.0f}/hour); saved as "
+                  f"--allocation {result['name']}")
 
 
 def eval_(
@@ -173,4 +237,4 @@ def _split(csv: str) -> list[str]:
     return [s.strip() for s in csv.split(",") if s.strip()]
 
 
-COMMANDS = {"prune": prune, "eval": eval_}
+COMMANDS = {"prune": prune, "eval": eval_, "search": search}

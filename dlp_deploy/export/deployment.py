@@ -84,8 +84,9 @@ class QualityCheck:
 def export_deployment(model_or_dir, out, seq_len: int = 512, validate: bool = True, force: bool = False,
                       tokenizer=None, progress: Progress | None = None, num_cores: int | None = None,
                       quantize: QuantizeOptions | None = None, quality: QualityCheck | None = QualityCheck(),
-                      data_root: str | None = None) -> dict:
-    """Export a causal LM (an HF folder / alias, or a loaded model with `tokenizer`) to a deployment folder.
+                      data_root: str | None = None, engines: tuple[str, ...] = VALIDATION_ENGINES) -> dict:
+    """Export a causal LM (an HF folder / alias, or a loaded model with `tokenizer`) to a deployment folder,
+    validated on each installed engine of `engines`.
 
     Returns the export.json contents. Raises UserError on bad input and ValidationError when a check fails.
     """
@@ -120,7 +121,7 @@ def export_deployment(model_or_dir, out, seq_len: int = 512, validate: bool = Tr
             if validate:
                 validation = validate_deployment(model, onnx_path, prompt_ids, seq_len, timings, progress,
                                                  num_cores, exact=quantize is None, quality=quality,
-                                                 tokenizer=tokenizer, root=root)
+                                                 tokenizer=tokenizer, root=root, engines=engines)
         timings["total_s"] = time.perf_counter() - started
         info = {
             "source": source,

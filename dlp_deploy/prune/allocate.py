@@ -296,6 +296,7 @@ class Allocator:
     ratios: Callable[[list, float, dict], Allocation]
     inputs: str = "wanda"  # wanda | score | weights | shapes
     uses_alpha: bool = False  # spread from --alpha (DLP's range 2*alpha)
+    source: str = ""  # for a saved search: what it stands for (recorded in pruning.json)
 
 
 ALLOCATORS: dict[str, Allocator] = {
@@ -327,8 +328,14 @@ def get_allocator(name: str) -> Allocator:
         from .expressions import expression_allocator
 
         return expression_allocator(name[len(EXPR_PREFIX):])
-    raise UserError(f"unknown --allocation {name!r}; choose from {', '.join(ALLOCATORS)}, or an expression "
-                    f"{EXPR_PREFIX}PRE,..>REDUCE>POST,.. (e.g. {EXPR_PREFIX}abslog>var>atan,asin)")
+    from .expressions import saved_allocator
+
+    saved = saved_allocator(name)
+    if saved is not None:
+        return saved
+    raise UserError(f"unknown --allocation {name!r}; choose from {', '.join(ALLOCATORS)}, an expression "
+                    f"{EXPR_PREFIX}PRE,..>REDUCE>POST,.. (e.g. {EXPR_PREFIX}abslog>var>atan,asin), or the name of "
+                    "a saved search (dlp-deploy search --name)")
 
 
 def split_allocations(csv: str) -> list[str]:

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from .allocate import REDUCERS, Allocation, Allocator, owl_outlier_ratio, spread
+from .allocate import EXPR_PREFIX, REDUCERS, Allocation, Allocator, owl_outlier_ratio, spread
 
 
 # ---- pre-ops: element-wise over a block's score tensor (DSA `_STICK_OPS`) -------------------------------------
@@ -246,3 +246,18 @@ def expression_allocator(text: str) -> Allocator:
     expr = parse(text)
     return Allocator(f"expr:{expr}", lambda scores, kw: expr.statistic(scores, kw),
                      lambda stats, p, kw: expr.ratios(stats, p, kw["alpha"]), "wanda", uses_alpha=True)
+
+
+def saved_allocator(name: str) -> Allocator | None:
+    """The best expression a `dlp-deploy search --name NAME` saved, with the alpha it was searched with (its own
+    spread: --alpha does not apply)."""
+    from .search import load_saved
+
+    saved = load_saved(name)
+    if saved is None:
+        return None
+    expr, alpha = parse(saved["expression"]), float(saved["alpha"])
+    source = (f"{EXPR_PREFIX}{expr} with alpha {alpha:g}, saved by the search in {saved['search_dir']} "
+              f"(validation ppl {saved['fitness']:.4g} at sparsity {saved['sparsity']:g})")
+    return Allocator(name, lambda scores, kw: expr.statistic(scores, kw),
+                     lambda stats, p, kw: expr.ratios(stats, p, alpha), "wanda", source=source)

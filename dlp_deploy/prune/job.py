@@ -11,7 +11,7 @@ from .. import data, models
 from ..errors import UserError
 from ..io import atomic_dir, check_writable, write_json_atomic
 from ..provenance import PeakRSS, provenance
-from .allocate import MAX_RATIO
+from .allocate import MAX_RATIO, get_allocator
 from .pipeline import (PruneResult, PruneSettings, needs_calibration, prune_model, validate_for_model,
                        validate_settings)
 from .stream import Checkpoint, NotStreamable, StreamedModel, streaming_refusal
@@ -110,6 +110,8 @@ def _prune_into(model_ref, tmp: Path, settings: PruneSettings, calib, nsamples, 
     stored, stored_from = checkpoint_dtype(folder, config)
     dtype, dtype_why = compute_dtype(dtype_name, stored, device)
     refusal = streaming_refusal(folder, bool(settings.structure))
+    if settings.auto and refusal is None:
+        refusal = f"--{settings.auto.replace('_', '-')} auto scores candidates on the whole model"
     streamed = None
     if refusal is None and stream is not False:
         try:
@@ -130,12 +132,19 @@ def _prune_into(model_ref, tmp: Path, settings: PruneSettings, calib, nsamples, 
     calibration = data.calibration(calib, tok, nsamples, seqlen, seed, root) if needs_calibration(settings) else None
     t_calib = time.perf_counter() - t0
 
+    tuning = None
+    if settings.auto:
+        t0 = time.perf_counter()
+        settings, tuning = tune_before_pruning(model, tok, settings, calibration, calib, seqlen, root, progress)
+        tuning["seconds"] = time.perf_counter() - t0
     torch.manual_seed(seed)
     if streamed is not None:
         streamed.begin_output(tmp)
     result = prune_model(model, calibration.windows if calibration else None, settings, progress, streamed)
     report = pruning_report(model_ref, settings, result, calibration, calib, nsamples, seqlen, seed, device,
                             {"load_s": t_load, "calibration_data_s": t_calib, **result.timings})
+    if tuning:
+        report["auto"] = tuning
     report["dtype"] = {"compute": DTYPE_NAMES[dtype], "saved": DTYPE_NAMES[stored], "input_from": stored_from,
                        "why": dtype_why, "statistics": "fp32"}
     report["loading"] = {"mode": "in-memory" if streamed is None else "streamed", "why_in_memory": refusal}
@@ -152,6 +161,25 @@ def _prune_into(model_ref, tmp: Path, settings: PruneSettings, calib, nsamples, 
         save_structure(model, tmp)
     report["timings"]["save_s"] = time.perf_counter() - t0  # streamed: the shards were written block by block
     return report
+
+
+def tune_before_pruning(model, tok, settings: PruneSettings, calibration, calib: str, seqlen: int, root,
+                        progress) -> tuple[PruneSettings, dict]:
+    """--alpha auto / --owl-lambda auto: the value from a small grid whose one-shot pruned model scores best on
+    held-out C4 text (dense statistics collected once for the grid); the settings then carry that value."""
+    from dataclasses import replace
+
+    from .pipeline import allocation_params
+    from .search import Scorer, tune
+
+    scoring = settings.method if settings.method in ("wanda", "magnitude") else "wanda"
+    scorer = Scorer.build(model, calibration, tok, settings.val_windows, seqlen, root, calib, scoring, progress)
+    params = allocation_params(settings)
+    tuning = tune(scorer, settings.allocation, settings.auto, settings.sparsity, params, progress)
+    if scoring != settings.method:
+        tuning["scored_with"] = f"one-shot {scoring} ({settings.method} has no one-shot form here)"
+    del scorer  # every score() restored the dense weights
+    return replace(settings, **{settings.auto: tuning["choice"]}), tuning
 
 
 def save_structure(model, folder: Path) -> None:
@@ -186,6 +214,7 @@ def pruning_report(model_ref, settings: PruneSettings, result: PruneResult, cali
         **({"pattern": extras} if not settings.structure else {"structure": extras}),
         "global_sparsity": sum(r * n for r, n in zip(result.realized, sizes)) / sum(sizes),
         "target_sparsity": settings.sparsity,
+        "allocation_source": get_allocator(settings.allocation).source or None,
         "allocation_correction": alloc.correction,
         "layers_clipped": alloc.clipped,
         "ratio_bounds": [0.0, MAX_RATIO],

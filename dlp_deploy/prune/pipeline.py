@@ -36,6 +36,10 @@ class PruneSettings:
     multiple: int = 8  # structured only: MLP widths kept a multiple of this
     owl_m: float = OWL_M  # OWL only: a score is an outlier above owl_m times its layer's mean
     owl_lambda: float = OWL_LAMBDA  # OWL only: ratios span [p - owl_lambda, p + owl_lambda]
+    # "alpha" or "owl_lambda": chosen on held-out C4 text over a grid before pruning (search.tune); the field
+    # then holds the choice
+    auto: str | None = None
+    val_windows: int = 16  # auto only: held-out validation windows of the calibration length
 
     def __post_init__(self):
         # resolved here so that pruning.json (asdict) records the granularity actually used
@@ -157,39 +161,43 @@ def statistics_need_activations(allocator_name: str, method: str) -> bool:
     return inputs == "wanda" or (inputs == "score" and method != "magnitude")
 
 
+def block_statistic(allocator_name: str, modules: dict[str, nn.Linear], norms: dict | None, params: dict):
+    """One block's statistic for an allocator, from what it reads (allocate.py): the block's Wanda scores
+    flattened ("wanda"), the method's score per Linear ("score"), its fp32 weights ("weights") or its Linear shapes
+    ("shapes"). `norms` (ActivationNorms per Linear, from the dense model) when the statistic reads activations."""
+    allocator = get_allocator(allocator_name)
+    statistic, kind = allocator.layer_statistic, allocator.inputs
+    if kind == "shapes":
+        return statistic({n: tuple(m.weight.shape) for n, m in modules.items()}, params)
+    if norms is not None:
+        mats = {n: wanda_scores(m.weight.float(), norms[n].sq_norm) for n, m in modules.items()}
+    elif kind == "score":
+        mats = {n: m.weight.float().abs() for n, m in modules.items()}
+    else:
+        mats = {n: m.weight.float() for n, m in modules.items()}
+    if kind == "wanda":
+        return statistic(torch.cat([x.flatten() for x in mats.values()]), params)
+    return statistic(mats, params)
+
+
 @torch.no_grad()
 def dense_layer_statistics(model: nn.Module, inputs: BlockInputs | None, allocator_name: str, params: dict,
                            progress=None, residency=None) -> list:
     """The allocator's per-layer statistic over the dense model (every layer's is needed before any ratio is
-    known), from what the allocator reads (allocate.py): the block's Wanda scores flattened ("wanda"), the method's
-    score per Linear ("score"), its fp32 weights ("weights") or its Linear shapes ("shapes")."""
-    allocator = get_allocator(allocator_name)
-    statistic, kind = allocator.layer_statistic, allocator.inputs
+    known), each block fed the dense outputs of the blocks before it."""
     activations = statistics_need_activations(allocator_name, params.get("method", "wanda"))
+    reads_weights = get_allocator(allocator_name).inputs != "shapes"
     blocks = decoder_layers(model)
     task = progress.add_task("layer statistics (dense)", total=len(blocks)) if progress else None
     values = []
     for index, block in enumerate(blocks):
-        if kind == "shapes":  # shapes only: the block's weights need not be read
-            values.append(statistic({n: tuple(m.weight.shape) for n, m in linear_modules(block).items()}, params))
-            if progress:
-                progress.advance(task)
-            continue
-        with held(residency, index, "statistics"):
+        # shapes only: the block's weights need not be read
+        with held(residency, index, "statistics") if reads_weights else contextlib.nullcontext():
             modules = linear_modules(block)
             if activations:
                 with collecting(modules, ActivationNorms) as norms:
                     run_block(block, index, inputs)
-                mats = {n: wanda_scores(m.weight.float(), norms[n].sq_norm) for n, m in modules.items()}
-            elif kind == "score":
-                mats = {n: m.weight.float().abs() for n, m in modules.items()}
-            else:
-                mats = {n: m.weight.float() for n, m in modules.items()}
-            if kind == "wanda":
-                values.append(statistic(torch.cat([x.flatten() for x in mats.values()]), params))
-            else:
-                values.append(statistic(mats, params))
-            del mats
+            values.append(block_statistic(allocator_name, modules, norms if activations else None, params))
         if progress:
             progress.advance(task)
     return values
@@ -244,8 +252,7 @@ def prune_model(model: nn.Module, windows: torch.Tensor | None, settings: PruneS
     if needs_calibration(settings) and windows is None:
         raise UserError(f"{settings.form} pruning with {settings.allocation} allocation needs calibration data")
     timings: dict[str, float] = {}
-    params = {"alpha": settings.alpha, "reducer": settings.reducer, "owl_m": settings.owl_m,
-              "owl_lambda": settings.owl_lambda, "method": settings.method}
+    params = allocation_params(settings)
     n_blocks = len(decoder_layers(model))
 
     t = time.perf_counter()
@@ -273,6 +280,12 @@ def prune_model(model: nn.Module, windows: torch.Tensor | None, settings: PruneS
     else:  # out of core each block's figure was taken while it was resident
         realized = list(residency.realized) if residency else realized_sparsity(model)
     return PruneResult(allocation, realized, sizes, timings, extras)
+
+
+def allocation_params(settings: PruneSettings) -> dict:
+    """What an allocator may read besides the layer statistics."""
+    return {"alpha": settings.alpha, "reducer": settings.reducer, "owl_m": settings.owl_m,
+            "owl_lambda": settings.owl_lambda, "method": settings.method}
 
 
 def _prune_weights(model, windows, settings: PruneSettings, allocation: Allocation, sizes, progress,
@@ -341,6 +354,8 @@ def validate_settings(s: PruneSettings) -> None:
                         f"OWL uses {OWL_M:g})")
     if not 0 <= s.owl_lambda < 0.5:
         raise UserError(f"--owl-lambda {s.owl_lambda} is outside [0, 0.5); OWL uses {OWL_LAMBDA:g}")
+    if s.auto is not None:
+        _validate_auto(s, allocator)
     pattern = parse_pattern(s.pattern)
     if s.structure:
         parse_units(s.structure)
@@ -358,6 +373,21 @@ def validate_settings(s: PruneSettings) -> None:
         if s.allocation != "uniform":
             raise UserError(f"--pattern {pattern} prunes every layer alike; use --allocation uniform, or "
                             f"--pattern mixed:{pattern.m} for per-layer ({s.allocation}) ratios")
+
+
+def _validate_auto(s: PruneSettings, allocator) -> None:
+    if s.auto == "alpha" and not allocator.uses_alpha:
+        raise UserError(f"--alpha auto tunes the spread of dlp and expr: allocations; {s.allocation} has no alpha")
+    if s.auto == "owl_lambda" and s.allocation != "owl":
+        raise UserError(f"--owl-lambda auto tunes OWL's range; use it with --allocation owl, not {s.allocation}")
+    if s.auto not in ("alpha", "owl_lambda"):
+        raise UserError(f"auto tuning of {s.auto!r} is not available; alpha and owl_lambda are")
+    if s.structure or parse_pattern(s.pattern).kind == "nm":
+        raise UserError("--alpha/--owl-lambda auto tune unstructured or mixed N:M allocations")
+    if s.method not in ("wanda", "magnitude", "sparsegpt"):
+        raise UserError(f"unknown --method {s.method!r}")
+    if s.val_windows < 1:
+        raise UserError(f"--val-windows {s.val_windows} must be at least 1")
 
 
 def validate_for_model(s: PruneSettings, model: nn.Module) -> None:

@@ -122,3 +122,20 @@ def pareto(results, corpus: str, path: Path) -> Path:
     ax.scatter([], [], facecolors="none", edgecolors="black", s=110, label="Pareto front (per engine)")
     return _finish(fig, ax, path, "decode tokens/s (median step)", f"{corpus} perplexity (log)",
                    "Speed / quality of every pruning form", True)
+
+
+def layer_ratios(ratios: dict[float, dict[str, list[float]]], path: Path, title: str) -> Path:
+    """One panel per target sparsity: each allocation's per-layer ratio against the layer index."""
+    levels = sorted(ratios)
+    fig, axes = plt.subplots(1, len(levels), figsize=(4.6 * len(levels), 4.0), sharey=True, squeeze=False)
+    for ax, level in zip(axes[0], levels):
+        for name, values in ratios[level].items():
+            ax.plot(range(len(values)), values, marker=".", lw=1.2, label=name)
+        ax.axhline(level, color="gray", lw=0.8, ls="--")
+        ax.set_title(f"target {level:.0%}")
+        ax.set_xlabel("decoder layer")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("sparsity ratio")
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.suptitle(title)
+    return _save(fig, path)
