@@ -20,10 +20,10 @@ err = Console(stderr=True)
 
 
 def _mount() -> None:
-    from .commands import bench, deploy, models, quality
+    from .commands import bench, deploy, depth, models, quality
 
     app.add_typer(models.app, name="models")
-    for module in (quality, deploy, bench):
+    for module in (quality, depth, deploy, bench):
         for name, fn in module.COMMANDS.items():
             app.command(name)(fn)
 

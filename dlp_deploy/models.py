@@ -193,7 +193,9 @@ def load(model: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
 
     ref, config = load_config(model)
     try:
-        if (Path(ref) / STRUCTURE_FILE).is_file():
+        if (Path(ref) / STREAMLINE_FILE).is_file():
+            lm = load_streamlined(Path(ref), config, dtype)
+        elif (Path(ref) / STRUCTURE_FILE).is_file():
             lm = load_structured(Path(ref), config, dtype)
         else:
             lm = AutoModelForCausalLM.from_pretrained(ref, dtype=dtype)
@@ -215,7 +217,6 @@ def load_structured(folder: Path, config, dtype: torch.dtype = torch.float32):
     saved weights are loaded strictly (only a tied lm_head may be absent)."""
     import json
 
-    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     from .prune.structured.apply import apply_structure
@@ -223,16 +224,43 @@ def load_structured(folder: Path, config, dtype: torch.dtype = torch.float32):
     record = json.loads((folder / STRUCTURE_FILE).read_text())
     lm = AutoModelForCausalLM.from_config(config, dtype=dtype)
     apply_structure(decoder_layers(lm), record, getattr(config, "head_dim", None))
+    return _load_weights_strictly(lm, folder, config, STRUCTURE_FILE)
+
+
+STREAMLINE_FILE = "streamline.json"
+
+
+def load_streamlined(folder: Path, config, dtype: torch.dtype = torch.float32):
+    """A depth-pruned (LLM-Streamline) model: config.json already has the shorter stack, but an MLP-only
+    replacement block is nothing config.json can express, so the model is built from its config, the block
+    streamline.json names is swapped in, then the saved weights are loaded strictly."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from .prune.streamline import rebuild
+
+    record = json.loads((folder / STREAMLINE_FILE).read_text())
+    lm = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    rebuild(lm, decoder_layers(lm), record)
+    lm.to(dtype)
+    return _load_weights_strictly(lm, folder, config, STREAMLINE_FILE)
+
+
+def _load_weights_strictly(lm, folder: Path, config, record_file: str):
+    """The folder's safetensors into `lm`, every weight accounted for (only a tied lm_head may be absent)."""
+    from safetensors.torch import load_file
+
     files = sorted(folder.glob("*.safetensors"))
     if not files:
-        raise UserError(f"{folder} has {STRUCTURE_FILE} but no .safetensors weights; re-run the prune")
+        raise UserError(f"{folder} has {record_file} but no .safetensors weights; re-run the prune")
     state = {}
     for f in files:
         state.update(load_file(str(f)))
     missing, unexpected = lm.load_state_dict(state, strict=False)
     tied = {k for k in missing if getattr(config, "tie_word_embeddings", False) and k.endswith("lm_head.weight")}
     if set(missing) - tied or unexpected:
-        raise UserError(f"{folder}: weights do not match {STRUCTURE_FILE} (missing {sorted(set(missing) - tied)[:3]}, "
+        raise UserError(f"{folder}: weights do not match {record_file} (missing {sorted(set(missing) - tied)[:3]}, "
                         f"unexpected {sorted(unexpected)[:3]})")
     lm.tie_weights()
     return lm
@@ -245,12 +273,13 @@ def _first_line(exc: BaseException) -> str:
 # ---------------------------------------------------------------- structural discovery
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The model's stack of decoder blocks: the longest ModuleList of identical block types holding Linear layers."""
+    """The model's stack of decoder blocks: the longest ModuleList of identical block types holding Linear layers
+    (a depth-pruned stack may also hold replacement blocks, which declare STREAMLINE_REPLACEMENT)."""
     best: nn.ModuleList | None = None
     for module in model.modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
             continue
-        if len({type(m) for m in module}) != 1:
+        if len({type(m) for m in module if not getattr(m, "STREAMLINE_REPLACEMENT", False)}) != 1:
             continue
         if not any(isinstance(m, nn.Linear) for m in module[0].modules()):
             continue

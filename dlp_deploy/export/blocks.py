@@ -1,6 +1,9 @@
 """A decoder block as the exporter rewrites it: its attention geometry and features, read from the modules, and
 its wiring (where the norms sit around attention and MLP), chosen from a registry by the norms the block has.
 
+A block without self_attn (a depth-pruning replacement, e.g. LLM-Streamline's MLP block) is a residual MLP only:
+it has no attention, so it gets no KV cache entry at all (the cache inputs are numbered over attention blocks).
+
 Names alone do not prove wiring (Gemma-2's `post_attention_layernorm` normalises the attention output, LLaMA's
 normalises the MLP input), so every choice made here is checked against the block's own forward by `proof.py`
 before anything is written.
@@ -35,6 +38,15 @@ class LayerSpec:
     window: int | None = None  # sliding-window attention: keys at most window-1 slots back
     rope: int = 0  # index of this layer's rotary table (Gemma-3 has a local and a global one)
 
+    @property
+    def attention(self) -> bool:
+        """False for an MLP-only block: no attention, no KV cache entry."""
+        return WIRINGS[self.wiring].attention
+
+
+def mlp_only_spec() -> LayerSpec:
+    return LayerSpec(num_heads=0, num_kv_heads=0, head_dim=0, scaling=0.0, wiring="mlp-only")
+
 
 # ---------------------------------------------------------------- wirings
 
@@ -56,10 +68,16 @@ def _post_norm(block, attend, hidden):
     return hidden + block.post_feedforward_layernorm(block.mlp(hidden))
 
 
+def _mlp_only(block, attend, hidden):
+    """A depth-pruning replacement block with no attention: norm -> MLP -> residual add."""
+    return hidden + block.mlp(block.norm(hidden))
+
+
 @dataclass(frozen=True)
 class Wiring:
     norms: frozenset[str]
     forward: Callable
+    attention: bool = True
 
 
 WIRINGS: dict[str, Wiring] = {
@@ -67,6 +85,7 @@ WIRINGS: dict[str, Wiring] = {
     "sandwich": Wiring(frozenset({"input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
                                   "post_feedforward_layernorm"}), _sandwich),
     "post-norm": Wiring(frozenset({"post_attention_layernorm", "post_feedforward_layernorm"}), _post_norm),
+    "mlp-only": Wiring(frozenset({"norm"}), _mlp_only, attention=False),
 }
 
 
@@ -81,11 +100,12 @@ def _has_weights(module: nn.Module) -> bool:
 
 
 def block_wiring(block: nn.Module, index: int, arch: str) -> str:
-    """The registered wiring whose norms are exactly the block's norms; any other weighted part is refused."""
-    for name in ("self_attn", "mlp"):
-        if not isinstance(getattr(block, name, None), nn.Module):
-            raise UserError(f"{arch}: decoder block {index} ({type(block).__name__}) has no {name}; export "
-                            "supports blocks of one self_attn, one mlp and RMS/LayerNorms")
+    """The registered wiring whose norms are exactly the block's norms (among the wirings with attention, or
+    without it for a block with no self_attn); any other weighted part is refused."""
+    if not isinstance(getattr(block, "mlp", None), nn.Module):
+        raise UserError(f"{arch}: decoder block {index} ({type(block).__name__}) has no mlp; export "
+                        "supports blocks of one self_attn (or none), one mlp and RMS/LayerNorms")
+    has_attention = isinstance(getattr(block, "self_attn", None), nn.Module)
     norms = {name for name, child in block.named_children() if is_norm_like(child)}
     others = [name for name, child in block.named_children()
               if name not in norms and name not in ("self_attn", "mlp") and _has_weights(child)]
@@ -93,11 +113,12 @@ def block_wiring(block: nn.Module, index: int, arch: str) -> str:
     if others:
         raise UserError(f"{arch}: decoder block {index} has weighted parts the exporter does not implement "
                         f"({', '.join(others)})")
-    for name, wiring in WIRINGS.items():
+    candidates = {k: w for k, w in WIRINGS.items() if w.attention == has_attention}
+    for name, wiring in candidates.items():
         if wiring.norms == norms:
             return name
     raise UserError(f"{arch}: decoder block {index} has norms {sorted(norms)}, which match no known wiring "
-                    f"({'; '.join(f'{k}: {sorted(w.norms)}' for k, w in WIRINGS.items())})")
+                    f"({'; '.join(f'{k}: {sorted(w.norms)}' for k, w in candidates.items())})")
 
 
 # ---------------------------------------------------------------- attention geometry and features
@@ -175,6 +196,8 @@ def sliding_window(attn: nn.Module, config) -> int | None:
 
 def layer_spec(block: nn.Module, config, index: int, arch: str, rope: int = 0) -> LayerSpec:
     wiring = block_wiring(block, index, arch)
+    if not WIRINGS[wiring].attention:
+        return mlp_only_spec()
     attn = block.self_attn
     fused = _check_attention(attn, index, arch)
     head_dim = _head_dim(attn, config, index, arch)
@@ -244,8 +267,8 @@ def softcap(scores: torch.Tensor, cap: float | None) -> torch.Tensor:
 def block_forward(block: nn.Module, layer: LayerSpec, hidden, cos, sin, mask_bias, past_key, past_value,
                   on_attention: Callable | None = None):
     """(hidden out, key, value) of one block; `on_attention` sees the attention output (the proof names the module
-    that differs with it)."""
-    cache = {}
+    that differs with it). An MLP-only block returns no key and value (None)."""
+    cache = {"key": None, "value": None}
 
     def attend(x):
         out, cache["key"], cache["value"] = attention(block.self_attn, layer, x, cos, sin, mask_bias, past_key,

@@ -268,7 +268,8 @@ def _check_no_sliding_window(model, seq_len: int) -> None:
     from ..models import decoder_layers
     from .blocks import sliding_window
 
-    windows = [w for w in (sliding_window(b.self_attn, model.config) for b in decoder_layers(model)) if w]
+    windows = [w for w in (sliding_window(b.self_attn, model.config) for b in decoder_layers(model)
+                           if hasattr(b, "self_attn")) if w]  # MLP-only blocks have no attention
     if windows and seq_len > min(windows):
         raise UserError(f"--seq-len {seq_len} exceeds the model's sliding attention window ({min(windows)}), which "
                         f"the GGUF export does not implement; use --seq-len {min(windows)} or less, or --format onnx")

@@ -106,6 +106,11 @@ def gguf_layout(model) -> GgufLayout:
                         "is not supported yet: export it to ONNX instead (--format onnx)")
     if getattr(config, "hidden_act", "silu") != "silu":
         raise UserError(f"GGUF export needs SwiGLU (hidden_act silu), the model uses {config.hidden_act!r}")
+    mlp_only = [i for i, b in enumerate(decoder_layers(model)) if not isinstance(getattr(b, "self_attn", None),
+                                                                                  torch.nn.Module)]
+    if mlp_only:
+        raise UserError(f"GGUF export needs attention in every block; blocks {mlp_only} are MLP-only (a depth-pruning "
+                        "replacement): export it to ONNX instead (--format onnx)")
     head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
     geoms = [block_geometry(block, i, head_dim) for i, block in enumerate(decoder_layers(model))]
     heads, kv_heads, ffn = ([g.num_heads for g in geoms], [g.num_kv_heads for g in geoms],

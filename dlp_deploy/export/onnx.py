@@ -53,16 +53,22 @@ class DecoderSpec:
         return len(self.blocks)
 
     @property
+    def cache_layers(self) -> list[LayerSpec]:
+        """The blocks with attention, in order: one past/present key and value each (MLP-only blocks have none)."""
+        return [s for s in self.layers if s.attention]
+
+    @property
     def tied(self) -> bool:
         return self.lm_head.weight is self.embed.weight
 
     def describe(self) -> dict:
         windows = [s.window for s in self.layers]
+        mlp_only = [i for i, s in enumerate(self.layers) if not s.attention]
         return {
             "num_layers": self.num_layers,
             "num_heads": [s.num_heads for s in self.layers],
             "num_kv_heads": [s.num_kv_heads for s in self.layers],
-            "head_dim": sorted({s.head_dim for s in self.layers}),
+            "head_dim": sorted({s.head_dim for s in self.cache_layers}),
             "vocab_size": int(self.lm_head.weight.shape[0]),
             "hidden_size": int(self.embed.weight.shape[1]),
             "wiring": sorted({s.wiring for s in self.layers}),
@@ -73,6 +79,7 @@ class DecoderSpec:
             "sliding_window": windows if any(windows) else None,
             "rope_tables": len(self.rope),
             "tied_embeddings": self.tied,
+            **({"mlp_only_layers": mlp_only, "kv_cache_layers": len(self.cache_layers)} if mlp_only else {}),
         }
 
 
@@ -95,7 +102,7 @@ def discover(model: nn.Module, max_positions: int) -> DecoderSpec:
     rope, index = rope_tables(model, trace, max_positions, arch)
     for i, (layer, r) in enumerate(zip(layers, index)):
         layer.rope = r
-        if rope[r][0].shape[-1] != layer.head_dim:
+        if layer.attention and rope[r][0].shape[-1] != layer.head_dim:
             raise UserError(f"{arch}: block {i} rotates {rope[r][0].shape[-1]} of {layer.head_dim} head dims; "
                             "partial rotary embeddings are not supported")
     cap = getattr(config, "final_logit_softcapping", None)
@@ -133,7 +140,8 @@ def _final_norm(model: nn.Module, blocks: nn.ModuleList, arch: str) -> nn.Module
 class KVCacheDecoder(nn.Module):
     """forward(input_ids, attention_mask, positions, causal_mask, *past) -> (logits, *present).
 
-    past/present alternate key, value per layer; keys are stored after RoPE; present = concat(past, new) on axis 2.
+    past/present alternate key, value per attention layer (MLP-only blocks have no entry, so entry j belongs to
+    the j-th block with attention); keys are stored after RoPE; present = concat(past, new) on axis 2.
     RoPE is gathered from cos/sin tables precomputed by the model's own rotary module (runtime Sin/Cos split the
     graph into two DeepSparse subgraphs and break the engine's internal KV cache).
     """
@@ -165,10 +173,14 @@ class KVCacheDecoder(nn.Module):
         biases = self.mask_biases(attention_mask, causal_mask, positions)
         hidden = self.embed(input_ids)
         presents = []
-        for i, (block, layer) in enumerate(zip(self.blocks, self.spec.layers)):
+        for block, layer in zip(self.blocks, self.spec.layers):
+            if not layer.attention:
+                hidden = block_forward(block, layer, hidden, None, None, None, None, None)[0]
+                continue
+            slot = len(presents)  # this block's key, value among the cache entries
             cos, sin = self.rope_at(layer, positions)
             hidden, key, value = block_forward(block, layer, hidden, cos, sin, biases[layer.window],
-                                               past[2 * i], past[2 * i + 1])
+                                               past[slot], past[slot + 1])
             presents += [key, value]
         return (self.logits(self.norm(hidden)), *presents)
 
@@ -210,7 +222,7 @@ def _dummy_inputs(spec: DecoderSpec, length: int = 3, past_len: int = 2):
     positions = torch.arange(past_len, total, dtype=torch.long)[None]
     causal_mask = torch.tril(torch.ones(length, total, dtype=torch.long), diagonal=past_len)[None, None]
     past = []
-    for layer in spec.layers:
+    for layer in spec.cache_layers:
         shape = (1, layer.num_kv_heads, past_len, layer.head_dim)
         past += [torch.zeros(shape), torch.zeros(shape)]
     return (input_ids, attention_mask, positions, causal_mask, *past)
@@ -235,7 +247,7 @@ def export_onnx(model: nn.Module, path: str | Path, max_positions: int | None = 
     spec = discover(model, max_positions)
     wrapper = KVCacheDecoder(spec).eval()
     proof = prove(model, wrapper, PROOF_TOLERANCE)  # refuses before anything is written
-    inputs, outputs = io_names(spec.num_layers)
+    inputs, outputs = io_names(len(spec.cache_layers))
     with tempfile.TemporaryDirectory(prefix="dlp-export-", dir=path.parent) as tmp:
         raw = Path(tmp) / "raw.onnx"
         with torch.no_grad():

@@ -28,10 +28,13 @@ def _empty_past(layer, like: torch.Tensor) -> torch.Tensor:
 
 
 def replay_block(wrapper, index: int, hidden: torch.Tensor, split: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(attention output, block output) of the rewritten block over `hidden`, in two cached chunks."""
+    """(attention output, block output) of the rewritten block over `hidden`, in two cached chunks (an MLP-only
+    block: no attention output, None, and one pass since it has no cache)."""
     from .blocks import block_forward
 
     block, layer = wrapper.spec.blocks[index], wrapper.spec.layers[index]
+    if not layer.attention:
+        return None, block_forward(block, layer, hidden, None, None, None, None, None)[0]
     total = hidden.shape[1]
     key = value = _empty_past(layer, hidden)
     attention, outputs = [], []
@@ -55,7 +58,7 @@ def prove(model: nn.Module, wrapper, tolerance: float) -> dict:
     with torch.no_grad():
         for i, block in enumerate(spec.blocks):
             attention, output = replay_block(wrapper, i, trace.block_inputs[i], split)
-            err = relative_error(attention, trace.attention_outputs[i])
+            err = 0.0 if attention is None else relative_error(attention, trace.attention_outputs[i])
             if err > tolerance:
                 raise UserError(f"{arch}: the exported attention of block {i} ({names.get(id(block.self_attn))}) "
                                 f"differs from its forward by {err:.1e} (relative); the exporter does not "
@@ -68,7 +71,7 @@ def prove(model: nn.Module, wrapper, tolerance: float) -> dict:
                                 "does not implement, so nothing was written")
             worst = max(worst, err, err_block)
         past = []
-        for layer in spec.layers:
+        for layer in spec.cache_layers:
             past += [_empty_past(layer, trace.block_inputs[0])] * 2
         mask, positions, causal = (torch.from_numpy(a) for a in step_inputs(length, 0, length))
         logits = wrapper(trace.ids, mask, positions, causal, *past)[0]

@@ -59,7 +59,8 @@ def trace_model(model: nn.Module, blocks: nn.ModuleList, length: int, seed: int 
     for i, block in enumerate(blocks):
         handles.append(block.register_forward_pre_hook(on_block_input(i), with_kwargs=True))
         handles.append(block.register_forward_hook(on_output(trace.block_outputs, i)))
-        handles.append(block.self_attn.register_forward_hook(on_output(trace.attention_outputs, i)))
+        if isinstance(getattr(block, "self_attn", None), nn.Module):  # MLP-only blocks have none
+            handles.append(block.self_attn.register_forward_hook(on_output(trace.attention_outputs, i)))
     for rotary in rotary_modules(model):
         handles.append(rotary.register_forward_hook(on_rotary, with_kwargs=True))
     try:

@@ -126,6 +126,9 @@ def _prune_into(model_ref, tmp: Path, settings: PruneSettings, calib, nsamples, 
         model, tok = models.load(model_ref, device, dtype)
     t_load = time.perf_counter() - t0
     validate_for_model(settings, model)  # e.g. MoE experts it cannot prune: refuse before any calibration work
+    if settings.structure and folder is not None and (folder / models.STREAMLINE_FILE).is_file():
+        raise UserError(f"{model_ref} is depth-pruned (streamline.json); structured pruning of its blocks is not "
+                        "supported: prune the original model, then streamline it")
     seqlen = seqlen or data.default_seqlen(model.config)  # None: min(2048, the model's context)
 
     t0 = time.perf_counter()
@@ -157,8 +160,7 @@ def _prune_into(model_ref, tmp: Path, settings: PruneSettings, calib, nsamples, 
             else {}
         model.save_pretrained(tmp, **sharding)
     tok.save_pretrained(tmp)
-    if settings.structure:
-        save_structure(model, tmp)
+    save_layout_records(model, folder, tmp, bool(settings.structure))
     report["timings"]["save_s"] = time.perf_counter() - t0  # streamed: the shards were written block by block
     return report
 
@@ -180,6 +182,19 @@ def tune_before_pruning(model, tok, settings: PruneSettings, calibration, calib:
         tuning["scored_with"] = f"one-shot {scoring} ({settings.method} has no one-shot form here)"
     del scorer  # every score() restored the dense weights
     return replace(settings, **{settings.auto: tuning["choice"]}), tuning
+
+
+def save_layout_records(model, source: Path | None, out: Path, structured_now: bool) -> None:
+    """What config.json cannot hold travels with the weights: per-layer shapes (structure.json, written from the
+    model: this prune's or the input's) and a depth-pruned stack's record (streamline.json, copied)."""
+    import shutil
+
+    from ..models import STREAMLINE_FILE, STRUCTURE_FILE
+
+    if structured_now or (source is not None and (source / STRUCTURE_FILE).is_file()):
+        save_structure(model, out)
+    if source is not None and (source / STREAMLINE_FILE).is_file():
+        shutil.copy2(source / STREAMLINE_FILE, out / STREAMLINE_FILE)
 
 
 def save_structure(model, folder: Path) -> None:

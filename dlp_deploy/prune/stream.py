@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..models import STRUCTURE_FILE, decoder_layers, linear_modules
+from ..models import STREAMLINE_FILE, STRUCTURE_FILE, decoder_layers, linear_modules
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -147,6 +147,8 @@ def streaming_refusal(folder: Path | None, structured: bool) -> str | None:
         return "only a local model folder streams (a hub model is loaded whole)"
     if (folder / STRUCTURE_FILE).is_file():
         return f"the input has {STRUCTURE_FILE} (layers of their own shapes), so it prunes in memory"
+    if (folder / STREAMLINE_FILE).is_file():
+        return f"the input has {STREAMLINE_FILE} (a depth-pruned stack), so it prunes in memory"
     if Checkpoint.find(folder) is None:
         return "the input has no safetensors weights (only those can be read one block at a time)"
     return None

@@ -1,0 +1,65 @@
+"""`dlp-deploy streamline`: depth pruning (LLM-Streamline)."""
+from __future__ import annotations
+
+import enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..prune.streamline import BATCH_TOKENS, EPOCHS, LR, REPLACEMENTS, TOKENS, WEIGHT_DECAY
+
+Replacement = enum.Enum("Replacement", {k: k for k in REPLACEMENTS}, type=str)
+
+
+def streamline(
+    model: Annotated[str, typer.Argument(help="HF folder, hub id or alias (smollm2-135m)")],
+    out: Annotated[Path, typer.Option(help="output folder (must not exist unless --force)")],
+    remove_layers: Annotated[Optional[int], typer.Option(help="decoder layers to cut (one contiguous span)")] = None,
+    ratio: Annotated[Optional[float], typer.Option(help="share of decoder layers to cut, rounded (instead of "
+                                                        "--remove-layers)")] = None,
+    replacement: Annotated[Replacement, typer.Option(help="what replaces the span: none (drop it), ffn (norm + "
+                                                          "MLP), swiglu (norm + gated MLP), layer (a copy of the "
+                                                          "span's first layer), the last three trained")] = "ffn",
+    calib: Annotated[str, typer.Option(help="calibration corpus: c4, wikitext2, ptb")] = "c4",
+    nsamples: Annotated[int, typer.Option(min=1, help="calibration windows (span scores use all)")] = 64,
+    seqlen: Annotated[Optional[int], typer.Option(min=2, help="calibration window; default min(2048, the "
+                                                              "model's context)")] = None,
+    seed: int = 0,
+    tokens: Annotated[int, typer.Option(min=1, help="train the replacement on at most this many calibration "
+                                                    "tokens (a `layer` replacement: whole windows)")] = TOKENS,
+    epochs: Annotated[int, typer.Option(min=1, help="passes over the training tokens")] = EPOCHS,
+    lr: Annotated[float, typer.Option(help="AdamW peak learning rate (cosine decay to a quarter)")] = LR,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay")] = WEIGHT_DECAY,
+    batch_tokens: Annotated[int, typer.Option(min=1, help="MLP replacements: tokens per step")] = BATCH_TOKENS,
+    device: Annotated[str, typer.Option(help="torch device: auto (CUDA when present, else cpu), cpu, cuda, "
+                                             "cuda:1 …")] = "auto",
+    data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="offline corpora folder (else env "
+                                                     "DLP_DEPLOY_DATA, else the hub)")] = None,
+    force: Annotated[bool, typer.Option(help="replace an existing --out")] = False,
+) -> None:
+    """Cut the most redundant span of decoder layers (LLM-Streamline: highest input/output cosine on calibration
+    text), replace it with a trained lightweight block, and save a reloadable HF folder with streamline.json."""
+    from ..progress import console, progress_bar, quiet_transformers
+    from ..prune.job import resolve_device
+    from ..prune.streamline import StreamlineSettings, streamline_to_folder, validate_settings
+
+    settings = StreamlineSettings(remove_layers, ratio, replacement.value if isinstance(replacement, enum.Enum)
+                                  else replacement, calib, nsamples, seqlen, seed, tokens, epochs, lr, weight_decay,
+                                  batch_tokens)
+    validate_settings(settings)
+    device = resolve_device(device)
+    quiet_transformers()
+    with progress_bar() as progress:
+        record = streamline_to_folder(model, out, settings, device, str(data_dir) if data_dir else None, force,
+                                      progress)
+    removed, layers, training = record["removed"], record["num_layers"], record["training"]
+    console.print(f"streamlined {model}: cut layers {removed['start']}..{removed['end'] - 1} (cosine "
+                  f"{record['selected_cosine']:.4f}), {layers['before']} -> {layers['after']} layers, "
+                  f"replacement {settings.replacement} -> {out}")
+    if training:
+        console.print(f"replacement MSE {training['mse_before']:.3e} -> {training['mse_after']:.3e} "
+                      f"(dropping the span: {training['mse_drop_span']:.3e}) on {training['tokens']} tokens")
+
+
+COMMANDS = {"streamline": streamline}

@@ -1,0 +1,178 @@
+"""Depth pruning with LLM-Streamline on tiny random models: span scores against a hand computation, the trained
+replacement, reloading, export with MLP-only blocks, and CLI refusals."""
+import json
+
+import pytest
+import torch
+
+from dlp_deploy import models
+from dlp_deploy.errors import UserError
+from dlp_deploy.prune.streamline import (StreamlineSettings, choose_span, layers_to_remove, score_spans,
+                                         streamline_model, streamline_to_folder)
+from dlp_deploy.testing import assert_one_line_error, run_cli, save_tiny, tiny_llama
+
+FAST = dict(nsamples=4, seqlen=32, epochs=3, lr=1e-3, batch_tokens=32)
+
+
+def _windows(count=3, length=16, seed=1):
+    return torch.randint(1, 256, (count, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _hand_cosines(model, windows, n):
+    """Mean per-token cosine between hidden_states[i] and hidden_states[i + n] over all windows; the last entry of
+    output_hidden_states is after the final norm, so the last block's raw output is taken from a hook instead."""
+    sums, tokens = None, 0
+    last = []
+    handle = model.model.layers[-1].register_forward_hook(lambda _m, _a, out: last.append(out))
+    try:
+        for window in windows:
+            with torch.no_grad():
+                hs = list(model(window[None], output_hidden_states=True).hidden_states)
+            hs[-1] = last.pop()
+            values = []
+            for i in range(len(hs) - n):
+                a, b = hs[i][0], hs[i + n][0]
+                values.append(((a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))).sum())
+            sums = torch.stack(values) if sums is None else sums + torch.stack(values)
+            tokens += window.numel()
+    finally:
+        handle.remove()
+    return (sums / tokens).tolist()
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_span_scores_match_hand_cosine(n):
+    model = tiny_llama()
+    windows = _windows()
+    hand = _hand_cosines(model, windows, n)
+    scores = score_spans(model, model.model.layers, windows, n)
+    assert len(scores) == 4 - n + 1
+    assert scores == pytest.approx(hand, abs=1e-5)
+    assert choose_span(scores) == max(range(len(hand)), key=hand.__getitem__)
+
+
+def test_span_choice_and_counts():
+    assert choose_span([0.1, 0.9, 0.9, 0.2]) == 1  # a tie goes to the earliest span
+    assert layers_to_remove(8, None, 0.25) == 2
+    assert layers_to_remove(8, 3, None) == 3
+    for remove, ratio, fragment in ((8, None, "every one"), (None, None, "exactly one"), (2, 0.5, "exactly one"),
+                                    (None, 1.0, "outside (0, 1)"), (None, 0.01, "removes no layer"),
+                                    (0, None, "at least one")):
+        with pytest.raises(UserError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+            layers_to_remove(8, remove, ratio)
+
+
+@pytest.mark.parametrize("kind", ["ffn", "layer"])
+def test_replacement_is_trained(kind):
+    model = tiny_llama()
+    record = streamline_model(model, _windows(4, 32), StreamlineSettings(remove_layers=2, replacement=kind,
+                                                                          epochs=4, lr=1e-3, batch_tokens=32))
+    training = record["training"]
+    assert training["loss_curve"][-1] < training["loss_curve"][0]
+    assert training["mse_after"] < training["mse_before"]
+    assert training["mse_after"] < training["mse_drop_span"]  # closer to the span's output than dropping it
+    blocks = models.decoder_layers(model)
+    assert len(blocks) == model.config.num_hidden_layers == 3
+    assert [getattr(b.self_attn, "layer_idx", i) for i, b in enumerate(blocks) if hasattr(b, "self_attn")] == \
+        [i for i, b in enumerate(blocks) if hasattr(b, "self_attn")]
+
+
+def test_per_layer_config_lists_follow_the_stack():
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen3Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+                      layer_types=["full_attention", "sliding_attention"] * 2, sliding_window=8,
+                      use_sliding_window=True)
+    model = Qwen3ForCausalLM(cfg).eval()
+    record = streamline_model(model, _windows(2, 16), StreamlineSettings(remove_layers=2, replacement="ffn",
+                                                                          epochs=1))
+    start = record["removed"]["start"]
+    expected = cfg.layer_types  # already cut in place: check against the original pattern
+    original = ["full_attention", "sliding_attention"] * 2
+    assert expected == original[:start] + [original[start]] + original[start + 2:]
+    assert "layer_types" in record["config_lists_cut"]
+    ids = _windows(1, 6)
+    cached = model.generate(ids, max_new_tokens=4, do_sample=False, use_cache=True, pad_token_id=0)
+    uncached = model.generate(ids, max_new_tokens=4, do_sample=False, use_cache=False, pad_token_id=0)
+    assert torch.equal(cached, uncached)  # the MLP-only block keeps HF's KV cache bookkeeping in step
+
+
+@pytest.fixture(scope="module")
+def streamlined(tmp_path_factory, data_root):
+    """A tiny LLaMA streamlined with every replacement that changes what is saved."""
+    base = tmp_path_factory.mktemp("streamline")
+    src = save_tiny(base / "tiny")
+    out = {}
+    for kind in ("none", "ffn", "layer"):
+        settings = StreamlineSettings(remove_layers=2, replacement=kind, **FAST)
+        out[kind] = streamline_to_folder(str(src), base / kind, settings, "cpu", str(data_root)), base / kind
+    return out
+
+
+@pytest.mark.parametrize("kind", ["none", "ffn", "layer"])
+def test_streamlined_folder_reloads(streamlined, kind):
+    record, folder = streamlined[kind]
+    saved = json.loads((folder / models.STREAMLINE_FILE).read_text())
+    assert saved["replacement"]["kind"] == kind and len(saved["span_scores"]) == 3
+    assert saved["calibration"]["nsamples"] == 4 and "provenance" in saved
+    model, _tok = models.load(str(folder))
+    blocks = models.decoder_layers(model)
+    assert len(blocks) == record["num_layers"]["after"] == (2 if kind == "none" else 3)
+    if kind == "ffn":
+        assert not hasattr(blocks[record["replacement"]["index"]], "self_attn")
+    logits = model(_windows(1, 12)).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_mlp_only_model_exports_and_validates(streamlined, tmp_path):
+    from dlp_deploy.export.deployment import export_deployment
+    from dlp_deploy.runtime.engines import GraphIO
+
+    record, folder = streamlined["ffn"]
+    info = export_deployment(folder, tmp_path / "deploy", seq_len=64, num_cores=1, quality=None,
+                             engines=("onnxruntime", "deepsparse-external"))
+    index = record["replacement"]["index"]
+    assert info["architecture"]["mlp_only_layers"] == [index]
+    assert info["architecture"]["kv_cache_layers"] == 2
+    assert info["graph_proof"]["max_block_error"] < 1e-4
+    # no KV cache entry for the MLP-only block: one key and one value per attention block
+    assert len(GraphIO.read(tmp_path / "deploy" / "model.onnx").cache_shapes) == 4
+    for engine in ("onnxruntime", "deepsparse-external"):
+        result = info["validation"][engine]
+        assert "skipped" not in result, result
+        assert result["greedy_match"], result
+
+
+def test_cli_refuses_bad_input(tiny_dir, tmp_path):
+    out = tmp_path / "out"
+    proc = run_cli("streamline", tiny_dir, "--remove-layers", "4", "--out", out, "--nsamples", "2", "--seqlen", "16")
+    assert_one_line_error(proc, "--remove-layers 4", "every one of the model's 4 decoder layers", "at most 3")
+    assert not out.exists()
+
+
+def test_pruning_keeps_the_layout_records_of_its_input(tmp_path, data_root):
+    """A streamlined (or structured) input keeps its streamline.json (structure.json) through `prune`, so the
+    pruned folder reloads with the same blocks; streaming is refused for it with the reason."""
+    from dlp_deploy.prune.job import prune_to_folder
+    from dlp_deploy.prune.pipeline import PruneSettings
+
+    src = save_tiny(tmp_path / "src")
+    streamline_to_folder(str(src), tmp_path / "short", StreamlineSettings(remove_layers=2, replacement="ffn", **FAST),
+                         "cpu", str(data_root))
+    report = prune_to_folder(str(tmp_path / "short"), tmp_path / "pruned", PruneSettings(0.5, "wanda", "uniform"),
+                             nsamples=2, seqlen=32)
+    assert "streamline.json" in report["loading"]["why_in_memory"]
+    model, _ = models.load(str(tmp_path / "pruned"))
+    weights = [m.weight for b in models.decoder_layers(model) for m in models.linear_modules(b).values()]
+    assert sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights) == pytest.approx(0.5, abs=1e-3)
+    ids = torch.arange(1, 17)[None]
+    assert torch.isfinite(model(ids).logits).all()
+    structured = prune_to_folder(str(src), tmp_path / "structured", PruneSettings(0.3, "wanda", "uniform",
+                                                                                   structure="channels"),
+                                 nsamples=2, seqlen=32)
+    again = prune_to_folder(str(tmp_path / "structured"), tmp_path / "again", PruneSettings(0.5, "wanda", "uniform"),
+                            nsamples=2, seqlen=32)
+    assert structured and again["global_sparsity"] == pytest.approx(0.5, abs=1e-3)
+    models.load(str(tmp_path / "again"))  # reloads with the structured shapes
