@@ -1,4 +1,4 @@
-"""`dlp-deploy streamline`: depth pruning (LLM-Streamline)."""
+"""`dlp-deploy streamline`: depth pruning (LLM-Streamline); `dlp-deploy recover`: LoRA recovery fine-tuning."""
 from __future__ import annotations
 
 import enum
@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..prune import recover as rec
 from ..prune.streamline import BATCH_TOKENS, EPOCHS, LR, REPLACEMENTS, TOKENS, WEIGHT_DECAY
 
 Replacement = enum.Enum("Replacement", {k: k for k in REPLACEMENTS}, type=str)
@@ -62,4 +63,50 @@ def streamline(
                       f"(dropping the span: {training['mse_drop_span']:.3e}) on {training['tokens']} tokens")
 
 
-COMMANDS = {"streamline": streamline}
+def recover(
+    model: Annotated[str, typer.Argument(help="HF folder (pruned, structured, streamlined or dense), hub id or "
+                                              "alias")],
+    out: Annotated[Path, typer.Option(help="output folder (must not exist unless --force)")],
+    steps: Annotated[int, typer.Option(help="optimizer steps")] = rec.STEPS,
+    lora_rank: Annotated[int, typer.Option(help="LoRA rank r")] = rec.RANK,
+    lora_alpha: Annotated[float, typer.Option(help="LoRA alpha (the update is scaled by alpha / r)")] = rec.ALPHA,
+    lr: Annotated[float, typer.Option(help="AdamW peak learning rate (cosine decay to a quarter)")] = rec.LR,
+    nsamples: Annotated[int, typer.Option(help="C4 training windows (calibration documents)")] = rec.NSAMPLES,
+    seqlen: Annotated[Optional[int], typer.Option(help="training and evaluation window; default min(2048, the "
+                                                       "model's context)")] = None,
+    batch_size: Annotated[int, typer.Option(help="windows per step")] = rec.BATCH_SIZE,
+    seed: int = 0,
+    eval_windows: Annotated[int, typer.Option(help="held-out C4 windows, perplexity before/after (0: skip)")] = \
+        rec.EVAL_WINDOWS,
+    device: Annotated[str, typer.Option(help="torch device: auto (CUDA when present, else cpu), cpu, cuda, "
+                                             "cuda:1 …")] = "auto",
+    data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="offline corpora folder (else env "
+                                                     "DLP_DEPLOY_DATA, else the hub)")] = None,
+    force: Annotated[bool, typer.Option(help="replace an existing --out")] = False,
+) -> None:
+    """Recover a pruned model's quality with a short LoRA fine-tune on C4 text, merged so that every pruned zero
+    stays exactly zero (the update is masked in training and at the merge); writes an HF folder with
+    recovery.json (loss curve, held-out perplexity before/after, zero counts)."""
+    from ..io import check_writable
+    from ..progress import console, progress_bar, quiet_transformers
+    from ..prune.job import resolve_device
+
+    settings = rec.RecoverSettings(steps, lora_rank, lora_alpha, lr, nsamples, seqlen, batch_size, seed,
+                                   eval_windows)
+    rec.validate_settings(settings)
+    check_writable(out, force)  # before loading anything
+    device = resolve_device(device)
+    quiet_transformers()
+    with progress_bar() as progress:
+        record = rec.recover_to_folder(model, out, settings, device, str(data_dir) if data_dir else None, force,
+                                       progress)
+    training, mask, ppl = record["training"], record["mask"], record["perplexity"]
+    console.print(f"recovered {model}: {training['steps']} steps on {training['tokens']} tokens, loss "
+                  f"{training['loss_curve'][0]:.3f} -> {training['loss_curve'][-1]:.3f}; zeros kept "
+                  f"{mask['zeros_after']}/{mask['zeros_before']} -> {out}")
+    if ppl:
+        console.print(f"held-out C4 perplexity {ppl['before']:.3f} -> {ppl['after']:.3f} ({ppl['windows']} windows "
+                      f"of {ppl['seqlen']})")
+
+
+COMMANDS = {"streamline": streamline, "recover": recover}
