@@ -204,7 +204,7 @@ def test_search_and_auto_from_the_command_line(tiny_dir, tmp_path, cache):
     ok = run_cli("search", tiny_dir, "--sparsity", 0.5, "--out", tmp_path / "s", "--name", "cli-found",
                  "--candidates", 3, "--population", 2, "--top-k", 2, *common, env=env)
     assert ok.returncode == 0, ok.stderr
-    assert "saved as --allocation cli-found" in " ".join(ok.stdout.split())
+    assert "saved as --allocation cli-found" in " ".join((ok.stdout + ok.stderr).split())  # rich logs to stderr
     pruned = run_cli("prune", tiny_dir, "--sparsity", 0.5, "--allocation", "cli-found", "--out", tmp_path / "p",
                      "--nsamples", 2, "--seqlen", 32, env=env)
     assert pruned.returncode == 0, pruned.stderr
