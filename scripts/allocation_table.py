@@ -21,7 +21,7 @@ from dlp_deploy.eval.perplexity import corpus_ids, perplexity
 from dlp_deploy.io import write_json_atomic
 from dlp_deploy.progress import console, progress_bar, quiet_transformers
 from dlp_deploy.provenance import provenance
-from dlp_deploy.prune.allocate import default_dlp_alpha, split_allocations
+from dlp_deploy.prune.allocate import default_dlp_alpha, get_allocator, split_allocations
 from dlp_deploy.prune.pipeline import PruneSettings, allocation_params
 from dlp_deploy.prune.search import Scorer, tune
 from dlp_deploy.report.figures import layer_ratios
@@ -88,7 +88,7 @@ def run_cell(scorer: Scorer, allocation: str, sparsity: float, ids: dict, args, 
             tuning = tune(scorer, base, "alpha", sparsity, params, progress)
             params["alpha"] = cell["alpha"] = tuning["choice"]
             cell["tuning"] = tuning
-        elif base in ("dlp",) or base.startswith("expr:"):
+        elif get_allocator(base).uses_alpha:
             cell["alpha"] = params["alpha"]
         ratios = scorer.snapshot.allocate(base, sparsity, params).ratios
         scorer.snapshot.apply(ratios)

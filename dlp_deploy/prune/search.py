@@ -316,8 +316,13 @@ def saved_path(name: str) -> Path:
     return models.cache_dir() / SAVED_DIR / f"{name}.json"
 
 
+def _safe_name(name: str) -> bool:
+    """A name that is one file in the allocations folder (no path separators, not hidden)."""
+    return bool(name) and all(c.isalnum() or c in "-_." for c in name) and not name.startswith(".")
+
+
 def check_name(name: str) -> None:
-    if not name or not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
+    if not _safe_name(name):
         raise UserError(f"allocation name {name!r}: use letters, digits, '-', '_' and '.'")
     if name in ALLOCATORS or name.lower().startswith(EXPR_PREFIX):
         raise UserError(f"allocation name {name!r} is a built-in allocator's; choose another --name")
@@ -325,6 +330,6 @@ def check_name(name: str) -> None:
 
 def load_saved(name: str) -> dict | None:
     path = saved_path(name)
-    if not all(c.isalnum() or c in "-_." for c in name) or not path.is_file():
+    if not _safe_name(name) or not path.is_file():
         return None
     return json.loads(path.read_text())
