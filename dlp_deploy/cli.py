@@ -10,6 +10,7 @@ os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")  # DeepSparse phones home on 
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from .errors import UserError
 
@@ -35,5 +36,6 @@ def main() -> None:
     try:
         app()  # standalone: click reports usage errors itself and exits 2
     except UserError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        # escaped: a message may hold brackets (pip install 'dlp-deploy[ray]', a [label]) that are no markup
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)

@@ -73,7 +73,9 @@ def test_unstructured_zeros_survive_and_perplexity_drops(base, data_root):
     assert record["training"]["tokens"] == 30 * 4 * 64
     saved = json.loads((out / "recovery.json").read_text())
     assert saved["perplexity"] == ppl and "provenance" in saved and saved["wall_s"] > 0
-    assert not (out / "pruning.json").exists() and (out / "tokenizer.json").is_file()
+    carried = json.loads((out / "pruning.json").read_text())  # the zero set is the input's, so is its record
+    assert carried["recovered_by"] == "recovery.json" and (out / "tokenizer.json").is_file()
+    assert carried["global_sparsity"] == json.loads((pruned / "pruning.json").read_text())["global_sparsity"]
     assert saved["source_pruning"]["form"] == "unstructured"
 
 

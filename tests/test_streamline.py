@@ -176,3 +176,68 @@ def test_pruning_keeps_the_layout_records_of_its_input(tmp_path, data_root):
                             nsamples=2, seqlen=32)
     assert structured and again["global_sparsity"] == pytest.approx(0.5, abs=1e-3)
     models.load(str(tmp_path / "again"))  # reloads with the structured shapes
+
+
+def test_sweep_with_depth_levels_and_recovered_twins(tmp_path, data_root, monkeypatch):
+    """Depth levels and +recovery twins go through prune/streamline -> eval -> export -> bench like every level;
+    a streamlined model (no zeros) must never be taken for the dense baseline, and a resumed sweep redoes
+    nothing."""
+    from dlp_deploy.bench.stats import is_dense, removed_share
+    from dlp_deploy.bench.sweep import SweepSettings, run_sweep
+    from dlp_deploy.report.render import make_report
+
+    monkeypatch.setenv("DLP_DEPLOY_DATA", str(data_root))
+    model = save_tiny(tmp_path / "tiny", seed=2)
+    settings = SweepSettings(str(model), [0.5], "wanda", ["uniform"], ["onnxruntime"], nsamples=2, calib_seqlen=32,
+                             eval_seqlen=64, max_windows=2, seq_len=64, validate=False, cores=1, prompt_len=8,
+                             gen_len=8, runs=1, warmup=0, rounds=1, depth=["none", "ffn"], depth_ratio=0.5,
+                             recover=["wanda-uniform-0.50", "streamline-ffn-*"], recover_steps=4)
+    run = tmp_path / "run"
+    result = run_sweep(settings, run, log=lambda *_: None)
+    q = {e["label"]: e for e in result["quality"]}
+    assert list(q) == ["dense", "wanda-uniform-0.50", "streamline-none-0.50", "streamline-ffn-0.50",
+                       "wanda-uniform-0.50+recovery", "streamline-ffn-0.50+recovery"]
+
+    # removed: the original decoder-Linear weights gone, net of the replacement (4 layers, 2 cut)
+    layer = sum(m.weight.numel() for m in models.linear_modules(tiny_llama(2).model.layers[0]).values())
+    mlp = q["streamline-ffn-0.50"]["depth"]
+    assert mlp["layers_removed"] == 2 and mlp["num_layers"] == {"before": 4, "after": 3}
+    assert q["streamline-none-0.50"]["removed"] == pytest.approx(0.5)
+    assert 0.5 > q["streamline-ffn-0.50"]["removed"] > 0.25  # an MLP-only block is less than a layer
+    assert mlp["mse_after"] < mlp["mse_drop_span"]
+    assert q["streamline-ffn-0.50"]["removed"] == pytest.approx(
+        1 - (2 * layer + _mlp_params(run / "models" / "streamline-ffn-0.50")) / (4 * layer))
+
+    twin, base = q["wanda-uniform-0.50+recovery"], q["wanda-uniform-0.50"]
+    assert twin["recovered"] and twin["variant"] == "uniform +recovery" and twin["form"] == "unstructured"
+    assert twin["sparsity"] == base["sparsity"] and twin["removed"] == base["removed"]  # the zeros are the base's
+    zeros = twin["recovery"]["zeros"]
+    assert zeros["zeros_after"] == zeros["zeros_before"] > 0 and twin["recovery"]["steps"] == 4
+    assert twin["perplexity"]["wikitext2"] != base["perplexity"]["wikitext2"]  # trained, not copied
+    assert q["streamline-ffn-0.50+recovery"]["depth"]["replacement"] == "ffn"  # the record travels
+
+    rows = {r["label"]: r for r in result["results"]}
+    assert [label for label, r in rows.items() if is_dense(r)] == ["dense"]
+    for label in ("streamline-none-0.50", "streamline-ffn-0.50", "streamline-ffn-0.50+recovery"):
+        assert rows[label]["form"] == "depth" and rows[label]["speedup"]["baseline"] == "dense", label
+        assert removed_share(rows[label]) == pytest.approx(q[label]["removed"])
+        assert rows[label]["weights"]["ideal_speedup"] > 1.2  # fewer bytes per token than dense
+
+    stamp = (run / "models" / "wanda-uniform-0.50+recovery" / "recovery.json").stat().st_mtime_ns
+    run_sweep(settings, run, log=lambda *_: None)
+    assert (run / "models" / "wanda-uniform-0.50+recovery" / "recovery.json").stat().st_mtime_ns == stamp
+
+    md = (make_report([run], tmp_path / "report") / "report.md").read_text()
+    assert "Depth pruning (LLM-Streamline" in md and "| streamline-ffn-0.50 | ffn | 2 of 4 |" in md
+    assert "Recovery fine-tuning (LoRA, zeros kept)" in md
+    assert "| wanda-uniform-0.50+recovery | wanda-uniform-0.50 |" in md
+    assert "![pareto.png](pareto.png)" in md
+
+    with pytest.raises(UserError, match="matches no level"):
+        run_sweep(SweepSettings(**{**settings.__dict__, "recover": ["nothing-*"]}), tmp_path / "other")
+
+
+def _mlp_params(folder):
+    record = json.loads((folder / "streamline.json").read_text())
+    return sum(m.weight.numel() for m in models.linear_modules(
+        models.load(str(folder))[0].model.layers[record["removed"]["start"]]).values())

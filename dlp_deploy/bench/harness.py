@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import resource
 import subprocess
 import sys
@@ -187,7 +188,8 @@ def run_pair(deploy_dir: str, settings: BenchSettings) -> dict:
         "decode_s_all": [s for g in runs for s in g.decode_s],
         "precision": precision_of_deployment(dep),
         "seq_len": dep.seq_len,
-        "machine": {k: machine_info()[k] for k in ("cpu_model", "isa")},
+        # the machine it ran on: its kind pairs results (bench/stats.py), its name tells a cluster's nodes apart
+        "machine": {**{k: machine_info()[k] for k in ("cpu_model", "isa")}, "hostname": platform.node()},
         "harness_overhead": {"ms_per_token": overhead * 1e3, "fraction_of_decode": overhead * 1e3 / decode["median"]},
         "weights": weight_bytes_per_token(weights["per_initializer"]),
         "deterministic": all(t == tokens[0] for t in tokens),
@@ -270,7 +272,7 @@ def machine_block(cores: int | list[int] | None) -> dict:
     """The machine, measured once per bench or sweep: `cores_used` is the largest count measured (all usable
     cores by default), `cores_measured` every count, and the copy bandwidth at 1 thread (= per core, the figure
     reports before lists had) and at each count."""
-    info = dict(machine_info())
+    info = {**machine_info(), "hostname": platform.node()}
     counts = [c or info["usable_cores"] for c in core_counts(cores)]
     info["cores_used"] = max(counts)
     info["cores_measured"] = counts

@@ -63,7 +63,14 @@ def merge_rounds(rounds: list[dict]) -> dict:
               "compile_s": float(np.median([r["compile_s"] for r in rounds])),
               "deterministic": all(r["deterministic"] for r in rounds) and all(r["tokens"] == first["tokens"]
                                                                                for r in rounds),
-              "rounds": [{"decode_ms_median": r["decode_ms"]["median"], "prefill_ms": r["prefill_ms"]}
-                         for r in rounds]}
+              "rounds": [{"decode_ms_median": r["decode_ms"]["median"], "prefill_ms": r["prefill_ms"],
+                          **_host(r)} for r in rounds]}
     merged.pop("decode_s_all", None)
     return merged
+
+
+def _host(r: dict) -> dict:
+    """The machine a round ran on, where its worker recorded it (rounds of one pair may run on several nodes of
+    one kind in a cluster)."""
+    host = (r.get("machine") or {}).get("hostname")
+    return {"hostname": host} if host else {}

@@ -27,6 +27,8 @@ def is_dense(result: dict) -> bool:
     """The dense baseline: nothing pruned it and under 1% of its weights are zeros (a dequantized GGUF, like
     SmolLM2's, already holds a few hundredths of a percent of exact zeros, so "no zeros at all" is too strict)."""
     pruning = (result.get("source") or {}).get("pruning") or {}
+    if form_of(result) not in (None, "dense"):  # a depth-pruned model has no zeros and is no baseline
+        return False
     # an INT8 graph's zeros include weights that rounded to zero: judge by the model it was exported from
     zeros = result.get("pytorch_sparsity")
     return not pruning.get("global_sparsity") and (result["sparsity"] if zeros is None else zeros) < DENSE_MAX_SPARSITY
@@ -69,9 +71,11 @@ def setup_key(r: dict) -> tuple:
 
 
 def _workload_and_machine(r: dict) -> tuple:
-    """Prompt and generation lengths, CPU model and ISA: what every comparison of two rows needs equal."""
+    """Prompt and generation lengths, CPU model and ISA, and the machine kind a cluster sweep measured the row on
+    where its nodes were of several kinds (bench/executors.py; None elsewhere): what every comparison of two rows
+    needs equal."""
     s, m = r.get("settings") or {}, r.get("machine") or {}
-    return (s.get("prompt_len"), s.get("gen_len"), m.get("cpu_model"), tuple(m.get("isa") or ()))
+    return (s.get("prompt_len"), s.get("gen_len"), m.get("cpu_model"), tuple(m.get("isa") or ()), m.get("kind"))
 
 
 def cores_of(r: dict) -> int | None:
@@ -261,9 +265,13 @@ def sparsity_speedup(r: dict) -> dict | None:
     return r.get("speedup") if precision_of(r) == "fp32" else r.get(f"speedup_vs_{precision_of(r)}")
 
 
+SMALLER_FORMS = ("structured", "depth")
+
+
 def removes_weights(result: dict) -> bool:
-    """Structured pruning makes the model smaller, so every engine does less work: never a noise control."""
-    return form_of(result) == "structured"
+    """Structured and depth pruning make the model smaller, so every engine does less work: never a noise
+    control."""
+    return form_of(result) in SMALLER_FORMS
 
 
 def noise_band(results: list[dict]) -> float:
@@ -277,12 +285,26 @@ def _pruning(r: dict) -> dict:
 
 
 def form_of(r: dict) -> str | None:
-    """The pruning form of a result: set by the sweep, else read from the deployment's pruning summary."""
+    """The pruning form of a result: set by the sweep, else read from the deployment's pruning summary (a
+    streamlined model is depth-pruned whatever else was done to it afterwards)."""
+    if (r.get("source") or {}).get("streamline"):
+        return "depth"
     return r.get("form") or _pruning(r).get("form")
 
 
 def removed_share(r: dict) -> float:
     """Share of decoder-Linear weights gone: zeros for the in-weight forms, removed parameters for structured."""
+    if form_of(r) == "depth":
+        return r.get("removed") or removed_by_depth((r.get("source") or {}).get("streamline"), _pruning(r))
     if form_of(r) == "structured":
         return r.get("removed") or _pruning(r).get("global_sparsity", 0.0)
     return r["sparsity"]
+
+
+def removed_by_depth(streamline: dict | None, pruning: dict | None) -> float:
+    """Decoder-Linear parameters gone from a streamlined model against the original, counting zeros where the
+    streamlined model was pruned again (its sparsity is over what the cut left)."""
+    if not streamline or streamline.get("removed_share") is None:
+        return 0.0
+    left = 1 - streamline["removed_share"]
+    return 1 - left * (1 - ((pruning or {}).get("global_sparsity") or 0.0))

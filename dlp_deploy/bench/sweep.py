@@ -2,7 +2,9 @@
 
 Every finished step leaves its file in RUN_DIR and is skipped on the next start, so an interrupted sweep resumes.
 Layout: run.json (settings), models/<label>/, eval/<label>.json, deploy/<label>/, bench/<label>.<engine>.json,
-and results.json, the one file `dlp-deploy report` reads.
+and results.json, the one file `dlp-deploy report` reads. A sweep on a Ray cluster (bench/executors.py) adds
+executor.json (its nodes and every task's attempts) and, where its nodes are of several CPU kinds, measures on
+each kind into machines/<kind>/bench/.
 """
 from __future__ import annotations
 
@@ -59,6 +61,13 @@ class SweepSettings:
     order: str = "abba"
     order_seed: int = 0
     alpha: float | None = None  # DLP's spread; None: the paper's App. G value per level
+    # depth pruning (LLM-Streamline): one level per replacement, cutting `depth_ratio` of the decoder layers
+    depth: list[str] = field(default_factory=list)
+    depth_ratio: float = 0.25
+    # recovery fine-tuning: every level whose label matches one of these patterns (fnmatch) gets a twin
+    # "<label>+recovery", LoRA-trained from it with the zeros kept
+    recover: list[str] = field(default_factory=list)
+    recover_steps: int = 100
 
 
 @dataclass(frozen=True)
@@ -69,10 +78,18 @@ class Level:
     pattern: str = "unstructured"
     structure: str | None = None
     importance: str | None = None
+    replacement: str | None = None  # depth pruning: what replaces the cut span (none, ffn, swiglu, layer)
+    base: str | None = None  # a recovered level: the label of the level it was trained from
 
     @property
     def form(self) -> str:
-        return "dense" if self.sparsity is None else ("structured" if self.structure else self.pattern)
+        if self.sparsity is None:
+            return "dense"
+        return "structured" if self.structure else ("depth" if self.replacement else self.pattern)
+
+    @property
+    def recovered(self) -> bool:
+        return self.base is not None
 
     @property
     def variant(self) -> str | None:
@@ -81,8 +98,12 @@ class Level:
         if self.sparsity is None:
             return None
         if self.structure:
-            return f"structured {self.importance}, {self.allocation}"
-        return self.allocation if self.pattern == "unstructured" else f"{self.pattern}, {self.allocation}"
+            name = f"structured {self.importance}, {self.allocation}"
+        elif self.replacement:
+            name = f"depth, {self.replacement}"
+        else:
+            name = self.allocation if self.pattern == "unstructured" else f"{self.pattern}, {self.allocation}"
+        return f"{name} +recovery" if self.recovered else name
 
 
 def levels(s: SweepSettings) -> list[Level]:
@@ -102,7 +123,27 @@ def levels(s: SweepSettings) -> list[Level]:
             for imp in s.importances:
                 out += [Level(f"structured-{imp}-{_folder_safe(a)}-{p:.2f}", p, a, "unstructured", s.structure, imp)
                         for a in (s.structure_allocations or s.allocations)]
-    return out
+    out += [Level(f"streamline-{r}-{s.depth_ratio:.2f}", s.depth_ratio, f"streamline-{r}", replacement=r)
+            for r in s.depth]
+    return out + recovered_levels(s, out)
+
+
+RECOVERED = "+recovery"
+
+
+def recovered_levels(s: SweepSettings, plan: list[Level]) -> list[Level]:
+    """A twin of every pruned level whose label matches a --recover pattern; they come last, after their bases."""
+    from dataclasses import replace
+    from fnmatch import fnmatchcase
+
+    return [replace(level, label=level.label + RECOVERED, base=level.label) for level in plan
+            if level.sparsity is not None and any(fnmatchcase(level.label, p) for p in s.recover)]
+
+
+def prepare_waves(plan: list[Level]) -> list[list[Level]]:
+    """Levels that can be prepared in any order, wave after wave: a recovered level trains from its base's
+    folder, so it waits for the wave that makes it."""
+    return [w for w in ([lv for lv in plan if not lv.recovered], [lv for lv in plan if lv.recovered]) if w]
 
 
 def _folder_safe(allocation: str) -> str:
@@ -148,8 +189,17 @@ def scoring_engine(precision: str) -> str:
 def check_sweep(s: SweepSettings, run_dir: Path) -> None:
     from ..runtime.engines import ENGINES
 
-    for level in levels(s)[1:]:
-        level_settings(s, level)
+    plan = levels(s)
+    for level in plan[1:]:
+        if level.replacement:
+            streamline_settings(s, level)
+        elif not level.recovered:
+            level_settings(s, level)
+    if s.recover and not any(lv.recovered for lv in plan):
+        raise UserError(f"--recover {','.join(s.recover)} matches no level; level labels look like "
+                        f"{plan[-1].label if len(plan) > 1 else 'wanda-dlp-0.50'} (patterns may use * and ?)")
+    if any(lv.recovered for lv in plan):
+        recover_settings(s)
     for engine in s.engines:
         ENGINES[engine]  # noqa: B018 - unknown or uninstalled engines refuse here, before any work
     for precision in s.precisions:
@@ -165,7 +215,7 @@ def check_sweep(s: SweepSettings, run_dir: Path) -> None:
     if saved.is_file():
         before = json.loads(saved.read_text())["settings"]
         grows = ("sparsities", "allocations", "engines", "patterns", "structure_sparsities", "structure_allocations",
-                 "importances", "precisions")
+                 "importances", "precisions", "depth", "recover")
         changed = sorted(k for k, v in asdict(s).items() if k not in grows and before.get(k, v) != v)
         if changed:
             raise UserError(f"{run_dir} holds a sweep with other settings ({', '.join(changed)}); resume it with the "
@@ -181,45 +231,100 @@ def _most_cores(s: SweepSettings) -> int | None:
     return core_counts(s.cores)[-1]
 
 
-def run_sweep(s: SweepSettings, run_dir: Path, progress=None, log=print, prepare_only: bool = False) -> dict | None:
+def run_sweep(s: SweepSettings, run_dir: Path, progress=None, log=print, prepare_only: bool = False,
+              executor: str = "local", executor_options: dict | None = None) -> dict | None:
     """All models are prepared first (prune, eval, export: heavy, order-free), then benchmarked in interleaved
     rounds, so no preparation work shares the CPU with a measurement and drift spreads over every level.
-    `prepare_only` stops before the benchmarks (they resume from the prepared folders on the next start)."""
-    from .schedule import run_interleaved
+    `prepare_only` stops before the benchmarks (they resume from the prepared folders on the next start).
+    `executor` says where the work runs (bench/executors.py: local, this process; ray, a Ray cluster) with its
+    `executor_options`; results.json has the same form whichever ran it."""
+    from .executors import get_executor
 
     run_dir = Path(run_dir)
+    runner = get_executor(executor)(s, run_dir, progress, log, **(executor_options or {}))  # refuses before work
     check_sweep(s, run_dir)
-    write_json_atomic(run_dir / "run.json", {"settings": asdict(s), "provenance": provenance()}, force=True)
-    plan = levels(s)
-    pairs_per_level = sum(runs_on(e, p) for p in s.precisions for e in s.engines) * len(core_counts(s.cores))
-    task = progress.add_task("sweep", total=len(plan) * (1 + pairs_per_level * s.rounds)) if progress else None
-    prepared = []
-    for level in plan:
-        prepared.append(prepare_level(s, run_dir, level, progress, log))
-        if progress:
-            progress.advance(task)
-    if prepare_only:
-        log(f"prepared {len(prepared)} levels in {run_dir}; run the same command without --prepare-only to measure")
-        return None
-    # the core count is one more interleaved item, so a drifting machine spreads over every count as well
-    pairs = [(level, precision, deploys[precision], engine, cores) for level, _, deploys, _ in prepared
-             for precision in s.precisions for engine in s.engines for cores in core_counts(s.cores)
-             if runs_on(engine, precision)]
-    measured = run_interleaved(
-        len(pairs), s.rounds, s.order, s.order_seed,
-        lambda r, i: bench_step(s, run_dir, *pairs[i], log, round_=r),
-        on_done=(lambda *_: progress.advance(task)) if progress else None)
-    return write_results(s, run_dir, prepared, pairs, measured)
+    with runner:  # a cluster is reached (or started) before anything is written
+        write_json_atomic(run_dir / "run.json", {"settings": asdict(s), "provenance": provenance()}, force=True)
+        prepared = runner.prepare(levels(s))
+        if prepare_only:
+            log(f"prepared {len(prepared)} levels in {run_dir}; run the same command without --prepare-only to "
+                "measure")
+            return None
+        measured = runner.measure(sweep_pairs(s, prepared), s.rounds, s.order, s.order_seed)
+    return write_results(s, run_dir, prepared, measured.pairs, measured.rounds, measured.machine)
+
+
+def sweep_pairs(s: SweepSettings, prepared: list[tuple]) -> list[tuple]:
+    """(level, precision, deployment folder, engine, cores) for every measurement of a round; the core count is
+    one more interleaved item, so a drifting machine spreads over every count as well."""
+    return [(level, precision, deploys[precision], engine, cores) for level, _, deploys, _ in prepared
+            for precision in s.precisions for engine in s.engines for cores in core_counts(s.cores)
+            if runs_on(engine, precision)]
+
+
+def pairs_per_level(s: SweepSettings) -> int:
+    return sum(runs_on(e, p) for p in s.precisions for e in s.engines) * len(core_counts(s.cores))
 
 
 def prepare_level(s: SweepSettings, run_dir: Path, level: Level, progress, log) -> tuple:
     """(level, PyTorch quality, {precision: deployment folder}, {precision: deployment eval or None})."""
-    model_ref = s.model if level.sparsity is None else str(prune_step(s, run_dir, level, progress, log))
+    model_ref = s.model if level.sparsity is None else str(model_step(s, run_dir, level, progress, log))
     quality = eval_step(s, run_dir, level, model_ref, progress, log)
     deploys = {p: export_step(s, run_dir, level, model_ref, log, p) for p in s.precisions}
     deploy_quality = {p: deployment_eval_step(s, run_dir, level, deploys[p], p, log) if s.precisions != ["fp32"]
                       else None for p in s.precisions}
     return level, quality, deploys, deploy_quality
+
+
+def model_step(s: SweepSettings, run_dir: Path, level: Level, progress, log) -> Path:
+    """The level's model folder: recovered from its base, streamlined, or pruned."""
+    if level.recovered:
+        return recover_step(s, run_dir, level, progress, log)
+    if level.replacement:
+        return streamline_step(s, run_dir, level, progress, log)
+    return prune_step(s, run_dir, level, progress, log)
+
+
+def streamline_settings(s: SweepSettings, level: Level):
+    from ..prune.streamline import StreamlineSettings, validate_settings
+
+    # the calibration the prunes use (corpus, windows, window length), so every form sees the same text
+    settings = StreamlineSettings(ratio=level.sparsity, replacement=level.replacement, calib=s.calib,
+                                  nsamples=s.nsamples, seqlen=s.calib_seqlen, seed=s.seed)
+    validate_settings(settings)
+    return settings
+
+
+def recover_settings(s: SweepSettings):
+    from ..prune.recover import RecoverSettings, validate_settings
+
+    settings = RecoverSettings(steps=s.recover_steps, seqlen=s.calib_seqlen, seed=s.seed)
+    validate_settings(settings)
+    return settings
+
+
+def streamline_step(s: SweepSettings, run_dir: Path, level: Level, progress, log) -> Path:
+    from ..models import STREAMLINE_FILE
+    from ..prune.streamline import streamline_to_folder
+
+    out = run_dir / "models" / level.label
+    if not (out / STREAMLINE_FILE).is_file():
+        log(f"[{level.label}] streamlining")
+        streamline_to_folder(s.model, out, streamline_settings(s, level), s.device, force=True, progress=progress)
+    return out
+
+
+def recover_step(s: SweepSettings, run_dir: Path, level: Level, progress, log) -> Path:
+    from ..prune.recover import recover_to_folder
+
+    out = run_dir / "models" / level.label
+    if not (out / "recovery.json").is_file():
+        log(f"[{level.label}] recovery fine-tuning")  # first: an executor's dry run stops at the first log
+        base = run_dir / "models" / level.base
+        if not base.is_dir():
+            raise UserError(f"{base} is missing: recovering {level.label} needs its base level prepared first")
+        recover_to_folder(str(base), out, recover_settings(s), s.device, force=True, progress=progress)
+    return out
 
 
 def prune_step(s: SweepSettings, run_dir: Path, level: Level, progress, log) -> Path:
@@ -282,9 +387,8 @@ def deployment_eval_step(s: SweepSettings, run_dir: Path, level: Level, deploy: 
 
 def bench_step(s: SweepSettings, run_dir: Path, level: Level, precision: str, deploy: Path, engine: str,
                cores: int | None, log, round_: int = 0) -> dict:
-    # a single count keeps the file names of sweeps from before core lists, so those resume
     tag = f".c{cores}" if isinstance(s.cores, list) else ""
-    out = run_dir / "bench" / f"{_deploy_name(level, precision)}.{engine}{tag}.r{round_}.json"
+    out = bench_path(s, run_dir, level, precision, engine, cores, round_)
     if not out.is_file():
         on = f"{engine} with {cores} core{'s' if cores > 1 else ''}" if tag else engine
         log(f"[{deploy.name}] bench on {on}, round {round_ + 1}/{s.rounds}")
@@ -292,32 +396,75 @@ def bench_step(s: SweepSettings, run_dir: Path, level: Level, precision: str, de
     return json.loads(out.read_text())
 
 
+def bench_path(s: SweepSettings, run_dir: Path, level: Level, precision: str, engine: str, cores: int | None,
+               round_: int) -> Path:
+    """Where one round of one pair is kept; a single count keeps the file names of sweeps from before core
+    lists, so those resume."""
+    tag = f".c{cores}" if isinstance(s.cores, list) else ""
+    return run_dir / "bench" / f"{_deploy_name(level, precision)}.{engine}{tag}.r{round_}.json"
+
+
 def write_results(s: SweepSettings, run_dir: Path, prepared: list[tuple], pairs: list[tuple],
-                  measured: list[list[dict]]) -> dict:
+                  measured: list[list[dict]], machine: dict | None = None) -> dict:
+    """`machine`: the measuring machine's block where an executor measured it (a cluster's bench node); None
+    measures this one."""
     from .schedule import merge_rounds
 
     quality, meta = [], {}
     for level, q, deploys, deploy_quality in prepared:
         export_info = json.loads((Path(deploys[s.precisions[0]]) / "export.json").read_text())
-        form = {"form": level.form, "variant": level.variant, "importance": level.importance}
+        form = {"form": level.form, "variant": level.variant, "importance": level.importance,
+                "recovered": level.recovered}
         entry = {"label": level.label, "allocation": level.allocation, **form,
                  "target_sparsity": level.sparsity or 0.0, "sparsity": q["weight_sparsity"],
-                 "removed": (export_info["source"].get("pruning") or {}).get("global_sparsity", 0.0),
+                 "removed": removed_of(export_info["source"]),
                  "perplexity": q["perplexity"], "perplexity_details": q["perplexity_details"],
                  "validation": _validation_summary(export_info),
-                 "deployment_perplexity": {p: (dq or {}).get("perplexity") for p, dq in deploy_quality.items()}}
+                 "deployment_perplexity": {p: (dq or {}).get("perplexity") for p, dq in deploy_quality.items()},
+                 **model_records(run_dir, level)}
         quality.append(entry)
         meta[level.label] = (form, entry)
     results = []
     for (level, precision, *_), rounds in zip(pairs, measured):
         form, entry = meta[level.label]
         results.append({**merge_rounds(rounds), "allocation": level.allocation, **form, "precision": precision,
-                        "target_sparsity": level.sparsity or 0.0, "perplexity": q_of(entry, precision)})
+                        "target_sparsity": level.sparsity or 0.0, "removed": entry["removed"],
+                        "perplexity": q_of(entry, precision)})
     attach_speedups(results)
-    report = {"schema": "dlp-deploy/sweep/1", "settings": asdict(s), "machine": machine_block(s.cores),
+    report = {"schema": "dlp-deploy/sweep/1", "settings": asdict(s), "machine": machine or machine_block(s.cores),
               "quality": quality, "results": results, "provenance": provenance()}
     write_json_atomic(run_dir / "results.json", report, force=True)
     return report
+
+
+def removed_of(source: dict) -> float:
+    """Share of the original decoder-Linear weights gone: zeros (or removed parameters, structured) over the
+    pruned model, and for a depth-pruned one the layers cut as well."""
+    from .stats import removed_by_depth
+
+    pruned = (source.get("pruning") or {}).get("global_sparsity", 0.0)
+    return removed_by_depth(source["streamline"], source.get("pruning")) if source.get("streamline") else pruned
+
+
+def model_records(run_dir: Path, level: Level) -> dict:
+    """What the depth cut and the recovery fine-tune did, from the level's model folder, for the report."""
+    folder = run_dir / "models" / level.label
+    out = {}
+    if level.replacement or (level.recovered and (folder / "streamline.json").is_file()):
+        record = json.loads((folder / "streamline.json").read_text())
+        training = record.get("training") or {}
+        out["depth"] = {"layers_removed": record["removed"]["count"], "num_layers": record["num_layers"],
+                        "span": [record["removed"]["start"], record["removed"]["end"]],
+                        "replacement": record["replacement"]["kind"], "cosine": record["selected_cosine"],
+                        "mse_after": training.get("mse_after"), "mse_drop_span": training.get("mse_drop_span"),
+                        "train_tokens": training.get("tokens"), "seconds": sum(record["timings"].values())
+                        + (training.get("seconds") or 0.0)}
+    if level.recovered:
+        record = json.loads((folder / "recovery.json").read_text())
+        out["recovery"] = {"base": level.base, "steps": record["training"]["steps"],
+                           "tokens": record["training"]["tokens"], "wall_s": record["wall_s"],
+                           "held_out_perplexity": record["perplexity"], "zeros": record["mask"]}
+    return out
 
 
 def q_of(entry: dict, precision: str) -> dict:

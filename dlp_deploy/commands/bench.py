@@ -141,6 +141,16 @@ def _allocations(csv: str) -> list[str]:
     return split_allocations(csv)
 
 
+def _depth(csv: str | None) -> list[str]:
+    from ..prune.streamline import REPLACEMENTS
+
+    names = [x.strip() for x in (csv or "").split(",") if x.strip()]  # "none" is a replacement here
+    unknown = [n for n in names if n not in REPLACEMENTS]
+    if unknown:
+        raise UserError(f"--depth {','.join(unknown)}: choose replacements from {', '.join(REPLACEMENTS)}")
+    return names
+
+
 def sweep_cmd(
     model: Annotated[str, typer.Argument(help="HF folder, hub id or alias (smollm2-135m)")],
     out: Annotated[Path, typer.Option(help="run folder; an interrupted sweep resumes from it")],
@@ -186,17 +196,35 @@ def sweep_cmd(
     order_seed: int = 0,
     alpha: Annotated[Optional[float], typer.Option(help="DLP spread for every DLP level (default: the paper's "
                                                         "App. G value per sparsity)")] = None,
+    depth: Annotated[Optional[str], typer.Option(help="also depth pruning (LLM-Streamline) with these "
+                                                      "replacements, comma list: none, ffn, swiglu, layer")] = None,
+    depth_ratio: Annotated[float, typer.Option(help="share of decoder layers the depth levels cut")] = 0.25,
+    recover: Annotated[Optional[str], typer.Option(help="also a LoRA-recovered twin (label+recovery) of every "
+                                                        "level whose label matches, comma list of patterns "
+                                                        "(wanda-dlp-0.70, streamline-*)")] = None,
+    recover_steps: Annotated[int, typer.Option(min=1, help="recovery optimizer steps (4 windows each)")] = 100,
     prepare_only: Annotated[bool, typer.Option("--prepare-only", help="prune, evaluate and export, then stop "
                                                "before measuring (e.g. while another benchmark runs)")] = False,
+    executor: Annotated[str, typer.Option(help="where the work runs: local (this process) or ray (a Ray cluster; "
+                                               "needs dlp-deploy[ray] and a run folder every node sees)")] = "local",
+    address: Annotated[Optional[str], typer.Option(help="ray: the cluster (auto, or ray://HOST:10001); default: "
+                                                        "start a local Ray cluster for this sweep")] = None,
+    prune_gpus: Annotated[Optional[float], typer.Option(help="ray: GPUs per prepare task, whose prune then runs "
+                                                             "on cuda (default 0: CPUs only)")] = None,
+    prepare_cpus: Annotated[Optional[float], typer.Option(help="ray: CPUs per prepare task (default 1)")] = None,
+    retries: Annotated[Optional[int], typer.Option(help="ray: retries of a task whose worker dies or fails "
+                                                        "(default 2; an input error is never retried)")] = None,
 ) -> None:
     """prune -> eval -> export -> bench at each sparsity and form (and dense), one results.json for `report`."""
     import os
 
+    from ..bench.executors import get_executor
     from ..bench.sweep import SweepSettings, run_sweep
     from ..progress import console, progress_bar, quiet_transformers
 
     if data_dir:
         os.environ["DLP_DEPLOY_DATA"] = str(data_dir)
+    get_executor(executor)  # an unknown name answers before any work
     settings = SweepSettings(model, _floats(sparsities, "--sparsities"), method,
                              _allocations(allocation)
                              + [b for b in _allocations(baseline) if b not in _allocations(allocation)],
@@ -206,7 +234,8 @@ def sweep_cmd(
                              _floats(structure_sparsities, "--structure-sparsities") if structure_sparsities else None,
                              _allocations(structure_allocations) if structure_allocations else None,
                              _names(importance),
-                             multiple, _precisions(precision), rounds, _order(order), order_seed, alpha)
+                             multiple, _precisions(precision), rounds, _order(order), order_seed, alpha,
+                             _depth(depth), depth_ratio, _names(recover) if recover else [], recover_steps)
     if calib_seqlen is None or eval_seqlen is None:
         # min(2048, the model's context), resolved now (after the option checks, which answer before any work)
         # so that run.json and the report hold the number
@@ -219,7 +248,11 @@ def sweep_cmd(
         settings = replace(settings, calib_seqlen=calib_seqlen or window, eval_seqlen=eval_seqlen or window)
     quiet_transformers()
     with progress_bar() as progress:
-        report = run_sweep(settings, out, progress, log=console.print, prepare_only=prepare_only)
+        # markup=False: the log's "[label] ..." would otherwise be read as a style tag and vanish
+        report = run_sweep(settings, out, progress, log=lambda message: console.print(message, markup=False),
+                           prepare_only=prepare_only,
+                           executor=executor, executor_options={"address": address, "prune_gpus": prune_gpus,
+                                                                "prepare_cpus": prepare_cpus, "retries": retries})
     if report is None:
         return
     console.print(results_table(report["results"]))

@@ -238,7 +238,9 @@ def _load_source(model_or_dir, tokenizer):
         model_or_dir.eval()
         return model_or_dir, tokenizer, {"model": type(model_or_dir).__name__, "pruning": None}
     model, tok = load(str(model_or_dir))
-    return model, tok, {"model": str(model_or_dir), "pruning": _pruning_summary(model_or_dir)}
+    return model, tok, {"model": str(model_or_dir), "pruning": _pruning_summary(model_or_dir),
+                        "streamline": streamline_summary(Path(str(model_or_dir))),
+                        "recovered": (Path(str(model_or_dir)) / "recovery.json").is_file()}
 
 
 def _pruning_record(model_or_dir) -> dict | None:
@@ -251,6 +253,22 @@ def _pruning_record(model_or_dir) -> dict | None:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise UserError(f"{path} is not readable JSON ({exc}); fix or remove it") from None
+
+
+def streamline_summary(folder: Path) -> dict | None:
+    """A depth-pruned model's layers cut and decoder-Linear parameters removed (streamline.json), or None."""
+    from ..models import STREAMLINE_FILE
+
+    path = folder / STREAMLINE_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path} is not readable JSON ({exc}); fix or remove it") from None
+    return {"layers_removed": record["removed"]["count"], "num_layers": record["num_layers"],
+            "replacement": record["replacement"]["kind"],
+            "removed_share": (record.get("decoder_linear_params") or {}).get("removed_share")}
 
 
 def _pruning_summary(model_dir) -> dict | None:

@@ -268,18 +268,22 @@ def recover_model(model: nn.Module, windows: torch.Tensor, s: RecoverSettings, d
 
 
 def source_pruning(folder: Path | None) -> dict | None:
-    """What the input's pruning.json says of its form (pruning.json itself is not carried over: the weights it
-    describes changed), so the output still names how it was pruned."""
+    """The input's pruning.json, or None. It still describes the output: the update is masked, so the zero set
+    (sparsity, N:M groups, per-layer ratios) is the input's exactly; only the kept weights' values changed."""
     import json
 
     path = folder / "pruning.json" if folder is not None else None
     if path is None or not path.is_file():
         return None
     try:
-        report = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return {"unreadable": str(path)}
-    return {k: report.get(k) for k in ("form", "target_sparsity", "global_sparsity", "settings")}
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path} is not readable JSON ({exc}); fix or remove it") from None
+
+
+def _summary(pruning: dict | None) -> dict | None:
+    return None if pruning is None else {k: pruning.get(k) for k in ("form", "target_sparsity", "global_sparsity",
+                                                                     "settings")}
 
 
 def recover_to_folder(model_ref: str, out: Path, s: RecoverSettings, device: str = "cpu",
@@ -310,7 +314,10 @@ def recover_to_folder(model_ref: str, out: Path, s: RecoverSettings, device: str
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         save_layout_records(model, folder, tmp, structured_now=False)
-        record = {"schema": SCHEMA, "model": model_ref, "source_pruning": source_pruning(folder),
+        pruning = source_pruning(folder)
+        if pruning is not None:  # carried, so export still checks N:M groups and reports the form
+            write_json_atomic(tmp / "pruning.json", {**pruning, "recovered_by": "recovery.json"})
+        record = {"schema": SCHEMA, "model": model_ref, "source_pruning": _summary(pruning),
                   "settings": asdict(s), **record,
                   "data": {"corpus": "c4", "source": calibration.source, "nsamples": s.nsamples,
                            "held_out_source": held_out.source if held_out else None},

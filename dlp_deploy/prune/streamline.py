@@ -502,6 +502,7 @@ def streamline_model(model: nn.Module, windows: torch.Tensor, s: StreamlineSetti
         raise UserError("the model is already streamlined (it holds an MLP-only replacement block); streamline "
                         "the original model with a larger --remove-layers instead")
     timings = {}
+    params_before = decoder_linear_params(blocks)
     t0 = time.perf_counter()
     scores = score_spans(model, blocks, windows, n, progress)
     start = choose_span(scores)
@@ -516,6 +517,7 @@ def streamline_model(model: nn.Module, windows: torch.Tensor, s: StreamlineSetti
         del data
         replacement.to(next(blocks[start].parameters()).dtype)
     _new, cut = replace_span(model, blocks, start, n, replacement, s.replacement)
+    params_after = decoder_linear_params(decoder_layers(model))
     rep = {"kind": s.replacement, "index": None if replacement is None else start}
     if s.replacement in MLP_KINDS:
         rep.update(width=replacement.mlp.down_proj.in_features, act=_act_name(model),
@@ -530,6 +532,9 @@ def streamline_model(model: nn.Module, windows: torch.Tensor, s: StreamlineSetti
         "removed": {"start": start, "end": start + n, "layers": list(range(start, start + n)), "count": n},
         "num_layers": {"before": num_layers, "after": new_layer_count(num_layers, n, s.replacement)},
         "replacement": rep,
+        # the unit every other form's sparsity counts in, so a depth-pruned model compares at equal parameters
+        "decoder_linear_params": {"before": params_before, "after": params_after,
+                                  "removed_share": 1 - params_after / params_before},
         "span_scores": [{"start": i, "end": i + n, "cosine": v} for i, v in enumerate(scores)],
         "selected_cosine": scores[start],
         "score": "mean over calibration tokens of cos(hidden entering layer start, hidden leaving layer end-1), "
@@ -538,6 +543,10 @@ def streamline_model(model: nn.Module, windows: torch.Tensor, s: StreamlineSetti
         "config_lists_cut": cut,
         "timings": timings,
     }
+
+
+def decoder_linear_params(blocks: nn.ModuleList) -> int:
+    return sum(m.weight.numel() for block in blocks for m in block.modules() if isinstance(m, nn.Linear))
 
 
 def _act_name(model: nn.Module) -> str:

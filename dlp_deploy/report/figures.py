@@ -8,7 +8,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .tables import pareto_front, series  # noqa: E402
+from .tables import column_name, pareto_front, series  # noqa: E402
 
 
 def _finish(fig, ax, path: Path, xlabel: str, ylabel: str, title: str, log_y: bool = False) -> Path:
@@ -65,8 +65,9 @@ def prefill_speedup(results, path: Path) -> Path:
 def perplexity(quality, corpus: str, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     dense = [q for q in quality if q["allocation"] is None]
-    for allocation in sorted({q["allocation"] for q in quality if q["allocation"]}):
-        rows = dense + sorted((q for q in quality if q["allocation"] == allocation), key=lambda q: q["target_sparsity"])
+    for allocation in sorted({column_name(q) for q in quality if q["allocation"]}):
+        rows = dense + sorted((q for q in quality if q["allocation"] and column_name(q) == allocation),
+                              key=lambda q: q["target_sparsity"])
         ax.plot([q["target_sparsity"] * 100 for q in rows], [q["perplexity"][corpus] for q in rows], marker="o",
                 label=allocation)
     return _finish(fig, ax, path, "target sparsity (%)", f"{corpus} perplexity (log)", "Quality vs sparsity", True)
@@ -84,7 +85,7 @@ def tradeoff(results, corpus: str, path: Path) -> Path:
 
 
 _FORM_COLOURS = {"dense": "black", "unstructured": "tab:blue", "nm": "tab:orange", "mixed": "tab:green",
-                 "structured activation": "tab:red", "structured taylor": "tab:purple"}
+                 "structured activation": "tab:red", "structured taylor": "tab:purple", "depth": "tab:brown"}
 _ENGINE_MARKERS = ["o", "s", "^", "D", "v"]
 
 
@@ -94,6 +95,8 @@ def _form_family(r: dict) -> str:
         return "dense"
     if form == "structured":
         return f"structured {r.get('importance')}"
+    if form == "depth":
+        return "depth"
     return "mixed" if form.startswith("mixed") else ("nm" if ":" in form else "unstructured")
 
 
@@ -106,7 +109,9 @@ def pareto(results, corpus: str, path: Path) -> Path:
         rows = [r for r in results if (r["engine"], r["kv_cache"]) == engine]
         pts = [(r["decode_tokens_per_s"], r["perplexity"][corpus]) for r in rows]
         for r, (x, y) in zip(rows, pts):
-            ax.scatter(x, y, color=_FORM_COLOURS[_form_family(r)], marker=_ENGINE_MARKERS[k % 5], s=36, zorder=3)
+            # a recovered model: its form's colour, ringed in black
+            ax.scatter(x, y, color=_FORM_COLOURS[_form_family(r)], marker=_ENGINE_MARKERS[k % 5], s=36, zorder=3,
+                       edgecolors="black" if r.get("recovered") else "none", linewidths=1.4)
             ax.annotate(r["label"].replace("structured-", "s-"), (x, y), fontsize=5, alpha=0.6,
                         xytext=(3, 2), textcoords="offset points")
         front = pareto_front(pts)
@@ -117,6 +122,8 @@ def pareto(results, corpus: str, path: Path) -> Path:
     for name, colour in _FORM_COLOURS.items():
         if any(_form_family(r) == name for r in results):
             ax.scatter([], [], color=colour, label=name)
+    if any(r.get("recovered") for r in results):
+        ax.scatter([], [], color="white", edgecolors="black", linewidths=1.4, label="+recovery (LoRA)")
     for k, engine in enumerate(engines):
         ax.scatter([], [], color="gray", marker=_ENGINE_MARKERS[k % 5], label=f"{engine[0]} ({engine[1]} KV)")
     ax.scatter([], [], facecolors="none", edgecolors="black", s=110, label="Pareto front (per engine)")

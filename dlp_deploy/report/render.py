@@ -9,11 +9,12 @@ from pathlib import Path
 from ..errors import UserError
 from ..bench.stats import (attach_speedups, control_spread, core_counts_in, cores_of, dense_drift,
                            has_sparse_kernels, is_dense, noise_band, peer_rows, precision_of, removes_weights,
-                           sparsity_speedup, PEER_ENGINE, PEER_PRECISION)
+                           sparsity_speedup, PEER_ENGINE, PEER_PRECISION, SMALLER_FORMS)
 from ..io import atomic_dir
 from . import figures
-from .tables import (FORMS_HEADER, TABLE5_HEADER, forms, forms_rows, nm_quality_rows, quality_rows, scaling_header,
-                     scaling_rows, structured_quality_rows, table5_rows, unstructured_only, with_ci)
+from .tables import (FORMS_HEADER, TABLE5_HEADER, depth_quality_rows, forms, forms_rows, nm_quality_rows,
+                     quality_rows, recovery_rows, scaling_header, scaling_rows, structured_quality_rows, table5_rows,
+                     unstructured_only, with_ci)
 
 SCHEMA = "dlp-deploy/sweep/1"
 
@@ -199,15 +200,15 @@ def forms_sections(data: dict, corpus: str) -> list[tuple[str, object]]:
     s = data["settings"]
     items: list[tuple[str, object]] = [("h", "Pruning forms compared")]
     items.append(("p", "One row per model: `removed` is the share of decoder-Linear weights that are zeros (unstructured, "
-                       "N:M) or gone (structured: heads, KV groups and MLP channels removed, so every engine runs a "
-                       "smaller dense model). Speedups divide by the dense model on the same engine in this run; "
+                       "N:M) or gone (structured: heads, KV groups and MLP channels removed; depth: whole layers cut; "
+                       "so every engine runs a smaller dense model). Speedups divide by the dense model on the same engine in this run; "
                        "ideal = dense fp32 weight bytes over the bytes this model streams per token. 'On Pareto "
                        f"front': no other model on that engine is both faster and better in {corpus} perplexity."))
     for engine, rows in forms_rows(data["results"], corpus).items():
         items.append(("h3", engine))
         items.append(("table", [FORMS_HEADER] + rows))
     items.append(("plot", "pareto.png"))
-    if any(q.get("form", "unstructured") != "structured" and q["allocation"] for q in data["quality"]):
+    if any(q.get("form", "unstructured") not in SMALLER_FORMS and q["allocation"] for q in data["quality"]):
         items.append(("h3", f"N:M patterns (Table 15 form, {corpus} perplexity)"))
         items.append(("table", nm_quality_rows(data["quality"], corpus)))
     if any(q.get("form") == "structured" for q in data["quality"]):
@@ -215,6 +216,20 @@ def forms_sections(data: dict, corpus: str) -> list[tuple[str, object]]:
         items.append(("p", f"Heads ({s.get('structure')}) removed in whole query heads per KV group or whole KV "
                            f"groups; MLP widths kept a multiple of {s.get('multiple', 8)}."))
         items.append(("table", structured_quality_rows(data["quality"], corpus)))
+    if any(q.get("form") == "depth" for q in data["quality"]):
+        items.append(("h3", f"Depth pruning (LLM-Streamline, {corpus} perplexity)"))
+        items.append(("p", "The most redundant contiguous span of decoder layers (highest cosine between the hidden "
+                           "state entering and leaving it on calibration text) is cut and replaced: none, an "
+                           "MLP-only block (ffn, swiglu) or one decoder layer, trained on the span's input and "
+                           "output with MSE. `removed` counts the original decoder-Linear weights gone, net of the "
+                           "replacement, so it compares with the in-weight forms' sparsity."))
+        items.append(("table", depth_quality_rows(data["quality"], corpus)))
+    if any(q.get("recovery") for q in data["quality"]):
+        items.append(("h3", "Recovery fine-tuning (LoRA, zeros kept)"))
+        items.append(("p", "LoRA on every decoder Linear, trained on C4 windows with the update masked by the "
+                           "pruned weights' keep mask (in training and at the merge), so the zero set is the "
+                           "base's exactly; the held-out column is C4 text the calibration sampler did not draw."))
+        items.append(("table", recovery_rows(data["quality"], corpus)))
     items.append(("p", _quality_setup(s, data["quality"], corpus)))
     return items
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from ..bench.stats import (PEER_PRECISION, core_counts_in, cores_of, precision_of, remeasured_row,
+from ..bench.stats import (PEER_PRECISION, SMALLER_FORMS, core_counts_in, cores_of, precision_of, remeasured_row,
                            removed_share, same_model, sparsity_speedup)
 
 
@@ -60,12 +60,17 @@ def quality_rows(quality: list[dict], corpus: str) -> list[list[str]]:
     by_level: dict[float, dict[str, float]] = defaultdict(dict)
     for q in quality:
         if q["allocation"] is not None:
-            by_level[q["target_sparsity"]][q["allocation"]] = q["perplexity"][corpus]
+            by_level[q["target_sparsity"]][column_name(q)] = q["perplexity"][corpus]
     allocations = sorted({a for row in by_level.values() for a in row})
     rows = [["dense"] + [f"{dense[0]['perplexity'][corpus]:.2f}" if dense else "—"] * len(allocations)]
     for level in sorted(by_level):
         rows.append([f"{level:.0%}"] + [f"{by_level[level].get(a, float('nan')):.2f}" for a in allocations])
     return [["Sparsity"] + allocations] + rows
+
+
+def column_name(q: dict) -> str:
+    """A quality row's series: its allocation, marked where the model was recovery fine-tuned."""
+    return q["allocation"] + (" +recovery" if q.get("recovered") else "")
 
 
 def _x(value) -> str:
@@ -147,11 +152,11 @@ def _by_engine(results: list[dict]) -> dict[str, list[dict]]:
 
 def nm_quality_rows(quality: list[dict], corpus: str) -> list[list[str]]:
     """DLP paper Table 15's shape: one row per in-weight pattern, one column per allocation (perplexity)."""
-    rows = [q for q in quality if q["allocation"] is not None and q.get("form", "unstructured") != "structured"]
-    allocations = sorted({q["allocation"] for q in rows})
+    rows = [q for q in quality if q["allocation"] is not None and q.get("form", "unstructured") not in SMALLER_FORMS]
+    allocations = sorted({column_name(q) for q in rows})
     table = defaultdict(dict)
     for q in rows:
-        table[(q.get("form") or "unstructured", q["target_sparsity"])][q["allocation"]] = q["perplexity"][corpus]
+        table[(q.get("form") or "unstructured", q["target_sparsity"])][column_name(q)] = q["perplexity"][corpus]
     out = [["pattern", "sparsity"] + allocations]
     for (form, level), cells in sorted(table.items()):
         out.append([form, f"{level:.0%}"] + [f"{cells[a]:.2f}" if a in cells else "—" for a in allocations])
@@ -161,14 +166,58 @@ def nm_quality_rows(quality: list[dict], corpus: str) -> list[list[str]]:
 def structured_quality_rows(quality: list[dict], corpus: str) -> list[list[str]]:
     """DLP paper Table 14's shape: one row per share of parameters removed, columns importance x allocation."""
     rows = [q for q in quality if q.get("form") == "structured"]
-    columns = sorted({(q["importance"], q["allocation"]) for q in rows})
+    columns = sorted({(q["importance"], column_name(q)) for q in rows})
     table = defaultdict(dict)
     for q in rows:
-        table[q["target_sparsity"]][(q["importance"], q["allocation"])] = q
+        table[q["target_sparsity"]][(q["importance"], column_name(q))] = q
     out = [["removed (target)"] + [f"{imp}, {alloc}" for imp, alloc in columns]]
     for level, cells in sorted(table.items()):
         out.append([f"{level:.0%}"] + [f"{cells[c]['perplexity'][corpus]:.2f} ({cells[c]['removed']:.1%})"
                                        if c in cells else "—" for c in columns])
+    return out
+
+
+DEPTH_HEADER = ["model", "replacement", "layers cut", "removed", "ppl", "replacement MSE (dropping the span)",
+                "closest in-weight model by removed share", "its ppl"]
+
+
+def depth_quality_rows(quality: list[dict], corpus: str) -> list[list[str]]:
+    """LLM-Streamline's levels (and their recovered twins), each beside the unstructured or N:M model that
+    removes the nearest share of decoder-Linear weights: depth against width at equal parameters."""
+    in_weight = [q for q in quality if q["allocation"] is not None and q.get("form") not in SMALLER_FORMS]
+    out = [DEPTH_HEADER]
+    for q in sorted((q for q in quality if q.get("form") == "depth"), key=lambda q: q["label"]):
+        depth = q.get("depth") or {}
+        near = min(in_weight, key=lambda o: (abs(o["removed"] - q["removed"]), o.get("recovered") != q.get(
+            "recovered")), default=None)
+        mse = depth.get("mse_after")
+        out.append([q["label"], depth.get("replacement", "—"),
+                    f"{depth['layers_removed']} of {depth['num_layers']['before']}" if depth else "—",
+                    f"{q['removed']:.1%}", f"{q['perplexity'][corpus]:.2f}",
+                    "—" if mse is None else f"{mse:.3g} ({depth['mse_drop_span']:.3g})",
+                    "—" if near is None else f"{near['label']} ({near['removed']:.1%})",
+                    "—" if near is None else f"{near['perplexity'][corpus]:.2f}"])
+    return out
+
+
+RECOVERY_HEADER = ["model", "from", "ppl before", "ppl after", "held-out C4 ppl before → after", "steps",
+                   "tokens", "wall time", "zeros kept"]
+
+
+def recovery_rows(quality: list[dict], corpus: str) -> list[list[str]]:
+    """Every recovered model against the level it was trained from: the evaluation corpus before and after, the
+    recovery's own held-out perplexity, its budget, and the zero count it kept."""
+    by_label = {q["label"]: q for q in quality}
+    out = [RECOVERY_HEADER]
+    for q in (q for q in quality if q.get("recovery")):
+        rec, base = q["recovery"], by_label.get(q["recovery"]["base"])
+        held = rec.get("held_out_perplexity") or {}
+        zeros = rec["zeros"]
+        out.append([q["label"], rec["base"], f"{base['perplexity'][corpus]:.2f}" if base else "—",
+                    f"{q['perplexity'][corpus]:.2f}",
+                    f"{held['before']:.2f} → {held['after']:.2f}" if held else "—", str(rec["steps"]),
+                    f"{rec['tokens']:,}", f"{rec['wall_s'] / 60:.1f} min",
+                    f"{zeros['zeros_after']:,} / {zeros['zeros_before']:,}"])
     return out
 
 
