@@ -11,6 +11,17 @@ from pathlib import Path
 from .errors import UserError
 
 
+def read_json_record(path: Path) -> dict | None:
+    """A record file a folder may hold (pruning.json, streamline.json, ...): None when absent, a one-line error
+    when unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path} is not readable JSON ({exc}); fix or remove it") from None
+
+
 def check_writable(out: Path, force: bool) -> None:
     if out.exists() and not force:
         raise UserError(f"{out} already exists; pass --force to overwrite it or choose another --out")

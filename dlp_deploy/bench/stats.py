@@ -294,11 +294,18 @@ def form_of(r: dict) -> str | None:
 
 def removed_share(r: dict) -> float:
     """Share of decoder-Linear weights gone: zeros for the in-weight forms, removed parameters for structured."""
-    if form_of(r) == "depth":
-        return r.get("removed") or removed_by_depth((r.get("source") or {}).get("streamline"), _pruning(r))
-    if form_of(r) == "structured":
-        return r.get("removed") or _pruning(r).get("global_sparsity", 0.0)
+    if form_of(r) in SMALLER_FORMS:
+        return r.get("removed") or removed_from_source(r.get("source") or {})
     return r["sparsity"]
+
+
+def removed_from_source(source: dict) -> float:
+    """Share of the original decoder-Linear weights gone, from an export's source block: zeros (or removed
+    parameters, structured) over the pruned model, and for a depth-pruned one the layers cut as well."""
+    pruning = source.get("pruning") or {}
+    if source.get("streamline"):
+        return removed_by_depth(source["streamline"], pruning)
+    return pruning.get("global_sparsity", 0.0)
 
 
 def removed_by_depth(streamline: dict | None, pruning: dict | None) -> float:

@@ -16,7 +16,7 @@ from ..errors import UserError
 from ..io import write_json_atomic
 from ..provenance import provenance
 from .harness import BenchSettings, bench_pair_subprocess, check_cores, check_settings, core_counts, machine_block
-from .stats import attach_speedups
+from .stats import attach_speedups, removed_from_source
 
 DENSE = "dense"
 
@@ -387,10 +387,9 @@ def deployment_eval_step(s: SweepSettings, run_dir: Path, level: Level, deploy: 
 
 def bench_step(s: SweepSettings, run_dir: Path, level: Level, precision: str, deploy: Path, engine: str,
                cores: int | None, log, round_: int = 0) -> dict:
-    tag = f".c{cores}" if isinstance(s.cores, list) else ""
     out = bench_path(s, run_dir, level, precision, engine, cores, round_)
     if not out.is_file():
-        on = f"{engine} with {cores} core{'s' if cores > 1 else ''}" if tag else engine
+        on = f"{engine} with {cores} core{'s' if cores > 1 else ''}" if isinstance(s.cores, list) else engine
         log(f"[{deploy.name}] bench on {on}, round {round_ + 1}/{s.rounds}")
         write_json_atomic(out, bench_pair_subprocess(deploy, _bench_settings(s, engine, cores)), force=True)
     return json.loads(out.read_text())
@@ -417,7 +416,7 @@ def write_results(s: SweepSettings, run_dir: Path, prepared: list[tuple], pairs:
                 "recovered": level.recovered}
         entry = {"label": level.label, "allocation": level.allocation, **form,
                  "target_sparsity": level.sparsity or 0.0, "sparsity": q["weight_sparsity"],
-                 "removed": removed_of(export_info["source"]),
+                 "removed": removed_from_source(export_info["source"]),
                  "perplexity": q["perplexity"], "perplexity_details": q["perplexity_details"],
                  "validation": _validation_summary(export_info),
                  "deployment_perplexity": {p: (dq or {}).get("perplexity") for p, dq in deploy_quality.items()},
@@ -435,15 +434,6 @@ def write_results(s: SweepSettings, run_dir: Path, prepared: list[tuple], pairs:
               "quality": quality, "results": results, "provenance": provenance()}
     write_json_atomic(run_dir / "results.json", report, force=True)
     return report
-
-
-def removed_of(source: dict) -> float:
-    """Share of the original decoder-Linear weights gone: zeros (or removed parameters, structured) over the
-    pruned model, and for a depth-pruned one the layers cut as well."""
-    from .stats import removed_by_depth
-
-    pruned = (source.get("pruning") or {}).get("global_sparsity", 0.0)
-    return removed_by_depth(source["streamline"], source.get("pruning")) if source.get("streamline") else pruned
 
 
 def model_records(run_dir: Path, level: Level) -> dict:

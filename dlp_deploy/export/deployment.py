@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from ..io import atomic_dir, check_writable, write_json_atomic
+from ..io import atomic_dir, check_writable, read_json_record, write_json_atomic
 from ..models import decoder_layers, linear_modules, load, model_sparsity
 from ..provenance import PeakRSS, provenance
 from .. import data
@@ -246,26 +246,16 @@ def _load_source(model_or_dir, tokenizer):
 def _pruning_record(model_or_dir) -> dict | None:
     if isinstance(model_or_dir, torch.nn.Module):
         return None
-    path = Path(str(model_or_dir)) / "pruning.json"
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path} is not readable JSON ({exc}); fix or remove it") from None
+    return read_json_record(Path(str(model_or_dir)) / "pruning.json")
 
 
 def streamline_summary(folder: Path) -> dict | None:
     """A depth-pruned model's layers cut and decoder-Linear parameters removed (streamline.json), or None."""
     from ..models import STREAMLINE_FILE
 
-    path = folder / STREAMLINE_FILE
-    if not path.is_file():
+    record = read_json_record(folder / STREAMLINE_FILE)
+    if record is None:
         return None
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path} is not readable JSON ({exc}); fix or remove it") from None
     return {"layers_removed": record["removed"]["count"], "num_layers": record["num_layers"],
             "replacement": record["replacement"]["kind"],
             "removed_share": (record.get("decoder_linear_params") or {}).get("removed_share")}

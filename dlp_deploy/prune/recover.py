@@ -270,15 +270,9 @@ def recover_model(model: nn.Module, windows: torch.Tensor, s: RecoverSettings, d
 def source_pruning(folder: Path | None) -> dict | None:
     """The input's pruning.json, or None. It still describes the output: the update is masked, so the zero set
     (sparsity, N:M groups, per-layer ratios) is the input's exactly; only the kept weights' values changed."""
-    import json
+    from ..io import read_json_record
 
-    path = folder / "pruning.json" if folder is not None else None
-    if path is None or not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path} is not readable JSON ({exc}); fix or remove it") from None
+    return None if folder is None else read_json_record(folder / "pruning.json")
 
 
 def _summary(pruning: dict | None) -> dict | None:
