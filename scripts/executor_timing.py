@@ -47,7 +47,14 @@ def compare(local: dict, ray: dict) -> dict:
                                                    "local_speedup": (a.get("speedup") or {}).get("decode"),
                                                    "ray_speedup": (b.get("speedup") or {}).get("decode")}
     return {"same_levels": sorted(q_local) == sorted(q_ray), "same_quality": q_local == q_ray,
-            "same_keys": sorted(local) == sorted(ray), "decode": decode}
+            "same_keys": sorted(local) == sorted(ray), "keys_only_local": sorted(set(local) - set(ray)),
+            "keys_only_ray": sorted(set(ray) - set(local)), "decode": decode}
+
+
+def key_note(comparison: dict) -> str:
+    only = [f"only in {name}: {', '.join(keys)}" for name, keys in (("local", comparison.get("keys_only_local")),
+                                                                    ("ray", comparison.get("keys_only_ray"))) if keys]
+    return f" ({'; '.join(only)})" if only else ""
 
 
 def markdown(record: dict) -> str:
@@ -61,7 +68,8 @@ def markdown(record: dict) -> str:
              f"{t['ray'] / t['local']:.2f}x |", "",
              f"Overhead: {t['ray'] - t['local']:+.0f} s ({(t['ray'] / t['local'] - 1):+.1%}). Same levels: "
              f"{record['comparison']['same_levels']}; identical perplexities: {record['comparison']['same_quality']}; "
-             f"same results.json keys: {record['comparison']['same_keys']}.", "",
+             f"same results.json keys: {record['comparison']['same_keys']}" + key_note(record['comparison'])
+             + ".", "",
              "| model / engine | decode ms local | decode ms ray | speedup local | speedup ray |",
              "|---|---|---|---|---|"]
     for name, d in record["comparison"]["decode"].items():
@@ -82,17 +90,26 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("reports/smollm2-135m-ray"))
     ap.add_argument("--prepare-cpus", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--force", action="store_true")
+    ap.add_argument("--rewrite", action="store_true",
+                    help="time nothing: recompute the comparison and README.md from the runs and timing.json in --out")
     args = ap.parse_args()
-    for name in ("local", "ray"):
-        if (args.runs_dir / name).exists():
-            sys.exit(f"error: {args.runs_dir / name} exists; this script times sweeps from scratch: remove it")
-    seconds = {"local": timed_sweep(args.runs_dir / "local", ["--executor", "local"]),
-               "ray": timed_sweep(args.runs_dir / "ray", ["--executor", "ray",
-                                                          "--prepare-cpus", str(args.prepare_cpus)])}
+    if args.rewrite:
+        record = json.loads((args.out / "timing.json").read_text())
+        seconds, args.prepare_cpus, machine = record["seconds"], record["prepare_cpus"], record["machine"]
+        timed_by, args.force = record["provenance"], True
+    else:
+        for name in ("local", "ray"):
+            if (args.runs_dir / name).exists():
+                sys.exit(f"error: {args.runs_dir / name} exists; this script times sweeps from scratch: remove it")
+        seconds = {"local": timed_sweep(args.runs_dir / "local", ["--executor", "local"]),
+                   "ray": timed_sweep(args.runs_dir / "ray", ["--executor", "ray",
+                                                              "--prepare-cpus", str(args.prepare_cpus)])}
+        machine, timed_by = machine_info(), None
     local, ray = (json.loads((args.runs_dir / n / "results.json").read_text()) for n in ("local", "ray"))
     record = {"schema": "dlp-deploy/executor-timing/1", "sweep": DEMO, "prepare_cpus": args.prepare_cpus,
-              "seconds": seconds, "comparison": compare(local, ray), "machine": machine_info(),
-              "ray_executor": stage_seconds(args.runs_dir / "ray"), "provenance": provenance()}
+              "seconds": seconds, "comparison": compare(local, ray), "machine": machine,
+              "ray_executor": stage_seconds(args.runs_dir / "ray"),
+              **({"provenance": timed_by, "rewritten_by": provenance()} if timed_by else {"provenance": provenance()})}
     with atomic_dir(args.out, args.force) as tmp:
         (tmp / "timing.json").write_text(json.dumps(record, indent=2))
         (tmp / "README.md").write_text(markdown(record))
