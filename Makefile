@@ -80,13 +80,14 @@ deploy-report: setup
 
 # The committed depth report (reports/smollm2-135m-depth): LLM-Streamline cutting 25% of the layers (none, ffn,
 # layer) against DLP-Wanda at the same parameter count (25%) and at 70%, with a LoRA-recovered twin of DLP 70%,
-# on ONNX Runtime: DeepSparse 1.8's compile of the streamlined 22-layer graph did not finish in 8 minutes here
-# (dense SmolLM2 compiles in about 40 s), so it is left out until that is understood.
+# on DeepSparse and ONNX Runtime. DeepSparse 1.8's compile of one streamlined graph has hung here (dense SmolLM2
+# compiles in about 40 s): --bench-timeout gives such a pair up after 10 minutes and the report names it.
 DEPTH ?= runs/smollm2-depth
 depth: setup
 	$(BIN)/dlp-deploy sweep smollm2-135m --sparsities 0.25,0.7 --allocation dlp --baseline none \
-	    --depth none,ffn,layer --depth-ratio 0.25 --recover wanda-dlp-0.70 --engines onnxruntime \
-	    --nsamples 32 --calib-seqlen 512 --max-windows 8 --no-validate --rounds 1 --runs 3 --gen-len 64 --out $(DEPTH)
+	    --depth none,ffn,layer --depth-ratio 0.25 --recover wanda-dlp-0.70 --engines deepsparse,onnxruntime \
+	    --nsamples 32 --calib-seqlen 512 --max-windows 8 --no-validate --rounds 1 --runs 3 --gen-len 64 \
+	    --bench-timeout 600 --out $(DEPTH)
 	$(BIN)/dlp-deploy report $(DEPTH) --out reports/smollm2-135m-depth --force
 
 # The committed DRAM-regime report (reports/llama-1b-random-dram): a random-weight LLaMA of TinyLlama-1.1B's shape

@@ -58,6 +58,51 @@ def save_tiny(folder: str | Path, seed: int = 0, **overrides) -> Path:
     return folder
 
 
+
+FAMILY_BASE = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                   num_key_value_heads=2, max_position_embeddings=256, head_dim=16, pad_token_id=0, bos_token_id=0,
+                   eos_token_id=0)
+FAMILY_WINDOW = 16  # the sliding families' window: shorter than the tests' sequences, so it binds
+FAMILIES = ("llama", "mistral-sliding", "qwen2-mixed-layers", "qwen3-layer-types", "gemma2", "gemma3",
+            "phi3-sliding", "olmo2")
+
+
+def _family_classes(family: str) -> tuple:
+    import transformers as T
+
+    mixed = ["sliding_attention", "full_attention"] * 2
+    w = FAMILY_WINDOW
+    return {
+        "llama": (T.LlamaConfig, T.LlamaForCausalLM, {}),
+        "mistral-sliding": (T.MistralConfig, T.MistralForCausalLM, {"sliding_window": w}),
+        "qwen2-mixed-layers": (T.Qwen2Config, T.Qwen2ForCausalLM,
+                               {"use_sliding_window": True, "sliding_window": w, "max_window_layers": 2}),
+        "qwen3-layer-types": (T.Qwen3Config, T.Qwen3ForCausalLM,
+                              {"layer_types": mixed, "sliding_window": w, "use_sliding_window": True}),
+        "gemma2": (T.Gemma2Config, T.Gemma2ForCausalLM, {"sliding_window": w}),
+        "gemma3": (T.Gemma3TextConfig, T.Gemma3ForCausalLM, {"sliding_window": w, "sliding_window_pattern": 2}),
+        "phi3-sliding": (T.Phi3Config, T.Phi3ForCausalLM, {"sliding_window": w}),
+        "olmo2": (T.Olmo2Config, T.Olmo2ForCausalLM, {}),
+    }[family]
+
+
+def family_model(family: str, seed: int = 0):
+    """A tiny random model of one supported family (GQA, sliding windows, per-layer attention types, sandwich and
+    post-norm wiring, fused projections)."""
+    config_cls, model_cls, extra = _family_classes(family)
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**FAMILY_BASE, **extra)).eval()
+    model.config.use_cache = False
+    return model
+
+
+def save_family(folder: str | Path, family: str, seed: int = 0) -> Path:
+    """Write a tiny model of `family` and the byte tokenizer as an HF folder; returns the folder."""
+    folder = Path(folder)
+    family_model(family, seed).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
 # real models' shapes, for speed only: random weights (HF init), a byte-level tokenizer, the real vocabulary size
 RANDOM_SHAPES = {
     "llama-1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,

@@ -7,9 +7,10 @@ import torch
 
 from dlp_deploy import models
 from dlp_deploy.errors import UserError
-from dlp_deploy.prune.streamline import (StreamlineSettings, choose_span, layers_to_remove, score_spans,
-                                         streamline_model, streamline_to_folder)
-from dlp_deploy.testing import assert_one_line_error, run_cli, save_tiny, tiny_llama
+from dlp_deploy.prune.streamline import (StreamlineSettings, choose_span, layers_to_remove, save_streamlined,
+                                         score_spans, streamline_model, streamline_to_folder)
+from dlp_deploy.testing import (FAMILY_BASE, assert_one_line_error, family_model, run_cli, save_tiny, tiny_llama,
+                                tiny_tokenizer)
 
 FAST = dict(nsamples=4, seqlen=32, epochs=3, lr=1e-3, batch_tokens=32)
 
@@ -144,6 +145,51 @@ def test_mlp_only_model_exports_and_validates(streamlined, tmp_path):
         assert "skipped" not in result, result
         assert result["greedy_match"], result
 
+
+
+# LLaMA is streamlined above; here every other family once, the replacements spread so that sliding windows,
+# per-layer attention types (Qwen3, Gemma-3), sandwich norms (Gemma), post-norm (OLMo-2) and fused projections
+# (Phi-3) each meet an MLP-only block or a copied layer
+FAMILY_KINDS = [("mistral-sliding", "layer"), ("qwen2-mixed-layers", "none"), ("qwen3-layer-types", "ffn"),
+                ("gemma2", "ffn"), ("gemma3", "layer"), ("gemma3", "ffn"), ("phi3-sliding", "ffn"),
+                ("olmo2", "ffn")]
+
+
+@pytest.mark.parametrize("family,kind", FAMILY_KINDS)
+def test_every_family_streamlines_reloads_and_exports(family, kind, tmp_path):
+    from dlp_deploy.export.deployment import export_deployment
+
+    model = family_model(family)
+    types_before = list(getattr(model.config, "layer_types", None) or [])
+    settings = StreamlineSettings(remove_layers=2, replacement=kind, epochs=3, lr=1e-3, batch_tokens=32)
+    record = streamline_model(model, _windows(4, 32), settings)
+    start, after = record["removed"]["start"], record["num_layers"]["after"]
+    assert after == (2 if kind == "none" else 3)
+    if types_before:
+        keep = list(range(start)) + ([start] if kind != "none" else []) + list(range(start + 2, 4))
+        assert list(model.config.layer_types) == [types_before[i] for i in keep]
+    if kind != "none":
+        assert record["training"]["mse_after"] < record["training"]["mse_drop_span"]
+    if kind == "ffn":  # the model's MLP width, also where gate and up are one fused projection (Phi-3)
+        assert record["replacement"]["width"] == FAMILY_BASE["intermediate_size"]
+    save_streamlined(model, tiny_tokenizer(), tmp_path / "model", record)
+
+    reloaded, _tok = models.load(str(tmp_path / "model"))
+    ids = _windows(1, 24, seed=5)  # longer than the sliding window, so it binds
+    with torch.no_grad():
+        assert torch.allclose(reloaded(ids).logits, model(ids).logits, atol=1e-5)
+    prompt = ids[:, :6]
+    cached = reloaded.generate(prompt, max_new_tokens=20, do_sample=False, use_cache=True, pad_token_id=0)
+    uncached = reloaded.generate(prompt, max_new_tokens=20, do_sample=False, use_cache=False, pad_token_id=0)
+    assert torch.equal(cached, uncached)
+
+    info = export_deployment(tmp_path / "model", tmp_path / "deploy", seq_len=64, num_cores=1, quality=None,
+                             engines=("onnxruntime",))
+    assert info["architecture"]["num_layers"] == after
+    assert info["architecture"].get("mlp_only_layers", []) == ([start] if kind == "ffn" else [])
+    assert info["graph_proof"]["max_block_error"] < 1e-4
+    result = info["validation"]["onnxruntime"]
+    assert result["greedy_match"] and result["max_abs_logit_diff"] < 1e-3, result
 
 def test_cli_refuses_bad_input(tiny_dir, tmp_path):
     out = tmp_path / "out"

@@ -223,12 +223,21 @@ def _harness_overhead(session, prompt: list[int], gen_len: int) -> float:
     return float(np.median(steps))
 
 
-def bench_pair_subprocess(deploy_dir: str | Path, settings: BenchSettings) -> dict:
-    """Run `run_pair` in a fresh interpreter; its last stdout line is the JSON result."""
+class BenchTimeout(RuntimeError):
+    """A benchmark worker (compile and runs) that did not finish within its time limit; it has been killed."""
+
+
+def bench_pair_subprocess(deploy_dir: str | Path, settings: BenchSettings, timeout: float | None = None) -> dict:
+    """Run `run_pair` in a fresh interpreter; its last stdout line is the JSON result. With `timeout` (seconds) a
+    worker still running then is killed and BenchTimeout raised: an engine's compiler can hang on a graph."""
     payload = json.dumps({"deploy_dir": str(deploy_dir), "settings": asdict(settings)})
     env = {**os.environ, "NM_DISABLE_ANALYTICS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "dlp_deploy.bench.worker", payload], capture_output=True,
-                          text=True, env=env)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "dlp_deploy.bench.worker", payload], capture_output=True,
+                              text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise BenchTimeout(f"{Path(deploy_dir).name} on {settings.session_kind} did not finish in {timeout:g} s "
+                           "(compile and runs; the worker was killed)") from None
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
         if proc.returncode == 2:

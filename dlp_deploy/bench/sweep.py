@@ -9,13 +9,15 @@ each kind into machines/<kind>/bench/.
 from __future__ import annotations
 
 import json
+import platform
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
 from ..io import write_json_atomic
-from ..provenance import provenance
-from .harness import BenchSettings, bench_pair_subprocess, check_cores, check_settings, core_counts, machine_block
+from ..provenance import machine_info, provenance
+from .harness import (BenchSettings, BenchTimeout, bench_pair_subprocess, check_cores, check_settings, core_counts,
+                      machine_block)
 from .stats import attach_speedups, removed_from_source
 
 DENSE = "dense"
@@ -68,6 +70,8 @@ class SweepSettings:
     # "<label>+recovery", LoRA-trained from it with the zeros kept
     recover: list[str] = field(default_factory=list)
     recover_steps: int = 100
+    # seconds one benchmark worker (compile and runs) may take; a pair past it is reported as not measured
+    bench_timeout: float | None = None
 
 
 @dataclass(frozen=True)
@@ -208,6 +212,8 @@ def check_sweep(s: SweepSettings, run_dir: Path) -> None:
             raise UserError(f"--precision {precision} makes {fmt.upper()} deployments and none of --engines "
                             f"{','.join(s.engines)} runs them; add " + ("llamacpp" if fmt == "gguf" else "onnxruntime"))
     check_cores(s.cores)
+    if s.bench_timeout is not None and not s.bench_timeout > 0:
+        raise UserError(f"--bench-timeout {s.bench_timeout:g}: give a positive number of seconds, or leave it out")
     for engine in s.engines:
         for cores in core_counts(s.cores):
             check_settings(_bench_settings(s, engine, cores), s.seq_len)
@@ -216,7 +222,8 @@ def check_sweep(s: SweepSettings, run_dir: Path) -> None:
         before = json.loads(saved.read_text())["settings"]
         grows = ("sparsities", "allocations", "engines", "patterns", "structure_sparsities", "structure_allocations",
                  "importances", "precisions", "depth", "recover")
-        changed = sorted(k for k, v in asdict(s).items() if k not in grows and before.get(k, v) != v)
+        free = ("bench_timeout",)  # a limit on waiting, not on what is measured
+        changed = sorted(k for k, v in asdict(s).items() if k not in grows + free and before.get(k, v) != v)
         if changed:
             raise UserError(f"{run_dir} holds a sweep with other settings ({', '.join(changed)}); resume it with the "
                             "same options or choose a new --out")
@@ -387,12 +394,51 @@ def deployment_eval_step(s: SweepSettings, run_dir: Path, level: Level, deploy: 
 
 def bench_step(s: SweepSettings, run_dir: Path, level: Level, precision: str, deploy: Path, engine: str,
                cores: int | None, log, round_: int = 0) -> dict:
+    """One round of one pair, measured once and kept. A round that ran past --bench-timeout is kept as an
+    `unmeasured` record (the pair is then left out of the results and named in the report); it is measured again
+    by a sweep given a longer limit, or none."""
     out = bench_path(s, run_dir, level, precision, engine, cores, round_)
-    if not out.is_file():
-        on = f"{engine} with {cores} core{'s' if cores > 1 else ''}" if isinstance(s.cores, list) else engine
-        log(f"[{deploy.name}] bench on {on}, round {round_ + 1}/{s.rounds}")
-        write_json_atomic(out, bench_pair_subprocess(deploy, _bench_settings(s, engine, cores)), force=True)
+    kept = json.loads(out.read_text()) if out.is_file() else None
+    if kept is not None and not _retry_unmeasured(s, kept):
+        return kept
+    on = f"{engine} with {cores} core{'s' if cores > 1 else ''}" if isinstance(s.cores, list) else engine
+    earlier = _unmeasured_round(s, run_dir, level, precision, engine, cores)
+    if earlier is not None:  # the same pair timed out in another round: it would again, at the same limit
+        log(f"[{deploy.name}] not measured on {on}, round {round_ + 1}/{s.rounds}: an earlier round timed out")
+        write_json_atomic(out, {**earlier, "round": round_}, force=True)
+        return json.loads(out.read_text())
+    log(f"[{deploy.name}] bench on {on}, round {round_ + 1}/{s.rounds}")
+    try:
+        result = bench_pair_subprocess(deploy, _bench_settings(s, engine, cores), s.bench_timeout)
+    except BenchTimeout as exc:
+        log(f"[{deploy.name}] not measured: {exc}")
+        result = unmeasured_record(deploy, engine, cores, str(exc), s.bench_timeout, round_)
+    write_json_atomic(out, result, force=True)
     return json.loads(out.read_text())
+
+
+def unmeasured_record(deploy: Path, engine: str, cores: int | None, reason: str, timeout: float,
+                      round_: int) -> dict:
+    """What a timed-out round leaves: enough to name the pair in the report and to pair it with its machine."""
+    info = machine_info()
+    return {"unmeasured": reason, "timeout_s": timeout, "label": deploy.name, "engine": engine,
+            "cores": cores or info["usable_cores"], "round": round_,
+            "machine": {"cpu_model": info["cpu_model"], "isa": info["isa"], "hostname": platform.node()}}
+
+
+def _retry_unmeasured(s: SweepSettings, record: dict) -> bool:
+    return "unmeasured" in record and (s.bench_timeout is None or s.bench_timeout > record["timeout_s"])
+
+
+def _unmeasured_round(s: SweepSettings, run_dir: Path, level: Level, precision: str, engine: str,
+                      cores: int | None) -> dict | None:
+    for r in range(s.rounds):
+        path = bench_path(s, run_dir, level, precision, engine, cores, r)
+        if path.is_file():
+            record = json.loads(path.read_text())
+            if "unmeasured" in record and not _retry_unmeasured(s, record):
+                return record
+    return None
 
 
 def bench_path(s: SweepSettings, run_dir: Path, level: Level, precision: str, engine: str, cores: int | None,
@@ -423,15 +469,21 @@ def write_results(s: SweepSettings, run_dir: Path, prepared: list[tuple], pairs:
                  **model_records(run_dir, level)}
         quality.append(entry)
         meta[level.label] = (form, entry)
-    results = []
+    results, unmeasured = [], []
     for (level, precision, *_), rounds in zip(pairs, measured):
         form, entry = meta[level.label]
+        missed = next((r for r in rounds if "unmeasured" in r), None)
+        if missed is not None:  # a pair with a round that never finished has no figures to merge or compare
+            unmeasured.append({"label": level.label, "precision": precision, "engine": missed["engine"],
+                               "cores": missed["cores"], "reason": missed["unmeasured"],
+                               **({"machine": missed["machine"]} if "kind" in missed["machine"] else {})})
+            continue
         results.append({**merge_rounds(rounds), "allocation": level.allocation, **form, "precision": precision,
                         "target_sparsity": level.sparsity or 0.0, "removed": entry["removed"],
                         "perplexity": q_of(entry, precision)})
     attach_speedups(results)
     report = {"schema": "dlp-deploy/sweep/1", "settings": asdict(s), "machine": machine or machine_block(s.cores),
-              "quality": quality, "results": results, "provenance": provenance()}
+              "quality": quality, "results": results, "unmeasured": unmeasured, "provenance": provenance()}
     write_json_atomic(run_dir / "results.json", report, force=True)
     return report
 

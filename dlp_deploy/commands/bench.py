@@ -203,6 +203,9 @@ def sweep_cmd(
                                                         "level whose label matches, comma list of patterns "
                                                         "(wanda-dlp-0.70, streamline-*)")] = None,
     recover_steps: Annotated[int, typer.Option(min=1, help="recovery optimizer steps (4 windows each)")] = 100,
+    bench_timeout: Annotated[Optional[float], typer.Option(help="seconds one benchmark (compile and runs) may "
+                                                                "take; a pair past it is reported as not measured "
+                                                                "and the sweep goes on (default: no limit)")] = None,
     prepare_only: Annotated[bool, typer.Option("--prepare-only", help="prune, evaluate and export, then stop "
                                                "before measuring (e.g. while another benchmark runs)")] = False,
     executor: Annotated[str, typer.Option(help="where the work runs: local (this process) or ray (a Ray cluster; "
@@ -235,7 +238,8 @@ def sweep_cmd(
                              _allocations(structure_allocations) if structure_allocations else None,
                              _names(importance),
                              multiple, _precisions(precision), rounds, _order(order), order_seed, alpha,
-                             _depth(depth), depth_ratio, _names(recover) if recover else [], recover_steps)
+                             _depth(depth), depth_ratio, _names(recover) if recover else [], recover_steps,
+                             bench_timeout)
     if calib_seqlen is None or eval_seqlen is None:
         # min(2048, the model's context), resolved now (after the option checks, which answer before any work)
         # so that run.json and the report hold the number
@@ -256,6 +260,8 @@ def sweep_cmd(
     if report is None:
         return
     console.print(results_table(report["results"]))
+    for u in report["unmeasured"]:
+        console.print(f"not measured: {u['label']} ({u['precision']}) on {u['engine']}: {u['reason']}", markup=False)
     console.print(f"results: {out / 'results.json'}  (next: dlp-deploy report {out} --out REPORT_DIR)")
 
 

@@ -172,9 +172,10 @@ def first_norm(block: nn.Module) -> nn.Module:
 
 
 def mlp_width(block: nn.Module, hidden: int) -> int:
-    """The block's MLP width: the widest Linear output other than the hidden size (the replacement takes it)."""
-    widths = [m.out_features for m in block.modules() if isinstance(m, nn.Linear) and m.in_features == hidden
-              and m.out_features != hidden]
+    """The block's MLP width (the replacement takes it), read off the down projection: the widest input of a
+    Linear back to the hidden size. Not the widest output from it: a fused gate/up projection is twice as wide."""
+    widths = [m.in_features for m in block.modules() if isinstance(m, nn.Linear) and m.out_features == hidden
+              and m.in_features != hidden]
     return max(widths) if widths else 4 * hidden
 
 
@@ -559,7 +560,7 @@ def streamline_to_folder(model_ref: str, out: Path, s: StreamlineSettings, devic
     """The whole job: load, calibrate, streamline, save a reloadable HF folder with streamline.json, atomically.
     The model is loaded, trained and saved in fp32."""
     from .. import data, models
-    from ..io import atomic_dir, check_writable, write_json_atomic
+    from ..io import atomic_dir, check_writable
     from ..provenance import provenance
 
     validate_settings(s)
@@ -588,8 +589,16 @@ def streamline_to_folder(model_ref: str, out: Path, s: StreamlineSettings, devic
                       calibration={"corpus": s.calib, "source": calibration.source, "nsamples": s.nsamples,
                                    "seqlen": seqlen},
                       provenance=provenance())
-        model.config.use_cache = True
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        write_json_atomic(tmp / models.STREAMLINE_FILE, record)
+        save_streamlined(model, tok, tmp, record)
     return record
+
+
+def save_streamlined(model: nn.Module, tok, folder: Path, record: dict) -> None:
+    """An HF folder `models.load` rebuilds the streamlined stack from (streamline.json names the replacement)."""
+    from .. import models
+    from ..io import write_json_atomic
+
+    model.config.use_cache = True
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    write_json_atomic(Path(folder) / models.STREAMLINE_FILE, record)

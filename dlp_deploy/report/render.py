@@ -39,6 +39,7 @@ def load_runs(run_dirs: list[Path]) -> dict:
     merged = dict(runs[0])
     merged["results"] = [r for run in runs for r in run["results"]]
     merged["quality"] = [q for run in runs for q in run["quality"]]
+    merged["unmeasured"] = [u for run in runs for u in run.get("unmeasured", [])]
     attach_speedups(merged["results"])  # against the dense rows of all runs given, by the current rule
     return merged
 
@@ -109,6 +110,8 @@ def build_sections(data: dict, corpus: str, plots: set[str] | None = None) -> li
     if random_note:
         items.append(("p", random_note))
     items.append(("p", summary_sentence(data)))
+    if data.get("unmeasured"):
+        items.append(("p", unmeasured_sentence(data["unmeasured"])))
     items.append(("h", "Machine"))
     cache = m.get("last_level_cache_bytes")
     items.append(("table", [["CPU", "ISA", "cores used / usable", "memory", "last-level cache",
@@ -232,6 +235,12 @@ def forms_sections(data: dict, corpus: str) -> list[tuple[str, object]]:
         items.append(("table", recovery_rows(data["quality"], corpus)))
     items.append(("p", _quality_setup(s, data["quality"], corpus)))
     return items
+
+
+def unmeasured_sentence(unmeasured: list[dict]) -> str:
+    """Pairs the sweep gave up on (--bench-timeout): named, so that a missing row is never read as a result."""
+    names = "; ".join(f"{u['label']} ({u['precision']}) on {u['engine']}: {u['reason']}" for u in unmeasured)
+    return f"Not measured, so absent from every table and figure below: {names}."
 
 
 def noise_and_versions(data: dict) -> list[tuple[str, object]]:
