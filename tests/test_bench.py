@@ -219,8 +219,8 @@ def test_sweep_resumes_and_report_renders(tmp_path, data_root):
     assert "did not finish in 8 s" in limited["unmeasured"][0]["reason"]
     assert sorted(r["label"] for r in limited["results"]) == ["dense", "wanda-dlp-0.50"]
     md = (make_report([run], tmp_path / "report-limited") / "report.md").read_text()
-    assert "Not measured, so absent from every table and figure below: wanda-uniform-0.50 (fp32) on onnxruntime" \
-        in md
+    assert "Not measured, so absent from every table and figure below: wanda-uniform-0.50 (fp32) on onnxruntime " \
+        "(external KV cache)" in md
     again = run_sweep(SweepSettings(**{**settings.__dict__, "bench_timeout": 8.0}), run, log=lambda *_: None)
     assert [u["label"] for u in again["unmeasured"]] == ["wanda-uniform-0.50"]  # same limit: not retried
     longer = run_sweep(SweepSettings(**{**settings.__dict__, "bench_timeout": 600.0}), run, log=lambda *_: None)

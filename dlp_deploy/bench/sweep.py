@@ -408,21 +408,25 @@ def bench_step(s: SweepSettings, run_dir: Path, level: Level, precision: str, de
         write_json_atomic(out, {**earlier, "round": round_}, force=True)
         return json.loads(out.read_text())
     log(f"[{deploy.name}] bench on {on}, round {round_ + 1}/{s.rounds}")
+    settings = _bench_settings(s, engine, cores)
     try:
-        result = bench_pair_subprocess(deploy, _bench_settings(s, engine, cores), s.bench_timeout)
+        result = bench_pair_subprocess(deploy, settings, s.bench_timeout)
     except BenchTimeout as exc:
         log(f"[{deploy.name}] not measured: {exc}")
-        result = unmeasured_record(deploy, engine, cores, str(exc), s.bench_timeout, round_)
+        result = unmeasured_record(deploy, settings, str(exc), s.bench_timeout, round_)
     write_json_atomic(out, result, force=True)
     return json.loads(out.read_text())
 
 
-def unmeasured_record(deploy: Path, engine: str, cores: int | None, reason: str, timeout: float,
-                      round_: int) -> dict:
+def unmeasured_record(deploy: Path, settings: BenchSettings, reason: str, timeout: float, round_: int) -> dict:
     """What a timed-out round leaves: enough to name the pair in the report and to pair it with its machine."""
+    from ..runtime.engines import ENGINES
+
     info = machine_info()
-    return {"unmeasured": reason, "timeout_s": timeout, "label": deploy.name, "engine": engine,
-            "cores": cores or info["usable_cores"], "round": round_,
+    internal = getattr(ENGINES[settings.session_kind].session, "internal_cache", False)
+    return {"unmeasured": reason, "timeout_s": timeout, "label": deploy.name, "engine": settings.engine,
+            "kv_cache": "internal" if internal else "external", "cores": settings.cores or info["usable_cores"],
+            "round": round_,
             "machine": {"cpu_model": info["cpu_model"], "isa": info["isa"], "hostname": platform.node()}}
 
 
@@ -475,7 +479,8 @@ def write_results(s: SweepSettings, run_dir: Path, prepared: list[tuple], pairs:
         missed = next((r for r in rounds if "unmeasured" in r), None)
         if missed is not None:  # a pair with a round that never finished has no figures to merge or compare
             unmeasured.append({"label": level.label, "precision": precision, "engine": missed["engine"],
-                               "cores": missed["cores"], "reason": missed["unmeasured"],
+                               "kv_cache": missed["kv_cache"], "cores": missed["cores"],
+                               "reason": missed["unmeasured"],
                                **({"machine": missed["machine"]} if "kind" in missed["machine"] else {})})
             continue
         results.append({**merge_rounds(rounds), "allocation": level.allocation, **form, "precision": precision,

@@ -261,7 +261,8 @@ def sweep_cmd(
         return
     console.print(results_table(report["results"]))
     for u in report["unmeasured"]:
-        console.print(f"not measured: {u['label']} ({u['precision']}) on {u['engine']}: {u['reason']}", markup=False)
+        console.print(f"not measured: {u['label']} ({u['precision']}) on {u['engine']} ({u['kv_cache']} KV "
+                      f"cache): {u['reason']}", markup=False)
     console.print(f"results: {out / 'results.json'}  (next: dlp-deploy report {out} --out REPORT_DIR)")
 
 
