@@ -538,9 +538,9 @@ def _bench_task(s, run_dir: str, level, precision: str, deploy: str, engine: str
 
 
 def _node_info_task() -> dict:
-    from ..provenance import machine_info
+    from .harness import node_info
 
-    return {**machine_info(), "hostname": platform.node()}
+    return node_info()
 
 
 def _machine_task(cores) -> dict:

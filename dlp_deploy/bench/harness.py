@@ -163,10 +163,7 @@ def run_pair(deploy_dir: str, settings: BenchSettings) -> dict:
     return {
         "model": str(Path(deploy_dir)),
         "label": Path(deploy_dir).name,
-        "engine": settings.engine,
-        # the count the engine ran with, resolved, so a default run pairs with an explicit one of the same count
-        "cores": settings.cores or machine_info()["usable_cores"],
-        "kv_cache": "internal" if session.internal_cache else "external",
+        **pair_identity(settings),
         # an engine that reports its executed kernels (OpenVINO) says itself whether a sparse one ran
         "sparse_kernels": kernels["sparse_kernel_used"] if kernels else ENGINES[settings.session_kind].sparse_kernels,
         "kernels": kernels,
@@ -188,14 +185,30 @@ def run_pair(deploy_dir: str, settings: BenchSettings) -> dict:
         "decode_s_all": [s for g in runs for s in g.decode_s],
         "precision": precision_of_deployment(dep),
         "seq_len": dep.seq_len,
-        # the machine it ran on: its kind pairs results (bench/stats.py), its name tells a cluster's nodes apart
-        "machine": {**{k: machine_info()[k] for k in ("cpu_model", "isa")}, "hostname": platform.node()},
         "harness_overhead": {"ms_per_token": overhead * 1e3, "fraction_of_decode": overhead * 1e3 / decode["median"]},
         "weights": weight_bytes_per_token(weights["per_initializer"]),
         "deterministic": all(t == tokens[0] for t in tokens),
         "tokens": tokens[0],  # greedy output of the first run: equal across engines when the numerics agree
         "settings": asdict(settings),
     }
+
+
+def pair_identity(settings: BenchSettings) -> dict:
+    """What a result row says of where and how it was measured, beside its deployment: also the record a
+    timed-out round leaves (bench/sweep.py), so the two pair alike."""
+    info = node_info()
+    internal = ENGINES[settings.session_kind].session.internal_cache
+    return {"engine": settings.engine,
+            # the count the engine ran with, resolved, so a default run pairs with an explicit one of that count
+            "cores": settings.cores or info["usable_cores"],
+            "kv_cache": "internal" if internal else "external",
+            # its kind pairs results (bench/stats.py), its host name tells a cluster's nodes apart
+            "machine": {k: info[k] for k in ("cpu_model", "isa", "hostname")}}
+
+
+def node_info() -> dict:
+    """This machine (provenance.machine_info) and its host name, which tells a cluster's nodes apart."""
+    return {**machine_info(), "hostname": platform.node()}
 
 
 def deployment_weight_stats(dep) -> dict:
@@ -281,7 +294,7 @@ def machine_block(cores: int | list[int] | None) -> dict:
     """The machine, measured once per bench or sweep: `cores_used` is the largest count measured (all usable
     cores by default), `cores_measured` every count, and the copy bandwidth at 1 thread (= per core, the figure
     reports before lists had) and at each count."""
-    info = {**machine_info(), "hostname": platform.node()}
+    info = node_info()
     counts = [c or info["usable_cores"] for c in core_counts(cores)]
     info["cores_used"] = max(counts)
     info["cores_measured"] = counts

@@ -9,15 +9,14 @@ each kind into machines/<kind>/bench/.
 from __future__ import annotations
 
 import json
-import platform
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
 from ..io import write_json_atomic
-from ..provenance import machine_info, provenance
+from ..provenance import provenance
 from .harness import (BenchSettings, BenchTimeout, bench_pair_subprocess, check_cores, check_settings, core_counts,
-                      machine_block)
+                      machine_block, pair_identity)
 from .stats import attach_speedups, removed_from_source
 
 DENSE = "dense"
@@ -420,14 +419,8 @@ def bench_step(s: SweepSettings, run_dir: Path, level: Level, precision: str, de
 
 def unmeasured_record(deploy: Path, settings: BenchSettings, reason: str, timeout: float, round_: int) -> dict:
     """What a timed-out round leaves: enough to name the pair in the report and to pair it with its machine."""
-    from ..runtime.engines import ENGINES
-
-    info = machine_info()
-    internal = getattr(ENGINES[settings.session_kind].session, "internal_cache", False)
-    return {"unmeasured": reason, "timeout_s": timeout, "label": deploy.name, "engine": settings.engine,
-            "kv_cache": "internal" if internal else "external", "cores": settings.cores or info["usable_cores"],
-            "round": round_,
-            "machine": {"cpu_model": info["cpu_model"], "isa": info["isa"], "hostname": platform.node()}}
+    return {"unmeasured": reason, "timeout_s": timeout, "label": deploy.name, "round": round_,
+            **pair_identity(settings)}
 
 
 def _retry_unmeasured(s: SweepSettings, record: dict) -> bool:

@@ -239,7 +239,7 @@ def forms_sections(data: dict, corpus: str) -> list[tuple[str, object]]:
 
 def unmeasured_sentence(unmeasured: list[dict]) -> str:
     """Pairs the sweep gave up on (--bench-timeout): named, so that a missing row is never read as a result."""
-    names = "; ".join(f"{u['label']} ({u['precision']}) on {u['engine']} ({u.get('kv_cache', '?')} KV cache): "
+    names = "; ".join(f"{u['label']} ({u['precision']}) on {u['engine']} ({u['kv_cache']} KV cache): "
                       f"{u['reason']}" for u in unmeasured)
     return f"Not measured, so absent from every table and figure below: {names}."
 
