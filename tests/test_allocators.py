@@ -263,11 +263,14 @@ def test_expression_statistic_is_pre_then_reduce():
     assert e.statistic(torch.tensor([-1.0, 2.0, -3.0]), {}) == pytest.approx(14 / 3)
 
 
-def test_expression_ratios_use_the_owl_dlp_mapping():
-    # v = 1, 3, 2, 5: d = minmax(v) * 0.2 = 0, .1, .05, .2; mean .0875; R = p + mean - d: higher v, lower sparsity
+def test_expression_ratios_use_the_dsa_mapping_and_owl_on_request():
+    # v = 1, 3, 2, 5: m = minmax(v) = 0, .5, .25, 1; DSA: R = p + 2 alpha (m - mean m): higher v, more sparsity
     alloc = allocate("expr:mean", [1.0, 3.0, 2.0, 5.0], [1, 1, 1, 1], 0.5, alpha=0.1)
-    assert alloc.ratios == pytest.approx([0.5875, 0.4875, 0.5375, 0.3875])
+    assert alloc.ratios == pytest.approx([0.4125, 0.5125, 0.4625, 0.6125])
     assert alloc.extras["E"] == [1.0, 3.0, 2.0, 5.0]
+    # @owl: d = minmax(v) * 0.2 = 0, .1, .05, .2; mean .0875; R = p + mean - d: higher v, lower sparsity
+    alloc = allocate("expr:mean@owl", [1.0, 3.0, 2.0, 5.0], [1, 1, 1, 1], 0.5, alpha=0.1)
+    assert alloc.ratios == pytest.approx([0.5875, 0.4875, 0.5375, 0.3875])
 
 
 # ---- DLP and OWL as expressions, on a tiny model -------------------------------------------------------------
@@ -277,36 +280,38 @@ def _stats(model, name, **params):
     return dense_layer_statistics(model, capture_block_inputs(model, WINDOWS), name, params)
 
 
-def test_dlp_is_the_expression_median_neg():
+def test_dlp_is_the_expression_median():
     model = tiny_llama(seed=11, num_hidden_layers=6)
     sizes = [1] * 6
-    s_dlp, s_expr = _stats(model, "dlp"), _stats(model, "expr:median>neg")
+    s_dlp, s_expr = _stats(model, "dlp"), _stats(model, "expr:median")
     assert s_dlp == s_expr  # the same statistic, bit for bit
     dlp = allocate("dlp", s_dlp, sizes, 0.6, alpha=0.1)
-    expr = allocate("expr:median>neg", s_expr, sizes, 0.6, alpha=0.1)
     assert max(dlp.ratios) - min(dlp.ratios) == pytest.approx(0.2)
-    assert expr.ratios == pytest.approx(dlp.ratios, abs=1e-12)
+    for name in ("expr:median", "expr:median>neg@owl"):  # the DSA mapping, or OWL's of the negated statistic
+        assert allocate(name, s_expr, sizes, 0.6, alpha=0.1).ratios == pytest.approx(dlp.ratios, abs=1e-12)
     for reducer in ("mean", "max", "std"):  # --reducer's others too
         s = _stats(model, "dlp", reducer=reducer)
-        assert allocate(f"expr:{reducer}>neg", s, sizes, 0.6, alpha=0.1).ratios == pytest.approx(
+        assert allocate(f"expr:{reducer}", s, sizes, 0.6, alpha=0.1).ratios == pytest.approx(
             allocate("dlp", s, sizes, 0.6, alpha=0.1).ratios, abs=1e-12)
 
 
-def test_owl_is_the_expression_outlier():
+def test_owl_is_the_expression_outlier_neg():
     model = tiny_llama(seed=12, num_hidden_layers=6)
     sizes = [3, 1, 2, 1, 1, 2]
     for m in (2.0, 5.0):
         s_owl = _stats(model, "owl", owl_m=m)
         assert s_owl == _stats(model, "expr:outlier", owl_m=m) == _stats(model, f"expr:outlier({m:g})")
         owl = allocate("owl", s_owl, sizes, 0.6, owl_lambda=0.08)
-        expr = allocate(f"expr:outlier({m:g})", s_owl, sizes, 0.6, alpha=0.08)
-        assert expr.ratios == owl.ratios  # exactly: the same statistic and the same mapping code
+        expr = allocate(f"expr:outlier({m:g})>neg", s_owl, sizes, 0.6, alpha=0.08)
+        assert expr.ratios == pytest.approx(owl.ratios, abs=1e-12)
+        same = allocate(f"expr:outlier({m:g})@owl", s_owl, sizes, 0.6, alpha=0.08)
+        assert same.ratios == owl.ratios  # exactly: the same statistic and OWL's mapping
 
 
 def test_prune_with_dlp_and_its_expression_gives_the_same_weights():
     a, b = tiny_llama(seed=13), tiny_llama(seed=13)
     prune_model(a, WINDOWS, PruneSettings(0.6, "wanda", "dlp", alpha=0.1))
-    prune_model(b, WINDOWS, PruneSettings(0.6, "wanda", "expr:median>neg", alpha=0.1))
+    prune_model(b, WINDOWS, PruneSettings(0.6, "wanda", "expr:median", alpha=0.1))
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
 
 

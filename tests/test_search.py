@@ -127,8 +127,8 @@ def test_search_is_deterministic_and_resumes_where_it_stopped(tiny_dir, tmp_path
     assert resumed["new_candidates"] == 4 and resumed["candidates"] == 9
     assert (resumed["expression"], resumed["fitness"]) == (straight["expression"], straight["fitness"])
     history = _history(tmp_path / "a")
-    assert history[0][0] == f"median>neg|{default_dlp_alpha(0.5):g}"  # seeded with DLP and OWL
-    assert history[1][0].startswith("outlier|")
+    assert history[0][0] == f"median|{default_dlp_alpha(0.5):g}"  # seeded with DLP and OWL (DSA's mapping)
+    assert history[1][0].startswith("outlier>neg|")
     assert straight["fitness"] == min(f for _, f in history if f is not None)
     assert straight["fitness"] <= history[0][1]  # never worse than DLP on the validation text
     other = _search(tiny_dir, tmp_path / "c", 9, seed=1)

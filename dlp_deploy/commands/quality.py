@@ -149,6 +149,9 @@ def search(
     sample_ratio: Annotated[float, typer.Option(help="DSA: share of the population each draw takes")] = 0.9,
     alpha: Annotated[Optional[float], typer.Option(help="fixed spread (default: DLP's App. G value)")] = None,
     search_alpha: Annotated[bool, typer.Option(help="search alpha with the expression")] = False,
+    mapping: Annotated[str, typer.Option(help="statistic to ratios: dsa (the authors': higher value, more "
+                                              "sparsity) or owl (OWL's and DLP's direction; searches made "
+                                              "before this option used it)")] = "dsa",
     method: Annotated[str, typer.Option(help="one-shot scores while searching: wanda or magnitude")] = "wanda",
     calib: str = "c4",
     nsamples: Annotated[int, typer.Option(min=1)] = 128,
@@ -166,7 +169,7 @@ def search(
     from ..prune.search import SearchSettings, run_search
 
     settings = SearchSettings(model, sparsity, method, alpha, search_alpha, population, top_k, sample_ratio, seed,
-                              calib, nsamples, seqlen, val_windows)
+                              calib, nsamples, seqlen, val_windows, mapping=mapping)
     quiet_transformers()
     with progress_bar() as progress:
         result = run_search(settings, out, name, candidates, time_budget * 60 if time_budget else None, device,

@@ -296,7 +296,14 @@ class Allocator:
     ratios: Callable[[list, float, dict], Allocation]
     inputs: str = "wanda"  # wanda | score | weights | shapes
     uses_alpha: bool = False  # spread from --alpha (DLP's range 2*alpha)
-    source: str = ""  # for a saved search: what it stands for (recorded in pruning.json)
+    source: str = ""  # for a saved search or dsa: what it stands for (recorded in pruning.json)
+    mapping: str = ""  # expressions, dsa, saved searches: the statistic-to-ratio mapping (expressions.MAPPINGS)
+
+
+def _expressions():
+    from . import expressions
+
+    return expressions
 
 
 ALLOCATORS: dict[str, Allocator] = {
@@ -314,6 +321,11 @@ ALLOCATORS: dict[str, Allocator] = {
         Allocator("alphapruning", alpha_statistic,
                   lambda stats, p, kw: alphapruning_ratios(stats, p, kw.get("sizes"),
                                                            kw.get("epsilon", ALPHAPRUNING_EPSILON)), "weights"),
+        # DSA's published LLaMA expression; defined in expressions.py, which imports this module (hence late)
+        Allocator("dsa", lambda scores, kw: _expressions().dsa_statistic(scores, kw),
+                  lambda stats, p, kw: _expressions().dsa_ratios(stats, p, kw), mapping="dsa",
+                  source="DSA's published LLaMA expression (lliai/DSA README.md): W:(ABSLOG)-(VAR)-(ATAN,ASIN), "
+                         "lambda 0.08 = expr:abslog>var>atan,asin@raw --alpha 0.08"),
     )
 }
 

@@ -230,6 +230,8 @@ def pruning_report(model_ref, settings: PruneSettings, result: PruneResult, cali
         "global_sparsity": sum(r * n for r, n in zip(result.realized, sizes)) / sum(sizes),
         "target_sparsity": settings.sparsity,
         "allocation_source": get_allocator(settings.allocation).source or None,
+        # expressions, dsa, saved searches: which statistic-to-ratio mapping (expressions.MAPPINGS) was used
+        "allocation_mapping": get_allocator(settings.allocation).mapping or None,
         "allocation_correction": alloc.correction,
         "layers_clipped": alloc.clipped,
         "ratio_bounds": [0.0, MAX_RATIO],

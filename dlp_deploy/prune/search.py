@@ -1,6 +1,10 @@
 """Wiring of the allocation search (`dlp-deploy search`) and of --alpha/--owl-lambda auto: held-out validation
 text, the dense snapshot (oneshot.py), scoring a candidate, the seeded resumable loop, and saved allocations.
 
+Every candidate is allocated with the search's mapping (SearchSettings.mapping, expressions.MAPPINGS: `dsa`, the
+authors', by default), which the saved allocation records and uses: what is scored is what `--allocation NAME`
+prunes with. Candidates themselves carry no mapping, so their keys are the same under either.
+
 Resuming: the loop is a deterministic function of the seed and of the fitness of each candidate, so a resumed
 search replays it from the start, reading the fitness of every candidate already in history.jsonl instead of
 scoring it again, and continues exactly where the interrupted one stopped (same candidates as an uninterrupted
@@ -13,7 +17,7 @@ import math
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .. import data, models
@@ -23,11 +27,12 @@ from ..io import write_json_atomic
 from ..provenance import provenance
 from .allocate import ALLOCATORS, EXPR_PREFIX, OWL_LAMBDA, OWL_M, default_dlp_alpha
 from .evolve import ALPHA_GRID, Candidate, offspring, random_candidate
-from .expressions import parse
+from .expressions import DEFAULT_MAPPING, MAPPINGS, parse
 from .oneshot import DenseSnapshot
 
 SAVED_DIR = "allocations"
-DLP_SEED, OWL_SEED = "median>neg", "outlier"  # the population starts from DLP and OWL as expressions
+# the population starts from DLP and OWL as expressions, written for the mapping the search uses
+SEEDS = {"dsa": ("median", "outlier>neg"), "owl": ("median>neg", "outlier")}
 VAL_WINDOWS = 16
 # --alpha auto / --owl-lambda auto: 0 is uniform, so a model on which the allocation hurts gets uniform
 AUTO_GRIDS = {"alpha": (0.0, 0.02, 0.04, 0.06, 0.08, 0.10, 0.12, 0.15, 0.20),
@@ -106,6 +111,8 @@ class SearchSettings:
     seqlen: int | None = None
     val_windows: int = VAL_WINDOWS
     owl_m: float = OWL_M
+    # statistic -> ratios for every candidate (expressions.MAPPINGS); the allocation the search saves uses it too
+    mapping: str = DEFAULT_MAPPING
 
     def alphas(self) -> tuple[float, ...]:
         if self.search_alpha:
@@ -136,6 +143,8 @@ def validate_search(s: SearchSettings) -> None:
         raise UserError(f"--sample-ratio {s.sample_ratio} must be in (0, 1]")
     if s.alpha is not None and s.search_alpha:
         raise UserError("--alpha fixes the spread and --search-alpha searches it; give one of them")
+    if s.mapping not in MAPPINGS:
+        raise UserError(f"--mapping {s.mapping}: choose from {', '.join(MAPPINGS)}")
 
 
 def _open_search_dir(out: Path, settings: SearchSettings, force: bool) -> SearchState:
@@ -144,6 +153,7 @@ def _open_search_dir(out: Path, settings: SearchSettings, force: bool) -> Search
         shutil.rmtree(out)
     elif meta.is_file():
         before = json.loads(meta.read_text())["settings"]
+        before.setdefault("mapping", "owl")  # searches from before the mapping was a setting used owl's
         now = json.loads(json.dumps(asdict(settings)))
         differ = sorted(k for k in now if before.get(k) != now[k])
         if differ:
@@ -204,7 +214,8 @@ def run_search(settings: SearchSettings, out: Path, name: str | None = None, can
     finally:
         del model
     best = state.best
-    result = {"name": name, "expression": best["expression"], "alpha": best["alpha"], "fitness": best["fitness"],
+    result = {"name": name, "expression": best["expression"], "alpha": best["alpha"], "mapping": settings.mapping,
+              "fitness": best["fitness"],
               "sparsity": settings.sparsity, "method": settings.method, "model": settings.model,
               "search_dir": str(out.resolve()), "candidates": len(state.history),
               "new_candidates": loop.scored, "references": meta["references"],
@@ -229,7 +240,8 @@ def _references(out: Path, settings: SearchSettings, scorer: Scorer, calibration
             "calibration": {"source": calibration.source, "docs_drawn": len(calibration.docs)},
             "validation": scorer.describe(), "references": references,
             "algorithm": "evolve.py: population, top-k parents of a sample_ratio draw, crossover + mutation, "
-                         "steady state; seeded with DLP (median>neg) and OWL (outlier)",
+                         "steady state; seeded with DLP ({}) and OWL ({}), {} mapping".format(
+                             *SEEDS[settings.mapping], settings.mapping),
             "provenance": provenance(seed=settings.seed)}
     write_json_atomic(path, meta, force=True)
     return meta
@@ -248,7 +260,7 @@ class _Loop:
         wall-clock budget is spent."""
         population: list[tuple[Candidate, float]] = []
         seen: set[str] = set()
-        seeds = [Candidate(parse(e), a) for e in (DLP_SEED, OWL_SEED) for a in self.alphas[:1]]
+        seeds = [Candidate(parse(e), a) for e in SEEDS[self.s.mapping] for a in self.alphas[:1]]
         while len(self.state.history) < budget:
             if len(seen) < self.s.population:
                 candidate = seeds[len(seen)] if len(seen) < len(seeds) else random_candidate(self.rng, self.alphas)
@@ -290,8 +302,11 @@ class _Loop:
         record = {"index": index, "key": candidate.key, "expression": str(candidate.expression),
                   "alpha": candidate.alpha, "origin": origin, "fitness": None, "ratios": None, "error": None}
         params = {"alpha": candidate.alpha, "owl_m": self.s.owl_m, "method": self.s.method}
+        # candidates (and their keys) carry no mapping: the search's own applies to all of them, as it will to
+        # the allocation it saves
+        expression = replace(candidate.expression, mapping=self.s.mapping)
         try:
-            alloc = self.scorer.snapshot.allocate(EXPR_PREFIX + str(candidate.expression), self.s.sparsity, params)
+            alloc = self.scorer.snapshot.allocate(EXPR_PREFIX + str(expression), self.s.sparsity, params)
         except UserError as exc:  # an expression that overflows or is not finite for some layer
             record["error"] = str(exc)
         else:
