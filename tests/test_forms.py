@@ -30,7 +30,7 @@ needs_deepsparse = pytest.mark.skipif(not engines_mod.deepsparse_available(), re
 # ---------------------------------------------------------------- N:M, pure
 
 @pytest.mark.parametrize("n,m", [(1, 4), (2, 4), (3, 4), (2, 8), (4, 8), (7, 8)])
-def test_nm_mask_prunes_the_n_lowest_of_every_group(n, m):
+def test_nm_mask_prunes_the_given_count_lowest_of_every_group(n, m):
     scores = torch.rand(17, 64)
     mask = nm_mask(scores, n, m)
     assert torch.all(mask.reshape(17, -1, m).sum(dim=2) == n)
@@ -57,9 +57,15 @@ def test_round_and_repair_meets_the_target_within_one_step():
 def test_mixed_counts_follow_ratio_order_and_target():
     ratios = [0.35, 0.42, 0.48, 0.55, 0.61, 0.66]
     sizes = [1000] * 6
-    n = mixed_nm_counts(ratios, sizes, 0.5, 8)
-    assert n == sorted(n) and all(0 <= v < 8 for v in n)
-    assert abs(sum(v / 8 for v in n) / 6 - 0.5) <= 0.5 / 8 / 6 + 1e-12
+    n = mixed_nm_counts(ratios, sizes, 0.5, 8)  # kept of every 8: a higher ratio keeps fewer
+    assert n == sorted(n, reverse=True) and all(0 <= v <= 8 for v in n) and len(set(n)) > 1
+    assert abs(sum((8 - v) / 8 for v in n) / 6 - 0.5) <= 0.5 / 8 / 6 + 1e-12
+
+
+def test_mixed_one_of_four_can_differ_from_uniform():
+    """At 75% no layer could keep 2 of 4 unless another keeps 0: mixed 1:4 must allow an emptied layer."""
+    n = mixed_nm_counts([0.6, 0.7, 0.8, 0.9], [1000] * 4, 0.75, 4)
+    assert sum(n) == 4 and n[0] == 2 and n[-1] == 0
 
 
 # ---------------------------------------------------------------- N:M, pruned models
@@ -69,15 +75,16 @@ def group_zeros_per_layer(model, m):
 
 
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
-@pytest.mark.parametrize("pattern", ["2:4", "4:8"])
-def test_fixed_nm_holds_in_every_group(method, pattern):
+@pytest.mark.parametrize("pattern,sparsity", [("2:4", 0.5), ("4:8", 0.5), ("1:4", 0.75), ("6:8", 0.25)])
+def test_fixed_nm_holds_in_every_group(method, pattern, sparsity):
     model = tiny_llama(seed=5, **GQA)
     p = parse_pattern(pattern)
-    result = prune_model(model, WINDOWS, PruneSettings(p.n / p.m, method, "uniform", pattern=pattern))
+    assert p.fixed_sparsity == sparsity  # N counts the weights kept
+    result = prune_model(model, WINDOWS, PruneSettings(sparsity, method, "uniform", pattern=pattern))
     for layer in group_zeros_per_layer(model, p.m):
         for zeros in layer:
-            assert torch.all(zeros == p.n)  # random weights: no zero was there before
-    assert result.realized == pytest.approx([0.5] * 6)
+            assert torch.all(zeros == p.m - p.n)  # random weights: no zero was there before
+    assert result.realized == pytest.approx([sparsity] * 6)
 
 
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
@@ -87,11 +94,11 @@ def test_mixed_nm_follows_importance_and_meets_target(method, allocation, m):
     result = prune_model(model, WINDOWS, PruneSettings(0.5, method, allocation, alpha=0.15, pattern=f"mixed:{m}"))
     n = result.extras["n_per_layer"]
     for layer, n_l in zip(group_zeros_per_layer(model, m), n):
-        assert all(torch.all(z == n_l) for z in layer)
-    # layers the allocation ranks as more important (lower continuous ratio) never lose more per group
+        assert all(torch.all(z == m - n_l) for z in layer)  # n_l kept of every m
+    # layers the allocation ranks as more important (lower continuous ratio) never keep fewer per group
     cont = result.extras["continuous_ratios"]
     order = sorted(range(6), key=lambda i: cont[i])
-    assert all(n[a] <= n[b] for a, b in zip(order, order[1:]))
+    assert all(n[a] >= n[b] for a, b in zip(order, order[1:]))
     if allocation == "dlp":
         assert len(set(n)) > 1, "DLP at alpha 0.15 spreads the layers over more than one N"
     sizes = result.block_sizes
@@ -246,8 +253,8 @@ def test_export_refuses_a_broken_nm_pattern(tmp_path):
     export_onnx(model, tmp_path / "m.onnx")
     record = {"settings": {"pattern": "2:4"}, "layers": [{}] * 6}
     assert check_nm_pattern(model, tmp_path / "m.onnx", record)["groups_violating"] == 0
-    record = {"settings": {"pattern": "3:4"}, "layers": [{}] * 6}  # claims more zeros than the file holds
-    with pytest.raises(ValidationError, match="fewer zeros"):
+    record = {"settings": {"pattern": "1:4"}, "layers": [{}] * 6}  # claims more zeros than the file holds
+    with pytest.raises(ValidationError, match="more non-zeros"):
         check_nm_pattern(model, tmp_path / "m.onnx", record)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from ..errors import UserError
 from ..io import write_json_atomic
 from ..provenance import provenance
+from ..prune.masks import NM_COUNTS, parse_pattern
 from .harness import (BenchSettings, BenchTimeout, bench_pair_subprocess, check_cores, check_settings, core_counts,
                       machine_block, pair_identity)
 from .stats import attach_speedups, removed_from_source
@@ -218,7 +219,9 @@ def check_sweep(s: SweepSettings, run_dir: Path) -> None:
             check_settings(_bench_settings(s, engine, cores), s.seq_len)
     saved = run_dir / "run.json"
     if saved.is_file():
-        before = json.loads(saved.read_text())["settings"]
+        run = json.loads(saved.read_text())
+        _check_nm_meaning(run, run_dir)
+        before = run["settings"]
         grows = ("sparsities", "allocations", "engines", "patterns", "structure_sparsities", "structure_allocations",
                  "importances", "precisions", "depth", "recover")
         free = ("bench_timeout",)  # a limit on waiting, not on what is measured
@@ -226,6 +229,18 @@ def check_sweep(s: SweepSettings, run_dir: Path) -> None:
         if changed:
             raise UserError(f"{run_dir} holds a sweep with other settings ({', '.join(changed)}); resume it with the "
                             "same options or choose a new --out")
+def _check_nm_meaning(run: dict, run_dir: Path) -> None:
+    """A run written while N in N:M counted the weights pruned holds other levels under the same names (its 1:4
+    was 25% sparse); only 2:4 and 4:8 mean the same either way."""
+    if run.get("nm_counts") == NM_COUNTS:
+        return
+    for text in run["settings"].get("patterns") or []:
+        pattern = parse_pattern(text)
+        if pattern.kind == "nm" and 2 * pattern.n != pattern.m:
+            raise UserError(f"{run_dir} was swept when N in --pattern {text} counted pruned weights (now kept: "
+                            f"{text} is {pattern.fixed_sparsity:.0%} sparse); choose a new --out")
+
+
 
 
 def _bench_settings(s: SweepSettings, engine: str, cores: int | None) -> BenchSettings:
@@ -250,7 +265,8 @@ def run_sweep(s: SweepSettings, run_dir: Path, progress=None, log=print, prepare
     runner = get_executor(executor)(s, run_dir, progress, log, **(executor_options or {}))  # refuses before work
     check_sweep(s, run_dir)
     with runner:  # a cluster is reached (or started) before anything is written
-        write_json_atomic(run_dir / "run.json", {"settings": asdict(s), "provenance": provenance()}, force=True)
+        write_json_atomic(run_dir / "run.json", {"settings": asdict(s), "nm_counts": NM_COUNTS,
+                                                 "provenance": provenance()}, force=True)
         prepared = runner.prepare(levels(s))
         if prepare_only:
             log(f"prepared {len(prepared)} levels in {run_dir}; run the same command without --prepare-only to "

@@ -179,7 +179,8 @@ def sweep_cmd(
     external_cache: bool = False,
     device: str = "cpu",
     data_dir: Optional[Path] = None,
-    pattern: Annotated[str, typer.Option(help="comma list of forms: unstructured, N:M (once, uniform), mixed:M")]
+    pattern: Annotated[str, typer.Option(help="comma list of forms: unstructured, N:M (N kept of every M; once, "
+                                                         "uniform), mixed:M")]
     = "unstructured",
     structure: Annotated[Optional[str], typer.Option(help="also structured pruning of heads,channels")] = None,
     structure_sparsities: Annotated[Optional[str], typer.Option(help="structured levels (default: --sparsities)")]

@@ -42,8 +42,9 @@ def prune(
                                                                  "chosen on held-out C4 text")] = str(OWL_LAMBDA),
     val_windows: Annotated[int, typer.Option(help="--alpha/--owl-lambda auto: held-out C4 windows (calibration "
                                                   "length) that score the grid")] = 16,
-    pattern: Annotated[str, typer.Option(help="unstructured, N:M (N pruned of every M inputs, e.g. 2:4, 4:8) or "
-                                              "mixed:M (per-layer N from the allocation), M in 4, 8")] = "unstructured",
+    pattern: Annotated[str, typer.Option(help="unstructured, N:M (N kept of every M inputs, as NVIDIA's 2:4: 1:4 is "
+                                              "75% sparse) or mixed:M (per-layer N from the allocation), M in 4, 8"
+                                         )] = "unstructured",
     structure: Annotated[Optional[str], typer.Option(help="structured pruning: remove whole heads and/or MLP "
                                                           "channels (heads,channels)")] = None,
     importance: Annotated[str, typer.Option(help="structured unit importance: activation (gradient-free) or "

@@ -1,11 +1,11 @@
 """A whole eval job: perplexity on the requested corpora and optional zero-shot tasks, one JSON out."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .. import data, models
 from ..models import model_sparsity
+from ..pruning_record import read_pruning_record
 from ..provenance import provenance
 from .perplexity import corpus_ids, perplexity
 
@@ -77,8 +77,8 @@ def evaluate_deployment(deploy_dir: str, engine: str, ppl: list[str], seqlen: in
 
 
 def _pruning_summary(model_ref: str) -> dict | None:
-    path = Path(model_ref) / "pruning.json"
-    if not path.is_file():
+    report = read_pruning_record(model_ref)
+    if report is None:
         return None
     report = json.loads(path.read_text())
     return {k: report.get(k) for k in ("settings", "global_sparsity", "calibration", "seed")}

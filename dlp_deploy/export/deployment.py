@@ -21,6 +21,7 @@ import torch
 
 from ..errors import UserError
 from ..io import atomic_dir, check_writable, read_json_record, write_json_atomic
+from ..pruning_record import read_pruning_record
 from ..models import decoder_layers, linear_modules, load, model_sparsity
 from ..provenance import PeakRSS, provenance
 from .. import data
@@ -246,7 +247,7 @@ def _load_source(model_or_dir, tokenizer):
 def _pruning_record(model_or_dir) -> dict | None:
     if isinstance(model_or_dir, torch.nn.Module):
         return None
-    return read_json_record(Path(str(model_or_dir)) / "pruning.json")
+    return read_pruning_record(model_or_dir)
 
 
 def streamline_summary(folder: Path) -> dict | None:
@@ -416,7 +417,7 @@ def _check_sparsity(model, onnx_path: Path, quantized: bool = False) -> dict:
 
 
 def nm_layer_counts(record: dict | None) -> tuple[int, list[int]] | None:
-    """(m, n per layer) of an N:M or mixed N:M pruning record, else None."""
+    """(m, weights kept of every m per layer) of an N:M or mixed N:M pruning record, else None."""
     from ..prune.masks import parse_pattern
 
     settings = (record or {}).get("settings") or {}
@@ -455,9 +456,9 @@ def check_nm_pattern(model, onnx_path: Path, record: dict | None) -> dict | None
         weight = array.t() if init.name.endswith(".T") else array  # back to [out, in]
         zeros = nm_group_zero_counts(weight, m)
         checked += zeros.numel()
-        violating += int((zeros < n_per_layer[names[name]]).sum())
+        violating += int((zeros < m - n_per_layer[names[name]]).sum())
     if violating:
-        raise ValidationError(f"{violating} of {checked} groups of {m} in the ONNX weights hold fewer zeros than "
+        raise ValidationError(f"{violating} of {checked} groups of {m} in the ONNX weights hold more non-zeros than "
                               "the pruning record's N; the N:M pattern did not survive export")
     return {"pattern": record["settings"]["pattern"], "m": m, "n_per_layer": n_per_layer,
             "groups_checked": checked, "groups_violating": violating}

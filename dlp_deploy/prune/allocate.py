@@ -397,9 +397,11 @@ def round_and_repair(ideal: Sequence[float], unit_params: Sequence[float], lo: S
 
 
 def mixed_nm_counts(ratios: Sequence[float], sizes: Sequence[int], target: float, m: int) -> list[int]:
-    """Mixed N:M: each layer's pruned-per-group n_l in [0, m-1] from its ratio, repaired so that the
-    parameter-weighted sparsity sum(n_l/m * size_l)/sum(size_l) is within one rounding step of `target`."""
+    """Mixed N:M: each layer's weights kept of every m, n_l in [0, m], from its ratio, repaired so that the
+    parameter-weighted sparsity sum((m - n_l)/m * size_l)/sum(size_l) is within one rounding step of `target`.
+    n_l = 0 (a layer's Linears emptied) is allowed: at 1:4 on average no layer could otherwise keep more than one
+    in four without another going below it, and mixed 1:4 would be uniform 1:4 (DLP Table 15 has them differ)."""
     sizes = np.asarray(sizes, dtype=np.float64)
-    n = round_and_repair(np.asarray(ratios) * m, sizes / m, [0] * len(sizes), [m - 1] * len(sizes),
-                         target * sizes.sum())
-    return [int(v) for v in n]
+    pruned = round_and_repair(np.asarray(ratios) * m, sizes / m, [0] * len(sizes), [m] * len(sizes),
+                              target * sizes.sum())
+    return [m - int(v) for v in pruned]

@@ -11,7 +11,9 @@ from .. import data, models
 from ..errors import UserError
 from ..io import atomic_dir, check_writable, write_json_atomic
 from ..provenance import PeakRSS, provenance
+from ..pruning_record import SCHEMA as PRUNING_SCHEMA
 from .allocate import MAX_RATIO, get_allocator
+from .masks import parse_pattern
 from .pipeline import (PruneResult, PruneSettings, needs_calibration, prune_model, validate_for_model,
                        validate_settings)
 from .stream import Checkpoint, NotStreamable, StreamedModel, streaming_refusal
@@ -177,7 +179,8 @@ def tune_before_pruning(model, tok, settings: PruneSettings, calibration, calib:
     scoring = settings.method if settings.method in ("wanda", "magnitude") else "wanda"
     scorer = Scorer.build(model, calibration, tok, settings.val_windows, seqlen, root, calib, scoring, progress)
     params = allocation_params(settings)
-    tuning = tune(scorer, settings.allocation, settings.auto, settings.sparsity, params, progress)
+    tuning = tune(scorer, settings.allocation, settings.auto, settings.sparsity, params, progress,
+                  parse_pattern(settings.pattern))
     if scoring != settings.method:
         tuning["scored_with"] = f"one-shot {scoring} ({settings.method} has no one-shot form here)"
     del scorer  # every score() restored the dense weights
@@ -215,14 +218,16 @@ def pruning_report(model_ref, settings: PruneSettings, result: PruneResult, cali
     for i, (target, realized) in enumerate(zip(alloc.ratios, result.realized)):
         entry = {"index": i, "target": target, "realized": realized}
         entry.update({k: v[i] for k, v in alloc.extras.items()})
-        if "n_per_layer" in per_layer:
-            entry.update(n=per_layer["n_per_layer"][i], m=extras["m"], allocated=per_layer["continuous_ratios"][i])
+        if "n_per_layer" in per_layer:  # n: weights kept of every m
+            entry.update(n=per_layer["n_per_layer"][i], m=extras["m"])
+        if "continuous_ratios" in per_layer:
+            entry["allocated"] = per_layer["continuous_ratios"][i]
         if "shapes" in per_layer:
             entry.update(per_layer["shapes"][i])
         layers.append(entry)
     sizes = result.block_sizes
     return {
-        "schema": "dlp-deploy/pruning/1",
+        "schema": PRUNING_SCHEMA,
         "model": model_ref,
         "form": settings.form,
         "settings": asdict(settings),

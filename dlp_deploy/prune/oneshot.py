@@ -61,13 +61,15 @@ class DenseSnapshot:
         return allocate(allocator_name, stats, self.sizes, sparsity, **params)
 
     @torch.no_grad()
-    def apply(self, ratios: list[float], method: str = "wanda", granularity: str | None = None) -> None:
-        """Prune every Linear of block i to ratios[i] from its dense weight, one-shot."""
+    def apply(self, ratios: list[float], method: str = "wanda", granularity: str | None = None,
+              m: int | None = None) -> None:
+        """Prune every Linear of block i to ratios[i] from its dense weight, one-shot (in groups of m if given:
+        ratios[i] * m weights pruned of every m)."""
         pruner = PRUNERS[method]
         if pruner.collector not in (None, ActivationNorms):
             raise ValueError(f"{method} needs its own calibration statistic; one-shot scoring supports "
                              "magnitude and wanda")
-        spec = MaskSpec(granularity or default_granularity(method, "unstructured"), None)
+        spec = MaskSpec(granularity or default_granularity(method, "unstructured" if m is None else f"mixed:{m}"), m)
         for block, norms, dense, ratio in zip(decoder_layers(self.model), self.norms, self.dense, ratios):
             for name, m in linear_modules(block).items():
                 m.weight.data = pruner.prune(dense[name], norms[name], ratio, spec)

@@ -290,7 +290,8 @@ def allocation_params(settings: PruneSettings) -> dict:
 
 def _prune_weights(model, windows, settings: PruneSettings, allocation: Allocation, sizes, progress,
                    residency=None) -> dict:
-    """Unstructured, N:M and mixed N:M: zeros inside the weights. For N:M patterns the layer ratio is n_l / m."""
+    """Unstructured, N:M and mixed N:M: zeros inside the weights. For N:M patterns the layer ratio is
+    (m - n_l) / m, n_l the weights kept of every m."""
     pattern = parse_pattern(settings.pattern)
     extras: dict = {"pattern": str(pattern)}
     if pattern.kind == "nm":
@@ -298,8 +299,9 @@ def _prune_weights(model, windows, settings: PruneSettings, allocation: Allocati
     elif pattern.kind == "mixed":
         counts = mixed_nm_counts(allocation.ratios, sizes, settings.sparsity, pattern.m)
         extras["continuous_ratios"] = list(allocation.ratios)
-        extras["n_per_layer"] = counts
-        allocation.ratios = [n / pattern.m for n in counts]
+    allocation.ratios, kept = pattern_ratios(pattern, allocation.ratios, sizes, settings.sparsity)
+    if kept is not None:
+        extras["n_per_layer"] = kept
     spec = MaskSpec(settings.granularity, pattern.m)
     pruner = PRUNERS[settings.method]
     inputs = capture_block_inputs(model, windows, residency) if pruner.collector is not None else None
@@ -307,6 +309,15 @@ def _prune_weights(model, windows, settings: PruneSettings, allocation: Allocati
     if pattern.m:
         extras["m"] = pattern.m
     return extras
+def pattern_ratios(pattern, ratios: list[float], sizes, sparsity: float) -> tuple[list[float], list[int] | None]:
+    """The ratios a pattern can realise, and the weights kept of every m per layer (None when unstructured): a
+    fixed N:M gives every layer (m - n)/m; mixed:M rounds each layer's allocated ratio to a whole count."""
+    if pattern.kind == "unstructured":
+        return list(ratios), None
+    kept = [pattern.n] * len(sizes) if pattern.kind == "nm" else mixed_nm_counts(ratios, sizes, sparsity, pattern.m)
+    return [(pattern.m - n) / pattern.m for n in kept], kept
+
+
 
 
 def _prune_structured(model, windows, settings: PruneSettings, allocation: Allocation, progress, timings) -> dict:
@@ -367,8 +378,8 @@ def validate_settings(s: PruneSettings) -> None:
         raise UserError(f"--pattern {pattern} picks n of every m weights in each row; it cannot be combined with "
                         f"--granularity {s.granularity}")
     if pattern.kind == "nm":
-        if abs(s.sparsity - pattern.n / pattern.m) > 1e-9:
-            raise UserError(f"--pattern {pattern} means sparsity {pattern.n / pattern.m:g}, but --sparsity is "
+        if abs(s.sparsity - pattern.fixed_sparsity) > 1e-9:
+            raise UserError(f"--pattern {pattern} means sparsity {pattern.fixed_sparsity:g}, but --sparsity is "
                             f"{s.sparsity:g}; leave --sparsity out or use mixed:{pattern.m} for another level")
         if s.allocation != "uniform":
             raise UserError(f"--pattern {pattern} prunes every layer alike; use --allocation uniform, or "

@@ -30,7 +30,7 @@ def _mask_and_zero(scores_fn):
 
 
 def _sparsegpt(weight: torch.Tensor, stat: Hessian, ratio: float, spec: MaskSpec) -> torch.Tensor:
-    nm = None if spec.m is None else (spec.n_of(ratio), spec.m)
+    nm = None if spec.m is None else (spec.pruned_of(ratio), spec.m)
     return sparsegpt_prune(weight, stat.H, ratio, spec.select, nm=nm)
 
 

@@ -35,6 +35,7 @@ from torch import nn
 
 from .. import data, models
 from ..errors import UserError
+from ..pruning_record import read_pruning_record
 
 SCHEMA = "dlp-deploy/recovery/1"
 ADAPTER = "default"  # peft's adapter name
@@ -270,9 +271,7 @@ def recover_model(model: nn.Module, windows: torch.Tensor, s: RecoverSettings, d
 def source_pruning(folder: Path | None) -> dict | None:
     """The input's pruning.json, or None. It still describes the output: the update is masked, so the zero set
     (sparsity, N:M groups, per-layer ratios) is the input's exactly; only the kept weights' values changed."""
-    from ..io import read_json_record
-
-    return None if folder is None else read_json_record(folder / "pruning.json")
+    return None if folder is None else read_pruning_record(folder)
 
 
 def _summary(pruning: dict | None) -> dict | None:

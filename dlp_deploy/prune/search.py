@@ -28,7 +28,9 @@ from ..provenance import provenance
 from .allocate import ALLOCATORS, EXPR_PREFIX, OWL_LAMBDA, OWL_M, default_dlp_alpha
 from .evolve import ALPHA_GRID, Candidate, offspring, random_candidate
 from .expressions import DEFAULT_MAPPING, MAPPINGS, parse
+from .masks import Pattern
 from .oneshot import DenseSnapshot
+from .pipeline import pattern_ratios
 
 SAVED_DIR = "allocations"
 # the population starts from DLP and OWL as expressions, written for the mapping the search uses
@@ -37,6 +39,13 @@ VAL_WINDOWS = 16
 # --alpha auto / --owl-lambda auto: 0 is uniform, so a model on which the allocation hurts gets uniform
 AUTO_GRIDS = {"alpha": (0.0, 0.02, 0.04, 0.06, 0.08, 0.10, 0.12, 0.15, 0.20),
               "owl_lambda": (0.0, 0.02, 0.04, 0.06, 0.08, 0.10, 0.15, 0.20)}
+# mixed N:M rounds each layer's ratio to a whole count of M: no layer moves off the uniform N until the spread
+# (half the range, alpha or lambda) passes 1/(2M), 0.125 at M=4, so the grid goes wider for it
+MIXED_EXTRA = (0.25, 0.30, 0.40)
+
+
+def auto_grid(parameter: str, pattern: Pattern) -> tuple[float, ...]:
+    return AUTO_GRIDS[parameter] + (MIXED_EXTRA if pattern.kind == "mixed" else ())
 
 
 # ---------------------------------------------------------------- scoring on held-out text
@@ -60,9 +69,10 @@ class Scorer:
         ppl = perplexity(self.snapshot.model, ids.flatten(), ids.shape[1])["ppl"]
         return ppl if math.isfinite(ppl) else math.inf
 
-    def score(self, ratios: list[float]) -> float:
+    def score(self, ratios: list[float], m: int | None = None) -> float:
+        """Validation perplexity of the one-shot prune at these ratios (in groups of m for N:M ratios)."""
         try:
-            self.snapshot.apply(ratios, self.method)
+            self.snapshot.apply(ratios, self.method, m=m)
             return self.perplexity()
         finally:
             self.snapshot.restore()
@@ -74,16 +84,19 @@ class Scorer:
                 "pruning": f"one-shot {self.method} from dense-model statistics"}
 
 
-def tune(scorer: Scorer, allocation: str, parameter: str, sparsity: float, params: dict, progress=None) -> dict:
+def tune(scorer: Scorer, allocation: str, parameter: str, sparsity: float, params: dict, progress=None,
+         pattern: Pattern = Pattern("unstructured")) -> dict:
     """--alpha auto / --owl-lambda auto: the grid value whose one-shot pruned model has the lowest validation
-    perplexity (ties to the smaller value); the layer statistics are computed once for the whole grid."""
-    grid = AUTO_GRIDS[parameter]
+    perplexity (ties to the smaller value); the layer statistics are computed once for the whole grid. A mixed
+    N:M pattern is scored as it will be pruned: each layer's ratio rounded to its count of M."""
+    grid = auto_grid(parameter, pattern)
     stats = scorer.snapshot.statistics(allocation, params)
     task = progress.add_task(f"--{parameter.replace('_', '-')} auto", total=len(grid)) if progress else None
     scores = []
     for value in grid:
         alloc = scorer.snapshot.allocate(allocation, sparsity, {**params, parameter: value}, stats)
-        scores.append(scorer.score(alloc.ratios))
+        ratios, _ = pattern_ratios(pattern, alloc.ratios, scorer.snapshot.sizes, sparsity)
+        scores.append(scorer.score(ratios, pattern.m))
         if progress:
             progress.advance(task)
     best = min(range(len(grid)), key=lambda i: (scores[i], grid[i]))

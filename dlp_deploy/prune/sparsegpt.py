@@ -38,7 +38,7 @@ def sparsegpt_prune(weight: torch.Tensor, H: torch.Tensor, ratio: float,
     """Return the pruned and OBS-updated copy of `weight`; `select_mask` picks the mask inside each column block
     from the saliency w^2 / [H^-1]_jj^2 (per-output: per row of the block; per-layer: over the whole block, which
     is the reference's selection and the default, see pruners.PRUNERS).
-    With nm=(n, m) the mask is chosen as the reference's prunen/prunem does instead: n of every m columns, each
+    With nm=(pruned, m) the mask is chosen as the reference's prunen/prunem does instead: `pruned` of every m columns, each
     group from the saliency of the weights as updated when the sweep reaches it."""
     W = weight.detach().clone().float()
     H = H.clone()
