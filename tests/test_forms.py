@@ -183,6 +183,8 @@ def test_structured_model_saves_and_reloads_with_equal_logits(tmp_path, data_roo
         layer["intermediate_size"] for layer in report["layers"]]
     assert report["form"] == "structured" and report["global_sparsity"] == pytest.approx(0.3, abs=0.01)
     assert {"rss_start_bytes", "rss_peak_bytes"} <= set(report["memory"])
+    saved = json.loads((out / "pruning.json").read_text())  # the default importance is LLM-Pruner's, and recorded
+    assert saved["settings"]["importance"] == saved["structure"]["importance"] == "taylor"
     reloaded, _ = load(str(out))
     # the same model as before the save: rebuild it by pruning again in memory with the same inputs
     from transformers import AutoModelForCausalLM

@@ -16,6 +16,7 @@ from ..errors import UserError
 from ..io import write_json_atomic
 from ..provenance import provenance
 from ..prune.masks import NM_COUNTS, parse_pattern
+from ..prune.structured import DEFAULT_IMPORTANCE
 from .harness import (BenchSettings, BenchTimeout, bench_pair_subprocess, check_cores, check_settings, core_counts,
                       machine_block, pair_identity)
 from .stats import attach_speedups, removed_from_source
@@ -53,7 +54,7 @@ class SweepSettings:
     structure: str | None = None
     structure_sparsities: list[float] | None = None
     structure_allocations: list[str] | None = None
-    importances: list[str] = field(default_factory=lambda: ["activation"])
+    importances: list[str] = field(default_factory=lambda: [DEFAULT_IMPORTANCE])
     multiple: int = 8
     # every level exported in each precision: fp32 and int8 as ONNX, GGUF formats (q4_1, q8_0, ...) for llama.cpp;
     # a sweep with more than fp32 scores every deployment itself (ONNX Runtime, or llama.cpp for GGUF)
@@ -162,7 +163,7 @@ def level_settings(s: SweepSettings, level: Level):
     # --alpha is the spread of the allocations that have one (dlp, expr:...); the others ignore it
     alpha = s.alpha if level.allocation and get_allocator(level.allocation).uses_alpha else None
     return prune_settings(level.sparsity, s.method, level.allocation, alpha, pattern=level.pattern,
-                          structure=level.structure, importance=level.importance or "activation",
+                          structure=level.structure, importance=level.importance or DEFAULT_IMPORTANCE,
                           multiple=s.multiple)
 
 

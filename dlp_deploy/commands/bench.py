@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import UserError
+from ..prune.structured import DEFAULT_IMPORTANCE
 
 
 def bench_cmd(
@@ -187,8 +188,8 @@ def sweep_cmd(
     = None,
     structure_allocations: Annotated[Optional[str], typer.Option(help="structured allocations (default: "
                                                                       "--allocation and --baseline)")] = None,
-    importance: Annotated[str, typer.Option(help="structured importances, comma list: activation, taylor")]
-    = "activation",
+    importance: Annotated[str, typer.Option(help="structured importances, comma list: taylor, activation")]
+    = DEFAULT_IMPORTANCE,
     multiple: Annotated[int, typer.Option(help="structured: MLP widths a multiple of this")] = 8,
     precision: Annotated[str, typer.Option(help="comma list: fp32, int8 (ONNX), f16, q8_0, q4_0, q4_1, q4_k_m "
                                                 "(GGUF for --engines llamacpp); each level exported in each")] = "fp32",

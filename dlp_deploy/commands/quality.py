@@ -11,6 +11,7 @@ from ..errors import UserError
 from ..prune.allocate import ALLOCATORS, OWL_LAMBDA, OWL_M, REDUCERS, default_dlp_alpha, get_allocator
 from ..prune.masks import GRANULARITIES
 from ..prune.pruners import PRUNERS
+from ..prune.structured import DEFAULT_IMPORTANCE
 
 Method = enum.Enum("Method", {k: k for k in PRUNERS}, type=str)
 Reducer = enum.Enum("Reducer", {k: k for k in REDUCERS}, type=str)
@@ -47,8 +48,9 @@ def prune(
                                          )] = "unstructured",
     structure: Annotated[Optional[str], typer.Option(help="structured pruning: remove whole heads and/or MLP "
                                                           "channels (heads,channels)")] = None,
-    importance: Annotated[str, typer.Option(help="structured unit importance: activation (gradient-free) or "
-                                                 "taylor (calibration-loss gradients)")] = "activation",
+    importance: Annotated[str, typer.Option(help="structured unit importance: taylor (LLM-Pruner's first order, "
+                                                 "calibration-loss gradients) or activation (gradient-free)")] = \
+        DEFAULT_IMPORTANCE,
     multiple: Annotated[int, typer.Option(help="structured: keep MLP widths a multiple of this")] = 8,
     calib: Annotated[str, typer.Option(help="calibration corpus: c4, wikitext2, ptb")] = "c4",
     nsamples: Annotated[int, typer.Option(min=1)] = 128,
@@ -95,7 +97,7 @@ def prune(
 
 def prune_settings(sparsity: float | None, method: str, allocation: str | None, alpha: float | None,
                    reducer: str = "median", granularity: str | None = None, pattern: str = "unstructured",
-                   structure: str | None = None, importance: str = "activation", multiple: int = 8,
+                   structure: str | None = None, importance: str = DEFAULT_IMPORTANCE, multiple: int = 8,
                    owl_m: float = OWL_M, owl_lambda: float = OWL_LAMBDA, auto: str | None = None,
                    val_windows: int = 16):
     """Fill what the form implies (an N:M pattern's sparsity and uniform allocation, DLP's default alpha), then

@@ -16,6 +16,7 @@ from .allocate import OWL_LAMBDA, OWL_M, Allocation, allocate, get_allocator, mi
 from .masks import MaskSpec, parse_pattern
 from .pruners import PRUNERS, Pruner, default_granularity
 from .scores import ActivationNorms, wanda_scores
+from .structured import DEFAULT_IMPORTANCE
 
 
 @dataclass
@@ -32,7 +33,7 @@ class PruneSettings:
     granularity: str | None = None  # None: the method's reference selection (pruners.default_granularity)
     pattern: str = "unstructured"
     structure: str | None = None  # "heads", "channels" or "heads,channels"
-    importance: str = "activation"  # structured only: activation | taylor
+    importance: str = DEFAULT_IMPORTANCE  # structured only: taylor | activation
     multiple: int = 8  # structured only: MLP widths kept a multiple of this
     owl_m: float = OWL_M  # OWL only: a score is an outlier above owl_m times its layer's mean
     owl_lambda: float = OWL_LAMBDA  # OWL only: ratios span [p - owl_lambda, p + owl_lambda]
