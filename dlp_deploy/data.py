@@ -146,6 +146,7 @@ class Calibration:
     windows: torch.Tensor  # [nsamples, seqlen] token ids
     source: str
     docs: tuple[int, ...] = ()  # C4 only: every document index the sampler drew (used or too short)
+    used: tuple[int, ...] = ()  # C4 only: the documents a window was cut from
 
 
 def sample_doc_windows(docs: list[str], tokenize: Callable[[str], list[int]], nsamples: int, seqlen: int,
@@ -155,13 +156,13 @@ def sample_doc_windows(docs: list[str], tokenize: Callable[[str], list[int]], ns
 
 
 def draw_doc_windows(docs: list[str], tokenize: Callable[[str], list[int]], nsamples: int, seqlen: int,
-                     seed: int) -> tuple[torch.Tensor, list[int]]:
-    """sample_doc_windows, also returning the indices of every document drawn (sorted), so that held-out text can
-    avoid them."""
+                     seed: int) -> tuple[torch.Tensor, list[int], list[int]]:
+    """sample_doc_windows, also returning the indices (sorted) of every document drawn and of those a window was
+    cut from, so that held-out text can avoid the latter."""
     rng = random.Random(seed)
     tokens: dict[int, list[int]] = {}
     max_draws = 20 * len(docs)  # bounds the search when no document is long enough
-    windows = []
+    windows, used = [], set()
     for _ in range(nsamples):
         for _draw in range(max_draws):
             i = rng.randint(0, len(docs) - 1)
@@ -175,7 +176,8 @@ def draw_doc_windows(docs: list[str], tokenize: Callable[[str], list[int]], nsam
         ids = tokens[i]
         start = rng.randint(0, len(ids) - seqlen - 1)
         windows.append(ids[start:start + seqlen])
-    return torch.stack([torch.tensor(w, dtype=torch.long) for w in windows]), sorted(tokens)
+        used.add(i)
+    return torch.stack([torch.tensor(w, dtype=torch.long) for w in windows]), sorted(tokens), sorted(used)
 
 
 def sample_text_windows(ids: list[int], nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
@@ -198,9 +200,9 @@ def calibration(name: str, tokenizer, nsamples: int, seqlen: int, seed: int, roo
     if name == "c4":
         docs = c4_documents(root, C4_CALIB_DOCS, "train")
         source = "hub allenai/c4 en train shard 0" if root is None else "local c4_validation_2k docs 0-999"
-        windows, drawn = draw_doc_windows(docs, tokenize, nsamples, seqlen, seed)
+        windows, drawn, used = draw_doc_windows(docs, tokenize, nsamples, seqlen, seed)
         offset = C4_CALIB_DOCS.start if root is not None else 0
-        return Calibration(windows, source, tuple(offset + i for i in drawn))
+        return Calibration(windows, source, tuple(offset + i for i in drawn), tuple(offset + i for i in used))
     if name in ("wikitext2", "ptb"):
         if root is not None:
             raise UserError(f"calibration on {name} needs its train split, which the offline data folder lacks; "
@@ -230,22 +232,25 @@ class Validation:
 
 
 def validation_windows(tokenizer, calibration: Calibration, windows: int, seqlen: int, root: Path | None,
-                       calib_corpus: str = "c4") -> Validation:
-    """Held-out C4 text for choosing allocations: never an evaluation document and never one the calibration
-    sampler drew. Offline: the documents 0-999 that calibration did not draw (1000-1999 are evaluation); online:
-    hub validation documents 1100+ (0-1099 are the papers' evaluation slice; calibration reads train). Documents
-    are joined with a space in index order and cut into `windows` non-overlapping windows of `seqlen` tokens."""
+                       calib_corpus: str = "c4", flag: str = "--val-windows") -> Validation:
+    """Held-out C4 text for choosing allocations and for recovery's before/after perplexity: never an evaluation
+    document and never one a calibration window was cut from. Offline: documents 0-999 but those (1000-1999 are
+    evaluation); online: hub validation documents 1100+ (0-1099 are the papers' evaluation slice; calibration
+    reads train). A document the sampler only looked at (too short for a window) gave calibration no token, so it
+    is held-out text: offline, where 1 in about 30 documents is longer than 2048 tokens, 128 windows look at nearly
+    all 1000 and leave too little text otherwise. Documents are joined with a space in index order and cut into
+    `windows` non-overlapping windows of `seqlen` tokens; `flag` names the caller's option in the refusal."""
     if root is None:
         pool, source = HUB_VALIDATION_DOCS, "hub allenai/c4 en validation docs from 1100"
         texts = _hub(lambda: _hub_validation_texts(pool), "c4")
     else:
-        pool, source = C4_CALIB_DOCS, "local c4_validation_2k docs 0-999 not drawn by calibration"
+        pool, source = C4_CALIB_DOCS, "local c4_validation_2k docs 0-999 no calibration window came from"
         texts = c4_documents(root, pool, "validation")
-    drawn = set(calibration.docs) if calib_corpus == "c4" else set()
+    used_by_calibration = set(calibration.used) if calib_corpus == "c4" else set()
     needed, count, used, chosen = windows * seqlen, 0, [], []
     for offset, text in enumerate(texts):
         index = pool.start + offset
-        if index in drawn:
+        if index in used_by_calibration:
             continue
         used.append(index)
         chosen.append(text)
@@ -255,7 +260,7 @@ def validation_windows(tokenizer, calibration: Calibration, windows: int, seqlen
     ids = tokenizer(" ".join(chosen))["input_ids"]  # tokenized once, as the evaluation corpora are
     if len(ids) < needed:
         raise UserError(f"held-out C4 text has {len(ids)} tokens, fewer than {windows} validation windows of "
-                        f"{seqlen}; ask for fewer --val-windows")
+                        f"{seqlen}; ask for fewer {flag}")
     return Validation(torch.tensor(ids[:needed], dtype=torch.long).reshape(windows, seqlen), source, tuple(used))
 
 

@@ -2,6 +2,7 @@
 2:4, structured), held-out perplexity drops, the trained function is the saved one, streamlined and structured
 folders recover and reload, and CLI refusals are one line."""
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from dlp_deploy.errors import UserError
 from dlp_deploy.prune.job import prune_to_folder
 from dlp_deploy.prune.pipeline import PruneSettings
 from dlp_deploy.prune.recover import (RecoverSettings, attach_lora, keep_masks, mask_adapters, merge_and_unload,
-                                      merged_weight, recover_to_folder, target_modules)
+                                      merged_weight, recover_to_folder, resolve_settings, target_modules)
 from dlp_deploy.testing import assert_one_line_error, run_cli, save_tiny, tiny_llama
 
 # a tiny random model learns C4's byte statistics within a few dozen steps at this learning rate
@@ -106,10 +107,12 @@ def test_streamlined_ffn_recovers_and_reloads(base, data_root):
 
     streamlined = base / "ffn"
     streamline_to_folder(str(base / "tiny"), streamlined, StreamlineSettings(
-        remove_layers=2, replacement="ffn", nsamples=4, seqlen=32, epochs=1, lr=1e-3, batch_tokens=32), "cpu",
+        remove_layers=2, replacement="ffn", nsamples=4, seqlen=32, epochs=1, lr=1e-3, batch=1), "cpu",
         str(data_root))
     out = base / "ffn-recovered"
-    record = recover_to_folder(str(streamlined), out, QUICK, "cpu", str(data_root))
+    defaults = replace(QUICK, lora_rank=None, lora_alpha=None)  # a streamlined input: LLM-Streamline's rank
+    record = recover_to_folder(str(streamlined), out, defaults, "cpu", str(data_root))
+    assert (record["lora"]["rank"], record["lora"]["alpha"], record["settings"]["lora_rank"]) == (128, 256, 128)
     assert json.loads((out / models.STREAMLINE_FILE).read_text()) == \
         json.loads((streamlined / models.STREAMLINE_FILE).read_text())
     model, _tok = models.load(str(out))
@@ -120,6 +123,17 @@ def test_streamlined_ffn_recovers_and_reloads(base, data_root):
     name = next(n for n in old if f".{replacement}.mlp.down_proj" in n)
     assert not torch.equal(old[name].weight, new[name].weight)  # the replacement block was adapted too
     assert torch.isfinite(model(torch.arange(1, 17)[None]).logits).all()
+
+
+def test_lora_defaults_follow_the_paper_behind_the_use():
+    """DLP's recovery (Wanda's LoRA script: r 8, alpha 16) for pruned or dense inputs; LLM-Streamline's LoRA
+    comparison (rank 128) for streamlined ones; alpha 2 x rank unless given; explicit values win."""
+    assert (RecoverSettings().lora_rank, RecoverSettings().lora_alpha) == (None, None)
+    pruned, streamlined = resolve_settings(RecoverSettings(), False), resolve_settings(RecoverSettings(), True)
+    assert (pruned.lora_rank, pruned.lora_alpha) == (8, 16)
+    assert (streamlined.lora_rank, streamlined.lora_alpha) == (128, 256)
+    given = resolve_settings(RecoverSettings(lora_rank=4, lora_alpha=1.0), True)
+    assert (given.lora_rank, given.lora_alpha) == (4, 1.0)
 
 
 def test_trained_function_is_the_saved_one():
@@ -166,3 +180,19 @@ def test_cli_one_line_errors(base):
                           "--lora-rank 0", "positive")
     assert_one_line_error(run_cli("recover", base / "tiny", "--out", base / "tiny", "--steps", "1", env=ONE_THREAD),
                           "already exists", "--force")
+
+
+def test_default_held_out_windows_fit_the_shipped_data(data_root):
+    """Offline, about 1 in 30 C4 documents is longer than 2048 SmolLM2 tokens; with byte tokens the same share is
+    longer than 8192. Drawing the default 128 windows then looks at nearly every document: held-out text may skip
+    only those a window was cut from, or the default 16 windows do not fit. A refusal names recover's option."""
+    from dlp_deploy import data
+    from dlp_deploy.testing import tiny_tokenizer
+
+    tok, root = tiny_tokenizer(), data.data_dir(str(data_root))
+    calibration = data.calibration("c4", tok, RecoverSettings().nsamples, 8192, 0, root)
+    assert len(calibration.docs) > 900 and len(calibration.used) < 100  # looked at almost all, used few
+    held_out = data.validation_windows(tok, calibration, RecoverSettings().eval_windows, 8192, root)
+    assert held_out.ids.shape == (16, 8192) and not set(held_out.docs) & set(calibration.used)
+    with pytest.raises(UserError, match="ask for fewer --eval-windows$"):
+        data.validation_windows(tok, calibration, 1000, 8192, root, flag="--eval-windows")

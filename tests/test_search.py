@@ -33,7 +33,8 @@ def test_validation_slice_is_disjoint_from_calibration_and_evaluation(data_root)
     calib = data.calibration("c4", tok, 16, 256, 0, data_root)
     val = data.validation_windows(tok, calib, 64, 256, data_root)
     assert calib.docs and len(val.docs) > 1 and val.ids.shape == (64, 256)
-    assert not set(val.docs) & set(calib.docs)  # no document calibration drew, even one too short to use
+    assert not set(val.docs) & set(calib.used)  # no document a calibration window came from
+    assert set(calib.used) <= set(calib.docs)
     assert not set(val.docs) & set(data.C4_EVAL_DOCS)  # nor a C4 evaluation document
     assert set(val.docs) <= set(data.C4_CALIB_DOCS)
     # the same at the text level: no calibration window and no evaluation text holds a validation window

@@ -7,12 +7,13 @@ import torch
 
 from dlp_deploy import models
 from dlp_deploy.errors import UserError
-from dlp_deploy.prune.streamline import (StreamlineSettings, choose_span, layers_to_remove, save_streamlined,
-                                         score_spans, streamline_model, streamline_to_folder)
+from dlp_deploy.prune.streamline import (StreamlineSettings, choose_span, layers_to_remove, paper_deviations,
+                                         resolve_settings, save_streamlined, score_spans, streamline_model,
+                                         streamline_to_folder, validate_settings)
 from dlp_deploy.testing import (FAMILY_BASE, assert_one_line_error, family_model, run_cli, save_tiny, tiny_llama,
                                 tiny_tokenizer)
 
-FAST = dict(nsamples=4, seqlen=32, epochs=3, lr=1e-3, batch_tokens=32)
+FAST = dict(nsamples=4, seqlen=32, epochs=3, lr=1e-3, batch=1)  # tiny budgets: 4 windows, 12 steps
 
 
 def _windows(count=3, length=16, seed=1):
@@ -67,7 +68,7 @@ def test_span_choice_and_counts():
 def test_replacement_is_trained(kind):
     model = tiny_llama()
     record = streamline_model(model, _windows(4, 32), StreamlineSettings(remove_layers=2, replacement=kind,
-                                                                          epochs=4, lr=1e-3, batch_tokens=32))
+                                                                          epochs=4, lr=1e-3, batch=1))
     training = record["training"]
     assert training["loss_curve"][-1] < training["loss_curve"][0]
     assert training["mse_after"] < training["mse_before"]
@@ -76,6 +77,47 @@ def test_replacement_is_trained(kind):
     assert len(blocks) == model.config.num_hidden_layers == 3
     assert [getattr(b.self_attn, "layer_idx", i) for i, b in enumerate(blocks) if hasattr(b, "self_attn")] == \
         [i for i, b in enumerate(blocks) if hasattr(b, "self_attn")]
+
+
+@pytest.mark.parametrize("kind,lr,weight_decay", [("ffn", 1e-3, 1e-4), ("swiglu", 1e-3, 1e-4),
+                                                 ("layer", 1e-5, 1e-3), ("none", None, None)])
+def test_defaults_are_the_papers(kind, lr, weight_decay):
+    """Chen et al. (ICLR 2025), Experiment Setup: lr/weight decay per replacement kind, batch 32, 20 epochs, 500
+    samples for layer selection, post-training at lr 5e-5, weight decay 1e-3, one epoch. Pinned here as literals."""
+    resolved = resolve_settings(StreamlineSettings(remove_layers=1, replacement=kind))
+    assert (resolved.lr, resolved.weight_decay) == (lr, weight_decay)
+    assert (resolved.batch, resolved.epochs, resolved.nsamples) == (32, 20, 500)
+    assert (resolved.post_lr, resolved.post_weight_decay, resolved.post_epochs) == (5e-5, 1e-3, 1)
+    explicit = resolve_settings(StreamlineSettings(remove_layers=1, replacement=kind, lr=0.5, weight_decay=0.0))
+    assert (explicit.lr, explicit.weight_decay) == (0.5, 0.0)  # an explicit value wins for every kind
+    deviations = paper_deviations(resolved)
+    assert deviations[0].startswith("trained on 65536 tokens") and len(deviations) == 1 + (kind == "layer")
+
+
+def test_cli_defaults_follow_the_replacement(tiny_dir, tmp_path, data_root):
+    """The CLI leaves lr and weight decay to the kind's paper values and records them; --lr overrides."""
+    for kind, extra, lr, weight_decay in (("layer", [], 1e-5, 1e-3), ("ffn", ["--lr", "0.002"], 2e-3, 1e-4)):
+        out = tmp_path / kind
+        proc = run_cli("streamline", tiny_dir, "--remove-layers", "1", "--replacement", kind, "--out", out,
+                       "--nsamples", "2", "--seqlen", "16", "--epochs", "1", "--data-dir", data_root, *extra)
+        assert proc.returncode == 0, proc.stderr
+        settings = json.loads((out / "streamline.json").read_text())["settings"]
+        assert (settings["lr"], settings["weight_decay"], settings["batch"]) == (lr, weight_decay, 32)
+
+
+def test_post_training_trains_the_replacement_only():
+    model = tiny_llama()
+    before = {id(p): p.detach().clone() for p in model.parameters()}  # the replacement is a copy: new tensors
+    record = streamline_model(model, _windows(4, 32), StreamlineSettings(
+        remove_layers=2, replacement="layer", epochs=1, lr=1e-3, batch=2, post_train=True, post_lr=1e-2))
+    post, index = record["post_training"], record["replacement"]["index"]
+    assert post["steps"] == 2 and len(post["loss_curve"]) == 2 and post["lr"] == 1e-2
+    assert all(p.requires_grad for p in model.parameters())  # the freeze is undone
+    replacement = {id(p) for p in models.decoder_layers(model)[index].parameters()}
+    kept = [p for p in model.parameters() if id(p) not in replacement]
+    assert kept and all(torch.equal(p, before[id(p)]) for p in kept)
+    with pytest.raises(UserError, match="--replacement none has none"):
+        validate_settings(StreamlineSettings(remove_layers=1, replacement="none", post_train=True))
 
 
 def test_per_layer_config_lists_follow_the_stack():
@@ -161,7 +203,7 @@ def test_every_family_streamlines_reloads_and_exports(family, kind, tmp_path):
 
     model = family_model(family)
     types_before = list(getattr(model.config, "layer_types", None) or [])
-    settings = StreamlineSettings(remove_layers=2, replacement=kind, epochs=3, lr=1e-3, batch_tokens=32)
+    settings = StreamlineSettings(remove_layers=2, replacement=kind, epochs=3, lr=1e-3, batch=1)
     record = streamline_model(model, _windows(4, 32), settings)
     start, after = record["removed"]["start"], record["num_layers"]["after"]
     assert after == (2 if kind == "none" else 3)

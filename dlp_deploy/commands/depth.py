@@ -8,9 +8,14 @@ from typing import Annotated, Optional
 import typer
 
 from ..prune import recover as rec
-from ..prune.streamline import BATCH_TOKENS, EPOCHS, LR, REPLACEMENTS, TOKENS, WEIGHT_DECAY
+from ..prune import streamline as sl
 
-Replacement = enum.Enum("Replacement", {k: k for k in REPLACEMENTS}, type=str)
+Replacement = enum.Enum("Replacement", {k: k for k in sl.REPLACEMENTS}, type=str)
+
+
+def _paper(i: int) -> str:
+    """The paper's lr (i=0) or weight decay (i=1) per replacement kind, for --help."""
+    return ", ".join(f"{kind} {values[i]:g}" for kind, values in sl.PAPER_OPTIMIZER.items())
 
 
 def streamline(
@@ -23,16 +28,28 @@ def streamline(
                                                           "MLP), swiglu (norm + gated MLP), layer (a copy of the "
                                                           "span's first layer), the last three trained")] = "ffn",
     calib: Annotated[str, typer.Option(help="calibration corpus: c4, wikitext2, ptb")] = "c4",
-    nsamples: Annotated[int, typer.Option(min=1, help="calibration windows (span scores use all)")] = 64,
+    nsamples: Annotated[int, typer.Option(min=1, help="calibration windows; span scores use all (the paper's "
+                                                      "500 samples)")] = sl.NSAMPLES,
     seqlen: Annotated[Optional[int], typer.Option(min=2, help="calibration window; default min(2048, the "
                                                               "model's context)")] = None,
     seed: int = 0,
-    tokens: Annotated[int, typer.Option(min=1, help="train the replacement on at most this many calibration "
-                                                    "tokens (a `layer` replacement: whole windows)")] = TOKENS,
-    epochs: Annotated[int, typer.Option(min=1, help="passes over the training tokens")] = EPOCHS,
-    lr: Annotated[float, typer.Option(help="AdamW peak learning rate (cosine decay to a quarter)")] = LR,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay")] = WEIGHT_DECAY,
-    batch_tokens: Annotated[int, typer.Option(min=1, help="MLP replacements: tokens per step")] = BATCH_TOKENS,
+    tokens: Annotated[int, typer.Option(min=1, help="train the replacement on the first calibration windows up to "
+                                                    "this many tokens (CPU budget; the paper: 30,000 samples)")] = \
+        sl.TOKENS,
+    epochs: Annotated[int, typer.Option(min=1, help="passes over the training windows (paper: 20)")] = sl.EPOCHS,
+    lr: Annotated[Optional[float], typer.Option(help="AdamW peak learning rate (cosine decay to a quarter); "
+                                                     f"default the paper's per kind: {_paper(0)}")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help="AdamW weight decay; default the paper's per kind: "
+                                                               f"{_paper(1)}")] = None,
+    batch: Annotated[int, typer.Option(min=1, help="calibration windows per optimizer step (paper: 32 samples)")] = \
+        sl.BATCH,
+    post_train: Annotated[bool, typer.Option(help="then train the replacement on the whole model's next-token loss "
+                                                  "(the paper's post-training of a replaced layer; one full "
+                                                  "forward and backward per window)")] = False,
+    post_lr: Annotated[float, typer.Option(help="post-training learning rate (paper: 5e-5)")] = sl.POST_LR,
+    post_weight_decay: Annotated[float, typer.Option(help="post-training weight decay (paper: 1e-3)")] = \
+        sl.POST_WEIGHT_DECAY,
+    post_epochs: Annotated[int, typer.Option(min=1, help="post-training passes (paper: 1)")] = sl.POST_EPOCHS,
     device: Annotated[str, typer.Option(help="torch device: auto (CUDA when present, else cpu), cpu, cuda, "
                                              "cuda:1 …")] = "auto",
     data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="offline corpora folder (else env "
@@ -45,9 +62,9 @@ def streamline(
     from ..prune.job import resolve_device
     from ..prune.streamline import StreamlineSettings, streamline_to_folder, validate_settings
 
-    settings = StreamlineSettings(remove_layers, ratio, replacement.value if isinstance(replacement, enum.Enum)
-                                  else replacement, calib, nsamples, seqlen, seed, tokens, epochs, lr, weight_decay,
-                                  batch_tokens)
+    kind = replacement.value if isinstance(replacement, enum.Enum) else replacement
+    settings = StreamlineSettings(remove_layers, ratio, kind, calib, nsamples, seqlen, seed, tokens, epochs, lr,
+                                  weight_decay, batch, post_train, post_lr, post_weight_decay, post_epochs)
     validate_settings(settings)
     device = resolve_device(device)
     quiet_transformers()
@@ -61,6 +78,9 @@ def streamline(
     if training:
         console.print(f"replacement MSE {training['mse_before']:.3e} -> {training['mse_after']:.3e} "
                       f"(dropping the span: {training['mse_drop_span']:.3e}) on {training['tokens']} tokens")
+    if record["post_training"]:
+        curve = record["post_training"]["loss_curve"]
+        console.print(f"post-training loss {curve[0]:.3f} -> {curve[-1]:.3f}")
 
 
 def recover(
@@ -68,8 +88,12 @@ def recover(
                                               "alias")],
     out: Annotated[Path, typer.Option(help="output folder (must not exist unless --force)")],
     steps: Annotated[int, typer.Option(help="optimizer steps")] = rec.STEPS,
-    lora_rank: Annotated[int, typer.Option(help="LoRA rank r")] = rec.RANK,
-    lora_alpha: Annotated[float, typer.Option(help="LoRA alpha (the update is scaled by alpha / r)")] = rec.ALPHA,
+    lora_rank: Annotated[Optional[int], typer.Option(help=f"LoRA rank r; default {rec.RANK} (DLP's recovery, "
+                                                          f"after Wanda's LoRA script), {rec.STREAMLINE_RANK} for a "
+                                                          "streamlined input (LLM-Streamline's LoRA comparison)")] \
+        = None,
+    lora_alpha: Annotated[Optional[float], typer.Option(help="LoRA alpha (the update is scaled by alpha / r); "
+                                                             f"default {rec.ALPHA_PER_RANK:g} x rank")] = None,
     lr: Annotated[float, typer.Option(help="AdamW peak learning rate (cosine decay to a quarter)")] = rec.LR,
     nsamples: Annotated[int, typer.Option(help="C4 training windows (calibration documents)")] = rec.NSAMPLES,
     seqlen: Annotated[Optional[int], typer.Option(help="training and evaluation window; default min(2048, the "

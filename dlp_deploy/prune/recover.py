@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -40,10 +40,15 @@ from ..pruning_record import read_pruning_record
 SCHEMA = "dlp-deploy/recovery/1"
 ADAPTER = "default"  # peft's adapter name
 
-# defaults: short CPU-friendly runs; LoRA settings as commonly used for recovery of pruned LLMs
-STEPS = 100
+# LoRA rank by the paper behind the use. DLP (ICML 2025, Table 7: LoRA on C4, pruning mask fixed, autoregressive
+# loss) states no rank; its recovery is Wanda's lora_ft script (locuslab/wanda lora_ft/finetune_lm.py: r 8,
+# alpha 16), so a pruned or dense input gets 8. A streamlined input gets LLM-Streamline's comparison rank, 128
+# (Chen et al., ICLR 2025: "For LoRA, we set the rank to 128"). Alpha defaults to 2 x rank, Wanda's alpha / r.
 RANK = 8
-ALPHA = 16.0
+STREAMLINE_RANK = 128
+ALPHA_PER_RANK = 2.0
+# the rest: short CPU-friendly runs
+STEPS = 100
 LR = 2e-4
 NSAMPLES = 128
 BATCH_SIZE = 4
@@ -53,8 +58,8 @@ EVAL_WINDOWS = 16
 @dataclass
 class RecoverSettings:
     steps: int = STEPS
-    lora_rank: int = RANK
-    lora_alpha: float = ALPHA
+    lora_rank: int | None = None  # None: by the input (RANK, or STREAMLINE_RANK for a streamlined folder)
+    lora_alpha: float | None = None  # None: ALPHA_PER_RANK x rank
     lr: float = LR
     nsamples: int = NSAMPLES
     seqlen: int | None = None  # None: min(2048, the model's context)
@@ -67,15 +72,21 @@ def validate_settings(s: RecoverSettings) -> None:
     """One-line refusals before any loading."""
     for flag, value in (("--steps", s.steps), ("--lora-rank", s.lora_rank), ("--nsamples", s.nsamples),
                         ("--batch-size", s.batch_size)):
-        if value < 1:
+        if value is not None and value < 1:
             raise UserError(f"{flag} {value}: give a positive whole number (at least 1)")
     if s.seqlen is not None and s.seqlen < 2:
         raise UserError(f"--seqlen {s.seqlen}: a training window needs at least 2 tokens")
     if s.eval_windows < 0:
         raise UserError(f"--eval-windows {s.eval_windows}: give 0 (no perplexity) or more held-out windows")
-    for flag, value, example in (("--lr", s.lr, LR), ("--lora-alpha", s.lora_alpha, ALPHA)):
-        if not (value > 0 and math.isfinite(value)):
+    for flag, value, example in (("--lr", s.lr, LR), ("--lora-alpha", s.lora_alpha, ALPHA_PER_RANK * RANK)):
+        if value is not None and not (value > 0 and math.isfinite(value)):
             raise UserError(f"{flag} {value}: give a positive number, e.g. {example}")
+
+
+def resolve_settings(s: RecoverSettings, streamlined: bool) -> RecoverSettings:
+    """Rank and alpha left None take the default of the paper behind the use (see RANK)."""
+    rank = s.lora_rank if s.lora_rank is not None else STREAMLINE_RANK if streamlined else RANK
+    return replace(s, lora_rank=rank, lora_alpha=s.lora_alpha if s.lora_alpha is not None else ALPHA_PER_RANK * rank)
 
 
 # ---------------------------------------------------------------- targets and masks
@@ -293,12 +304,13 @@ def recover_to_folder(model_ref: str, out: Path, s: RecoverSettings, device: str
     t_start = time.perf_counter()
     ref, config = models.load_config(model_ref)
     folder = Path(ref) if Path(ref).is_dir() else None
+    s = resolve_settings(s, folder is not None and (folder / models.STREAMLINE_FILE).is_file())
     saved_dtype, _ = checkpoint_dtype(folder, config)
     root = data.data_dir(data_root)
     model, tok = models.load(model_ref, device, torch.float32)  # trained in fp32, saved in the input's dtype
     seqlen = s.seqlen or data.default_seqlen(model.config)
     calibration = data.calibration("c4", tok, s.nsamples, seqlen, s.seed, root)
-    held_out = (data.validation_windows(tok, calibration, s.eval_windows, seqlen, root)
+    held_out = (data.validation_windows(tok, calibration, s.eval_windows, seqlen, root, flag="--eval-windows")
                 if s.eval_windows else None)
     with atomic_dir(out, force) as tmp:
         model, record = recover_model(model, calibration.windows, s, device, saved_dtype,
