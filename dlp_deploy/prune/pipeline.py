@@ -295,10 +295,7 @@ def _prune_weights(model, windows, settings: PruneSettings, allocation: Allocati
     (m - n_l) / m, n_l the weights kept of every m."""
     pattern = parse_pattern(settings.pattern)
     extras: dict = {"pattern": str(pattern)}
-    if pattern.kind == "nm":
-        allocation.ratios = [pattern.n / pattern.m] * len(sizes)
-    elif pattern.kind == "mixed":
-        counts = mixed_nm_counts(allocation.ratios, sizes, settings.sparsity, pattern.m)
+    if pattern.kind == "mixed":
         extras["continuous_ratios"] = list(allocation.ratios)
     allocation.ratios, kept = pattern_ratios(pattern, allocation.ratios, sizes, settings.sparsity)
     if kept is not None:
@@ -310,6 +307,8 @@ def _prune_weights(model, windows, settings: PruneSettings, allocation: Allocati
     if pattern.m:
         extras["m"] = pattern.m
     return extras
+
+
 def pattern_ratios(pattern, ratios: list[float], sizes, sparsity: float) -> tuple[list[float], list[int] | None]:
     """The ratios a pattern can realise, and the weights kept of every m per layer (None when unstructured): a
     fixed N:M gives every layer (m - n)/m; mixed:M rounds each layer's allocated ratio to a whole count."""
@@ -317,8 +316,6 @@ def pattern_ratios(pattern, ratios: list[float], sizes, sparsity: float) -> tupl
         return list(ratios), None
     kept = [pattern.n] * len(sizes) if pattern.kind == "nm" else mixed_nm_counts(ratios, sizes, sparsity, pattern.m)
     return [(pattern.m - n) / pattern.m for n in kept], kept
-
-
 
 
 def _prune_structured(model, windows, settings: PruneSettings, allocation: Allocation, progress, timings) -> dict:
