@@ -77,8 +77,8 @@ def test_dense_baseline_tolerates_dequantization_zeros():
     assert rows[2]["speedup"]["baseline"] == "dense"  # a pruning record, however light, is never the baseline
 
 
-def test_noise_band_from_dense_drift_and_the_dense_kernel_control():
-    from dlp_deploy.bench.stats import attach_remeasured, control_spread, dense_drift, noise_band
+def test_floor_without_an_aa_control_from_dense_drift_and_the_dense_kernel_control():
+    from dlp_deploy.bench.stats import attach_remeasured, control_spread, dense_drift, noise_floor
 
     def row(label, engine, sparsity, ms, kernels):
         return {"label": label, "model": f"deploy/{label}", "engine": engine, "kv_cache": "k", "sparsity": sparsity,
@@ -93,7 +93,9 @@ def test_noise_band_from_dense_drift_and_the_dense_kernel_control():
     assert dense_drift(rows) == {("ds", "k"): pytest.approx(0.1)}
     assert rows[1]["speedup"]["decode"] == pytest.approx(2.1)  # against the mean of 20 and 22 ms
     assert control_spread(rows) == [pytest.approx(1.2)]  # ORT does the same work: its 1.2x is noise
-    assert noise_band(rows) == pytest.approx(0.2)
+    # a run from before the A/A control: its drift and control engines stand in for the floor
+    assert noise_floor(rows) == {"value": pytest.approx(0.2), "source": "no A/A control: dense drift and control "
+                                                                          "engines"}
 
 
 @pytest.mark.parametrize("engine,external", [("onnxruntime", False), ("deepsparse", False), ("deepsparse", True),
@@ -139,7 +141,7 @@ def test_bench_cli_writes_versioned_results_with_speedup(deployments, tmp_path):
 
     out = tmp_path / "bench.json"
     proc = cli("bench", deployments["dense"], deployments["sparse50"], "--engine", "onnxruntime", "--json", out,
-               "--prompt-len", "8", "--gen-len", "8", "--runs", "2", "--cores", "1")
+               "--prompt-len", "8", "--gen-len", "8", "--runs", "2", "--cores", "1", "--rounds", "2")
     assert proc.returncode == 0, proc.stderr
     data = json.loads(out.read_text())
     assert data["schema"] == "dlp-deploy/bench/1"
@@ -150,6 +152,8 @@ def test_bench_cli_writes_versioned_results_with_speedup(deployments, tmp_path):
     assert sparse["speedup"]["baseline"] == "dense" and sparse["speedup"]["decode"] > 0
     dense = next(r for r in data["results"] if r["label"] == "dense")
     assert len(dense["rounds"]) == 2 and len(dense["decode_ms_runs"]) == 4  # two interleaved worker processes
+    aa = next(r for r in data["results"] if r["label"] == "dense (A/A)")  # two models: the A/A control too
+    assert aa["aa_control"] and aa["speedup"]["baseline"] == "dense" and "win" in sparse
     assert sparse["speedup"]["decode_ci95"][0] <= sparse["speedup"]["decode"] <= sparse["speedup"]["decode_ci95"][1]
     proc = cli("bench", tmp_path, "--json", tmp_path / "x.json")
     assert proc.returncode == 2 and "not a deployment folder" in proc.stderr and "Traceback" not in proc.stderr
@@ -163,15 +167,17 @@ def test_sweep_resumes_and_report_renders(tmp_path, data_root):
     model = save_tiny(tmp_path / "tiny", seed=2)
     settings = SweepSettings(str(model), [0.5], "wanda", ["dlp", "uniform"], ["onnxruntime"], nsamples=2,
                              calib_seqlen=32, eval_seqlen=64, max_windows=2, seq_len=64, validate=False, cores=1,
-                             prompt_len=8, gen_len=8, runs=2, warmup=0)
+                             prompt_len=8, gen_len=8, runs=2, warmup=0, rounds=2)
     os.environ["DLP_DEPLOY_DATA"] = str(data_root)
     run = tmp_path / "run"
     first = run_sweep(settings, run, log=lambda *_: None)
     assert {q["label"] for q in first["quality"]} == {"dense", "wanda-dlp-0.50", "wanda-uniform-0.50"}
-    assert len(first["results"]) == 3 and all(r["engine"] == "onnxruntime" for r in first["results"])
-    # every pair measured in two worker processes, ABBA: dense first in round 1, last in round 2
-    assert sorted(p.name for p in (run / "bench").iterdir())[:2] == ["dense.onnxruntime.r0.json",
-                                                                    "dense.onnxruntime.r1.json"]
+    assert len(first["results"]) == 4 and all(r["engine"] == "onnxruntime" for r in first["results"])
+    # every pair measured in two worker processes, ABBA: dense first in round 1, last in round 2 (the A/A
+    # control, the dense deployment again, at the other end)
+    assert sorted(p.name for p in (run / "bench").iterdir())[:4] == [
+        "dense-aa.onnxruntime.r0.json", "dense-aa.onnxruntime.r1.json", "dense.onnxruntime.r0.json",
+        "dense.onnxruntime.r1.json"]
     for r in first["results"]:
         assert len(r["rounds"]) == 2 and len(r["decode_ms_runs"]) == 4
     assert all(r["speedup"]["baseline"] == "dense" for r in first["results"])
@@ -217,14 +223,14 @@ def test_sweep_resumes_and_report_renders(tmp_path, data_root):
     assert waited < 40  # one timed-out round; the second round is not tried at the same limit
     assert [u["label"] for u in limited["unmeasured"]] == ["wanda-uniform-0.50"]
     assert "did not finish in 8 s" in limited["unmeasured"][0]["reason"]
-    assert sorted(r["label"] for r in limited["results"]) == ["dense", "wanda-dlp-0.50"]
+    assert sorted(r["label"] for r in limited["results"]) == ["dense", "dense (A/A)", "wanda-dlp-0.50"]
     md = (make_report([run], tmp_path / "report-limited") / "report.md").read_text()
     assert "Not measured, so absent from every table and figure below: wanda-uniform-0.50 (fp32) on onnxruntime " \
         "(external KV cache)" in md
     again = run_sweep(SweepSettings(**{**settings.__dict__, "bench_timeout": 8.0}), run, log=lambda *_: None)
     assert [u["label"] for u in again["unmeasured"]] == ["wanda-uniform-0.50"]  # same limit: not retried
     longer = run_sweep(SweepSettings(**{**settings.__dict__, "bench_timeout": 600.0}), run, log=lambda *_: None)
-    assert longer["unmeasured"] == [] and len(longer["results"]) == 3
+    assert longer["unmeasured"] == [] and len(longer["results"]) == 4
     with pytest.raises(UserError, match="--bench-timeout"):
         run_sweep(SweepSettings(**{**settings.__dict__, "bench_timeout": 0.0}), run)
 

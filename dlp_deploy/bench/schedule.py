@@ -63,8 +63,9 @@ def merge_rounds(rounds: list[dict]) -> dict:
               "compile_s": float(np.median([r["compile_s"] for r in rounds])),
               "deterministic": all(r["deterministic"] for r in rounds) and all(r["tokens"] == first["tokens"]
                                                                                for r in rounds),
+              # each round's own runs: the worker process is the bootstrap's unit (stats.process_runs)
               "rounds": [{"decode_ms_median": r["decode_ms"]["median"], "prefill_ms": r["prefill_ms"],
-                          **_host(r)} for r in rounds]}
+                          "decode_ms_runs": r["decode_ms_runs"], **_host(r)} for r in rounds]}
     merged.pop("decode_s_all", None)
     return merged
 

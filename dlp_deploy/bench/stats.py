@@ -27,6 +27,8 @@ def is_dense(result: dict) -> bool:
     """The dense baseline: nothing pruned it and under 1% of its weights are zeros (a dequantized GGUF, like
     SmolLM2's, already holds a few hundredths of a percent of exact zeros, so "no zeros at all" is too strict)."""
     pruning = (result.get("source") or {}).get("pruning") or {}
+    if is_aa_control(result):  # the dense deployment measured a second time: the A/A control, never a baseline
+        return False
     if form_of(result) not in (None, "dense"):  # a depth-pruned model has no zeros and is no baseline
         return False
     # an INT8 graph's zeros include weights that rounded to zero: judge by the model it was exported from
@@ -117,6 +119,9 @@ def attach_speedups(results: list[dict], seed: int = 0) -> None:
             r["weights"]["ideal_speedup"] = base["weights"]["dense_bytes"] / sparse if sparse else None
     attach_peer(results, seed)
     attach_core_scaling(results, seed)
+    for r in results:
+        r["process_spread"] = process_spread(r)
+    attach_floors(results)
 
 
 PEER_ENGINE = "llamacpp"
@@ -158,51 +163,111 @@ def attach_core_scaling(results: list[dict], seed: int = 0) -> None:
 
 def same_model(r: dict) -> tuple:
     """One deployment on one engine setup, whatever the core count."""
-    return (r.get("model") or r["label"], precision_of(r), setup_key(r))
+    return (r.get("model") or r["label"], precision_of(r), setup_key(r), is_aa_control(r))
 
 
 def _ratio_block(base: dict, r: dict, seed: int) -> dict:
-    """Decode-step ratio base / r: the median per-run figures with a bootstrap interval where both have several
-    runs, else the medians over all steps."""
-    base_runs, runs = base.get("decode_ms_runs") or [], r.get("decode_ms_runs") or []
-    if len(base_runs) > 1 and len(runs) > 1:
-        return {"decode": float(np.median(base_runs) / np.median(runs)),
-                "decode_ci95": bootstrap_ratio_ci(base_runs, runs, seed=seed)}
+    """Decode-step ratio base / r: the median per-run figures with a cluster-bootstrap interval where both have
+    several runs, else the medians over all steps."""
+    base_groups, groups = process_runs(base), process_runs(r)
+    if _run_count(base_groups) > 1 and _run_count(groups) > 1:
+        return {"decode": _median_ratio(base_groups, groups),
+                "decode_ci95": bootstrap_ratio_ci(base_groups, groups, seed=seed)}
     return {"decode": base["decode_ms"]["median"] / r["decode_ms"]["median"]}
 
 
 def _speedup_block(base: dict, r: dict, seed: int) -> dict:
     b = _baseline(base)
     block = {**_speedups(b, r), "baseline": base["label"], **{f"baseline_{k}": v for k, v in b.items()}}
-    base_runs = _all_runs(base)
-    if len(base_runs) > 1 and len(r.get("decode_ms_runs") or []) > 1:
+    base_groups, groups = _baseline_groups(base), process_runs(r)
+    if _run_count(base_groups) > 1 and _run_count(groups) > 1:
         # the estimate and its interval are the same statistic: median per-run decode step, dense over this
-        block["decode"] = float(np.median(base_runs) / np.median(r["decode_ms_runs"]))
-        block["decode_ci95"] = bootstrap_ratio_ci(base_runs, r["decode_ms_runs"], seed=seed)
+        block["decode"] = _median_ratio(base_groups, groups)
+        block["decode_ci95"] = bootstrap_ratio_ci(base_groups, groups, seed=seed)
     return block
 
 
-def _all_runs(base: dict) -> list[float]:
-    """Every per-run decode median of a baseline, its repeat after all levels included; empty where a measurement
-    of it kept no per-run figures (then the point estimate stays the mean of its medians, with no interval)."""
-    runs = list(base.get("decode_ms_runs") or [])
+def _run_count(groups: list[list[float]]) -> int:
+    return sum(map(len, groups))
+
+
+def _median_ratio(base_groups: list[list[float]], groups: list[list[float]]) -> float:
+    return float(np.median(np.concatenate(base_groups)) / np.median(np.concatenate(groups)))
+
+
+def process_runs(r: dict) -> list[list[float]]:
+    """A row's per-run decode medians grouped by the worker process that measured them: runs of one process share
+    its compile, memory layout and CPU placement, so they are not independent of each other, while processes
+    are. From each round's own list where the row kept it; else the merged list cut into its rounds (equal
+    numbers of runs each, in round order, as merge_rounds concatenates them); else one process."""
+    runs = list(r.get("decode_ms_runs") or [])
+    rounds = r.get("rounds") or []
+    if rounds and all(x.get("decode_ms_runs") for x in rounds):
+        return [list(x["decode_ms_runs"]) for x in rounds]
+    if len(rounds) > 1 and runs and len(runs) % len(rounds) == 0:
+        size = len(runs) // len(rounds)
+        return [runs[i:i + size] for i in range(0, len(runs), size)]
+    return [runs] if runs else []
+
+
+def _baseline_groups(base: dict) -> list[list[float]]:
+    """Every process of a baseline, its repeat after all levels (one more process) included; empty where a
+    measurement of it kept no per-run figures (then the point estimate stays the mean of its medians, with no
+    interval)."""
+    groups = process_runs(base)
     if base.get("remeasured"):
-        repeat = base["remeasured"].get("decode_ms_runs")
+        repeat = process_runs(base["remeasured"])
         if not repeat:
             return []
-        runs += list(repeat)
-    return runs
+        groups += repeat
+    return groups
 
 
-def bootstrap_ratio_ci(base_runs: list[float], runs: list[float], n: int = 2000, seed: int = 0,
+def process_spread(r: dict) -> dict | None:
+    """How far a row's worker processes disagree: their per-process medians, the coefficient of variation of those
+    medians and their range relative to their mean (None with a single process, which cannot show it)."""
+    groups = process_runs(r)
+    if r.get("remeasured"):
+        groups = _baseline_groups(r)
+    if len(groups) < 2:
+        return None
+    medians = np.array([np.median(g) for g in groups])
+    mean = float(medians.mean())
+    return {"processes": len(groups), "medians": [float(m) for m in medians],
+            "cv": float(medians.std(ddof=1) / mean), "range": float((medians.max() - medians.min()) / mean)}
+
+
+def bootstrap_ratio_ci(base_runs: list, runs: list, n: int = 2000, seed: int = 0,
                        level: float = 0.95) -> list[float]:
-    """Percentile bootstrap of median(base) / median(runs) over independent resamples of each group's runs."""
+    """Percentile cluster bootstrap of median(base) / median(runs): the worker process is the unit of resampling.
+    Each argument is a list of processes (each a list of per-run figures); a flat list of numbers is one
+    process."""
     rng = np.random.default_rng(seed)
-    base, other = np.asarray(base_runs, dtype=np.float64), np.asarray(runs, dtype=np.float64)
-    ratios = (np.median(rng.choice(base, (n, base.size)), axis=1) /
-              np.median(rng.choice(other, (n, other.size)), axis=1))
+    ratios = cluster_bootstrap_medians(_as_groups(base_runs), n, rng) / cluster_bootstrap_medians(_as_groups(runs),
+                                                                                                   n, rng)
     tail = (1 - level) / 2 * 100
     return [float(np.percentile(ratios, tail)), float(np.percentile(ratios, 100 - tail))]
+
+
+def _as_groups(runs: list) -> list[list[float]]:
+    return [list(runs)] if runs and np.isscalar(runs[0]) else [list(g) for g in runs]
+
+
+def cluster_bootstrap_medians(groups: list[list[float]], n: int, rng) -> np.ndarray:
+    """n bootstrap medians of a two-level sample: draw as many processes as there are, with replacement, then in
+    each drawn process as many of its runs as it has, with replacement, and take the median of the pooled draws.
+    Treating the runs of 2 processes as independent would make an interval as narrow as the within-process noise
+    when the processes disagree (bimodal dense rounds); resampling processes makes it as wide as they disagree."""
+    sizes = np.array([len(g) for g in groups])
+    k, m = len(groups), int(sizes.max())
+    table = np.full((k, m), np.nan)
+    for i, g in enumerate(groups):
+        table[i, :len(g)] = g
+    procs = rng.integers(0, k, (n, k))
+    drawn_sizes = sizes[procs][..., None]  # (n, k, 1): runs the drawn process has
+    picks = (rng.random((n, k, m)) * drawn_sizes).astype(int)
+    values = np.where(np.arange(m) < drawn_sizes, table[procs[..., None], picks], np.nan)
+    return np.nanmedian(values.reshape(n, k * m), axis=1)
 
 
 def _speedups(baseline: dict, r: dict) -> dict:
@@ -274,10 +339,90 @@ def removes_weights(result: dict) -> bool:
     return form_of(result) in SMALLER_FORMS
 
 
-def noise_band(results: list[dict]) -> float:
-    """The largest relative speedup this run's noise produced: dense drift, and the control engines' spread."""
+AA_SUFFIX = " (A/A)"
+# without an A/A control (runs from before it existed), nothing is called a speedup within this of 1.0x: the
+# per-process variation seen on a shared CPU
+FLOOR_WITHOUT_AA = 0.10
+
+
+def is_aa_control(r: dict) -> bool:
+    """The dense deployment measured as if it were a second model, interleaved like the others: its 'speedup'
+    against dense is what this run's noise alone makes of a ratio."""
+    return bool(r.get("aa_control"))
+
+
+def aa_floor(block: dict) -> float:
+    """The noise floor an A/A ratio gives: how far its 95% interval reaches from 1.0x on either side (the estimate
+    where it has no interval)."""
+    lo, hi = block.get("decode_ci95") or [block["decode"]] * 2
+    return max(abs(1 - lo), abs(hi - 1))
+
+
+def aa_floors(results: list[dict]) -> dict[tuple, float]:
+    """(pair_key, precision) -> the A/A floor measured on that engine setup."""
+    return {(pair_key(r), precision_of(r)): aa_floor(sparsity_speedup(r)) for r in results
+            if is_aa_control(r) and sparsity_speedup(r)}
+
+
+def noise_floor(results: list[dict], r: dict | None = None) -> dict:
+    """The half-width around 1.0x inside which a decode ratio is not told from noise: the A/A floor of the row's
+    own engine setup where one was measured, else the largest A/A floor of the run; a run without any A/A control
+    falls back to its dense drift and the dense-kernel engines' spread, never below FLOOR_WITHOUT_AA."""
+    floors = aa_floors(results)
+    if r is not None and (pair_key(r), precision_of(r)) in floors:
+        return {"value": floors[pair_key(r), precision_of(r)], "source": "A/A"}
+    if floors:
+        return {"value": max(floors.values()), "source": "A/A (largest of the run)"}
     deviations = [abs(d) for d in dense_drift(results).values()] + [abs(x - 1) for x in control_spread(results)]
-    return max(deviations, default=0.0)
+    return {"value": max([FLOOR_WITHOUT_AA, *deviations]), "source": "no A/A control: dense drift and control engines"}
+
+
+def lower_end(block: dict) -> float:
+    """A decode ratio's 95% interval's lower end where it has one, else the estimate: what a claim rests on."""
+    ci = block.get("decode_ci95")
+    return ci[0] if ci else block["decode"]
+
+
+def is_win(block: dict | None, floor: float) -> bool:
+    """A speedup is claimed only when its interval clears both 1.0x and the A/A floor above it."""
+    return bool(block) and lower_end(block) > 1 + max(floor, 0.0)
+
+
+def attach_floors(results: list[dict]) -> None:
+    """Every row's noise floor and whether its speedup (against dense of its own precision) is a win."""
+    for r in results:
+        floor = noise_floor(results, r)
+        r["noise_floor"] = floor
+        r["win"] = not is_aa_control(r) and is_win(sparsity_speedup(r), floor["value"])
+
+
+def machine_kind(machine: dict) -> tuple:
+    """What two runs must share for their speedups to be compared: CPU model and ISA."""
+    return machine.get("cpu_model"), tuple(machine.get("isa") or ())
+
+
+def replicate_key(r: dict) -> tuple:
+    """One measured pair across runs: deployment label, precision, engine, cache mode and cores."""
+    return r["label"], precision_of(r), r["engine"], r["kv_cache"], cores_of(r)
+
+
+def replicated(old: dict, new: dict) -> bool:
+    """A speedup replicates when both runs call it a win (each against its own A/A floor) and their intervals
+    overlap."""
+    a, b = sparsity_speedup(old), sparsity_speedup(new)
+    if not (a and b and old.get("win") and new.get("win")):
+        return False
+    (lo1, hi1), (lo2, hi2) = (x.get("decode_ci95") or [x["decode"]] * 2 for x in (a, b))
+    return lo1 <= hi2 and lo2 <= hi1
+
+
+def replication(old_results: list[dict], new_results: list[dict]) -> list[dict]:
+    """Per pair measured in both runs (A/A and dense rows left out): both rows and whether the speedup
+    replicated."""
+    old = {replicate_key(r): r for r in old_results}
+    return [{"old": old[replicate_key(r)], "new": r, "replicated": replicated(old[replicate_key(r)], r)}
+            for r in new_results
+            if replicate_key(r) in old and sparsity_speedup(r) and not is_dense(r) and not is_aa_control(r)]
 
 
 def _pruning(r: dict) -> dict:

@@ -19,7 +19,7 @@ from ..prune.masks import NM_COUNTS, parse_pattern
 from ..prune.structured import DEFAULT_IMPORTANCE
 from .harness import (BenchSettings, BenchTimeout, bench_pair_subprocess, check_cores, check_settings, core_counts,
                       machine_block, pair_identity)
-from .stats import attach_speedups, removed_from_source
+from .stats import AA_SUFFIX, attach_speedups, removed_from_source
 
 DENSE = "dense"
 
@@ -59,8 +59,9 @@ class SweepSettings:
     # every level exported in each precision: fp32 and int8 as ONNX, GGUF formats (q4_1, q8_0, ...) for llama.cpp;
     # a sweep with more than fp32 scores every deployment itself (ONNX Runtime, or llama.cpp for GGUF)
     precisions: list[str] = field(default_factory=lambda: ["fp32"])
-    # each (level, precision, engine) measured in `rounds` worker processes, interleaved (bench/schedule.py)
-    rounds: int = 2
+    # each (level, precision, engine) measured in `rounds` worker processes, interleaved (bench/schedule.py); the
+    # bootstrap resamples processes, so fewer than 3 leave it next to nothing to resample
+    rounds: int = 3
     order: str = "abba"
     order_seed: int = 0
     alpha: float | None = None  # DLP's spread; None: the paper's App. G value per level
@@ -85,6 +86,7 @@ class Level:
     importance: str | None = None
     replacement: str | None = None  # depth pruning: what replaces the cut span (none, ffn, swiglu, layer)
     base: str | None = None  # a recovered level: the label of the level it was trained from
+    aa_control: bool = False  # the dense deployment measured again as if it were another model (the A/A control)
 
     @property
     def form(self) -> str:
@@ -279,10 +281,30 @@ def run_sweep(s: SweepSettings, run_dir: Path, progress=None, log=print, prepare
 
 def sweep_pairs(s: SweepSettings, prepared: list[tuple]) -> list[tuple]:
     """(level, precision, deployment folder, engine, cores) for every measurement of a round; the core count is
-    one more interleaved item, so a drifting machine spreads over every count as well."""
-    return [(level, precision, deploys[precision], engine, cores) for level, _, deploys, _ in prepared
-            for precision in s.precisions for engine in s.engines for cores in core_counts(s.cores)
-            if runs_on(engine, precision)]
+    one more interleaved item, so a drifting machine spreads over every count as well. The A/A pairs come last,
+    so ABBA puts them at the other end of each round from the dense model they are compared with."""
+    pairs = [(level, precision, deploys[precision], engine, cores) for level, _, deploys, _ in prepared
+             for precision in s.precisions for engine in s.engines for cores in core_counts(s.cores)
+             if runs_on(engine, precision)]
+    return pairs + aa_pairs(s, prepared)
+
+
+AA_LEVEL = "dense-aa"  # its bench files' stem; its result rows are labelled "dense (A/A)"
+
+
+def aa_pairs(s: SweepSettings, prepared: list[tuple]) -> list[tuple]:
+    """The A/A control: on every engine and core count, the dense deployment (in the first precision the engine
+    runs) measured as a second model; its speedup against dense is the run's noise floor."""
+    from dataclasses import replace
+
+    dense = next(((lv, deploys) for lv, _, deploys, _ in prepared if lv.sparsity is None), None)
+    if dense is None or len(prepared) < 2:
+        return []
+    level, deploys = dense
+    aa = replace(level, label=AA_LEVEL, aa_control=True)
+    return [(aa, precision, deploys[precision], engine, cores) for engine in s.engines
+            for precision in [next((p for p in s.precisions if runs_on(engine, p)), None)] if precision
+            for cores in core_counts(s.cores)]
 
 
 def pairs_per_level(s: SweepSettings) -> int:
@@ -480,12 +502,14 @@ def write_results(s: SweepSettings, run_dir: Path, prepared: list[tuple], pairs:
                  "perplexity": q["perplexity"], "perplexity_details": q["perplexity_details"],
                  "validation": _validation_summary(export_info),
                  "deployment_perplexity": {p: (dq or {}).get("perplexity") for p, dq in deploy_quality.items()},
+                 "deployment_perplexity_details": {p: (dq or {}).get("perplexity_details")
+                                                   for p, dq in deploy_quality.items()},
                  **model_records(run_dir, level)}
         quality.append(entry)
         meta[level.label] = (form, entry)
     results, unmeasured = [], []
     for (level, precision, *_), rounds in zip(pairs, measured):
-        form, entry = meta[level.label]
+        form, entry = meta[DENSE if level.aa_control else level.label]
         missed = next((r for r in rounds if "unmeasured" in r), None)
         if missed is not None:  # a pair with a round that never finished has no figures to merge or compare
             unmeasured.append({"label": level.label, "precision": precision, "engine": missed["engine"],
@@ -495,10 +519,12 @@ def write_results(s: SweepSettings, run_dir: Path, prepared: list[tuple], pairs:
             continue
         results.append({**merge_rounds(rounds), "allocation": level.allocation, **form, "precision": precision,
                         "target_sparsity": level.sparsity or 0.0, "removed": entry["removed"],
-                        "perplexity": q_of(entry, precision)})
+                        "perplexity": q_of(entry, precision), "perplexity_by": perplexity_by(s, entry, precision),
+                        **({"label": DENSE + AA_SUFFIX, "aa_control": True} if level.aa_control else {})})
     attach_speedups(results)
     report = {"schema": "dlp-deploy/sweep/1", "settings": asdict(s), "machine": machine or machine_block(s.cores),
-              "quality": quality, "results": results, "unmeasured": unmeasured, "provenance": provenance()}
+              "quality": quality, "results": results, "unmeasured": unmeasured, "provenance": provenance(),
+              **replicates_record(run_dir)}
     write_json_atomic(run_dir / "results.json", report, force=True)
     return report
 
@@ -522,6 +548,24 @@ def model_records(run_dir: Path, level: Level) -> dict:
                            "tokens": record["training"]["tokens"], "wall_s": record["wall_s"],
                            "held_out_perplexity": record["perplexity"], "zeros": record["mask"]}
     return out
+
+
+def perplexity_by(s: SweepSettings, entry: dict, precision: str) -> dict:
+    """Whose perplexity a row carries (q_of) and on what windows: the deployment's own on its scoring engine
+    (windows of the export window minus one), or the PyTorch model's (windows of --eval-seqlen)."""
+    corpus = s.ppl[0]
+    if entry["deployment_perplexity"].get(precision):
+        details = ((entry.get("deployment_perplexity_details") or {}).get(precision) or {}).get(corpus) or {}
+        return {"who": f"deployment on {scoring_engine(precision)}", "windows": details.get("windows") or
+                s.max_windows, "seqlen": details.get("seqlen") or s.seq_len - 1}
+    details = entry["perplexity_details"][corpus]
+    return {"who": "PyTorch", "windows": details["windows"], "seqlen": details["seqlen"]}
+
+
+def replicates_record(run_dir: Path) -> dict:
+    """{"replicates": the earlier run's folder} where this run re-measures one (bench/replicate.py)."""
+    path = run_dir / "replicates.json"
+    return {"replicates": json.loads(path.read_text())["run"]} if path.is_file() else {}
 
 
 def q_of(entry: dict, precision: str) -> dict:

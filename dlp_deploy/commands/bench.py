@@ -23,7 +23,8 @@ def bench_cmd(
     warmup: int = 1,
     external_cache: Annotated[bool, typer.Option(help="DeepSparse: carry the KV cache in Python, not inside "
                                                       "the engine")] = False,
-    rounds: Annotated[int, typer.Option(min=1, help="worker processes per (deployment, engine), interleaved")] = 2,
+    rounds: Annotated[int, typer.Option(min=1, help="worker processes per (deployment, engine), interleaved; the "
+                                                    "bootstrap resamples processes")] = 3,
     order: Annotated[str, typer.Option(help="abba (every other round reversed) or shuffle")] = "abba",
     order_seed: int = 0,
     force: bool = False,
@@ -45,16 +46,44 @@ def bench_cmd(
             for d in deployments for e in engines for c in core_counts(counts)]
     for dep, settings in plan:
         check_settings(settings, dep.seq_len)
+    measured_models = len(plan)
+    plan += _aa_plan(plan) if len(deployments) > 1 else []
     with progress_bar() as progress:
         task = progress.add_task("benchmarking", total=len(plan) * rounds)
         measured = run_interleaved(len(plan), rounds, _order(order), order_seed,
                                    lambda r, i: bench_pair_subprocess(plan[i][0].folder, plan[i][1]),
                                    on_done=lambda r, i: progress.advance(task))
+    _mark_aa(measured[measured_models:])
     results = [merge_rounds(m) for m in measured]
     _unique_labels(results)
     attach_speedups(results)
     write_json_atomic(json_out, bench_report(results, machine_block(counts)), force)
     console.print(results_table(results))
+
+
+def _aa_plan(plan: list[tuple]) -> list[tuple]:
+    """The A/A control: the first dense deployment measured again on every engine and core count, last in each
+    round (ABBA then puts it at the other end from the dense pair it is compared with)."""
+    from ..bench.stats import is_dense
+
+    def dense(dep) -> bool:
+        zeros = dep.info.get("weight_sparsity") or {}
+        return is_dense({"source": dep.info.get("source"), "sparsity": zeros.get("global", 0.0),
+                         "pytorch_sparsity": zeros.get("pytorch_global")})
+
+    first = next((dep for dep, _ in plan if dense(dep)), None)
+    return [(dep, settings) for dep, settings in plan if dep is first]
+
+
+def _mark_aa(measured: list[list[dict]]) -> None:
+    """Label the A/A pairs' rounds (and their unmeasured records) as the control, before they are merged."""
+    from ..bench.stats import AA_SUFFIX
+
+    for rounds in measured:
+        for r in rounds:
+            record = r.get("unmeasured", r)
+            record["label"] = record["label"] + AA_SUFFIX
+            r["aa_control"] = True
 
 
 def _unique_labels(results: list[dict]) -> None:
@@ -153,8 +182,9 @@ def _depth(csv: str | None) -> list[str]:
 
 
 def sweep_cmd(
-    model: Annotated[str, typer.Argument(help="HF folder, hub id or alias (smollm2-135m)")],
     out: Annotated[Path, typer.Option(help="run folder; an interrupted sweep resumes from it")],
+    model: Annotated[Optional[str], typer.Argument(help="HF folder, hub id or alias (smollm2-135m); not with "
+                                                        "--replicate")] = None,
     sparsities: str = "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9",
     method: str = "wanda",
     allocation: str = "dlp",
@@ -193,7 +223,8 @@ def sweep_cmd(
     multiple: Annotated[int, typer.Option(help="structured: MLP widths a multiple of this")] = 8,
     precision: Annotated[str, typer.Option(help="comma list: fp32, int8 (ONNX), f16, q8_0, q4_0, q4_1, q4_k_m "
                                                 "(GGUF for --engines llamacpp); each level exported in each")] = "fp32",
-    rounds: Annotated[int, typer.Option(min=1, help="worker processes per measured pair, interleaved")] = 2,
+    rounds: Annotated[int, typer.Option(min=1, help="worker processes per measured pair, interleaved; the "
+                                                    "bootstrap resamples processes")] = 3,
     order: Annotated[str, typer.Option(help="abba or shuffle")] = "abba",
     order_seed: int = 0,
     alpha: Annotated[Optional[float], typer.Option(help="DLP spread for every DLP level (default: the paper's "
@@ -219,6 +250,10 @@ def sweep_cmd(
     prepare_cpus: Annotated[Optional[float], typer.Option(help="ray: CPUs per prepare task (default 1)")] = None,
     retries: Annotated[Optional[int], typer.Option(help="ray: retries of a task whose worker dies or fails "
                                                         "(default 2; an input error is never retried)")] = None,
+    replicate: Annotated[Optional[Path], typer.Option(help="re-measure the pairs of this earlier sweep (same "
+                                                           "machine kind; its settings and prepared folders) into "
+                                                           "--out; the report marks which speedups replicated")]
+    = None,
 ) -> None:
     """prune -> eval -> export -> bench at each sparsity and form (and dense), one results.json for `report`."""
     import os
@@ -242,7 +277,13 @@ def sweep_cmd(
                              multiple, _precisions(precision), rounds, _order(order), order_seed, alpha,
                              _depth(depth), depth_ratio, _names(recover) if recover else [], recover_steps,
                              bench_timeout)
-    if calib_seqlen is None or eval_seqlen is None:
+    if replicate is not None:  # the earlier run's settings: the options above are not read
+        from ..bench.replicate import replicate_sweep_settings
+
+        settings = replicate_sweep_settings(replicate, out)
+    elif model is None:
+        raise UserError("give MODEL, or --replicate RUN_DIR to re-measure an earlier sweep")
+    elif calib_seqlen is None or eval_seqlen is None:
         # min(2048, the model's context), resolved now (after the option checks, which answer before any work)
         # so that run.json and the report hold the number
         from dataclasses import replace

@@ -32,7 +32,7 @@ def _save(fig, path: Path) -> Path:
 def _line_plot(results, y, ylabel, title, path: Path, ideal=None, band: float | None = None) -> Path:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     if band:
-        ax.axhspan(1 - band, 1 + band, color="gray", alpha=0.15, lw=0, label=f"noise band (±{band:.0%})")
+        ax.axhspan(1 - band, 1 + band, color="gray", alpha=0.15, lw=0, label=f"noise floor (±{band:.0%})")
     for (engine, allocation), rows in series(results).items():
         xs = [r["target_sparsity"] * 100 for r in rows]
         ax.plot(xs, [y(r) for r in rows], marker="o", label=f"{engine} / {allocation}")
@@ -108,13 +108,14 @@ def pareto(results, corpus: str, path: Path) -> Path:
     for k, engine in enumerate(engines):
         rows = [r for r in results if (r["engine"], r["kv_cache"]) == engine]
         pts = [(r["decode_tokens_per_s"], r["perplexity"][corpus]) for r in rows]
-        for r, (x, y) in zip(rows, pts):
+        front = pareto_front(pts)
+        for i, (r, (x, y)) in enumerate(zip(rows, pts)):
             # a recovered model: its form's colour, ringed in black
             ax.scatter(x, y, color=_FORM_COLOURS[_form_family(r)], marker=_ENGINE_MARKERS[k % 5], s=36, zorder=3,
                        edgecolors="black" if r.get("recovered") else "none", linewidths=1.4)
-            ax.annotate(r["label"].replace("structured-", "s-"), (x, y), fontsize=5, alpha=0.6,
-                        xytext=(3, 2), textcoords="offset points")
-        front = pareto_front(pts)
+            if i in front:  # only the front is named; every point is in the tables
+                ax.annotate(r["label"].replace("structured-", "s-"), (x, y), fontsize=6, alpha=0.8,
+                            xytext=(3, 2), textcoords="offset points")
         ax.step([pts[i][0] for i in front], [pts[i][1] for i in front], where="post", ls="--", lw=0.8,
                 color="gray", zorder=2)
         ax.scatter([pts[i][0] for i in front], [pts[i][1] for i in front], facecolors="none", edgecolors="black",

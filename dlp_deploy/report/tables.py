@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from ..bench.stats import (PEER_PRECISION, SMALLER_FORMS, core_counts_in, cores_of, precision_of, remeasured_row,
-                           removed_share, same_model, sparsity_speedup)
+from ..bench.stats import (PEER_PRECISION, SMALLER_FORMS, core_counts_in, cores_of, is_aa_control, precision_of,
+                           remeasured_row, removed_share, same_model, sparsity_speedup)
 
 
 def series(results: list[dict]) -> dict[tuple[str, str], list[dict]]:
@@ -13,6 +13,8 @@ def series(results: list[dict]) -> dict[tuple[str, str], list[dict]]:
     grouped: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in results:
         engine = f"{r['engine']} ({r['kv_cache']} KV)" + ("" if precision_of(r) == "fp32" else f", {precision_of(r)}")
+        if is_aa_control(r):  # the noise control, not a level of any series (the noise section has it)
+            continue
         if r["allocation"] is None:
             dense[engine].append(r)
         else:
@@ -43,7 +45,8 @@ def _table5_line(r: dict, label: str) -> list[str]:
         f"{r['decode_ms']['median']:.2f}",
         f"{r['decode_ms']['p90']:.2f} / {r['decode_ms']['p99']:.2f}",
         f"{r['decode_tokens_per_s']:.1f}",
-        _x((r.get("speedup") or {}).get("decode")),
+        with_ci(r.get("speedup")),
+        spread_cell(r),
         _x(r["weights"]["ideal_speedup"]),
         f"{r['prefill_ms']:.1f}",
         _x((r.get("speedup") or {}).get("prefill")),
@@ -51,8 +54,8 @@ def _table5_line(r: dict, label: str) -> list[str]:
     ]
 
 
-TABLE5_HEADER = ["Sparsity", "measured", "Latency ms (p50)", "p90 / p99 ms", "Throughput tokens/s", "Speedup",
-                 "ideal (bandwidth)", "prefill ms", "prefill speedup", "e2e tokens/s"]
+TABLE5_HEADER = ["Sparsity", "measured", "Latency ms (p50)", "p90 / p99 ms", "Throughput tokens/s",
+                 "Speedup [95% CI]", "between-process spread", "ideal (bandwidth)", "prefill ms", "prefill speedup", "e2e tokens/s"]
 
 
 def quality_rows(quality: list[dict], corpus: str) -> list[list[str]]:
@@ -64,7 +67,8 @@ def quality_rows(quality: list[dict], corpus: str) -> list[list[str]]:
     allocations = sorted({a for row in by_level.values() for a in row})
     rows = [["dense"] + [f"{dense[0]['perplexity'][corpus]:.2f}" if dense else "—"] * len(allocations)]
     for level in sorted(by_level):
-        rows.append([f"{level:.0%}"] + [f"{by_level[level].get(a, float('nan')):.2f}" for a in allocations])
+        rows.append([f"{level:.0%}"] + [f"{by_level[level][a]:.2f}" if a in by_level[level] else "—"
+                                         for a in allocations])
     return [["Sparsity"] + allocations] + rows
 
 
@@ -99,11 +103,12 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 def _level_name(r: dict) -> str:
     name = "dense" if r["allocation"] is None else r.get("variant") or r["allocation"]
+    name = "dense, A/A control" if is_aa_control(r) else name
     return name if precision_of(r) == "fp32" else f"{name}, {precision_of(r)}"
 
 
-FORMS_HEADER = ["model", "form / allocation", "target", "removed", "ppl", "decode ms", "tokens/s",
-                "decode speedup [95% CI]", "vs dense INT8", "ideal (bandwidth)", "prefill ms", "prefill speedup",
+FORMS_HEADER = ["model", "form / allocation", "target", "removed", "ppl (whose, windows × tokens)", "decode ms",
+                "tokens/s", "decode speedup [95% CI]", "win", "between-process spread", "vs dense INT8", "ideal (bandwidth)", "prefill ms", "prefill speedup",
                 f"vs llama.cpp {PEER_PRECISION} dense [95% CI]", "on Pareto front"]
 
 
@@ -119,18 +124,48 @@ def forms_rows(results: list[dict], corpus: str) -> dict[str, list[list[str]]]:
     """Per engine, every level of every form against the same dense model: the one table that compares forms."""
     out: dict[str, list[list[str]]] = defaultdict(list)
     for engine, rows in _by_engine(results).items():
-        front = {id(rows[i]) for i in pareto_front([(r["decode_tokens_per_s"], r["perplexity"][corpus]) for r in rows])}
+        models = [r for r in rows if not is_aa_control(r)]  # the control is no deployment choice
+        front = {id(models[i]) for i in pareto_front([(r["decode_tokens_per_s"], r["perplexity"][corpus])
+                                                      for r in models])}
         for r in sorted(rows, key=lambda r: (r["allocation"] is not None, r.get("form") or "", _level_name(r),
                                              r["target_sparsity"], precision_of(r))):
             speed = _headline_speedup(r)
             out[engine].append([
                 r["label"], _level_name(r), "—" if r["allocation"] is None else f"{r['target_sparsity']:.0%}",
-                f"{removed_share(r):.1%}", f"{r['perplexity'][corpus]:.2f}", f"{r['decode_ms']['median']:.2f}",
-                f"{r['decode_tokens_per_s']:.1f}", with_ci(speed) + _against(r), with_ci(r.get("speedup_vs_int8")),
+                f"{removed_share(r):.1%}", f"{r['perplexity'][corpus]:.2f} ({ppl_basis(r)})",
+                f"{r['decode_ms']['median']:.2f}", f"{r['decode_tokens_per_s']:.1f}", with_ci(speed) + _against(r),
+                _win_cell(r), spread_cell(r), with_ci(r.get("speedup_vs_int8")),
                 _x(r["weights"].get("ideal_speedup")),
                 f"{r['prefill_ms']:.1f}", _x((speed or {}).get("prefill")), with_ci(r.get("vs_peer")),
                 "yes" if id(r) in front else ""])
     return dict(out)
+
+
+def ppl_basis(r: dict) -> str:
+    """Whose perplexity a row carries and on what windows: "PyTorch, 8 × 2048" or "deployment on onnxruntime,
+    8 × 511"."""
+    by = r.get("perplexity_by")
+    if not by:
+        return "source not recorded"
+    return f"{by['who']}, {by['windows'] or 'all'} × {by['seqlen']}"
+
+
+def pytorch_basis(quality: list[dict], corpus: str) -> str:
+    """The quality tables' perplexities are the PyTorch model's: say so, with their windows."""
+    details = quality[0]["perplexity_details"][corpus]
+    return f"PyTorch, {details['windows']} × {details['seqlen']}"
+
+
+def spread_cell(r: dict) -> str:
+    """Between-process spread of a row: range of its per-process medians over their mean, and how many."""
+    spread = r.get("process_spread")
+    return "— (1 process)" if not spread else f"±{spread['range'] / 2:.1%} (n={spread['processes']})"
+
+
+def _win_cell(r: dict) -> str:
+    if is_aa_control(r) or r["allocation"] is None:
+        return ""
+    return "yes" if r.get("win") else "no"
 
 
 def _headline_speedup(r: dict) -> dict | None:
