@@ -6,12 +6,8 @@ measurement's; running each pair in a fresh process keeps one model on the CPU a
 """
 from __future__ import annotations
 
-import json
-import os
 import platform
 import resource
-import subprocess
-import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -236,28 +232,20 @@ def _harness_overhead(session, prompt: list[int], gen_len: int) -> float:
     return float(np.median(steps))
 
 
-class BenchTimeout(RuntimeError):
-    """A benchmark worker (compile and runs) that did not finish within its time limit; it has been killed."""
+def bench_task(args: dict, emit) -> dict:
+    """The worker's side of bench_pair_subprocess (runtime/worker.py)."""
+    return run_pair(args["deploy_dir"], BenchSettings(**args["settings"]))
 
 
 def bench_pair_subprocess(deploy_dir: str | Path, settings: BenchSettings, timeout: float | None = None) -> dict:
-    """Run `run_pair` in a fresh interpreter; its last stdout line is the JSON result. With `timeout` (seconds) a
-    worker still running then is killed and BenchTimeout raised: an engine's compiler can hang on a graph."""
-    payload = json.dumps({"deploy_dir": str(deploy_dir), "settings": asdict(settings)})
-    env = {**os.environ, "NM_DISABLE_ANALYTICS": "1"}
-    try:
-        proc = subprocess.run([sys.executable, "-m", "dlp_deploy.bench.worker", payload], capture_output=True,
-                              text=True, env=env, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise BenchTimeout(f"{Path(deploy_dir).name} on {settings.session_kind} did not finish in {timeout:g} s "
-                           "(compile and runs; the worker was killed)") from None
-    if proc.returncode != 0:
-        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-        if proc.returncode == 2:
-            raise UserError(tail.removeprefix("error: "))
-        raise RuntimeError(f"benchmark worker for {deploy_dir} on {settings.engine} failed "
-                           f"(exit {proc.returncode}): {tail}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    """Run `run_pair` in a worker process. With `timeout` (seconds) a worker still running then is killed and
+    EngineTimeout raised (an engine's compiler can hang on a graph); one that crashes raises EngineFailure."""
+    from ..runtime.worker import run_in_worker, workaround
+
+    return run_in_worker("bench", {"deploy_dir": str(deploy_dir), "settings": asdict(settings)},
+                         engine=settings.session_kind, label=Path(deploy_dir).name, during="compile and runs",
+                         timeout=timeout,
+                         hint=workaround(settings.session_kind, "--engine (bench) or --engines (sweep)"))
 
 
 def copy_bandwidth_by_threads(counts: list[int], mib: int = 256, repeats: int = 5) -> dict[str, float]:
@@ -324,5 +312,7 @@ def deepsparse_benchmark_decode_ms(deploy_dir: str | Path, cores: int | None, in
     return float(result["benchmark_result"]["median"])
 
 
-def bench_report(results: list[dict], machine: dict) -> dict:
-    return {"schema": "dlp-deploy/bench/1", "machine": machine, "versions": package_versions(), "results": results}
+def bench_report(results: list[dict], machine: dict, unmeasured: list[dict] = ()) -> dict:
+    """`unmeasured`: the pairs whose engine crashed (each with its reason), left out of `results`."""
+    return {"schema": "dlp-deploy/bench/1", "machine": machine, "versions": package_versions(), "results": results,
+            "unmeasured": list(unmeasured)}

@@ -17,7 +17,8 @@ from ..io import write_json_atomic
 from ..provenance import provenance
 from ..prune.masks import NM_COUNTS, parse_pattern
 from ..prune.structured import DEFAULT_IMPORTANCE
-from .harness import (BenchSettings, BenchTimeout, bench_pair_subprocess, check_cores, check_settings, core_counts,
+from ..runtime.worker import EngineFailure
+from .harness import (BenchSettings, bench_pair_subprocess, check_cores, check_settings, core_counts,
                       machine_block, pair_identity)
 from .stats import AA_SUFFIX, attach_speedups, removed_from_source
 
@@ -432,9 +433,9 @@ def deployment_eval_step(s: SweepSettings, run_dir: Path, level: Level, deploy: 
 
 def bench_step(s: SweepSettings, run_dir: Path, level: Level, precision: str, deploy: Path, engine: str,
                cores: int | None, log, round_: int = 0) -> dict:
-    """One round of one pair, measured once and kept. A round that ran past --bench-timeout is kept as an
-    `unmeasured` record (the pair is then left out of the results and named in the report); it is measured again
-    by a sweep given a longer limit, or none."""
+    """One round of one pair, measured once and kept. A round that ran past --bench-timeout, or whose engine
+    crashed, is kept as an `unmeasured` record (the pair is then left out of the results and named in the
+    report); it is measured again by a sweep given a longer limit, or none."""
     out = bench_path(s, run_dir, level, precision, engine, cores, round_)
     kept = json.loads(out.read_text()) if out.is_file() else None
     if kept is not None and not _retry_unmeasured(s, kept):
@@ -449,7 +450,7 @@ def bench_step(s: SweepSettings, run_dir: Path, level: Level, precision: str, de
     settings = _bench_settings(s, engine, cores)
     try:
         result = bench_pair_subprocess(deploy, settings, s.bench_timeout)
-    except BenchTimeout as exc:
+    except EngineFailure as exc:  # past --bench-timeout, or the engine crashed
         log(f"[{deploy.name}] not measured: {exc}")
         result = unmeasured_record(deploy, settings, str(exc), s.bench_timeout, round_)
     write_json_atomic(out, result, force=True)

@@ -31,8 +31,7 @@ def bench_cmd(
 ) -> None:
     """Time generation (prefill, per-token decode, throughput) of each deployment on each engine, in interleaved
     rounds; speedups against the dense fp32 and dense INT8 deployments with bootstrap confidence intervals."""
-    from ..bench.harness import (BenchSettings, bench_pair_subprocess, bench_report, check_settings, core_counts,
-                                 machine_block)
+    from ..bench.harness import BenchSettings, bench_report, check_settings, core_counts, machine_block
     from ..bench.schedule import merge_rounds, run_interleaved
     from ..bench.stats import attach_speedups
     from ..export.deployment import load_deployment
@@ -51,14 +50,32 @@ def bench_cmd(
     with progress_bar() as progress:
         task = progress.add_task("benchmarking", total=len(plan) * rounds)
         measured = run_interleaved(len(plan), rounds, _order(order), order_seed,
-                                   lambda r, i: bench_pair_subprocess(plan[i][0].folder, plan[i][1]),
+                                   lambda r, i: _measure(*plan[i]),
                                    on_done=lambda r, i: progress.advance(task))
     _mark_aa(measured[measured_models:])
-    results = [merge_rounds(m) for m in measured]
+    # a pair whose engine crashed in any round has no figures; it is named instead, as the sweep names it
+    failed = [next((r["unmeasured"] for r in m if "unmeasured" in r), None) for m in measured]
+    unmeasured = [f for f in failed if f is not None]
+    results = [merge_rounds(m) for m, f in zip(measured, failed) if f is None]
     _unique_labels(results)
     attach_speedups(results)
-    write_json_atomic(json_out, bench_report(results, machine_block(counts)), force)
+    write_json_atomic(json_out, bench_report(results, machine_block(counts), unmeasured), force)
     console.print(results_table(results))
+    for u in unmeasured:
+        console.print(f"not measured: {u['label']} on {u['engine']} ({u['kv_cache']} KV cache): {u['reason']}",
+                      markup=False)
+
+
+def _measure(dep, settings) -> dict:
+    """One round of one pair, or {"unmeasured": what names the pair and how its engine failed}."""
+    from ..bench.harness import bench_pair_subprocess, pair_identity
+    from ..runtime.worker import EngineFailure
+
+    try:
+        return bench_pair_subprocess(dep.folder, settings)
+    except EngineFailure as exc:
+        return {"unmeasured": {"label": dep.folder.name, "model": str(dep.folder), **pair_identity(settings),
+                               "reason": str(exc), **exc.record}}
 
 
 def _aa_plan(plan: list[tuple]) -> list[tuple]:

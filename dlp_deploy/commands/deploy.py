@@ -41,17 +41,25 @@ def export_cmd(
                                                       "(llama.cpp)")] = "onnx",
     quant: Annotated[str, typer.Option("--quant", help="GGUF weight format: f32, f16, q8_0, q4_0, q4_1, q4_k_m "
                                                        "(--format gguf)")] = "q8_0",
+    engines: Annotated[Optional[str], typer.Option("--engines", help="comma list of engines to validate on "
+                       "(default: onnxruntime,deepsparse,deepsparse-external,openvino, those installed)")] = None,
+    engine_timeout: Annotated[Optional[float], typer.Option("--engine-timeout", help="seconds one engine's "
+                              "validation (compile and runs) may take before it is killed (default: no limit)")]
+        = None,
 ) -> None:
     """Export a causal LM to a deployment folder checked against PyTorch: ONNX (fp32 or INT8) for DeepSparse,
     ONNX Runtime and OpenVINO, or GGUF for llama.cpp."""
     from ..errors import UserError
     from ..export.deployment import QualityCheck, QuantizeOptions, export_deployment, export_gguf_deployment
 
+    if engine_timeout is not None and not engine_timeout > 0:
+        raise UserError(f"--engine-timeout {engine_timeout:g}: give a positive number of seconds, or leave it out")
     if fmt not in ("onnx", "gguf"):
         raise UserError(f"--format {fmt!r} is not one of onnx, gguf")
     if fmt == "gguf":
-        if quantize:
-            raise UserError("--quantize applies to ONNX; for GGUF pick the weight format with --quant")
+        if quantize or engines:
+            raise UserError("--quantize and --engines apply to ONNX; GGUF is validated on llama.cpp and its weight "
+                            "format picked with --quant")
         from ..export.gguf import gguf_quant
 
         tolerance = ppl_tolerance if ppl_tolerance is not None else gguf_quant(quant).ppl_tolerance
@@ -59,8 +67,10 @@ def export_cmd(
         with err.status("exporting") as status:
             info = export_gguf_deployment(model, out, quant, seq_len=seq_len, validate=validate, force=force,
                                           progress=lambda step: status.update(step), num_cores=num_cores,
-                                          quality=quality, data_root=str(data_dir) if data_dir else None)
+                                          quality=quality, data_root=str(data_dir) if data_dir else None,
+                                          engine_timeout=engine_timeout)
         _print_summary(out, info)
+        _refuse_engine_failures(out, info)
         return
     options = QuantizeOptions(quantize, quantize_head, smooth_alpha, calib_samples) if quantize else None
     quality = QualityCheck(seqlen=ppl_seqlen, windows=ppl_windows,
@@ -68,8 +78,35 @@ def export_cmd(
     with err.status("exporting") as status:
         info = export_deployment(model, out, seq_len=seq_len, validate=validate, force=force,
                                  progress=lambda step: status.update(step), num_cores=num_cores, quantize=options,
-                                 quality=quality, data_root=str(data_dir) if data_dir else None)
+                                 quality=quality, data_root=str(data_dir) if data_dir else None,
+                                 engines=_validation_engines(engines), engine_timeout=engine_timeout)
     _print_summary(out, info)
+    _refuse_engine_failures(out, info)
+
+
+def _validation_engines(engines: str | None) -> tuple[str, ...]:
+    from ..errors import UserError
+    from ..export.deployment import VALIDATION_ENGINES
+
+    if engines is None:
+        return VALIDATION_ENGINES
+    names = tuple(e.strip() for e in engines.split(",") if e.strip())
+    unknown = [e for e in names if e not in VALIDATION_ENGINES]
+    if unknown or not names:
+        raise UserError(f"--engines {engines!r}: choose among {', '.join(VALIDATION_ENGINES)} (comma-separated)")
+    return names
+
+
+def _refuse_engine_failures(out: Path, info: dict) -> None:
+    """An engine that crashed in validation fails no check of the graph, so the folder stands; the command still
+    ends in an error, so that nobody deploys on that engine unawares."""
+    from ..errors import UserError
+    from ..export.deployment import engine_failures
+
+    failures = engine_failures(info.get("validation"))
+    if failures:
+        raise UserError(f"{'; '.join(failures)}. {out} was published, validated on the other engines; its "
+                        "export.json records the failure")
 
 
 def _print_summary(out: Path, info: dict) -> None:
@@ -86,6 +123,9 @@ def _print_summary(out: Path, info: dict) -> None:
         entry = validation.get(name) or {}
         if "skipped" in entry:
             err.print(f"  {name}: skipped ({entry['skipped']})")
+            continue
+        if "failed" in entry:
+            err.print(f"  {name}: {entry['failed']}" + (f" ({entry['signal']})" if entry["signal"] else ""))
             continue
         extra = (f", supported ops {entry['fraction_of_supported_ops']:.3f}"
                  if "fraction_of_supported_ops" in entry else "")
@@ -106,26 +146,54 @@ def generate_cmd(
     num_cores: Annotated[Optional[int], typer.Option("--num-cores", help="CPU cores (default: all)")] = None,
 ) -> None:
     """Stream greedy text from a deployment folder through the project's KV-cache loop."""
-    from ..runtime.decode import generate
     from ..runtime.engines import ENGINES
+    from ..runtime.worker import run_in_worker, workaround
     from ..export.deployment import load_deployment
 
     deployment = load_deployment(deploy_dir)
-    kind = ENGINES[engine]
+    ENGINES[engine]  # an unknown or missing engine answers here, before a worker starts
     deployment.check_engine(engine)
     tokenizer = deployment.tokenizer()
     prompt_ids = tokenizer(prompt)["input_ids"]
-    with err.status(f"compiling for {engine}"):
-        session = kind.compile(deployment.model_path, deployment.seq_len, num_cores=num_cores)
-        session.prepare(len(prompt_ids))
-        session.prepare(1)
     stream = TextStream(tokenizer)
-    stop = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    result = generate(session, prompt_ids, max_new_tokens, on_token=stream.push, stop_ids=stop)
+    status = err.status(f"compiling for {engine}")
+    status.start()
+
+    def on_event(event: dict) -> None:
+        status.stop()  # compiled: the tokens follow
+        if "token" in event:
+            stream.push(event["token"])
+
+    try:
+        result = run_in_worker("generate", {"deploy_dir": str(deploy_dir), "engine": engine, "num_cores": num_cores,
+                                            "prompt_ids": prompt_ids, "max_new_tokens": max_new_tokens,
+                                            "stop_ids": [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None
+                                            else []},
+                               engine=engine, label=deployment.folder.name, during="generation", on_event=on_event,
+                               hint=workaround(engine, "--engine"))
+    finally:
+        status.stop()
     stream.close()
-    rate = result.decode_tokens_per_s
-    err.print(f"[dim]{len(result.tokens)} tokens; prefill {len(prompt_ids)} tokens {result.prefill_s * 1e3:.1f} ms; "
-              f"decode {rate:.1f} tokens/s[/]" if rate else f"[dim]{len(result.tokens)} tokens[/]", highlight=False)
+    rate = result["decode_tokens_per_s"]
+    err.print(f"[dim]{result['tokens']} tokens; prefill {len(prompt_ids)} tokens {result['prefill_s'] * 1e3:.1f} ms; "
+              f"decode {rate:.1f} tokens/s[/]" if rate else f"[dim]{result['tokens']} tokens[/]", highlight=False)
+
+
+def generate_task(args: dict, emit) -> dict:
+    """The worker's side of `generate` (runtime/worker.py): compile, then each new token as an event."""
+    from ..export.deployment import load_deployment
+    from ..runtime.decode import generate
+    from ..runtime.engines import ENGINES
+
+    deployment = load_deployment(args["deploy_dir"])
+    session = ENGINES[args["engine"]].compile(deployment.model_path, deployment.seq_len, num_cores=args["num_cores"])
+    session.prepare(len(args["prompt_ids"]))
+    session.prepare(1)
+    emit({"compiled": True})
+    result = generate(session, args["prompt_ids"], args["max_new_tokens"], on_token=lambda t: emit({"token": t}),
+                      stop_ids=args["stop_ids"])
+    return {"tokens": len(result.tokens), "prefill_s": result.prefill_s,
+            "decode_tokens_per_s": result.decode_tokens_per_s}
 
 
 class TextStream:

@@ -53,11 +53,12 @@ def evaluate_deployment(deploy_dir: str, engine: str, ppl: list[str], seqlen: in
                         max_windows: int | None = None, cores: int | None = None, data_root: str | None = None,
                         progress=None) -> dict:
     """Perplexity of a deployment itself: its ONNX graph or GGUF file on an inference engine, the windows and scoring of the
-    PyTorch evaluation (each window one prefill step with an empty cache)."""
+    PyTorch evaluation (each window one prefill step with an empty cache). The engine runs in a worker process
+    (runtime/worker.py): a crash there is a one-line error, not the end of this process."""
     from ..errors import UserError
     from ..export.deployment import load_deployment
     from ..runtime.engines import ENGINES
-    from .perplexity import session_logits
+    from ..runtime.worker import replay_progress, run_in_worker, workaround
 
     dep = load_deployment(deploy_dir)
     dep.check_engine(engine)
@@ -66,13 +67,34 @@ def evaluate_deployment(deploy_dir: str, engine: str, ppl: list[str], seqlen: in
         raise UserError(f"--seqlen {seqlen} must be shorter than the deployment's {dep.seq_len}-token window; "
                         f"use --seqlen {dep.seq_len - 1} or re-export with a larger --seq-len")
     root = data.data_dir(data_root)
-    texts = {name: data.eval_text(name, root) for name in ppl}
-    session = ENGINES[engine].compile(dep.model_path, dep.seq_len, num_cores=cores)
-    result: dict = {"schema": "dlp-deploy/eval/1", "model": str(deploy_dir), "engine": engine, "seqlen": seqlen,
-                    "perplexity": {}, "perplexity_details": {}}
-    _score_corpora(result, session_logits(session), dep.tokenizer(), texts, seqlen, max_windows, progress)
+    for name in ppl:
+        data.eval_text(name, root)  # missing data answers here, before a worker starts
+    ENGINES[engine]  # as does an engine that is not installed
+    result: dict = {"schema": "dlp-deploy/eval/1", "model": str(deploy_dir), "engine": engine, "seqlen": seqlen}
+    result.update(run_in_worker("eval", {"deploy_dir": str(deploy_dir), "engine": engine, "ppl": ppl,
+                                         "seqlen": seqlen, "max_windows": max_windows, "cores": cores,
+                                         "data_root": str(root) if root else None},
+                                engine=engine, label=dep.folder.name, during="perplexity",
+                                on_event=replay_progress(progress), hint=workaround(engine, "--engine")))
     result["deployment"] = {k: dep.info.get(k) for k in ("source", "quantization", "seq_len")}
     result["provenance"] = provenance()
+    return result
+
+
+def deployment_perplexity_task(args: dict, emit) -> dict:
+    """The worker's side of evaluate_deployment (runtime/worker.py): compile, then score every corpus."""
+    from ..export.deployment import load_deployment
+    from ..runtime.engines import ENGINES
+    from ..runtime.worker import ProgressEvents
+    from .perplexity import session_logits
+
+    dep = load_deployment(args["deploy_dir"])
+    root = Path(args["data_root"]) if args["data_root"] else None
+    texts = {name: data.eval_text(name, root) for name in args["ppl"]}
+    session = ENGINES[args["engine"]].compile(dep.model_path, dep.seq_len, num_cores=args["cores"])
+    result: dict = {"perplexity": {}, "perplexity_details": {}}
+    _score_corpora(result, session_logits(session), dep.tokenizer(), texts, args["seqlen"], args["max_windows"],
+                   ProgressEvents(emit))
     return result
 
 

@@ -85,11 +85,15 @@ class QualityCheck:
 def export_deployment(model_or_dir, out, seq_len: int = 512, validate: bool = True, force: bool = False,
                       tokenizer=None, progress: Progress | None = None, num_cores: int | None = None,
                       quantize: QuantizeOptions | None = None, quality: QualityCheck | None = QualityCheck(),
-                      data_root: str | None = None, engines: tuple[str, ...] = VALIDATION_ENGINES) -> dict:
+                      data_root: str | None = None, engines: tuple[str, ...] = VALIDATION_ENGINES,
+                      engine_timeout: float | None = None) -> dict:
     """Export a causal LM (an HF folder / alias, or a loaded model with `tokenizer`) to a deployment folder,
-    validated on each installed engine of `engines`.
+    validated on each installed engine of `engines`, each in a worker process given at most `engine_timeout`
+    seconds.
 
-    Returns the export.json contents. Raises UserError on bad input and ValidationError when a check fails.
+    Returns the export.json contents. Raises UserError on bad input and ValidationError when a check fails. An
+    engine that crashes (or is killed, or times out) fails no check: the folder is published with the failure in
+    export.json's validation (engine_failures lists them; the CLI then exits with an error naming them).
     """
     progress = progress or _no_progress
     out = Path(out)
@@ -122,7 +126,8 @@ def export_deployment(model_or_dir, out, seq_len: int = 512, validate: bool = Tr
             if validate:
                 validation = validate_deployment(model, onnx_path, prompt_ids, seq_len, timings, progress,
                                                  num_cores, exact=quantize is None, quality=quality,
-                                                 tokenizer=tokenizer, root=root, engines=engines)
+                                                 tokenizer=tokenizer, root=root, engines=engines, label=out.name,
+                                                 engine_timeout=engine_timeout)
         timings["total_s"] = time.perf_counter() - started
         info = {
             "source": source,
@@ -150,7 +155,7 @@ def export_deployment(model_or_dir, out, seq_len: int = 512, validate: bool = Tr
 def export_gguf_deployment(model_or_dir, out, quant: str = "q8_0", seq_len: int = 512, validate: bool = True,
                            force: bool = False, tokenizer=None, progress: Progress | None = None,
                            num_cores: int | None = None, quality: QualityCheck | None = None,
-                           data_root: str | None = None) -> dict:
+                           data_root: str | None = None, engine_timeout: float | None = None) -> dict:
     """Export a causal LM to a GGUF deployment folder (model.gguf + HF config/tokenizer + export.json) for
     llama.cpp, validated on llama.cpp against PyTorch with tolerances that fit `quant`."""
     from .gguf import GGUF_FILE, gguf_quant, stored_block_sparsity, write_gguf
@@ -176,7 +181,8 @@ def export_gguf_deployment(model_or_dir, out, quant: str = "q8_0", seq_len: int 
         if validate:
             validation = validate_deployment(model, tmp / GGUF_FILE, prompt_ids, seq_len, timings, progress,
                                              num_cores, exact=False, quality=quality, tokenizer=tokenizer, root=root,
-                                             engines=("llamacpp",), logit_scale=spec.logit_tolerance)
+                                             engines=("llamacpp",), logit_scale=spec.logit_tolerance, label=out.name,
+                                             engine_timeout=engine_timeout)
         timings["total_s"] = time.perf_counter() - started
         info = {
             "source": source,
@@ -274,14 +280,18 @@ def _pruning_summary(model_dir) -> dict | None:
 
 def _check_no_sliding_window(model, seq_len: int) -> None:
     """The GGUF architectures written here have no sliding window: past it, llama.cpp would attend differently."""
-    from ..models import decoder_layers
-    from .blocks import sliding_window
-
-    windows = [w for w in (sliding_window(b.self_attn, model.config) for b in decoder_layers(model)
-                           if hasattr(b, "self_attn")) if w]  # MLP-only blocks have no attention
+    windows = _sliding_windows(model)
     if windows and seq_len > min(windows):
         raise UserError(f"--seq-len {seq_len} exceeds the model's sliding attention window ({min(windows)}), which "
                         f"the GGUF export does not implement; use --seq-len {min(windows)} or less, or --format onnx")
+
+
+def _sliding_windows(model) -> list[int]:
+    """The sliding attention windows of the model's layers (none for full attention or MLP-only blocks)."""
+    from .blocks import sliding_window
+
+    return [w for w in (sliding_window(b.self_attn, model.config) for b in decoder_layers(model)
+                        if hasattr(b, "self_attn")) if w]
 
 
 def _check_seq_len(seq_len: int, max_positions: int, prompt_len: int, validate: bool) -> None:
@@ -510,12 +520,16 @@ def logit_tolerance(ref_logits: np.ndarray) -> float:
 def validate_deployment(model, model_path: Path, prompt_ids: list[int], seq_len: int, timings: dict,
                         progress: Progress = _no_progress, num_cores: int | None = None, exact: bool = True,
                         quality: QualityCheck | None = None, tokenizer=None, root=None,
-                        engines: tuple[str, ...] = VALIDATION_ENGINES, logit_scale: float | None = None) -> dict:
+                        engines: tuple[str, ...] = VALIDATION_ENGINES, logit_scale: float | None = None,
+                        label: str | None = None, engine_timeout: float | None = None) -> dict:
     """Run the deployed file on every installed engine of `engines` against the PyTorch model. `exact` (fp32
     ONNX) demands matching logits and greedy tokens; a quantized file is judged by greedy agreement and perplexity,
-    and by its logits too where `logit_scale` gives a bound that fits the format (relative to the logit scale)."""
-    from ..eval.perplexity import corpus_ids, perplexity, session_logits
-    from ..runtime.decode import generate
+    and by its logits too where `logit_scale` gives a bound that fits the format (relative to the logit scale).
+
+    Each engine runs in its own worker process (runtime/worker.py): one that crashes, is killed or runs past
+    `engine_timeout` seconds is recorded as failed ({"failed": ...}, see engine_failures) and the others still
+    run. `label` names the deployment in those records (default: the model file's folder)."""
+    from ..eval.perplexity import corpus_ids, perplexity
     from ..runtime.engines import ENGINES
 
     agree_n = quality.agreement_tokens if quality else 0
@@ -527,7 +541,7 @@ def validate_deployment(model, model_path: Path, prompt_ids: list[int], seq_len:
     result = {"prompt": VALIDATION_PROMPT, "prompt_tokens": len(prompt_ids), "new_tokens": VALIDATION_NEW_TOKENS,
               "reference_tokens": ref_tokens[:VALIDATION_NEW_TOKENS], "logit_tolerance": tolerance,
               "exact": exact, "logit_check": exact or logit_scale is not None, "engines": list(engines)}
-    ppl_ids = None
+    request = {"model_path": str(model_path), "seq_len": seq_len, "num_cores": num_cores, "prompt_ids": prompt_ids}
     if quality:
         text = data.eval_text(quality.corpus, root)
         ppl_ids = corpus_ids(tokenizer, text.text)
@@ -536,39 +550,92 @@ def validate_deployment(model, model_path: Path, prompt_ids: list[int], seq_len:
             ref_ppl = perplexity(model, ppl_ids, quality.seqlen, quality.windows)
         result["quality"] = {**asdict(quality), "source": text.source, "reference_ppl": ref_ppl["ppl"],
                              "agreement_reference_tokens": ref_tokens[:agree_n]}
-    for name in engines:
-        if name not in ENGINES.usable():
-            result[name] = {"skipped": "not installed"}
-            continue
-        t0 = time.perf_counter()
-        progress(f"validating on {name}")
-        session = ENGINES[name].compile(model_path, seq_len, num_cores=num_cores)
-        session.prepare(len(prompt_ids))
-        session.prepare(1)
-        compile_s = time.perf_counter() - t0
-        gen = generate(session, prompt_ids, VALIDATION_NEW_TOKENS)
-        entry = {
-            "max_abs_logit_diff": float(np.abs(gen.first_logits - ref_logits).max()),
-            "greedy_match": gen.tokens == ref_tokens[:VALIDATION_NEW_TOKENS],
-            "tokens": gen.tokens,
-            "compile_s": round(compile_s, 3),
-            "prefill_s": round(gen.prefill_s, 4),
-            "decode_step_mean_s": round(float(np.mean(gen.decode_s)), 5) if gen.decode_s else None,
-        }
-        if hasattr(session, "fraction_of_supported_ops"):
-            entry["fraction_of_supported_ops"] = session.fraction_of_supported_ops(1)
-            entry["fraction_of_supported_ops_prefill"] = session.fraction_of_supported_ops(len(prompt_ids))
-        if quality and session.internal_cache and not getattr(session, "scores_windows", False):
-            entry["quality_scored_on"] = "deepsparse-external (same graph; the internal cache cannot be scored)"
-        elif quality:
-            logits_of = session_logits(session)
-            entry["greedy_agreement"] = greedy_agreement(logits_of, prompt_ids, ref_tokens[:agree_n])
-            entry["ppl"] = perplexity(logits_of, ppl_ids, quality.seqlen, quality.windows)["ppl"]
-            entry["ppl_vs_reference"] = entry["ppl"] / result["quality"]["reference_ppl"] - 1
-        del session
-        timings[f"validate_{name}_s"] = time.perf_counter() - t0
-        result[name] = entry
+        # the windows perplexity() reads, and no more: the worker scores exactly these
+        request["quality"] = {"ppl_ids": ppl_ids[:quality.seqlen * quality.windows].tolist(),
+                              "seqlen": quality.seqlen, "windows": quality.windows,
+                              "agreement_tokens": ref_tokens[:agree_n]}
+    label = label or Path(model_path).parent.name
+    with tempfile.TemporaryDirectory(prefix="dlp-validate-") as scratch:
+        for name in engines:
+            if name not in ENGINES.usable():
+                result[name] = {"skipped": "not installed"}
+                continue
+            t0 = time.perf_counter()
+            progress(f"validating on {name}")
+            result[name] = _validate_engine(name, {**request, "logits_file": str(Path(scratch) / f"{name}.npy")},
+                                            ref_logits, ref_tokens, result.get("quality"), label, engine_timeout,
+                                            _validation_workaround(name, engines, model, seq_len))
+            timings[f"validate_{name}_s"] = time.perf_counter() - t0
     return result
+
+
+def _validate_engine(name: str, request: dict, ref_logits: np.ndarray, ref_tokens: list[int], quality: dict | None,
+                     label: str, engine_timeout: float | None, hint: str) -> dict:
+    """One engine's validation entry: its worker's figures against the PyTorch reference, or how it failed
+    (`hint`: what to do about it)."""
+    from ..runtime.worker import EngineFailure, run_in_worker
+
+    try:
+        out = run_in_worker("validate", {**request, "engine": name}, engine=name, label=label,
+                            during="export validation", timeout=engine_timeout, hint=hint)
+    except EngineFailure as exc:
+        return {**exc.record, "error": str(exc)}
+    entry = {"max_abs_logit_diff": float(np.abs(np.load(request["logits_file"]) - ref_logits).max()),
+             "greedy_match": out["tokens"] == ref_tokens[:VALIDATION_NEW_TOKENS], **out}
+    if "ppl" in out:
+        entry["ppl_vs_reference"] = out["ppl"] / quality["reference_ppl"] - 1
+    return entry
+
+
+def _validation_workaround(name: str, engines: tuple[str, ...], model, seq_len: int) -> str:
+    """How to get past an engine that fails in validation: leave it out; for DeepSparse's internal cache on a
+    sliding window at least as wide as the deployment's (the band cut from causal_mask is then empty, which it
+    crashes on; README), also a --seq-len above the window."""
+    from ..runtime.worker import workaround
+
+    others = [e for e in engines if e != name]
+    hint = workaround(name, f"--engines {','.join(others)}" if others else "--no-validate")
+    wide = [w for w in _sliding_windows(model) if w >= seq_len]
+    if name == "deepsparse" and wide:
+        hint += (f", or export with a --seq-len above the model's sliding window ({max(wide)}), which DeepSparse's "
+                 "internal cache crashes on when the deployment's window is no wider")
+    return hint
+
+
+def validation_task(args: dict, emit) -> dict:
+    """The worker's side of one engine's validation (runtime/worker.py): compile, generate from the prompt, and
+    where quality is checked, greedy agreement and perplexity; the prompt logits go to `logits_file`."""
+    import torch
+
+    from ..eval.perplexity import perplexity, session_logits
+    from ..runtime.decode import generate
+    from ..runtime.engines import ENGINES
+
+    prompt_ids, quality = args["prompt_ids"], args.get("quality")
+    t0 = time.perf_counter()
+    session = ENGINES[args["engine"]].compile(Path(args["model_path"]), args["seq_len"], num_cores=args["num_cores"])
+    session.prepare(len(prompt_ids))
+    session.prepare(1)
+    compile_s = time.perf_counter() - t0
+    gen = generate(session, prompt_ids, VALIDATION_NEW_TOKENS)
+    np.save(args["logits_file"], gen.first_logits)
+    out = {
+        "tokens": gen.tokens,
+        "compile_s": round(compile_s, 3),
+        "prefill_s": round(gen.prefill_s, 4),
+        "decode_step_mean_s": round(float(np.mean(gen.decode_s)), 5) if gen.decode_s else None,
+    }
+    if hasattr(session, "fraction_of_supported_ops"):
+        out["fraction_of_supported_ops"] = session.fraction_of_supported_ops(1)
+        out["fraction_of_supported_ops_prefill"] = session.fraction_of_supported_ops(len(prompt_ids))
+    if quality and session.internal_cache and not getattr(session, "scores_windows", False):
+        out["quality_scored_on"] = "deepsparse-external (same graph; the internal cache cannot be scored)"
+    elif quality:
+        logits_of = session_logits(session)
+        out["greedy_agreement"] = greedy_agreement(logits_of, prompt_ids, quality["agreement_tokens"])
+        ids = torch.tensor(quality["ppl_ids"], dtype=torch.int64)
+        out["ppl"] = perplexity(logits_of, ids, quality["seqlen"], quality["windows"])["ppl"]
+    return out
 
 
 def greedy_agreement(logits_of, prompt_ids: list[int], ref_tokens: list[int]) -> float:
@@ -588,7 +655,7 @@ def validation_failures(validation: dict) -> list[str]:
     failures = []
     for name in validation.get("engines", VALIDATION_ENGINES):
         entry = validation.get(name) or {}
-        if "skipped" in entry or not entry:
+        if "skipped" in entry or "failed" in entry or not entry:  # a failed engine is reported by engine_failures
             continue
         if validation.get("logit_check", exact) and not entry["max_abs_logit_diff"] <= tol:
             failures.append(f"{name} max |Δlogits| {entry['max_abs_logit_diff']:.3g} > {tol:.3g}")
@@ -602,6 +669,13 @@ def validation_failures(validation: dict) -> list[str]:
             if key in entry and entry[key] != 1.0:
                 failures.append(f"{name} {key} is {entry[key]} (< 1.0: part of the graph falls back)")
     return failures
+
+
+def engine_failures(validation: dict | None) -> list[str]:
+    """The message of each engine whose worker crashed, was killed or timed out during validation."""
+    validation = validation or {}
+    return [validation[name]["error"] for name in validation.get("engines", VALIDATION_ENGINES)
+            if "failed" in (validation.get(name) or {})]
 
 
 def _check_quality_window(quality: QualityCheck, seq_len: int, prompt_len: int) -> None:
