@@ -115,8 +115,6 @@ class Level:
 
 
 def levels(s: SweepSettings) -> list[Level]:
-    from ..prune.masks import parse_pattern
-
     out = [Level(DENSE, None, None)]
     for text in s.patterns:
         pattern = parse_pattern(text)
@@ -233,6 +231,8 @@ def check_sweep(s: SweepSettings, run_dir: Path) -> None:
         if changed:
             raise UserError(f"{run_dir} holds a sweep with other settings ({', '.join(changed)}); resume it with the "
                             "same options or choose a new --out")
+
+
 def _check_nm_meaning(run: dict, run_dir: Path) -> None:
     """A run written while N in N:M counted the weights pruned holds other levels under the same names (its 1:4
     was 25% sparse); only 2:4 and 4:8 mean the same either way."""
@@ -243,8 +243,6 @@ def _check_nm_meaning(run: dict, run_dir: Path) -> None:
         if pattern.kind == "nm" and 2 * pattern.n != pattern.m:
             raise UserError(f"{run_dir} was swept when N in --pattern {text} counted pruned weights (now kept: "
                             f"{text} is {pattern.fixed_sparsity:.0%} sparse); choose a new --out")
-
-
 
 
 def _bench_settings(s: SweepSettings, engine: str, cores: int | None) -> BenchSettings:

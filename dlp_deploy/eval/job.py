@@ -5,8 +5,8 @@ from pathlib import Path
 
 from .. import data, models
 from ..models import model_sparsity
-from ..pruning_record import read_pruning_record
 from ..provenance import provenance
+from ..pruning_record import read_pruning_record
 from .perplexity import corpus_ids, perplexity
 
 
@@ -102,5 +102,4 @@ def _pruning_summary(model_ref: str) -> dict | None:
     report = read_pruning_record(model_ref)
     if report is None:
         return None
-    report = json.loads(path.read_text())
     return {k: report.get(k) for k in ("settings", "global_sparsity", "calibration", "seed")}
