@@ -172,3 +172,76 @@ def test_int8_folder_over_the_protobuf_limit_holds_only_its_own_weights(tmp_path
     assert (tmp_path / "int8" / "model.data").stat().st_size < 0.5 * (tmp_path / "fp32" / "model.data").stat().st_size
     tokens = generate(ENGINES["onnxruntime"].compile(tmp_path / "int8" / "model.onnx", 64), [5, 6, 7], 4).tokens
     assert len(tokens) == 4
+
+
+# ---------------------------------------------------------------- dynamic activation scales
+
+def _one_matmul_graph(weight: np.ndarray):
+    from onnx import TensorProto, helper, numpy_helper
+
+    k, n = weight.shape
+    node = helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, None, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, None, n])],
+                              [numpy_helper.from_array(weight, "w")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("per_token", [True, False])
+def test_dynamic_activation_scales_equal_a_numpy_reference(per_token):
+    """Per-token: one scale max|x_row|/127 per row, computed in the graph; the result equals the integer product
+    of numpy's quantized rows and columns, rescaled, to float rounding."""
+    import onnxruntime as ort
+
+    from dlp_deploy.export.quantize import QuantTarget, insert_dynamic_matmul_integer
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(48, 24)).astype(np.float32)
+    x = rng.normal(size=(1, 7, 48)).astype(np.float32)
+    x[0, 2] *= 40  # an outlier token: per-tensor scales suffer from it, per-token ones do not
+    proto = _one_matmul_graph(w)
+    info = insert_dynamic_matmul_integer(proto, [QuantTarget("mm", "x", "w")], per_token=per_token)
+    assert info["activations"].startswith("int8 symmetric, dynamic per " + ("token" if per_token else "tensor"))
+    got = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+    amax = np.abs(x).max(axis=-1, keepdims=True) if per_token else np.abs(x).max(keepdims=True)
+    s_x = (amax / 127).astype(np.float32)
+    xq = np.clip(np.rint(x / s_x), -127, 127).astype(np.int64)
+    wq, s_w = quantize_weight(w)
+    want = (xq @ wq.astype(np.int64)).astype(np.float32) * s_x * s_w
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    err = np.abs(got - x @ w).max(axis=-1)
+    if per_token:  # rows other than the outlier keep their own precision
+        assert err[0, 0] < 0.05 * np.abs(x[0, 0] @ w).max()
+
+
+@needs_deepsparse
+def test_dynamic_per_token_int8_keeps_the_mask_and_validates_on_every_engine(pruned):
+    options = QuantizeOptions(calib_samples=4, calib_seqlen=64, act_scales="dynamic-token")
+    info = export_deployment(pruned / "pruned", pruned / "int8-token", seq_len=160, num_cores=1, quantize=options,
+                             quality=CHECK)
+    assert info["weight_sparsity"]["int8"]["mask_preserved"]
+    q = info["quantization"]
+    assert q["act_scales"] == "dynamic-token" and q["matmuls_quantized"] == 4 * 7
+    v = info["validation"]
+    for engine in ("onnxruntime", "deepsparse-external", "openvino"):
+        assert abs(v[engine]["ppl_vs_reference"]) < 0.05, engine
+        assert v[engine]["greedy_agreement"] > 0.9, engine
+    # DeepSparse runs part of the dynamic-scale graph outside its engine: recorded, not refused
+    assert 0.5 < v["deepsparse-external"]["fraction_of_supported_ops"] < 1.0
+    assert "wrong logits" in v["deepsparse"]["skipped"]  # its internal-cache engine miscomputes this graph
+
+
+def test_an_engine_scored_through_another_must_compute_what_it_does():
+    """DeepSparse's internal cache is scored through its external one (same graph); if their logits disagree, the
+    stand-in's perplexity says nothing about it and validation fails instead of passing silently."""
+    from dlp_deploy.export.deployment import validation_failures
+
+    stand_in = {"max_abs_logit_diff": 0.015, "greedy_match": True, "ppl": 10.0, "ppl_vs_reference": 0.01}
+    scored = {"max_abs_logit_diff": 1.09, "greedy_match": False,
+              "quality_scored_on": "deepsparse-external (same graph; the internal cache cannot be scored)"}
+    validation = {"exact": False, "logit_tolerance": 1.0, "engines": ["deepsparse", "deepsparse-external"],
+                  "deepsparse": scored, "deepsparse-external": stand_in, "full_support_required": False}
+    assert any("differ from PyTorch's by 1.09" in f for f in validation_failures(validation))
+    scored["max_abs_logit_diff"] = 0.02
+    assert validation_failures(validation) == []

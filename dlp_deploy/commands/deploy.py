@@ -30,6 +30,8 @@ def export_cmd(
     smooth_alpha: Annotated[float, typer.Option("--smooth-alpha", help="SmoothQuant migration strength before "
                                                                        "INT8 (0 = off)")] = 0.5,
     calib_samples: Annotated[int, typer.Option("--calib-samples", min=1, help="INT8 calibration windows")] = 32,
+    act_scales: Annotated[str, typer.Option("--act-scales", help="INT8 activation scales: static (C4 calibration, "
+                          "per tensor), dynamic-token (per token, at run time) or dynamic-tensor")] = "static",
     ppl_tolerance: Annotated[Optional[float], typer.Option("--ppl-tolerance", help="largest relative perplexity "
                              "rise over the PyTorch source (default 5%; for GGUF one that fits --quant)")] = None,
     ppl_seqlen: Annotated[Optional[int], typer.Option("--ppl-seqlen", min=2, help="perplexity window for "
@@ -72,7 +74,8 @@ def export_cmd(
         _print_summary(out, info)
         _refuse_engine_failures(out, info)
         return
-    options = QuantizeOptions(quantize, quantize_head, smooth_alpha, calib_samples) if quantize else None
+    options = QuantizeOptions(quantize, quantize_head, smooth_alpha, calib_samples, act_scales=act_scales) \
+        if quantize else None
     quality = QualityCheck(seqlen=ppl_seqlen, windows=ppl_windows,
                            tolerance=0.05 if ppl_tolerance is None else ppl_tolerance)
     with err.status("exporting") as status:
