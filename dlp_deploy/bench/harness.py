@@ -245,7 +245,7 @@ def bench_pair_subprocess(deploy_dir: str | Path, settings: BenchSettings, timeo
     return run_in_worker("bench", {"deploy_dir": str(deploy_dir), "settings": asdict(settings)},
                          engine=settings.session_kind, label=Path(deploy_dir).name, during="compile and runs",
                          timeout=timeout,
-                         hint=workaround(settings.session_kind, "--engine (bench) or --engines (sweep)"))
+                         hint=workaround(settings.session_kind, "leave it out with --engine (bench) or --engines (sweep)"))
 
 
 def copy_bandwidth_by_threads(counts: list[int], mib: int = 256, repeats: int = 5) -> dict[str, float]:

@@ -173,7 +173,7 @@ def generate_cmd(
                                             "stop_ids": [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None
                                             else []},
                                engine=engine, label=deployment.folder.name, during="generation", on_event=on_event,
-                               hint=workaround(engine, "--engine"))
+                               hint=workaround(engine, "choose another --engine"))
     finally:
         status.stop()
     stream.close()

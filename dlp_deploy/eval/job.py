@@ -75,7 +75,7 @@ def evaluate_deployment(deploy_dir: str, engine: str, ppl: list[str], seqlen: in
                                          "seqlen": seqlen, "max_windows": max_windows, "cores": cores,
                                          "data_root": str(root) if root else None},
                                 engine=engine, label=dep.folder.name, during="perplexity",
-                                on_event=replay_progress(progress), hint=workaround(engine, "--engine")))
+                                on_event=replay_progress(progress), hint=workaround(engine, "choose another --engine")))
     result["deployment"] = {k: dep.info.get(k) for k in ("source", "quantization", "seq_len")}
     result["provenance"] = provenance()
     return result

@@ -611,7 +611,8 @@ def _validation_workaround(name: str, engines: tuple[str, ...], model, seq_len: 
     from ..runtime.worker import workaround
 
     others = [e for e in engines if e != name]
-    hint = workaround(name, f"--engines {','.join(others)}" if others else "--no-validate")
+    hint = workaround(name, f"leave it out with --engines {','.join(others)}" if others
+                      else "skip validation with --no-validate")
     wide = [w for w in _sliding_windows(model) if w >= seq_len]
     if name == "deepsparse" and wide:
         hint += (f", or export with a --seq-len above the model's sliding window ({max(wide)}), which DeepSparse's "

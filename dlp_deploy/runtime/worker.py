@@ -52,12 +52,12 @@ class EngineTimeout(EngineFailure):
     """The worker was still running at its time limit and has been killed (an engine's compiler can hang)."""
 
 
-def workaround(engine: str, choose: str) -> str:
-    """What a user can do about an engine that fails on a graph; `choose` is the option that picks engines."""
+def workaround(engine: str, avoid: str) -> str:
+    """What a user can do about an engine that fails on a graph; `avoid` says how to do without it."""
     if engine == "deepsparse":
         return ("run DeepSparse with the KV cache in Python instead (engine deepsparse-external, --external-cache "
-                f"in bench and sweep), or leave deepsparse out with {choose}")
-    return f"leave {engine} out with {choose}"
+                f"in bench and sweep), or {avoid}")
+    return avoid
 
 
 def run_in_worker(task: str, args: dict, engine: str, label: str, during: str, timeout: float | None = None,
