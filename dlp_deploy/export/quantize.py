@@ -113,55 +113,97 @@ def insert_dynamic_matmul_integer(proto, targets: list[QuantTarget], per_token: 
     Mul(s_w[j])."""
     from onnx import TensorProto, helper, numpy_helper
 
-    inits = {i.name: i for i in proto.graph.initializer}
     shared = {"dq.127": np.float32(QMAX), "dq.eps": np.float32(1e-8), "dq.lo": np.float32(QMIN),
               "dq.hi": np.float32(QMAX), "dq.shift": np.float32(128), "dq.zero_point": np.uint8(128)}
     new_inits = [numpy_helper.from_array(np.array(v), k) for k, v in shared.items()]
-    before: dict[str, list] = {}
-    quantized: dict[str, tuple[str, str]] = {}
     reduce = {"axes": [-1], "keepdims": 1} if per_token else {"keepdims": 1}
-    for t in targets:
-        if t.activation in quantized:
-            continue
-        b = f"{t.activation}_dq"
-        before.setdefault(t.node, []).extend([
-            helper.make_node("Abs", [t.activation], [f"{b}.abs"], name=f"{b}.Abs"),
+
+    def quantize_activation(x: str) -> tuple[list, str, str]:
+        b = f"{x}_dq"
+        nodes = [
+            helper.make_node("Abs", [x], [f"{b}.abs"], name=f"{b}.Abs"),
             helper.make_node("ReduceMax", [f"{b}.abs"], [f"{b}.amax"], name=f"{b}.ReduceMax", **reduce),
             helper.make_node("Max", [f"{b}.amax", "dq.eps"], [f"{b}.amax_safe"], name=f"{b}.Max"),
             helper.make_node("Div", [f"{b}.amax_safe", "dq.127"], [f"{b}.scale"], name=f"{b}.Scale"),
-            helper.make_node("Div", [t.activation, f"{b}.scale"], [f"{b}.scaled"], name=f"{b}.Div"),
+            helper.make_node("Div", [x, f"{b}.scale"], [f"{b}.scaled"], name=f"{b}.Div"),
             helper.make_node("Round", [f"{b}.scaled"], [f"{b}.rounded"], name=f"{b}.Round"),
             helper.make_node("Clip", [f"{b}.rounded", "dq.lo", "dq.hi"], [f"{b}.clipped"], name=f"{b}.Clip"),
             helper.make_node("Add", [f"{b}.clipped", "dq.shift"], [f"{b}.shifted"], name=f"{b}.Shift"),
-            helper.make_node("Cast", [f"{b}.shifted"], [f"{b}.quantized"], name=f"{b}.Cast", to=TensorProto.UINT8),
-        ])
-        quantized[t.activation] = (f"{b}.quantized", f"{b}.scale")
+            helper.make_node("Cast", [f"{b}.shifted"], [f"{b}.quantized"], name=f"{b}.Cast", to=TensorProto.UINT8)]
+        return nodes, f"{b}.quantized", "dq.zero_point"
+
+    def rescale(t: QuantTarget, out: str, w_scale: np.ndarray) -> tuple[list, list]:
+        return ([helper.make_node("Mul", [f"{t.node}.float", f"{t.activation}_dq.scale"], [f"{t.node}.rows"],
+                                  name=f"{t.node}.RowScale"),
+                 helper.make_node("Mul", [f"{t.node}.rows", f"{t.weight}.scale"], [out], name=f"{t.node}.Rescale")],
+                [numpy_helper.from_array(w_scale, f"{t.weight}.scale")])
+
+    counts = _rewrite_to_integer(proto, targets, quantize_activation, rescale, new_inits)
+    return {**counts, "weights": "int8 symmetric per output channel",
+            "activations": f"int8 symmetric, dynamic per {'token' if per_token else 'tensor'} (uint8 + 128)",
+            "format": "dynamic scale + MatMulInteger + Cast + Mul"}
+
+
+def insert_matmul_integer(proto, targets: list[QuantTarget], ranges: dict[str, tuple[float, float]]) -> dict:
+    """Rewrite the graph in place in the integer-MatMul form sparseml exports for DeepSparse: each quantized
+    activation through one QuantizeLinear (shared by the MatMuls reading it), then
+    MatMulInteger(x_u8, W_s8, zp_x, 0) -> Cast(float) -> Mul(s_x * s_w[j])."""
+    from onnx import helper, numpy_helper
+
+    new_inits: list = []
+    scales: dict[str, np.float32] = {}
+
+    def quantize_activation(x: str) -> tuple[list, str, str]:
+        scale, zp = activation_qparams(*ranges[x])
+        b = f"{x}_q"
+        scales[x] = scale
+        new_inits.extend([numpy_helper.from_array(np.array(scale, np.float32), f"{b}.scale"),
+                          numpy_helper.from_array(np.array(zp, np.uint8), f"{b}.zero_point")])
+        return ([helper.make_node("QuantizeLinear", [x, f"{b}.scale", f"{b}.zero_point"], [f"{b}.quantized"],
+                                  name=f"{b}.QuantizeLinear")], f"{b}.quantized", f"{b}.zero_point")
+
+    def rescale(t: QuantTarget, out: str, w_scale: np.ndarray) -> tuple[list, list]:
+        combined = (w_scale * scales[t.activation]).astype(np.float32)  # one constant: s_x is fixed
+        return ([helper.make_node("Mul", [f"{t.node}.float", f"{t.weight}.rescale"], [out], name=f"{t.node}.Rescale")],
+                [numpy_helper.from_array(combined, f"{t.weight}.rescale")])
+
+    counts = _rewrite_to_integer(proto, targets, quantize_activation, rescale, new_inits)
+    return {**counts, "weights": "int8 symmetric per output channel", "activations": "uint8 asymmetric per tensor",
+            "format": "MatMulInteger + Cast + Mul"}
+
+
+def _rewrite_to_integer(proto, targets: list[QuantTarget], quantize_activation, rescale, new_inits: list) -> dict:
+    """The rewrite both forms share: each target MatMul becomes MatMulInteger(x_q, W_s8, zp_x, 0) -> Cast(float)
+    -> the form's rescale(target, output name, weight scales) -> (nodes, initializers); each activation is quantized once (quantize_activation(x) -> nodes, quantized name,
+    zero-point name), right before the first MatMul that reads it; the weights become int8 in place."""
+    from onnx import TensorProto, helper
+
+    inits = {i.name: i for i in proto.graph.initializer}
     by_name = {t.node: t for t in targets}
+    quantized: dict[str, tuple[str, str]] = {}
     nodes = []
     for node in proto.graph.node:
-        nodes.extend(before.get(node.name, []))
-        if node.name not in by_name:
+        t = by_name.get(node.name)
+        if t is None:
             nodes.append(node)
             continue
-        t = by_name[node.name]
-        q_in, s_in = quantized[t.activation]
-        scale, weight_inits = _quantize_weight_initializer(inits[t.weight])
-        new_inits += weight_inits + [numpy_helper.from_array(scale, f"{t.weight}.scale")]
-        nodes += [
-            helper.make_node("MatMulInteger", [q_in, t.weight, "dq.zero_point", f"{t.weight}.zero_point"],
-                             [f"{t.node}.int32"], name=f"{t.node}.MatMulInteger"),
-            helper.make_node("Cast", [f"{t.node}.int32"], [f"{t.node}.float"], name=f"{t.node}.Cast",
-                             to=TensorProto.FLOAT),
-            helper.make_node("Mul", [f"{t.node}.float", s_in], [f"{t.node}.rows"], name=f"{t.node}.RowScale"),
-            helper.make_node("Mul", [f"{t.node}.rows", f"{t.weight}.scale"], [node.output[0]],
-                             name=f"{t.node}.Rescale")]
+        if t.activation not in quantized:
+            added, q_name, zp_name = quantize_activation(t.activation)
+            nodes += added
+            quantized[t.activation] = (q_name, zp_name)
+        q_in, zp_in = quantized[t.activation]
+        w_scale, weight_inits = _quantize_weight_initializer(inits[t.weight])
+        rescale_nodes, rescale_inits = rescale(t, node.output[0], w_scale)
+        new_inits += weight_inits + rescale_inits
+        nodes += [helper.make_node("MatMulInteger", [q_in, t.weight, zp_in, f"{t.weight}.zero_point"],
+                                   [f"{t.node}.int32"], name=f"{t.node}.MatMulInteger"),
+                  helper.make_node("Cast", [f"{t.node}.int32"], [f"{t.node}.float"], name=f"{t.node}.Cast",
+                                   to=TensorProto.FLOAT),
+                  *rescale_nodes]
     del proto.graph.node[:]
     proto.graph.node.extend(nodes)
     proto.graph.initializer.extend(new_inits)
-    return {"matmuls_quantized": len(targets), "activations_quantized": len(quantized),
-            "weights": "int8 symmetric per output channel",
-            "activations": f"int8 symmetric, dynamic per {'token' if per_token else 'tensor'} (uint8 + 128)",
-            "format": "dynamic scale + MatMulInteger + Cast + Mul"}
+    return {"matmuls_quantized": len(targets), "activations_quantized": len(quantized)}
 
 
 def _quantize_weight_initializer(init) -> tuple[np.ndarray, list]:
@@ -172,55 +214,6 @@ def _quantize_weight_initializer(init) -> tuple[np.ndarray, list]:
     q, scale = quantize_weight(numpy_helper.to_array(init))
     init.CopyFrom(numpy_helper.from_array(q, init.name))
     return scale, [numpy_helper.from_array(np.zeros((), np.int8), f"{init.name}.zero_point")]
-
-
-def insert_matmul_integer(proto, targets: list[QuantTarget], ranges: dict[str, tuple[float, float]]) -> dict:
-    """Rewrite the graph in place in the integer-MatMul form sparseml exports for DeepSparse: each quantized
-    activation through one QuantizeLinear (shared by the MatMuls reading it), then
-    MatMulInteger(x_u8, W_s8, zp_x, 0) -> Cast(float) -> Mul(s_x * s_w[j])."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    inits = {i.name: i for i in proto.graph.initializer}
-    new_inits, new_nodes, after = [], {}, {}
-    quantized: dict[str, tuple[str, str, np.float32]] = {}
-    for t in targets:
-        if t.activation not in quantized:
-            scale, zp = activation_qparams(*ranges[t.activation])
-            base = f"{t.activation}_q"
-            new_inits += [numpy_helper.from_array(np.array(scale, np.float32), f"{base}.scale"),
-                          numpy_helper.from_array(np.array(zp, np.uint8), f"{base}.zero_point")]
-            new_nodes.setdefault(t.node, []).append(
-                helper.make_node("QuantizeLinear", [t.activation, f"{base}.scale", f"{base}.zero_point"],
-                                 [f"{base}.quantized"], name=f"{base}.QuantizeLinear"))
-            quantized[t.activation] = (f"{base}.quantized", f"{base}.zero_point", scale)
-        q_in, zp_in, s_in = quantized[t.activation]
-        scale, weight_inits = _quantize_weight_initializer(inits[t.weight])
-        new_inits += weight_inits + [numpy_helper.from_array((scale * s_in).astype(np.float32), f"{t.weight}.rescale")]
-        after[t.node] = [
-            helper.make_node("Cast", [f"{t.node}.int32"], [f"{t.node}.float"], name=f"{t.node}.Cast",
-                             to=TensorProto.FLOAT),
-            None]  # the Mul, filled below once the MatMul's output name is known
-    by_name = {t.node: t for t in targets}
-    nodes = []
-    for node in proto.graph.node:
-        nodes.extend(new_nodes.get(node.name, []))
-        if node.name not in by_name:
-            nodes.append(node)
-            continue
-        t = by_name[node.name]
-        q_in, zp_in, _ = quantized[t.activation]
-        output = node.output[0]
-        nodes.append(helper.make_node("MatMulInteger", [q_in, t.weight, zp_in, f"{t.weight}.zero_point"],
-                                      [f"{t.node}.int32"], name=f"{t.node}.MatMulInteger"))
-        nodes.append(after[t.node][0])
-        nodes.append(helper.make_node("Mul", [f"{t.node}.float", f"{t.weight}.rescale"], [output],
-                                      name=f"{t.node}.Rescale"))
-    del proto.graph.node[:]
-    proto.graph.node.extend(nodes)
-    proto.graph.initializer.extend(new_inits)
-    return {"matmuls_quantized": len(targets), "activations_quantized": len(quantized),
-            "weights": "int8 symmetric per output channel", "activations": "uint8 asymmetric per tensor",
-            "format": "MatMulInteger + Cast + Mul"}
 
 
 # ---------------------------------------------------------------- SmoothQuant (PyTorch side, before export)
