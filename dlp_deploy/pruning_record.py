@@ -40,7 +40,9 @@ def convert_pruned_counts(record: dict, path: Path) -> dict:
     new = _kept_pattern(old)
     layers = [dict(layer, n=int(layer["m"]) - int(layer["n"])) if "n" in layer and "m" in layer else layer
               for layer in record.get("layers") or []]
-    out = {**record, "schema": SCHEMA, "settings": {**settings, "pattern": new}, "layers": layers}
+    if "pattern" in settings:
+        settings["pattern"] = new
+    out = {**record, "schema": SCHEMA, "settings": settings, "layers": layers}
     if isinstance(record.get("pattern"), dict):
         out["pattern"] = {**record["pattern"], "pattern": _kept_pattern(record["pattern"].get("pattern"))}
     if new != old or any("n" in layer for layer in layers):
@@ -58,7 +60,7 @@ def _check_against_measured(record: dict, path: Path) -> None:
                 raise UserError(f"{path} (schema 1) lists layer {layer.get('index')} as {layer['n']} kept of {m} "
                                 f"but measured {layer['realized']:.3f} sparse; its N:M meaning is unclear, re-run "
                                 "the prune")
-    fixed = _FIXED.fullmatch(record["settings"]["pattern"])
+    fixed = _FIXED.fullmatch(record["settings"].get("pattern") or "")
     if fixed and "global_sparsity" in record:
         n, m = int(fixed.group(1)), int(fixed.group(2))
         if abs(record["global_sparsity"] - (m - n) / m) > 0.5 / m:
