@@ -95,8 +95,9 @@ def test_killed_tasks_are_retried_into_a_complete_sweep(runs):
     assert tasks[("bench", "dense.onnxruntime.r0")]["attempts"] == 2
     assert tasks[("prepare", "dense")]["attempts"] == 1 and tasks[("bench", "wanda-dlp-0.50.onnxruntime.r0")][
         "attempts"] == 1
+    assert tasks[("bench", "dense-aa.onnxruntime.r0")]["attempts"] == 1  # the A/A control: the dense one again
     assert record["stages"]["prepare"] == {"tasks": 2, "cached": 0, "failed": 0, "retried": 1}
-    assert record["stages"]["bench"] == {"tasks": 2, "cached": 0, "failed": 0, "retried": 1}
+    assert record["stages"]["bench"] == {"tasks": 3, "cached": 0, "failed": 0, "retried": 1}
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +118,7 @@ def test_a_resumed_sweep_redoes_nothing(runs, cluster, tiny_model):
     second = run_sweep(tiny_settings(tiny_model), run, log=quiet, executor="ray")
     record = json.loads((run / "executor.json").read_text())
     assert record["stages"]["prepare"] == {"tasks": 0, "cached": 2, "failed": 0, "retried": 0}
-    assert record["stages"]["bench"] == {"tasks": 0, "cached": 2, "failed": 0, "retried": 0}
+    assert record["stages"]["bench"] == {"tasks": 0, "cached": 3, "failed": 0, "retried": 0}  # with the A/A pair
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # no prune, eval, export or bench file rewritten
     assert [r["decode_ms"] for r in second["results"]] == [r["decode_ms"] for r in first["results"]]
     assert ray.is_initialized()  # a cluster the sweep did not start is left running

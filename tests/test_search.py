@@ -172,7 +172,7 @@ def test_auto_picks_the_grid_value_with_the_best_validation_perplexity(tiny_dir,
     best = min(range(len(auto["grid"])), key=lambda i: (auto["validation_ppl"][i], auto["grid"][i]))
     assert auto["choice"] == auto["grid"][best] == report["settings"][parameter]
     assert report["loading"]["mode"] == "in-memory" and "auto" in report["loading"]["why_in_memory"]
-    assert "not drawn by calibration" in auto["validation"]["source"]
+    assert "no calibration window came from" in auto["validation"]["source"]
 
 
 def test_auto_is_refused_where_it_means_nothing():
