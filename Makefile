@@ -30,7 +30,7 @@ assets: $(STAMP)
 	$(BIN)/dlp-deploy models fetch smollm2-135m
 
 test: setup
-	$(BIN)/python -m pytest -q --durations=25  # the slowest tests, to keep CI short
+	$(BIN)/python -m pytest -q -rs --durations=25  # skip reasons shown; the slowest tests, to keep CI short
 
 bench: setup
 	$(BIN)/python -m pytest bench -q -s  # -s: the cross-check prints its figures
