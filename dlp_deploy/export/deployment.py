@@ -65,6 +65,14 @@ class QuantizeOptions:
     calib_seqlen: int = 256
     seed: int = 0
     act_scales: str = "static"
+    # weights (gptq.py): rtn or gptq codes; budget (budget.py): keep Linears fp32 until the held-out perplexity is
+    # within this relative tolerance of fp32's (None: quantize every one), searched per budget_unit
+    weight_method: str = "rtn"
+    gptq_block: int = 128
+    gptq_damp: float = 0.01
+    budget: float | None = None
+    budget_unit: str = "linear"
+    budget_windows: int = 8
 
 
 @dataclass(frozen=True)
@@ -125,7 +133,8 @@ def export_deployment(model_or_dir, out, seq_len: int = 512, validate: bool = Tr
         _save_hf_files(model, tokenizer, tmp)
         with _timed(timings, "sparsity_s"):
             progress("measuring sparsity in the ONNX file")
-            sparsity = _check_sparsity(model, onnx_path, quantized=quantize is not None)
+            sparsity = _check_sparsity(model, onnx_path, quantized=quantize is not None,
+                                       kept_fp32=set((quantization or {}).get("kept_fp32", ())))
             pattern = check_nm_pattern(model, onnx_path, _pruning_record(model_or_dir))
         validation = None
         with PeakRSS() as validation_memory:
@@ -343,6 +352,7 @@ def _export_quantized(model, tokenizer, onnx_path: Path, max_positions: int, opt
     that graph, then the integer-MatMul rewrite into `onnx_path`."""
     import onnx
 
+    from .budget import plan_weights
     from .quantize import (ACT_SCALES, insert_dynamic_matmul_integer, insert_matmul_integer, observe_ranges,
                            quant_targets, smooth_model)
 
@@ -350,12 +360,13 @@ def _export_quantized(model, tokenizer, onnx_path: Path, max_positions: int, opt
         raise UserError(f"--quantize {options.scheme!r} is not supported; use int8")
     if options.act_scales not in ACT_SCALES:
         raise UserError(f"--act-scales {options.act_scales!r} is not one of {', '.join(ACT_SCALES)}")
-    windows = data.calibration("c4", tokenizer, options.calib_samples, options.calib_seqlen, options.seed,
-                               root).windows
+    calibration = data.calibration("c4", tokenizer, options.calib_samples, options.calib_seqlen, options.seed, root)
+    windows = calibration.windows
     smoothing = None
     if options.smooth_alpha > 0:
         progress("SmoothQuant: migrating activation outliers into the weights")
         smoothing = smooth_model(model, windows, options.smooth_alpha)
+    plan = plan_weights(model, tokenizer, calibration, options, root, progress)
     # a folder of its own: over 2 GB the fp32 graph's weights go to an external data file of the same name as the
     # deployment's, which must neither stay behind (4.4 GB of dead weight beside a 1.1B INT8 graph) nor be mixed
     # with the INT8 graph's own
@@ -363,21 +374,23 @@ def _export_quantized(model, tokenizer, onnx_path: Path, max_positions: int, opt
         fp32_path = Path(scratch) / MODEL_FILE
         exported = export_onnx(model, fp32_path, max_positions=max_positions)
         proto = onnx.load(str(fp32_path), load_external_data=True)
-        names = _block_weight_names(model) | ({_param_name(model, model.get_output_embeddings().weight)}
-                                              if options.head else set())
+        names = (_block_weight_names(model) - plan.keep_fp32) | (
+            {_param_name(model, model.get_output_embeddings().weight)} if options.head else set())
         targets = quant_targets(proto, {f"{n}.T" for n in names} | names)
+        shapes = {i.name: tuple(i.dims) for i in proto.graph.initializer if i.name in {t.weight for t in targets}}
         if options.act_scales == "static":
             progress(f"calibrating {len(targets)} MatMul inputs on {len(windows)} C4 windows")
             ranges = observe_ranges(fp32_path, sorted({t.activation for t in targets}),
                                     _prefill_feeds(fp32_path, windows))
     if options.act_scales == "static":
-        summary = insert_matmul_integer(proto, targets, ranges)
+        summary = insert_matmul_integer(proto, targets, ranges, codes=plan.onnx_codes(shapes))
     else:
-        summary = insert_dynamic_matmul_integer(proto, targets, per_token=options.act_scales == "dynamic-token")
+        summary = insert_dynamic_matmul_integer(proto, targets, per_token=options.act_scales == "dynamic-token",
+                                                codes=plan.onnx_codes(shapes))
     summary["act_scales"] = options.act_scales
     exported["external_data"] = save_model(proto, onnx_path)
     return exported, {**summary, "lm_head": "int8" if options.head else "fp32", "embeddings": "fp32 (Gather)",
-                      "smoothquant": smoothing,
+                      "smoothquant": smoothing, **plan.record, "kept_fp32": sorted(plan.keep_fp32),
                       "calibration": {"corpus": "c4", "samples": options.calib_samples, "seqlen": options.calib_seqlen,
                                       "seed": options.seed}}
 
@@ -413,11 +426,12 @@ def _block_weight_names(model) -> set[str]:
     return set(_block_weight_layers(model))
 
 
-def _check_sparsity(model, onnx_path: Path, quantized: bool = False) -> dict:
+def _check_sparsity(model, onnx_path: Path, quantized: bool = False, kept_fp32: set[str] = frozenset()) -> dict:
     """Sparsity as DeepSparse sees it (zeros in MatMul/Gemm initializers) must equal the PyTorch model's; for an
-    INT8 graph every PyTorch zero must be an int8 zero (rounding may add a few more, which are counted)."""
+    INT8 graph every PyTorch zero must be an int8 zero (rounding may add a few more, which are counted), and
+    every zero of a weight kept fp32 (`kept_fp32`, by a quality budget) a float zero."""
     if quantized:
-        return _check_int8_mask(model, onnx_path)
+        return _check_int8_mask(model, onnx_path, kept_fp32)
     measured = onnx_weight_sparsity(onnx_path)
     torch_side = model_sparsity(model)
     block_names = _block_weight_names(model)
@@ -491,7 +505,7 @@ def check_nm_pattern(model, onnx_path: Path, record: dict | None) -> dict | None
             "groups_checked": checked, "groups_violating": violating}
 
 
-def _check_int8_mask(model, onnx_path: Path) -> dict:
+def _check_int8_mask(model, onnx_path: Path, kept_fp32: set[str] = frozenset()) -> dict:
     import onnx
     from onnx import numpy_helper
 
@@ -501,8 +515,10 @@ def _check_int8_mask(model, onnx_path: Path) -> dict:
     lost = extra = zeros = total = 0
     for name in _block_weight_names(model):
         init = inits.get(f"{name}.T") or inits.get(name)
-        if init is None or init.data_type != onnx.TensorProto.INT8:
-            raise ValidationError(f"block weight {name} is not an int8 MatMulInteger weight in the INT8 graph")
+        wanted = onnx.TensorProto.FLOAT if name in kept_fp32 else onnx.TensorProto.INT8
+        if init is None or init.data_type != wanted:
+            form = "fp32 MatMul" if name in kept_fp32 else "int8 MatMulInteger"
+            raise ValidationError(f"block weight {name} is not an {form} weight in the INT8 graph")
         q = numpy_helper.to_array(init)
         q = q.T if init.name.endswith(".T") else q
         mask = (params[name].detach().cpu().numpy() == 0)
@@ -513,7 +529,7 @@ def _check_int8_mask(model, onnx_path: Path) -> dict:
         raise ValidationError(f"{lost} pruned weights are non-zero in the INT8 graph; the mask did not survive")
     torch_side = model_sparsity(model)
     return {"global": zeros / total, "pytorch_global": torch_side["global_sparsity"], "block_params": total,
-            "int8": {"mask_preserved": True, "zeros_added_by_rounding": extra}}
+            "int8": {"mask_preserved": True, "zeros_added_by_rounding": extra, "weights_kept_fp32": len(kept_fp32)}}
 
 
 # ---------------------------------------------------------------- numerics

@@ -106,7 +106,8 @@ def engines_refusing(act_scales: str) -> dict[str, str]:
     return {} if act_scales == "static" else dict(_DYNAMIC_REFUSALS)
 
 
-def insert_dynamic_matmul_integer(proto, targets: list[QuantTarget], per_token: bool = True) -> dict:
+def insert_dynamic_matmul_integer(proto, targets: list[QuantTarget], per_token: bool = True,
+                                  codes: dict | None = None) -> dict:
     """Rewrite the graph in place with activation scales computed at run time: for each quantized activation x
     (once, shared by the MatMuls reading it) s = max(|x|, over the last axis or all) / 127,
     x_u8 = clip(round(x / s), -127, 127) + 128; then MatMulInteger(x_u8, W_s8, 128, 0) -> Cast -> Mul(s) ->
@@ -138,13 +139,14 @@ def insert_dynamic_matmul_integer(proto, targets: list[QuantTarget], per_token: 
                  helper.make_node("Mul", [f"{t.node}.rows", f"{t.weight}.scale"], [out], name=f"{t.node}.Rescale")],
                 [numpy_helper.from_array(w_scale, f"{t.weight}.scale")])
 
-    counts = _rewrite_to_integer(proto, targets, quantize_activation, rescale, new_inits)
+    counts = _rewrite_to_integer(proto, targets, quantize_activation, rescale, new_inits, codes)
     return {**counts, "weights": "int8 symmetric per output channel",
             "activations": f"int8 symmetric, dynamic per {'token' if per_token else 'tensor'} (uint8 + 128)",
             "format": "dynamic scale + MatMulInteger + Cast + Mul"}
 
 
-def insert_matmul_integer(proto, targets: list[QuantTarget], ranges: dict[str, tuple[float, float]]) -> dict:
+def insert_matmul_integer(proto, targets: list[QuantTarget], ranges: dict[str, tuple[float, float]],
+                          codes: dict | None = None) -> dict:
     """Rewrite the graph in place in the integer-MatMul form sparseml exports for DeepSparse: each quantized
     activation through one QuantizeLinear (shared by the MatMuls reading it), then
     MatMulInteger(x_u8, W_s8, zp_x, 0) -> Cast(float) -> Mul(s_x * s_w[j])."""
@@ -167,12 +169,13 @@ def insert_matmul_integer(proto, targets: list[QuantTarget], ranges: dict[str, t
         return ([helper.make_node("Mul", [f"{t.node}.float", f"{t.weight}.rescale"], [out], name=f"{t.node}.Rescale")],
                 [numpy_helper.from_array(combined, f"{t.weight}.rescale")])
 
-    counts = _rewrite_to_integer(proto, targets, quantize_activation, rescale, new_inits)
+    counts = _rewrite_to_integer(proto, targets, quantize_activation, rescale, new_inits, codes)
     return {**counts, "weights": "int8 symmetric per output channel", "activations": "uint8 asymmetric per tensor",
             "format": "MatMulInteger + Cast + Mul"}
 
 
-def _rewrite_to_integer(proto, targets: list[QuantTarget], quantize_activation, rescale, new_inits: list) -> dict:
+def _rewrite_to_integer(proto, targets: list[QuantTarget], quantize_activation, rescale, new_inits: list,
+                        codes: dict | None = None) -> dict:
     """The rewrite both forms share: each target MatMul becomes MatMulInteger(x_q, W_s8, zp_x, 0) -> Cast(float)
     -> the form's rescale(target, output name, weight scales) -> (nodes, initializers); each activation is quantized once (quantize_activation(x) -> nodes, quantized name,
     zero-point name), right before the first MatMul that reads it; the weights become int8 in place."""
@@ -192,7 +195,7 @@ def _rewrite_to_integer(proto, targets: list[QuantTarget], quantize_activation, 
             nodes += added
             quantized[t.activation] = (q_name, zp_name)
         q_in, zp_in = quantized[t.activation]
-        w_scale, weight_inits = _quantize_weight_initializer(inits[t.weight])
+        w_scale, weight_inits = _quantize_weight_initializer(inits[t.weight], (codes or {}).get(t.weight))
         rescale_nodes, rescale_inits = rescale(t, node.output[0], w_scale)
         new_inits += weight_inits + rescale_inits
         nodes += [helper.make_node("MatMulInteger", [q_in, t.weight, zp_in, f"{t.weight}.zero_point"],
@@ -206,12 +209,14 @@ def _rewrite_to_integer(proto, targets: list[QuantTarget], quantize_activation, 
     return {"matmuls_quantized": len(targets), "activations_quantized": len(quantized)}
 
 
-def _quantize_weight_initializer(init) -> tuple[np.ndarray, list]:
-    """Replace an fp32 [in, out] weight initializer by its int8 values in place; its per-column scales and the
-    zero-point initializer the MatMulInteger reads."""
+def _quantize_weight_initializer(init, codes: tuple[np.ndarray, np.ndarray] | None = None
+                                 ) -> tuple[np.ndarray, list]:
+    """Replace an fp32 [in, out] weight initializer by its int8 values in place (RTN, or `codes` (int8 [in, out],
+    scales [out]) chosen before export, e.g. by GPTQ: re-rounding those would not give them back); its
+    per-column scales and the zero-point initializer the MatMulInteger reads."""
     from onnx import numpy_helper
 
-    q, scale = quantize_weight(numpy_helper.to_array(init))
+    q, scale = codes if codes is not None else quantize_weight(numpy_helper.to_array(init))
     init.CopyFrom(numpy_helper.from_array(q, init.name))
     return scale, [numpy_helper.from_array(np.zeros((), np.int8), f"{init.name}.zero_point")]
 
