@@ -11,8 +11,10 @@ from ..prune.structured import DEFAULT_IMPORTANCE
 
 
 def bench_cmd(
-    deployments: Annotated[list[Path], typer.Argument(help="deployment folders made by `dlp-deploy export`")],
-    json_out: Annotated[Path, typer.Option("--json", help="results file (must not exist unless --force)")],
+    deployments: Annotated[Optional[list[Path]], typer.Argument(help="deployment folders made by `dlp-deploy "
+                                                                     "export` (not with --replicate)")] = None,
+    # `...`: required (a default only because the optional deployments come first)
+    json_out: Annotated[Path, typer.Option("--json", help="results file (must not exist unless --force)")] = ...,
     engine: Annotated[list[str], typer.Option(help="deepsparse and/or onnxruntime (repeat the option)")] = None,
     cores: Annotated[Optional[str], typer.Option(help="cores for every engine (default: all usable), or a comma "
                                                       "list (1,2) to measure each at every count")] = None,
@@ -27,20 +29,50 @@ def bench_cmd(
                                                     "bootstrap resamples processes")] = 3,
     order: Annotated[str, typer.Option(help="abba (every other round reversed) or shuffle")] = "abba",
     order_seed: int = 0,
+    replicate: Annotated[Optional[Path], typer.Option(help="re-measure the deployments of this earlier bench "
+                                                           "results file (same machine kind, its settings); the "
+                                                           "new file names it and marks which speedups "
+                                                           "replicated")] = None,
     force: bool = False,
 ) -> None:
     """Time generation (prefill, per-token decode, throughput) of each deployment on each engine, in interleaved
     rounds; speedups against the dense fp32 and dense INT8 deployments with bootstrap confidence intervals."""
+    from ..io import check_writable
+
+    check_writable(json_out, force)
+    if replicate is not None:  # the earlier run's options: the ones above are not read
+        from ..bench.replicate import replicate_bench_options
+
+        if deployments:
+            raise UserError("give deployment folders or --replicate FILE, not both: a replication measures the "
+                            "earlier run's deployments")
+        source, earlier, options = replicate_bench_options(replicate)
+    elif not deployments:
+        raise UserError("give deployment folders, or --replicate FILE to re-measure an earlier bench run")
+    else:
+        source = earlier = None
+        options = {"deployments": [str(d.resolve()) for d in deployments], "engines": engine or ["deepsparse",
+                   "onnxruntime"], "cores": _cores(cores), "prompt_len": prompt_len, "gen_len": gen_len,
+                   "batch": batch, "runs": runs, "warmup": warmup, "external_cache": external_cache,
+                   "rounds": rounds, "order": _order(order), "order_seed": order_seed}
+    _run_bench(options, json_out, force, source, earlier)
+
+
+def _run_bench(o: dict, json_out: Path, force: bool, source: Path | None, earlier: dict | None) -> None:
+    """Measure the options' pairs interleaved and write the results file (naming `source` when this run
+    replicates it)."""
     from ..bench.harness import BenchSettings, bench_report, check_settings, core_counts, machine_block
+    from ..bench.replicate import mark_replication
     from ..bench.schedule import merge_rounds, run_interleaved
     from ..bench.stats import attach_speedups
     from ..export.deployment import load_deployment
-    from ..io import check_writable, write_json_atomic
+    from ..io import write_json_atomic
     from ..progress import console, progress_bar
+    from ..provenance import provenance
 
-    check_writable(json_out, force)
-    counts = _cores(cores)
-    engines = engine or ["deepsparse", "onnxruntime"]
+    deployments, engines, counts, rounds = o["deployments"], o["engines"], o["cores"], o["rounds"]
+    prompt_len, gen_len, batch, runs, warmup, external_cache = (o[k] for k in (
+        "prompt_len", "gen_len", "batch", "runs", "warmup", "external_cache"))
     plan = [(load_deployment(d), BenchSettings(e, c, prompt_len, gen_len, batch, runs, warmup, external_cache))
             for d in deployments for e in engines for c in core_counts(counts)]
     for dep, settings in plan:
@@ -49,7 +81,7 @@ def bench_cmd(
     plan += _aa_plan(plan) if len(deployments) > 1 else []
     with progress_bar() as progress:
         task = progress.add_task("benchmarking", total=len(plan) * rounds)
-        measured = run_interleaved(len(plan), rounds, _order(order), order_seed,
+        measured = run_interleaved(len(plan), rounds, o["order"], o["order_seed"],
                                    lambda r, i: _measure(*plan[i]),
                                    on_done=lambda r, i: progress.advance(task))
     _mark_aa(measured[measured_models:])
@@ -59,8 +91,16 @@ def bench_cmd(
     results = [merge_rounds(m) for m, f in zip(measured, failed) if f is None]
     _unique_labels(results)
     attach_speedups(results)
-    write_json_atomic(json_out, bench_report(results, machine_block(counts), unmeasured), force)
+    report = {**bench_report(results, machine_block(counts), unmeasured), "settings": o,
+              "provenance": provenance(**({"replicates": str(source)} if source else {}))}
+    if earlier is not None:
+        report.update(replicates=str(source), replication=mark_replication(earlier["results"], results))
+    write_json_atomic(json_out, report, force)
     console.print(results_table(results))
+    if earlier is not None:
+        r = report["replication"]
+        console.print(f"replicates {source}: {r['replicated']} of the {r['earlier_wins']} speedups it called wins "
+                      "replicated")
     for u in unmeasured:
         console.print(f"not measured: {u['label']} on {u['engine']} ({u['kv_cache']} KV cache): {u['reason']}",
                       markup=False)
