@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from dlp_deploy.prune.allocate import (DLP_ALPHA, REDUCERS, allocate, default_dlp_alpha, dlp_ratios,
+from dlp_deploy.prune.allocate import (REDUCERS, allocate, default_dlp_alpha, dlp_ratios,
                                        match_weighted_mean, owl_outlier_ratio, owl_ratios)
 
 STATS = [0.8, 1.0, 1.3, 0.9, 2.0, 1.1]
@@ -67,7 +67,12 @@ def test_uniform_equal_sizes_needs_no_correction():
     assert alloc.ratios == [0.5] * 5 and alloc.correction == 0.0
 
 
+# DLP (ICML 2025), Appendix G, Table 19 "Hyperparameter settings for different sparsity levels", copied by hand
+# so that an edit to the module's own table cannot pass unnoticed.
+APPENDIX_G_TABLE_19 = {0.1: 0.06, 0.2: 0.02, 0.3: 0.04, 0.4: 0.02, 0.5: 0.04, 0.6: 0.10, 0.7: 0.15, 0.8: 0.12}
+
+
 def test_default_alpha_follows_appendix_g():
-    for p, a in DLP_ALPHA.items():
+    for p, a in APPENDIX_G_TABLE_19.items():
         assert default_dlp_alpha(p) == a
     assert default_dlp_alpha(0.9) == 0.12 and default_dlp_alpha(0.65) == 0.10
