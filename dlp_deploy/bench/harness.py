@@ -218,10 +218,11 @@ def deployment_weight_stats(dep) -> dict:
 
 
 def precision_of_deployment(dep) -> str:
-    """fp32 or int8 for ONNX; the GGUF weight format (q4_1, q8_0, ...) for llama.cpp files."""
+    """fp32, int8 or int4 for ONNX; the GGUF weight format (q4_1, q8_0, ...) for llama.cpp files."""
     if dep.format == "gguf":
         return dep.info["format"]["quant"]
-    return "int8" if dep.info.get("quantization") else "fp32"
+    quantization = dep.info.get("quantization")
+    return quantization.get("scheme", "int8") if quantization else "fp32"  # INT8 records predate the key
 
 
 def _harness_overhead(session, prompt: list[int], gen_len: int) -> float:

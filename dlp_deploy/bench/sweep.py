@@ -168,7 +168,7 @@ def level_settings(s: SweepSettings, level: Level):
                           multiple=s.multiple)
 
 
-ONNX_PRECISIONS = ("fp32", "int8")
+ONNX_PRECISIONS = ("fp32", "int8", "int4")  # int4: QuantizeOptions defaults (g32, symmetric)
 
 
 def precision_format(precision: str) -> str:
@@ -523,9 +523,16 @@ def write_results(s: SweepSettings, run_dir: Path, prepared: list[tuple], pairs:
     attach_speedups(results)
     report = {"schema": "dlp-deploy/sweep/1", "settings": asdict(s), "machine": machine or machine_block(s.cores),
               "quality": quality, "results": results, "unmeasured": unmeasured, "provenance": provenance(),
-              **replicates_record(run_dir)}
+              "random_weights": random_model_record(s.model), **replicates_record(run_dir)}
     write_json_atomic(run_dir / "results.json", report, force=True)
     return report
+
+
+def random_model_record(model: str) -> dict | None:
+    """A model made by `dlp-deploy models random` measures speed only: kept in results.json so that the report
+    says so wherever it is regenerated, the model folder gone or not."""
+    path = Path(model) / "random.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def model_records(run_dir: Path, level: Level) -> dict:

@@ -24,16 +24,24 @@ def export_cmd(
     force: Annotated[bool, typer.Option("--force", help="replace an existing --out folder")] = False,
     num_cores: Annotated[Optional[int], typer.Option("--num-cores", help="CPU cores for validation (default: all)")]
         = None,
-    quantize: Annotated[Optional[str], typer.Option("--quantize", help="int8: static W8A8 (weights per channel, "
-                                                                       "activations from C4 calibration)")] = None,
+    quantize: Annotated[Optional[str], typer.Option("--quantize", help="int8: W8A8 (weights per channel, "
+                        "activations per --act-scales); int4: weight-only, blocks of --group-size along the input "
+                        "(MatMulNBits: onnxruntime and openvino)")] = None,
     quantize_head: Annotated[bool, typer.Option("--quantize-head", help="quantize lm_head too")] = False,
     smooth_alpha: Annotated[float, typer.Option("--smooth-alpha", help="SmoothQuant migration strength before "
                                                                        "INT8 (0 = off)")] = 0.5,
     calib_samples: Annotated[int, typer.Option("--calib-samples", min=1, help="INT8 calibration windows")] = 32,
     act_scales: Annotated[str, typer.Option("--act-scales", help="INT8 activation scales: static (C4 calibration, "
                           "per tensor), dynamic-token (per token, at run time) or dynamic-tensor")] = "static",
+    group_size: Annotated[int, typer.Option("--group-size", help="INT4 block along the input dimension: 32, 64 "
+                                                                  "or 128")] = 32,
+    int4_scheme: Annotated[str, typer.Option("--int4-scheme", help="INT4 blocks: sym (pruned zeros stay exact "
+                                                                   "zeros) or asym (a zero point per block)")] = "sym",
+    accuracy_level: Annotated[int, typer.Option("--accuracy-level", help="INT4 MatMulNBits accuracy_level: 0 "
+                              "(fp32 accumulation), 1 fp32, 2 fp16, 3 bf16, 4 int8 activations")] = 0,
     ppl_tolerance: Annotated[Optional[float], typer.Option("--ppl-tolerance", help="largest relative perplexity "
-                             "rise over the PyTorch source (default 5%; for GGUF one that fits --quant)")] = None,
+                             "rise over the PyTorch source (default 5%, 10% for --quantize int4; for GGUF one that "
+                             "fits --quant)")] = None,
     ppl_seqlen: Annotated[Optional[int], typer.Option("--ppl-seqlen", min=2, help="perplexity window for "
                                                       "validation (default 256, or --seq-len minus one)")] = None,
     ppl_windows: Annotated[int, typer.Option("--ppl-windows", min=1, help="perplexity windows for validation")] = 4,
@@ -52,7 +60,8 @@ def export_cmd(
     """Export a causal LM to a deployment folder checked against PyTorch: ONNX (fp32 or INT8) for DeepSparse,
     ONNX Runtime and OpenVINO, or GGUF for llama.cpp."""
     from ..errors import UserError
-    from ..export.deployment import QualityCheck, QuantizeOptions, export_deployment, export_gguf_deployment
+    from ..export.deployment import (QualityCheck, QuantizeOptions, default_ppl_tolerance, export_deployment,
+                                     export_gguf_deployment)
 
     if engine_timeout is not None and not engine_timeout > 0:
         raise UserError(f"--engine-timeout {engine_timeout:g}: give a positive number of seconds, or leave it out")
@@ -74,10 +83,11 @@ def export_cmd(
         _print_summary(out, info)
         _refuse_engine_failures(out, info)
         return
-    options = QuantizeOptions(quantize, quantize_head, smooth_alpha, calib_samples, act_scales=act_scales) \
+    options = QuantizeOptions(quantize, quantize_head, smooth_alpha, calib_samples, act_scales=act_scales,
+                              group_size=group_size, int4_scheme=int4_scheme, accuracy_level=accuracy_level) \
         if quantize else None
     quality = QualityCheck(seqlen=ppl_seqlen, windows=ppl_windows,
-                           tolerance=0.05 if ppl_tolerance is None else ppl_tolerance)
+                           tolerance=default_ppl_tolerance(quantize) if ppl_tolerance is None else ppl_tolerance)
     with err.status("exporting") as status:
         info = export_deployment(model, out, seq_len=seq_len, validate=validate, force=force,
                                  progress=lambda step: status.update(step), num_cores=num_cores, quantize=options,

@@ -1,0 +1,234 @@
+"""Weight-only INT4 for an exported deployment graph: each decoder-block weight MatMul becomes ONNX Runtime's
+com.microsoft `MatMulNBits` (bits=4), which ONNX Runtime runs natively and OpenVINO's ONNX frontend reads.
+
+Layout (onnxruntime/core/graph/contrib_ops/contrib_defs.cc, MatMulNBits; the same as onnxruntime's own
+matmul_nbits_quantizer.py writes), for an [K, N] MatMul weight quantized in blocks of `block_size` along K:
+- B: uint8 [N, n_blocks, block_size / 2]; two 4-bit values a byte, the even k in the low nibble; K is padded with
+  zeros to n_blocks * block_size.
+- scales: float [N * n_blocks] (row n's blocks together).
+- zero_points (asymmetric only): uint8 [N * ceil(n_blocks / 2)], each row's nibbles packed the same way and the
+  row padded to a whole byte. Without it ORT uses 2^(bits-1) = 8.
+Dequantized: W[k, n] = (q[n, k] - zp[n, k // block_size]) * scale[n, k // block_size].
+
+- symmetric: q = clip(round(w / s), -8, 7) + 8 with s = the block's extreme value / -8 (the sign carried by the
+  scale, as ORT's and NNCF's symmetric INT4 do, so the block's largest magnitude lands on -8 and uses the whole
+  range). No zero_points input: the implicit 8 is the zero, so an exact 0 stays an exact 0 and a pruning mask
+  survives bit for bit.
+- asymmetric: s = (max - min) / 15 over [min(w, 0), max(w, 0)], zp = round(-min / s) (an integer in [0, 15],
+  since the range holds 0), q = clip(round(w / s) + zp, 0, 15): a 0 weight lands on zp itself, so it too
+  dequantizes to exactly 0. The mask check counts rather than assumes this (pruned weights not exact zeros).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+BITS = 4
+GROUP_SIZES = (32, 64, 128)
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # ORT: 0 unset (fp32 here), 1 fp32, 2 fp16, 3 bf16, 4 int8 activations
+INT4_SCHEMES = ("sym", "asym")
+# Measured with the tests below: DeepSparse 1.8 has no 4-bit kernel and does not know com.microsoft ops
+INT4_REFUSALS = {"deepsparse": "DeepSparse runs no 4-bit weights (MatMulNBits is an ONNX Runtime contrib op); "
+                               "validate and deploy the int4 folder on onnxruntime or openvino"}
+INT4_REFUSALS["deepsparse-external"] = INT4_REFUSALS["deepsparse"]
+
+
+@dataclass(frozen=True)
+class BlockQuant:
+    """One [K, N] weight in MatMulNBits form."""
+
+    k: int
+    n: int
+    block_size: int
+    packed: np.ndarray  # uint8 [N, n_blocks, block_size // 2]
+    scales: np.ndarray  # float32 [N * n_blocks]
+    zero_points: np.ndarray | None  # uint8 [N * ceil(n_blocks / 2)], None when symmetric
+
+    @property
+    def n_blocks(self) -> int:
+        return self.packed.shape[1]
+
+
+def _blocks(weight: np.ndarray, block_size: int) -> np.ndarray:
+    """[K, N] -> [N, n_blocks, block_size], K zero-padded."""
+    k, n = weight.shape
+    n_blocks = -(-k // block_size)
+    padded = np.zeros((n_blocks * block_size, n), np.float32)
+    padded[:k] = weight
+    return padded.T.reshape(n, n_blocks, block_size)
+
+
+def quantize_blocks(weight: np.ndarray, block_size: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Unsigned 4-bit values [N, n_blocks, block_size], scales and zero points [N, n_blocks] of a [K, N] weight."""
+    blocks = _blocks(weight, block_size)
+    if symmetric:
+        lo, hi = blocks.min(axis=-1), blocks.max(axis=-1)
+        extreme = np.where(np.abs(lo) >= np.abs(hi), lo, hi)
+        scale = np.where(extreme != 0, extreme / -8.0, 1.0).astype(np.float32)
+        q = np.clip(np.rint(blocks / scale[..., None]), -8, 7) + 8
+        zp = np.full(scale.shape, 8, np.uint8)
+    else:
+        lo, hi = np.minimum(blocks.min(axis=-1), 0), np.maximum(blocks.max(axis=-1), 0)
+        scale = np.where(hi > lo, (hi - lo) / 15.0, 1.0).astype(np.float32)
+        zp = np.clip(np.rint(-lo / scale), 0, 15).astype(np.uint8)
+        q = np.clip(np.rint(blocks / scale[..., None]) + zp[..., None], 0, 15)
+    return q.astype(np.uint8), scale, zp
+
+
+def pack_nibbles(values: np.ndarray) -> np.ndarray:
+    """uint8 values < 16 along the last axis, two a byte, the even index in the low nibble; an odd count is padded
+    with 0."""
+    if values.shape[-1] % 2:
+        values = np.concatenate([values, np.zeros((*values.shape[:-1], 1), np.uint8)], axis=-1)
+    return (values[..., 0::2] | (values[..., 1::2] << 4)).astype(np.uint8)
+
+
+def unpack_nibbles(packed: np.ndarray, count: int) -> np.ndarray:
+    both = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(*packed.shape[:-1], -1)
+    return both[..., :count]
+
+
+def quantize_matmul_weight(weight: np.ndarray, block_size: int, symmetric: bool) -> BlockQuant:
+    k, n = weight.shape
+    q, scale, zp = quantize_blocks(weight.astype(np.float32), block_size, symmetric)
+    return BlockQuant(k, n, block_size, pack_nibbles(q), scale.reshape(-1),
+                      None if symmetric else pack_nibbles(zp).reshape(-1))
+
+
+def dequantize(bq: BlockQuant) -> np.ndarray:
+    """The [K, N] weight MatMulNBits computes with, from its packed inputs alone."""
+    q = unpack_nibbles(bq.packed, bq.block_size).astype(np.float32)  # [N, n_blocks, block_size]
+    if bq.zero_points is None:
+        zp = np.full((bq.n, bq.n_blocks), 8.0, np.float32)
+    else:
+        zp = unpack_nibbles(bq.zero_points.reshape(bq.n, -1), bq.n_blocks).astype(np.float32)
+    w = (q - zp[..., None]) * bq.scales.reshape(bq.n, bq.n_blocks)[..., None]
+    return w.reshape(bq.n, -1)[:, :bq.k].T
+
+
+def insert_matmul_nbits(proto, targets, block_size: int, symmetric: bool, accuracy_level: int) -> dict:
+    """Rewrite the graph in place: each target MatMul(x, W) becomes MatMulNBits(x, B, scales[, zero_points]) with
+    the same output; the fp32 weight initializers are dropped."""
+    from onnx import helper, numpy_helper
+
+    inits = {i.name: i for i in proto.graph.initializer}
+    by_name = {t.node: t for t in targets}
+    new_inits, nodes, dropped = [], [], set()
+    for node in proto.graph.node:
+        t = by_name.get(node.name)
+        if t is None:
+            nodes.append(node)
+            continue
+        bq = quantize_matmul_weight(numpy_helper.to_array(inits[t.weight]), block_size, symmetric)
+        inputs = [t.activation, f"{t.weight}.q4", f"{t.weight}.q4_scales"]
+        new_inits += [numpy_helper.from_array(bq.packed, inputs[1]), numpy_helper.from_array(bq.scales, inputs[2])]
+        if bq.zero_points is not None:
+            inputs.append(f"{t.weight}.q4_zero_points")
+            new_inits.append(numpy_helper.from_array(bq.zero_points, inputs[3]))
+        nodes.append(helper.make_node("MatMulNBits", inputs, list(node.output), name=f"{t.node}.MatMulNBits",
+                                      domain="com.microsoft", K=bq.k, N=bq.n, bits=BITS, block_size=block_size,
+                                      accuracy_level=accuracy_level))
+        dropped.add(t.weight)
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    kept = [i for i in proto.graph.initializer if i.name not in dropped]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(kept + new_inits)
+    if not any(o.domain == "com.microsoft" for o in proto.opset_import):
+        proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return {"matmuls_quantized": len(targets), "bits": BITS, "block_size": block_size,
+            "symmetric": symmetric, "accuracy_level": accuracy_level,
+            "weights": f"int4 {'symmetric' if symmetric else 'asymmetric'}, blocks of {block_size} along K",
+            "activations": "fp32 (weight-only)", "format": "com.microsoft MatMulNBits"}
+
+
+def int4_weights(proto) -> dict[str, np.ndarray]:
+    """Dequantized [K, N] weight of every MatMulNBits node, by its original weight initializer's name."""
+    from onnx import helper, numpy_helper
+
+    inits = {i.name: i for i in proto.graph.initializer}
+    out = {}
+    for node in proto.graph.node:
+        if node.op_type != "MatMulNBits":
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        zp = numpy_helper.to_array(inits[node.input[3]]) if len(node.input) > 3 and node.input[3] else None
+        bq = BlockQuant(attrs["K"], attrs["N"], attrs["block_size"], numpy_helper.to_array(inits[node.input[1]]),
+                        numpy_helper.to_array(inits[node.input[2]]), zp)
+        out[node.input[1].removesuffix(".q4")] = dequantize(bq)
+    return out
+
+
+# ---------------------------------------------------------------- export and mask check
+
+def check_int4_options(options) -> None:
+    from ..errors import UserError
+
+    if options.group_size not in GROUP_SIZES:
+        raise UserError(f"--group-size {options.group_size} is not one of {', '.join(map(str, GROUP_SIZES))}")
+    if options.int4_scheme not in INT4_SCHEMES:
+        raise UserError(f"--int4-scheme {options.int4_scheme!r} is not one of {', '.join(INT4_SCHEMES)}")
+    if options.accuracy_level not in ACCURACY_LEVELS:
+        raise UserError(f"--accuracy-level {options.accuracy_level} is not one of 0-4 (0: fp32 accumulation)")
+
+
+def export_int4(model, tokenizer, onnx_path: Path, max_positions: int, options, root, progress) -> tuple[dict, dict]:
+    """fp32 export beside the target, then every decoder-block weight MatMul (and lm_head with `options.head`)
+    rewritten to MatMulNBits into `onnx_path`. No calibration: round-to-nearest per block."""
+    import tempfile
+
+    import onnx
+
+    from .deployment import MODEL_FILE, _block_weight_names, _param_name
+    from .onnx import export_onnx, save_model
+    from .quantize import quant_targets
+
+    check_int4_options(options)
+    with tempfile.TemporaryDirectory(prefix="fp32-for-int4-", dir=onnx_path.parent) as scratch:
+        fp32_path = Path(scratch) / MODEL_FILE
+        exported = export_onnx(model, fp32_path, max_positions=max_positions)
+        proto = onnx.load(str(fp32_path), load_external_data=True)
+    names = _block_weight_names(model) | ({_param_name(model, model.get_output_embeddings().weight)}
+                                          if options.head else set())
+    targets = quant_targets(proto, {f"{n}.T" for n in names} | names)
+    progress(f"INT4: {len(targets)} MatMuls to MatMulNBits (blocks of {options.group_size})")
+    summary = insert_matmul_nbits(proto, targets, options.group_size, options.int4_scheme == "sym",
+                                  options.accuracy_level)
+    exported["external_data"] = save_model(proto, onnx_path)
+    return exported, {"scheme": "int4", **summary, "lm_head": "int4" if options.head else "fp32",
+                      "embeddings": "fp32 (Gather)",
+                      "accuracy_level_meaning": "ONNX Runtime's MatMulNBits accuracy_level: 0 = unset, which runs fp32 "
+                                                "on CPU; 4 = activations quantized to int8 at run time"}
+
+
+def check_int4_mask(model, onnx_path: Path, record: dict) -> dict:
+    """Every PyTorch zero of a block weight must dequantize to exactly 0 from the packed MatMulNBits inputs (the
+    symmetric form guarantees it; the asymmetric one is counted, not refused); zeros rounding adds are counted."""
+    import onnx
+
+    from ..models import model_sparsity
+    from .deployment import ValidationError, _block_weight_names
+
+    weights = int4_weights(onnx.load(str(onnx_path), load_external_data=True))
+    params = dict(model.named_parameters())
+    lost = extra = zeros = total = 0
+    for name in _block_weight_names(model):
+        key = f"{name}.T" if f"{name}.T" in weights else name
+        if key not in weights:
+            raise ValidationError(f"block weight {name} is not a MatMulNBits weight in the INT4 graph")
+        deq = weights[key].T if key.endswith(".T") else weights[key]
+        mask = params[name].detach().cpu().numpy() == 0
+        lost += int(np.count_nonzero(deq[mask]))
+        extra += int(np.count_nonzero((deq == 0) & ~mask))
+        zeros, total = zeros + int(deq.size - np.count_nonzero(deq)), total + deq.size
+    symmetric = record["symmetric"]
+    if lost and symmetric:
+        raise ValidationError(f"{lost} pruned weights dequantize to non-zero values in the symmetric INT4 graph; "
+                              "the mask did not survive")
+    return {"global": zeros / total, "pytorch_global": model_sparsity(model)["global_sparsity"], "block_params": total,
+            "int4": {"mask_preserved": lost == 0, "pruned_weights_not_exact_zero": lost,
+                     "zeros_added_by_rounding": extra,
+                     "checked": "every block weight dequantized from the packed MatMulNBits inputs",
+                     "note": None if symmetric else "asymmetric: zeros are checked and counted, not required"}}

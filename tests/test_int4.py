@@ -1,0 +1,201 @@
+"""INT4 weight-only deployments (issue 24): MatMulNBits packing against a plain numpy reference, the graph on ONNX
+Runtime and OpenVINO against the dequantized model, pruned zeros kept, DeepSparse refused, the CLI record."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from dlp_deploy.export.deployment import QualityCheck, QuantizeOptions, export_deployment
+from dlp_deploy.export.int4 import dequantize, insert_matmul_nbits, int4_weights, quantize_matmul_weight
+from dlp_deploy.testing import assert_one_line_error, run_cli
+
+CHECK = QualityCheck(seqlen=96, windows=3)
+
+
+def numpy_blockwise_qdq(w: np.ndarray, block: int, symmetric: bool) -> np.ndarray:
+    """Quantize-dequantize one column block at a time, written out plainly."""
+    out = np.zeros_like(w)
+    for n in range(w.shape[1]):
+        for k0 in range(0, w.shape[0], block):
+            x = w[k0:k0 + block, n]
+            if symmetric:
+                extreme = x[np.argmax(np.abs(x))]
+                s = np.float32(extreme / -8.0) if extreme else np.float32(1)
+                out[k0:k0 + block, n] = np.clip(np.rint(x / s), -8, 7) * s
+            else:
+                lo, hi = min(x.min(), 0), max(x.max(), 0)
+                s = np.float32((hi - lo) / 15.0) if hi > lo else np.float32(1)
+                zp = np.clip(np.rint(-lo / s), 0, 15)
+                out[k0:k0 + block, n] = (np.clip(np.rint(x / s) + zp, 0, 15) - zp) * s
+    return out
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("block", [32, 128])
+def test_packing_round_trips_against_numpy(symmetric, block):
+    rng = np.random.default_rng(block)
+    k, n = 160, 37  # K not a multiple of 128 (the last block padded), odd N
+    w = rng.normal(size=(k, n)).astype(np.float32)
+    w[rng.random(w.shape) < 0.5] = 0
+    w[:, 5] = 0  # an all-zero column
+    bq = quantize_matmul_weight(w, block, symmetric)
+    n_blocks = -(-k // block)
+    assert bq.packed.dtype == np.uint8 and bq.packed.shape == (n, n_blocks, block // 2)
+    assert bq.scales.shape == (n * n_blocks,)
+    assert (bq.zero_points is None) == symmetric
+    if not symmetric:
+        assert bq.zero_points.shape == (n * -(-n_blocks // 2),)
+    got = dequantize(bq)
+    want = numpy_blockwise_qdq(w, block, symmetric)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    assert np.all(got[w == 0] == 0)  # every zero an exact zero
+    scales = np.abs(bq.scales).reshape(n, n_blocks)
+    err = np.abs(got - w).reshape(-1, n)  # within one step of each block's grid
+    assert err.max() <= scales.max() + 1e-6 and np.abs(got - w).mean() < 0.1 * np.abs(w).mean() * 4
+    # the nibble order ORT reads: element 2j of a block in the low nibble, 2j+1 in the high one
+    zp = 8 if symmetric else bq.zero_points[0] & 0x0F
+    q = np.clip(np.rint(w[:2, 0] / bq.scales[0]) + zp, 0, 15).astype(np.uint8)
+    assert bq.packed[0, 0, 0] == q[0] | (q[1] << 4)
+
+
+def _int4_graph(tmp_path, symmetric: bool, block: int = 32):
+    import onnx
+
+    from dlp_deploy.export.deployment import _block_weight_names
+    from dlp_deploy.export.onnx import export_onnx, save_model
+    from dlp_deploy.export.quantize import quant_targets
+    from dlp_deploy.testing import tiny_llama
+
+    model = tiny_llama(3)
+    export_onnx(model, tmp_path / "fp32.onnx", max_positions=512)
+    proto = onnx.load(str(tmp_path / "fp32.onnx"))
+    names = _block_weight_names(model)
+    targets = quant_targets(proto, {f"{n}.T" for n in names})
+    info = insert_matmul_nbits(proto, targets, block, symmetric, accuracy_level=0)
+    save_model(proto, tmp_path / "int4.onnx")
+    # the same fp32 graph with each weight replaced by what the INT4 one dequantizes to
+    reference = onnx.load(str(tmp_path / "fp32.onnx"))
+    dequantized = int4_weights(proto)
+    for init in reference.graph.initializer:
+        if init.name in dequantized:
+            init.CopyFrom(onnx.numpy_helper.from_array(dequantized[init.name].astype(np.float32), init.name))
+    save_model(reference, tmp_path / "dequantized.onnx")
+    return info, len(targets)
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_int4_graph_matches_the_dequantized_model_on_onnxruntime_and_openvino(tmp_path, symmetric):
+    import onnxruntime as ort
+
+    from dlp_deploy.export.deployment import _prefill_feeds
+    from dlp_deploy.runtime.openvino_engine import (openvino_available, openvino_config, openvino_kernel_record,
+                                                    weight_only_config)
+
+    info, n_targets = _int4_graph(tmp_path, symmetric)
+    assert info["matmuls_quantized"] == n_targets == 4 * 7
+    feed = _prefill_feeds(tmp_path / "int4.onnx", [torch.arange(3, 40)])[0]
+
+    def logits(path):
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+
+    want, got, fp32 = logits(tmp_path / "dequantized.onnx"), logits(tmp_path / "int4.onnx"), \
+        logits(tmp_path / "fp32.onnx")
+    scale = np.abs(want).max()
+    assert np.abs(got - want).max() < 1e-4 * scale  # accuracy_level 0: the dequantized weights, fp32 sums
+    assert np.abs(fp32 - want).max() > 100 * np.abs(got - want).max()  # ...and 4-bit weights do move logits
+    if not openvino_available():
+        pytest.skip("openvino not installed")
+    import openvino as ov
+
+    config = {**openvino_config(None, None, False), **weight_only_config(tmp_path / "int4.onnx")}
+    compiled = ov.Core().compile_model(str(tmp_path / "int4.onnx"), "CPU", config)
+    ov_logits = compiled(feed)[compiled.outputs[0]]
+    # OpenVINO reads com.microsoft MatMulNBits; with its default int8 activation quantization switched off it
+    # computes what ONNX Runtime does
+    assert np.abs(ov_logits - want).max() < 1e-4 * scale
+    record = openvino_kernel_record(tmp_path / "int4.onnx", {"prefill": feed})
+    assert record["dynamic_activation_quantization"] == "off"
+    kernels = record["prefill"]["kernels"]
+    compressed = sum(c for k, c in kernels.items() if k.startswith("FullyConnectedCompressed"))
+    assert compressed == n_targets, kernels  # every INT4 MatMul on a compressed-weight kernel, none decompressed
+    assert record["prefill"]["fully_connected_weight_types"].get("u4") == n_targets
+
+
+def _masked_tiny(folder, seed=5):
+    from dlp_deploy.testing import tiny_llama, tiny_tokenizer
+
+    model = tiny_llama(seed)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".layers." in name and p.dim() == 2:
+                p.mul_((torch.rand(p.shape, generator=gen) > 0.5).to(p.dtype))
+    model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def test_pruned_model_keeps_every_zero_under_symmetric_int4_and_validates(tmp_path, data_root):
+    src = _masked_tiny(tmp_path / "src")
+    info = export_deployment(str(src), tmp_path / "int4", seq_len=160, num_cores=1, data_root=str(data_root),
+                             quantize=QuantizeOptions("int4", group_size=32), quality=CHECK)
+    sparsity = info["weight_sparsity"]
+    assert sparsity["int4"]["mask_preserved"] and sparsity["int4"]["pruned_weights_not_exact_zero"] == 0
+    assert sparsity["global"] >= sparsity["pytorch_global"] > 0.45
+    q = info["quantization"]
+    assert (q["scheme"], q["bits"], q["block_size"], q["symmetric"], q["accuracy_level"]) == ("int4", 4, 32, True, 0)
+    assert q["lm_head"] == "fp32" and q["matmuls_quantized"] == 4 * 7
+    v = info["validation"]
+    assert v["exact"] is False
+    for engine in ("onnxruntime", "openvino"):
+        assert v[engine]["ppl_vs_reference"] < 0.10 and v[engine]["greedy_agreement"] > 0.8, engine
+    for engine in ("deepsparse", "deepsparse-external"):
+        assert "runs no 4-bit weights" in v[engine]["skipped"] and "onnxruntime or openvino" in v[engine]["skipped"]
+    kernels = q["openvino_kernels"]["one_token"]["kernels"]
+    assert sum(c for k, c in kernels.items() if k.startswith("FullyConnectedCompressed")) == 4 * 7
+
+    from dlp_deploy.errors import UserError
+    from dlp_deploy.export.deployment import load_deployment
+
+    with pytest.raises(UserError, match="cannot run the INT4 deployment .* use|onnxruntime or openvino"):
+        load_deployment(tmp_path / "int4").check_engine("deepsparse")
+    load_deployment(tmp_path / "int4").check_engine("openvino")
+
+
+def test_asymmetric_int4_counts_pruned_weights_that_are_not_exact_zeros(tmp_path, data_root):
+    src = _masked_tiny(tmp_path / "src")
+    info = export_deployment(str(src), tmp_path / "int4", seq_len=64, validate=False, data_root=str(data_root),
+                             quantize=QuantizeOptions("int4", group_size=128, int4_scheme="asym"), quality=None)
+    record = info["weight_sparsity"]["int4"]
+    # the zero point is an integer and the range holds 0, so a zero lands on it exactly: counted, found none
+    assert record["pruned_weights_not_exact_zero"] == 0 and "not required" in record["note"]
+    assert info["quantization"]["symmetric"] is False and info["quantization"]["block_size"] == 128
+
+
+def test_cli_exports_int4_and_records_it(tiny_dir, tmp_path):
+    out = tmp_path / "int4"
+    proc = run_cli("export", tiny_dir, "--out", out, "--seq-len", "64", "--no-validate", "--quantize", "int4",
+                   "--group-size", "64")
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads((out / "export.json").read_text())
+    q = info["quantization"]
+    assert (q["scheme"], q["block_size"], q["symmetric"], q["accuracy_level"]) == ("int4", 64, True, 0)
+    assert info["weight_sparsity"]["int4"]["mask_preserved"]
+    assert info["provenance"]
+    import onnx
+
+    inits = onnx.load(str(out / "model.onnx")).graph.initializer
+    block_params = info["weight_sparsity"]["block_params"]
+    assert sum(len(i.raw_data) for i in inits if i.name.endswith(".q4")) == block_params // 2  # 4 bits a weight
+    assert sum(len(i.raw_data) for i in inits if i.name.endswith(".q4_scales")) == block_params // 64 * 4
+    assert not any(i.name.endswith(".q4_zero_points") for i in inits)  # symmetric: ORT's implicit zero point 8
+    bad = run_cli("export", tiny_dir, "--out", tmp_path / "bad", "--no-validate", "--quantize", "int4",
+                  "--group-size", "48")
+    assert_one_line_error(bad, "--group-size 48", "32, 64, 128")
