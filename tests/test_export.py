@@ -154,6 +154,42 @@ def test_sparse_gqa_bias_deployment(tmp_path):
 
 
 @needs_deepsparse
+def test_deepsparse_logits_match_pytorch_token_by_token(tmp_path):
+    """Independent of the exporter's validation record: a sparse GQA deployment exported without validation,
+    stepped here on DeepSparse (KV cache inside the engine: a prefill, then one token at a time), against the
+    PyTorch logits of the same tokens computed here in one forward pass."""
+    from transformers import AutoModelForCausalLM
+
+    from dlp_deploy.runtime.decode import step_inputs
+
+    src = save_sparse_tiny(tmp_path / "src", num_key_value_heads=2)
+    out = tmp_path / "deploy"
+    export_deployment(src, out, seq_len=SEQ_LEN, validate=False)
+    tokens = [5, 17, 99, 3, 42, 250, 8, 61, 120, 7]
+    prompt = 6
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(src).eval()(torch.tensor([tokens])).logits[0].numpy()
+
+    deployed = load_deployment(out)
+    session = ENGINES["deepsparse"].compile(deployed.onnx_path, deployed.seq_len, num_cores=1)
+    past = session.init_past(prompt)
+    logits, present = session.run(np.asarray([tokens[:prompt]], np.int64),
+                                  *step_inputs(session.window(0, prompt), 0, prompt), past)
+    rows = [logits[0]]
+    for filled in range(prompt, len(tokens)):  # each later token at its position, after the cache so far
+        logits, present = session.run(np.asarray([[tokens[filled]]], np.int64),
+                                      *step_inputs(session.window(filled, 1), filled, 1),
+                                      session.advance(present, 1))
+        rows.append(logits[0])
+    got = np.concatenate(rows)
+    assert got.shape == ref.shape == (len(tokens), 256)
+    # fp32 sums in another order: ~4e-7 here. A random tiny model's logits are small, so the bound is absolute
+    # 1e-4 (scaled up with larger logits): a position off by one in the decode steps moves them by 2e-3
+    assert np.abs(got - ref).max() < 1e-4 * max(1.0, np.abs(ref).max())
+    assert (got.argmax(-1) == ref.argmax(-1)).all()
+
+
+@needs_deepsparse
 def test_dense_mha_deployment_and_generate_cli(tmp_path, capsys):
     src = save_tiny(tmp_path / "src", seed=3, num_key_value_heads=4)
     out = tmp_path / "deploy"
