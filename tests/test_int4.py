@@ -199,3 +199,21 @@ def test_cli_exports_int4_and_records_it(tiny_dir, tmp_path):
     bad = run_cli("export", tiny_dir, "--out", tmp_path / "bad", "--no-validate", "--quantize", "int4",
                   "--group-size", "48")
     assert_one_line_error(bad, "--group-size 48", "32, 64, 128")
+
+
+def test_int8_export_records_which_openvino_kernels_run_its_matmuls(tiny_dir, tmp_path, data_root):
+    """The kernel record is not INT4's alone: an INT8 MatMulInteger graph gets one too (issue 24 asks whether
+    OpenVINO runs it on integer kernels)."""
+    from dlp_deploy.runtime.openvino_engine import openvino_available
+
+    if not openvino_available():
+        pytest.skip("openvino not installed")
+    info = export_deployment(str(tiny_dir), tmp_path / "int8", seq_len=64, validate=False, data_root=str(data_root),
+                             quantize=QuantizeOptions(calib_samples=2, calib_seqlen=32, act_scales="dynamic-token"))
+    record = info["quantization"]["openvino_kernels"]
+    assert record["dynamic_activation_quantization"] == "plugin default"  # not an INT4 graph: left alone
+    for step in ("prefill", "one_token"):
+        kernels = record[step]["kernels"]
+        # the 28 block MatMuls and lm_head, whichever kernel ran them, and the 8 attention MatMuls
+        assert sum(c for k, c in kernels.items() if k.startswith("FullyConnected")) == 4 * 7 + 1, kernels
+        assert sum(record[step]["fully_connected_weight_types"].values()) == 4 * 7 + 1
