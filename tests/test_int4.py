@@ -217,3 +217,11 @@ def test_int8_export_records_which_openvino_kernels_run_its_matmuls(tiny_dir, tm
         # the 28 block MatMuls and lm_head, whichever kernel ran them, and the 8 attention MatMuls
         assert sum(c for k, c in kernels.items() if k.startswith("FullyConnected")) == 4 * 7 + 1, kernels
         assert sum(record[step]["fully_connected_weight_types"].values()) == 4 * 7 + 1
+
+
+def test_a_sweep_pairs_int4_with_the_engines_that_run_it():
+    from dlp_deploy.bench.sweep import runs_on
+
+    assert runs_on("onnxruntime", "int4") and runs_on("openvino", "int4")
+    assert not runs_on("deepsparse", "int4") and not runs_on("deepsparse-external", "int4")
+    assert runs_on("deepsparse", "int8")

@@ -182,10 +182,13 @@ def precision_format(precision: str) -> str:
 
 
 def runs_on(engine: str, precision: str) -> bool:
-    """Whether `engine` reads the file format `precision` is exported to (llama.cpp GGUF, the others ONNX)."""
+    """Whether `engine` reads the file format `precision` is exported to (llama.cpp GGUF, the others ONNX) and
+    runs its weights (DeepSparse has no 4-bit ones)."""
+    from ..export.int4 import INT4_REFUSALS
     from ..runtime.engines import ENGINES
 
-    return dict.get(ENGINES, engine).model_format == precision_format(precision)
+    refused = precision == "int4" and engine in INT4_REFUSALS
+    return dict.get(ENGINES, engine).model_format == precision_format(precision) and not refused
 
 
 def scoring_engine(precision: str) -> str:
