@@ -225,3 +225,41 @@ def test_a_sweep_pairs_int4_with_the_engines_that_run_it():
     assert runs_on("onnxruntime", "int4") and runs_on("openvino", "int4")
     assert not runs_on("deepsparse", "int4") and not runs_on("deepsparse-external", "int4")
     assert runs_on("deepsparse", "int8")
+
+
+@pytest.mark.parametrize("level", [0, 4])
+def test_accuracy_level_means_the_same_on_onnxruntime_and_openvino(tmp_path, level):
+    """Level 4 quantizes activations to int8 per block at run time in ONNX Runtime; OpenVINO's CPU plugin does the
+    same by default (dynamic quantization, group 32), which the engine keeps only for level-4 graphs."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from dlp_deploy.runtime.openvino_engine import openvino_available, openvino_config, weight_only_config
+
+    if not openvino_available():
+        pytest.skip("openvino not installed")
+    import openvino as ov
+
+    rng = np.random.default_rng(0)
+    k, n = 256, 48
+    bq = quantize_matmul_weight(rng.normal(size=(k, n)).astype(np.float32), 32, True)
+    node = helper.make_node("MatMulNBits", ["x", "b", "s"], ["y"], domain="com.microsoft", K=k, N=n, bits=4,
+                            block_size=32, accuracy_level=level)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 5, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5, n])],
+                              [numpy_helper.from_array(bq.packed, "b"), numpy_helper.from_array(bq.scales, "s")])
+    path = tmp_path / "one.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                      helper.make_opsetid("com.microsoft", 1)]), str(path))
+    x = rng.normal(size=(1, 5, k)).astype(np.float32)
+    want = x @ dequantize(bq)
+    got_ort = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    compiled = ov.Core().compile_model(str(path), "CPU", {**openvino_config(None), **weight_only_config(path)})
+    got_ov = compiled({"x": x})[compiled.outputs[0]]
+    scale = np.abs(want).max()
+    assert np.abs(got_ov - got_ort).max() < 1e-4 * scale  # the two engines agree at either level
+    if level == 0:
+        assert np.abs(got_ort - want).max() < 1e-5 * scale
+    else:  # int8 activations: a visible, bounded error
+        assert 1e-3 * scale < np.abs(got_ort - want).max() < 2e-2 * scale
