@@ -401,7 +401,8 @@ def _deploy_name(level: Level, precision: str) -> str:
 
 
 def export_step(s: SweepSettings, run_dir: Path, level: Level, model_ref: str, log, precision: str = "fp32") -> Path:
-    from ..export.deployment import EXPORT_FILE, QuantizeOptions, export_deployment, export_gguf_deployment
+    from ..export.deployment import (EXPORT_FILE, QualityCheck, QuantizeOptions, default_ppl_tolerance,
+                                     export_deployment, export_gguf_deployment)
 
     out = run_dir / "deploy" / _deploy_name(level, precision)
     if (out / EXPORT_FILE).is_file():
@@ -414,7 +415,8 @@ def export_step(s: SweepSettings, run_dir: Path, level: Level, model_ref: str, l
         log(f"[{out.name}] export")
         export_deployment(model_ref, out, seq_len=s.seq_len, validate=s.validate, force=True,
                           num_cores=_most_cores(s),
-                          quantize=None if precision == "fp32" else QuantizeOptions(precision, seed=s.seed))
+                          quantize=None if precision == "fp32" else QuantizeOptions(precision, seed=s.seed),
+                          quality=QualityCheck(tolerance=default_ppl_tolerance(precision)))
     return out
 
 
