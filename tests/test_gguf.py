@@ -111,18 +111,6 @@ def test_gguf_bad_input_is_refused_in_one_line(tmp_path, tiny_dir):
     assert not (tmp_path / "x").exists()
 
 
-def test_gguf_refuses_a_family_it_does_not_map(tmp_path):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    from dlp_deploy.errors import UserError
-    from dlp_deploy.export.gguf import gguf_layout
-
-    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2))
-    with pytest.raises(UserError, match="LLaMA-shaped"):
-        gguf_layout(model)
-
-
 def test_sweep_refuses_a_gguf_precision_without_llamacpp(tmp_path, tiny_dir):
     proc = run_cli("sweep", tiny_dir, "--sparsities", "0.5", "--precision", "q4_1", "--engines", "onnxruntime",
                    "--out", tmp_path / "run")

@@ -192,7 +192,7 @@ def export_gguf_deployment(model_or_dir, out, quant: str = "q8_0", seq_len: int 
                            data_root: str | None = None, engine_timeout: float | None = None) -> dict:
     """Export a causal LM to a GGUF deployment folder (model.gguf + HF config/tokenizer + export.json) for
     llama.cpp, validated on llama.cpp against PyTorch with tolerances that fit `quant`."""
-    from .gguf import GGUF_FILE, gguf_quant, stored_block_sparsity, write_gguf
+    from .gguf import GGUF_FILE, check_gguf_window, gguf_quant, stored_block_sparsity, write_gguf
 
     progress = progress or _no_progress
     spec = gguf_quant(quant)
@@ -203,7 +203,7 @@ def export_gguf_deployment(model_or_dir, out, quant: str = "q8_0", seq_len: int 
     model, tokenizer, source, prompt_ids, quality = _load_and_check(
         model_or_dir, tokenizer, seq_len, validate, quality or QualityCheck(tolerance=spec.ppl_tolerance), timings,
         progress)
-    _check_no_sliding_window(model, seq_len)
+    check_gguf_window(model, seq_len)
     max_positions = int(getattr(model.config, "max_position_embeddings", 0) or 0)
     root = data.data_dir(data_root) if quality else None
     with atomic_dir(out, force) as tmp:
@@ -310,14 +310,6 @@ def _pruning_summary(model_dir) -> dict | None:
     summary = {k: settings[k] for k in PRUNING_SETTINGS if k in settings}
     summary.update({k: data[k] for k in PRUNING_KEYS if k in data})
     return summary
-
-
-def _check_no_sliding_window(model, seq_len: int) -> None:
-    """The GGUF architectures written here have no sliding window: past it, llama.cpp would attend differently."""
-    windows = _sliding_windows(model)
-    if windows and seq_len > min(windows):
-        raise UserError(f"--seq-len {seq_len} exceeds the model's sliding attention window ({min(windows)}), which "
-                        f"the GGUF export does not implement; use --seq-len {min(windows)} or less, or --format onnx")
 
 
 def _sliding_windows(model) -> list[int]:

@@ -1,10 +1,13 @@
 """GGUF files for llama.cpp: the peer deployment most CPU users pick.
 
-Tensors are named by gguf-py's own HF -> GGUF name map (the one llama.cpp's converter uses), so the writer follows
-the model's structure rather than a list of families. A model whose blocks all have the same widths is written as
-llama.cpp's `llama` architecture; a structured-pruned one (different head counts or FFN widths per block) as `deci`,
-the LLaMA-shaped architecture whose loader reads `head_count`, `head_count_kv` and `feed_forward_length` as
-per-layer arrays (the `llama` loader reads only the first layer's values).
+One registry entry per HF model type (FAMILIES) says which llama.cpp architecture reads the model, which block
+wiring, MLP activation and q/k norms that architecture's graph implements, whether its rope rotates adjacent pairs
+(q/k rows reordered) or halves, and the hyper-parameters it needs beyond the common ones (soft-capping, sliding
+windows). Everything else is read from the modules: widths per block, head size, attention scale, windows.
+Tensors are named by gguf-py's own HF -> GGUF name map (the one llama.cpp's converter uses). A model whose blocks
+differ in width (structured pruning) is written as an architecture whose loader reads `head_count`,
+`head_count_kv` and `feed_forward_length` as per-layer arrays (`deci` for LLaMA-shaped blocks); llama.cpp's other
+loaders size every block by layer 0, so such a model of those families is refused.
 
 Quantization: f32, f16, q8_0, q4_0 and q4_1 come from gguf-py's quantizers; q4_k_m from llama.cpp's own
 `llama_model_quantize` (in the installed llama-cpp-python) applied to an f32 GGUF written first, since gguf-py
@@ -16,6 +19,7 @@ from __future__ import annotations
 import math
 import tempfile
 from dataclasses import dataclass
+from typing import Callable
 from hashlib import sha256
 from pathlib import Path
 
@@ -43,10 +47,6 @@ KNOWN_PRE_TOKENIZERS = {
     "049ecf7629871e3041641907f3de7c733e4dbfdc736f57d882ba0b0845599754": "deepseek-llm",
     "b6dc8df998e1cfbdc4eac8243701a65afe638679230920b50d6f17d81c098166": "olmo",
 }
-# HF model types whose blocks are LLaMA's (RMSNorm, SwiGLU, rotary on q/k): the only ones the writer maps
-LLAMA_SHAPED = ("llama", "mistral")
-
-
 @dataclass(frozen=True)
 class GgufQuant:
     name: str
@@ -78,45 +78,166 @@ def gguf_quant(name: str) -> GgufQuant:
     return GGUF_QUANTS[name]
 
 
+# ---------------------------------------------------------------- families
+
+def _no_hparams(writer, config, layout) -> None:
+    return None
+
+
+def _softcap_hparams(writer, config, layout) -> None:
+    """Gemma-2/3: tanh soft-capping of attention scores and of the final logits, where the config sets them."""
+    if getattr(config, "attn_logit_softcapping", None):
+        writer.add_attn_logit_softcapping(float(config.attn_logit_softcapping))
+    if getattr(config, "final_logit_softcapping", None):
+        writer.add_final_logit_softcapping(float(config.final_logit_softcapping))
+
+
+def _gemma_attention_scale(layout) -> float:
+    """llama.cpp's Gemma-2/3 loaders scale queries by 1/sqrt(head size), or by 1/sqrt(hidden/heads) for the 27B
+    models, which they recognise by block count (46 for Gemma-2, 62 for Gemma-3)."""
+    if layout.blocks == {"gemma2": 46, "gemma3": 62}.get(layout.arch):
+        return (layout.hidden / layout.heads[0]) ** -0.5
+    return layout.head_dim ** -0.5
+
+
+@dataclass(frozen=True)
+class GgufFamily:
+    """How llama.cpp's architecture for one HF model type reads it."""
+
+    arch: str  # llama.cpp architecture (gguf MODEL_ARCH_NAMES value) for blocks of one width
+    activation: str  # the MLP activation its graph applies (HF hidden_act / hidden_activation)
+    wiring: str = "pre-norm"  # export.blocks.WIRINGS key: where its graph puts the norms
+    qk_norm: str | None = None  # "head" / "full" q/k RMSNorms its graph applies (LayerSpec.qk_norm)
+    per_layer_arch: str | None = None  # written instead when widths differ per block (reads per-layer arrays)
+    sliding: bool = False  # its graph applies a sliding window (SWA layers from the per-layer pattern)
+    tied_head_only: bool = False  # its graph reads the LM head from token_embd, never a separate `output`
+    norm_shift: float = 0.0  # added to every RMSNorm weight: Gemma's norm multiplies by (1 + w)
+    hparams: Callable = _no_hparams  # keys beyond the common ones: (writer, config, layout)
+    # the query scale its graph applies, (layout) -> float; the model's own is folded into q (or q's norm)
+    attention_scale: Callable = lambda layout: layout.head_dim ** -0.5
+
+
+# llama.cpp's rope for these rotates adjacent pairs (LLAMA_ROPE_TYPE_NORM); HF's and the others' rotate halves
+ROTATES_PAIRS = frozenset({"llama", "deci"})
+
+FAMILIES: dict[str, GgufFamily] = {
+    "llama": GgufFamily("llama", "silu", per_layer_arch="deci"),
+    # Mistral's blocks are LLaMA's; llama.cpp's llama graph has no sliding window (seq_len is capped at it)
+    "mistral": GgufFamily("llama", "silu", per_layer_arch="deci"),
+    # deci reads optional q/k/v biases, so a structured Qwen2 keeps them
+    "qwen2": GgufFamily("qwen2", "silu", per_layer_arch="deci"),
+    "qwen3": GgufFamily("qwen3", "silu", qk_norm="head"),
+    "phi3": GgufFamily("phi3", "silu"),  # fused qkv and gate_up map to attn_qkv and ffn_up as they are
+    "gemma2": GgufFamily("gemma2", "gelu_pytorch_tanh", wiring="sandwich", sliding=True, tied_head_only=True,
+                         norm_shift=1.0, hparams=_softcap_hparams, attention_scale=_gemma_attention_scale),
+    "gemma3_text": GgufFamily("gemma3", "gelu_pytorch_tanh", wiring="sandwich", qk_norm="head", sliding=True,
+                              norm_shift=1.0, hparams=_softcap_hparams, attention_scale=_gemma_attention_scale),
+    "olmo2": GgufFamily("olmo2", "silu", wiring="post-norm", qk_norm="full", sliding=True),
+}
+
+
+def gguf_family(config) -> GgufFamily:
+    family = FAMILIES.get(config.model_type)
+    if family is None:
+        raise UserError(f"GGUF export maps {', '.join(FAMILIES)}; {config.model_type!r} is not mapped: export it to "
+                        "ONNX instead (--format onnx)")
+    return family
+
+
 # ---------------------------------------------------------------- geometry
 
 @dataclass(frozen=True)
 class GgufLayout:
-    arch: str  # "llama" (uniform blocks) or "deci" (per-layer widths)
+    arch: str  # the llama.cpp architecture written
+    family: GgufFamily
+    hidden: int
     head_dim: int
     heads: list[int]
     kv_heads: list[int]
     ffn: list[int]
+    windows: list[int | None]  # each block's sliding window (None: full attention)
+    scaling: float  # the model's query scale (the same in every block)
 
     @property
     def uniform(self) -> bool:
         return len(set(self.heads)) == len(set(self.kv_heads)) == len(set(self.ffn)) == 1
+
+    @property
+    def blocks(self) -> int:
+        return len(self.heads)
 
     def per_layer(self, values: list[int]):
         return values[0] if self.uniform else values
 
 
 def gguf_layout(model) -> GgufLayout:
-    """Widths of every block read from its modules (a structured model's blocks differ), or a one-line refusal."""
-    from ..prune.structured.geometry import block_geometry
+    """Widths of every block read from its modules (a structured model's blocks differ), checked against what the
+    family's llama.cpp architecture implements, or a one-line refusal."""
+    from .blocks import layer_spec
 
     config = model.config
-    if config.model_type not in LLAMA_SHAPED:
-        raise UserError(f"GGUF export writes LLaMA-shaped models ({', '.join(LLAMA_SHAPED)}); {config.model_type!r} "
-                        "is not supported yet: export it to ONNX instead (--format onnx)")
-    if getattr(config, "hidden_act", "silu") != "silu":
-        raise UserError(f"GGUF export needs SwiGLU (hidden_act silu), the model uses {config.hidden_act!r}")
-    mlp_only = [i for i, b in enumerate(decoder_layers(model)) if not isinstance(getattr(b, "self_attn", None),
-                                                                                  torch.nn.Module)]
+    family = gguf_family(config)
+    activation = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)
+    if activation != family.activation:
+        raise UserError(f"llama.cpp's {family.arch} architecture applies {family.activation} in the MLP; this model "
+                        f"uses {activation!r}: export it to ONNX instead (--format onnx)")
+    blocks = decoder_layers(model)
+    mlp_only = [i for i, b in enumerate(blocks) if not isinstance(getattr(b, "self_attn", None), torch.nn.Module)]
     if mlp_only:
         raise UserError(f"GGUF export needs attention in every block; blocks {mlp_only} are MLP-only (a depth-pruning "
                         "replacement): export it to ONNX instead (--format onnx)")
-    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
-    geoms = [block_geometry(block, i, head_dim) for i, block in enumerate(decoder_layers(model))]
-    heads, kv_heads, ffn = ([g.num_heads for g in geoms], [g.num_kv_heads for g in geoms],
-                            [g.intermediate for g in geoms])
+    specs = [layer_spec(block, config, i, family.arch) for i, block in enumerate(blocks)]
+    _check_specs(specs, family)
+    heads, kv_heads = [s.num_heads for s in specs], [s.num_kv_heads for s in specs]
+    ffn = [_ffn_width(block, config.hidden_size, i) for i, block in enumerate(blocks)]
     uniform = len(set(heads)) == len(set(kv_heads)) == len(set(ffn)) == 1
-    return GgufLayout("llama" if uniform else "deci", head_dim, heads, kv_heads, ffn)
+    if not uniform and family.per_layer_arch is None:
+        raise UserError(f"llama.cpp's {family.arch} loader sizes every block like the first (it reads no per-layer "
+                        "head counts or FFN widths), and this model's blocks differ: export it to ONNX instead "
+                        "(--format onnx)")
+    arch = family.arch if uniform else family.per_layer_arch
+    return GgufLayout(arch, family, int(config.hidden_size), specs[0].head_dim, heads, kv_heads, ffn, [s.window for s in specs],
+                      specs[0].scaling)
+
+
+def _check_specs(specs, family: GgufFamily) -> None:
+    """What llama.cpp reads once for all blocks must be one value; what its graph lacks must be absent."""
+    for field, what in (("head_dim", "head size"), ("scaling", "attention scale"), ("softcap", "soft-capping")):
+        if len({getattr(s, field) for s in specs}) > 1:
+            raise UserError(f"llama.cpp's {family.arch} architecture reads one {what} for all blocks; this model's "
+                            "blocks differ: export it to ONNX instead (--format onnx)")
+    spec = specs[0]
+    checks = ((spec.wiring, family.wiring, "norm wiring"), (spec.qk_norm, family.qk_norm, "q/k norm"))
+    for found, wanted, what in checks:
+        if found != wanted:
+            raise UserError(f"llama.cpp's {family.arch} architecture implements {what} {wanted!r}, this model's "
+                            f"blocks have {found!r}: export it to ONNX instead (--format onnx)")
+    if spec.softcap and not family.sliding:  # only the Gemma graphs soft-cap
+        raise UserError(f"llama.cpp's {family.arch} architecture has no attention soft-capping: export to ONNX")
+    if family.sliding and len({w for w in (s.window for s in specs) if w}) > 1:
+        raise UserError(f"llama.cpp's {family.arch} architecture reads one sliding window for all sliding layers; "
+                        "this model's differ: export it to ONNX instead (--format onnx)")
+
+
+def _ffn_width(block, hidden: int, index: int) -> int:
+    """The MLP's width: the input size of its Linear that writes back to the hidden state (down). A structured
+    model may keep exactly `hidden` channels, so shapes alone may not single it out: it is the last Linear writing
+    the hidden size in the MLP's own order (as in every family's MLP, fused or not)."""
+    writers = [m for m in block.mlp.modules() if isinstance(m, torch.nn.Linear) and m.out_features == hidden]
+    if not writers:
+        raise UserError(f"block {index}: no MLP Linear writes the hidden size ({hidden}): export it to ONNX instead "
+                        "(--format onnx)")
+    return writers[-1].in_features
+
+
+def check_gguf_window(model, seq_len: int) -> None:
+    """Where llama.cpp's architecture has no sliding window, attention past it would differ: cap the window."""
+    layout = gguf_layout(model)
+    windows = [w for w in layout.windows if w]
+    if windows and not layout.family.sliding and seq_len > min(windows):
+        raise UserError(f"--seq-len {seq_len} exceeds the model's sliding attention window ({min(windows)}), which "
+                        f"llama.cpp's {layout.arch} architecture does not apply; use --seq-len {min(windows)} or "
+                        "less, or --format onnx")
 
 
 def permute_rotary(weight: torch.Tensor, heads: int) -> torch.Tensor:
@@ -139,9 +260,11 @@ def write_gguf(model, tokenizer, path: Path, quant: GgufQuant, tokenizer_dir: Pa
             _write(model, tokenizer, source, GGUF_QUANTS["f32"], layout, tokenizer_dir, name)
             llamacpp_quantize(source, path, quant)
         tensors = _tensor_types(path)
-    return {"architecture": layout.arch, "quant": quant.name, "produced_by": quant.produced_by,
-            "tensor_types": tensors, "head_count": layout.heads, "head_count_kv": layout.kv_heads,
-            "feed_forward_length": layout.ffn, "head_dim": layout.head_dim,
+    windows = sorted({w for w in layout.windows if w})
+    return {"architecture": layout.arch, "hf_model_type": model.config.model_type, "quant": quant.name,
+            "produced_by": quant.produced_by, "tensor_types": tensors, "head_count": layout.heads,
+            "head_count_kv": layout.kv_heads, "feed_forward_length": layout.ffn, "head_dim": layout.head_dim,
+            "sliding_window": (windows[0] if windows else None) if layout.family.sliding else None,
             "sparse_kernels": False}
 
 
@@ -149,12 +272,14 @@ def _write(model, tokenizer, path: Path, quant: GgufQuant, layout: GgufLayout, t
            name: str) -> dict[str, int]:
     import gguf
 
-    arch = gguf.MODEL_ARCH.LLAMA if layout.arch == "llama" else gguf.MODEL_ARCH.DECI
-    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
+    writer = gguf.GGUFWriter(str(path), layout.arch)
     _write_hparams(writer, model.config, layout, quant, name)
+    layout.family.hparams(writer, model.config, layout)
+    _write_window(writer, model.config, layout)
     _write_vocab(writer, tokenizer, model.config.vocab_size, tokenizer_dir)
+    _write_name(writer, name or model.config.model_type, tokenizer)
     counts: dict[str, int] = {}
-    for gguf_name, tensor in _named_tensors(model, layout, arch):
+    for gguf_name, tensor in _named_tensors(model, layout):
         data, raw_type = _encode(tensor, quant)
         writer.add_tensor(gguf_name, data, raw_dtype=raw_type)  # the writer turns byte rows into element rows
         counts[raw_type.name] = counts.get(raw_type.name, 0) + 1
@@ -168,27 +293,55 @@ def _write(model, tokenizer, path: Path, quant: GgufQuant, layout: GgufLayout, t
 def _write_hparams(writer, config, layout: GgufLayout, quant: GgufQuant, name: str) -> None:
     import gguf
 
-    writer.add_name(name or config.model_type)
+    rope = _rope(config)
     writer.add_context_length(int(config.max_position_embeddings))
     writer.add_embedding_length(int(config.hidden_size))
-    writer.add_block_count(len(layout.heads))
+    writer.add_block_count(layout.blocks)
     writer.add_feed_forward_length(layout.per_layer(layout.ffn))
     writer.add_head_count(layout.per_layer(layout.heads))
     writer.add_head_count_kv(layout.per_layer(layout.kv_heads))
     writer.add_key_length(layout.head_dim)
     writer.add_value_length(layout.head_dim)
-    writer.add_rope_dimension_count(layout.head_dim)
-    writer.add_rope_freq_base(float(_rope(config).get("rope_theta", getattr(config, "rope_theta", 10000.0))))
+    writer.add_rope_dimension_count(int(layout.head_dim * rope.get("partial_rotary_factor", 1.0)))
+    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_vocab_size(int(config.vocab_size))
     writer.add_file_type(getattr(gguf.LlamaFileType, quant.file_type))
-    scaling = _rope(config).get("rope_type", "default")
+    scaling = rope.get("rope_type", "default")
     if scaling == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(float(_rope(config)["factor"]))
+        writer.add_rope_scaling_factor(float(rope["factor"]))
     elif scaling not in ("default", "llama3"):  # llama3 is carried by the rope_freqs tensor
         raise UserError(f"rope scaling {scaling!r} is not written to GGUF yet; export to ONNX instead")
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _write_window(writer, config, layout: GgufLayout) -> None:
+    """The sliding window and which layers use it (an explicit per-layer pattern, as llama.cpp's converter writes
+    for OLMo-3), and the local layers' rope base (Gemma-3's), for the architectures whose graph applies them."""
+    windows = [w for w in layout.windows if w]
+    if not (layout.family.sliding and windows):
+        return
+    writer.add_sliding_window(int(windows[0]))
+    writer.add_sliding_window_pattern([bool(w) for w in layout.windows])
+    params = getattr(config, "rope_parameters", None) or {}
+    local = params.get("sliding_attention", {}) if isinstance(params, dict) else {}
+    if "rope_theta" in local:
+        writer.add_rope_freq_base_swa(float(local["rope_theta"]))
+
+
+# llama.cpp's vocabulary loader gives these tokens Phi-3's strip attributes when general.name contains "phi3" or
+# "phi-3", and aborts (unordered_map::at) when the vocabulary lacks one of them
+PHI3_NAME_RULE = (("phi3", "phi-3"), ("</s>", "<unk>", "<s>", "<|endoftext|>"))
+
+
+def _write_name(writer, name: str, tokenizer) -> None:
+    """general.name is informational; it is left out where llama.cpp's name-keyed rule would abort the load."""
+    fragments, tokens = PHI3_NAME_RULE
+    vocab = tokenizer.get_vocab()
+    if any(f in name.lower() for f in fragments) and not all(t in vocab for t in tokens):
+        return
+    writer.add_name(name)
 
 
 def _rope(config) -> dict:
@@ -196,32 +349,53 @@ def _rope(config) -> dict:
     return dict(params.get("full_attention", params)) if isinstance(params, dict) else {}
 
 
-def _named_tensors(model, layout: GgufLayout, arch):
-    """(GGUF name, fp32 tensor) for every weight llama.cpp reads, q/k reordered for its rotary layout."""
+def _named_tensors(model, layout: GgufLayout):
+    """(GGUF name, fp32 tensor) for every weight llama.cpp reads, in the family's conventions."""
     import gguf
 
-    blocks = len(layout.heads)
-    names = gguf.get_tensor_name_map(arch, blocks)
-    seen: set[int] = set()
-    for hf_name, param in model.state_dict(keep_vars=True).items():
-        if id(param) in seen:
-            continue  # a tied head is the embedding: llama.cpp reuses token_embd when `output` is absent
-        seen.add(id(param))
+    arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == layout.arch)
+    names = gguf.get_tensor_name_map(arch, layout.blocks)
+    head = model.get_output_embeddings()
+    separate_head = head is not None and head.weight is not model.get_input_embeddings().weight
+    for hf_name, param in model.named_parameters():  # a tied head is the embedding, listed once
+        if layout.family.tied_head_only and separate_head and param is head.weight:
+            raise UserError(f"llama.cpp's {layout.arch} architecture reads the LM head from the embedding; this "
+                            "model's head is a separate matrix: export it to ONNX instead (--format onnx)")
         gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
-            if "rotary_emb" in hf_name:
-                continue
-            raise UserError(f"no GGUF tensor for {hf_name}; this model's layout is not LLaMA's")
-        tensor = param.detach().float().cpu()
-        block = _block_index(gguf_name)
-        if gguf_name.endswith(("attn_q.weight", "attn_q.bias")):
-            tensor = permute_rotary(tensor, layout.heads[block])
-        elif gguf_name.endswith(("attn_k.weight", "attn_k.bias")):
-            tensor = permute_rotary(tensor, layout.kv_heads[block])
-        yield gguf_name, tensor
+            raise UserError(f"no GGUF tensor of llama.cpp's {layout.arch} architecture for {hf_name}: export it to "
+                            "ONNX instead (--format onnx)")
+        yield gguf_name, _convert(gguf_name, param.detach().float().cpu(), layout)
     freqs = _llama3_rope_factors(model.config, layout.head_dim)
     if freqs is not None:
         yield gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", freqs
+
+
+def _convert(gguf_name: str, tensor: torch.Tensor, layout: GgufLayout) -> torch.Tensor:
+    """One tensor in llama.cpp's conventions: Gemma's norm offset, the model's query scale folded in where the
+    graph applies another, q/k rows reordered where its rope rotates adjacent pairs."""
+    family, block = layout.family, _block_index(gguf_name)
+    role = gguf_name.split(".")[-2]
+    if family.norm_shift and role.endswith("norm"):
+        tensor = tensor + family.norm_shift
+    ratio = layout.scaling / family.attention_scale(layout)
+    if abs(ratio - 1.0) > 1e-9:
+        tensor = _fold_query_scale(tensor, role, ratio, layout, block)
+    if layout.arch in ROTATES_PAIRS and role in ("attn_q", "attn_k"):
+        tensor = permute_rotary(tensor, (layout.heads if role == "attn_q" else layout.kv_heads)[block])
+    return tensor
+
+
+def _fold_query_scale(tensor: torch.Tensor, role: str, ratio: float, layout: GgufLayout, block: int):
+    """Queries scaled by `ratio` (the model's scale over the graph's): through q's norm weight where q is normed
+    after its projection (a norm undoes any scale before it), else through q's rows (weight and bias)."""
+    carrier = "attn_q_norm" if layout.family.qk_norm else "attn_q"
+    if role == carrier:
+        return tensor * ratio
+    if role == "attn_qkv" and carrier == "attn_q":  # fused: q's rows come first
+        rows = layout.heads[block] * layout.head_dim
+        return torch.cat([tensor[:rows] * ratio, tensor[rows:]])
+    return tensor
 
 
 def _block_index(gguf_name: str) -> int:
