@@ -46,3 +46,24 @@ def test_qwen_parts_assemble_to_the_pinned_q4_k_m_gguf(tmp_path, monkeypatch):
             field("qwen2.attention.head_count"), field("qwen2.attention.head_count_kv")) == (28, 1536, 8960, 12, 2)
     names = {t.name for t in reader.tensors}
     assert {"output.weight", "blk.0.attn_q.bias", "blk.27.ffn_down.weight"} <= names
+
+
+@pytest.mark.skipif(not QWEN.folder().joinpath("config.json").is_file(),
+                    reason="qwen2.5-coder-1.5b is not fetched (`make qwen`)")
+def test_fetched_qwen_folder_is_the_dequantized_q4_k_m_with_llamacpps_qwen2_tokenizer():
+    """The folder's config is the GGUF's (untied 151,936-row head, 28 blocks), its record names the pinned file,
+    and its tokenizer hashes to the pre-tokenizer llama.cpp's converter calls `qwen2` (what a re-export writes)."""
+    import json
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    from dlp_deploy.export.gguf import _pre_tokenizer
+    from dlp_deploy.models import GGUF_SOURCE_FILE
+
+    folder = QWEN.folder()
+    config = AutoConfig.from_pretrained(folder)
+    assert (config.model_type, config.num_hidden_layers, config.vocab_size, config.tie_word_embeddings) == \
+        ("qwen2", 28, 151936, False)
+    record = json.loads((folder / GGUF_SOURCE_FILE).read_text())
+    assert record["sha256"] == QWEN.sha256 and record["bytes"] == QWEN.size
+    assert _pre_tokenizer(AutoTokenizer.from_pretrained(folder)) == "qwen2"

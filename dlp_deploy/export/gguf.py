@@ -110,6 +110,7 @@ class GgufFamily:
     qk_norm: str | None = None  # "head" / "full" q/k RMSNorms its graph applies (LayerSpec.qk_norm)
     per_layer_arch: str | None = None  # written instead when widths differ per block (reads per-layer arrays)
     sliding: bool = False  # its graph applies a sliding window (SWA layers from the per-layer pattern)
+    attention_softcap: bool = False  # its graph tanh-caps attention scores (Gemma-2's)
     tied_head_only: bool = False  # its graph reads the LM head from token_embd, never a separate `output`
     norm_shift: float = 0.0  # added to every RMSNorm weight: Gemma's norm multiplies by (1 + w)
     hparams: Callable = _no_hparams  # keys beyond the common ones: (writer, config, layout)
@@ -128,8 +129,8 @@ FAMILIES: dict[str, GgufFamily] = {
     "qwen2": GgufFamily("qwen2", "silu", per_layer_arch="deci"),
     "qwen3": GgufFamily("qwen3", "silu", qk_norm="head"),
     "phi3": GgufFamily("phi3", "silu"),  # fused qkv and gate_up map to attn_qkv and ffn_up as they are
-    "gemma2": GgufFamily("gemma2", "gelu_pytorch_tanh", wiring="sandwich", sliding=True, tied_head_only=True,
-                         norm_shift=1.0, hparams=_softcap_hparams, attention_scale=_gemma_attention_scale),
+    "gemma2": GgufFamily("gemma2", "gelu_pytorch_tanh", wiring="sandwich", sliding=True, attention_softcap=True,
+                         tied_head_only=True, norm_shift=1.0, hparams=_softcap_hparams, attention_scale=_gemma_attention_scale),
     "gemma3_text": GgufFamily("gemma3", "gelu_pytorch_tanh", wiring="sandwich", qk_norm="head", sliding=True,
                               norm_shift=1.0, hparams=_softcap_hparams, attention_scale=_gemma_attention_scale),
     "olmo2": GgufFamily("olmo2", "silu", wiring="post-norm", qk_norm="full", sliding=True),
@@ -212,8 +213,9 @@ def _check_specs(specs, family: GgufFamily) -> None:
         if found != wanted:
             raise UserError(f"llama.cpp's {family.arch} architecture implements {what} {wanted!r}, this model's "
                             f"blocks have {found!r}: export it to ONNX instead (--format onnx)")
-    if spec.softcap and not family.sliding:  # only the Gemma graphs soft-cap
-        raise UserError(f"llama.cpp's {family.arch} architecture has no attention soft-capping: export to ONNX")
+    if spec.softcap and not family.attention_softcap:
+        raise UserError(f"llama.cpp's {family.arch} architecture has no attention soft-capping, this model's blocks "
+                        "cap their scores: export it to ONNX instead (--format onnx)")
     if family.sliding and len({w for w in (s.window for s in specs) if w}) > 1:
         raise UserError(f"llama.cpp's {family.arch} architecture reads one sliding window for all sliding layers; "
                         "this model's differ: export it to ONNX instead (--format onnx)")
