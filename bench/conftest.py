@@ -16,3 +16,9 @@ def deployments(tmp_path_factory, smollm2_dir) -> dict[str, Path]:
     export_deployment(str(tiny), out["tiny"], seq_len=256, validate=False)
     export_deployment(str(smollm2_dir), out["smollm2"], seq_len=512, validate=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def hf_sources(deployments, smollm2_dir) -> dict[str, Path]:
+    """The PyTorch folders each deployment was exported from, for checks computed independently of the export."""
+    return {"tiny": deployments["tiny"].parent / "tiny-hf", "smollm2": smollm2_dir}

@@ -1,6 +1,7 @@
 """One decode step per engine, on a tiny model and on SmolLM2, and the cross-check against deepsparse.benchmark."""
 import numpy as np
 import pytest
+import torch
 
 from dlp_deploy.runtime.decode import step_inputs
 from dlp_deploy.runtime.engines import ENGINES
@@ -12,7 +13,7 @@ PROMPT = 32
 
 
 def _decode_step(session):
-    """Prefill once, then return a callable running one decode step at a fixed cache position."""
+    """Prefill once, then return a callable running one decode step at a fixed cache position, and the prompt."""
     ids = np.arange(1, PROMPT + 1, dtype=np.int64)[None] % 200 + 10
     session.prepare(PROMPT)
     session.prepare(1)
@@ -24,19 +25,40 @@ def _decode_step(session):
     def step():
         return session.run(token, mask, positions, causal, session.advance(present, 1))
 
-    return step
+    return step, ids
+
+
+def _pytorch_next_logits(folder, ids) -> np.ndarray:
+    """The source model's logits after `ids`, computed here in PyTorch (not taken from the export's record)."""
+    from dlp_deploy.models import load
+
+    model, _ = load(str(folder))
+    with torch.no_grad():
+        return model(torch.from_numpy(ids)).logits[0, -1].float().numpy()
 
 
 @pytest.mark.parametrize("model", ["tiny", "smollm2"])
 @pytest.mark.parametrize("engine", ["onnxruntime", "deepsparse", "deepsparse-external"])
-def test_decode_step(benchmark, deployments, model, engine):
+def test_decode_step(benchmark, deployments, hf_sources, model, engine):
     dep = load_deployment(deployments[model])
     session = ENGINES[engine].compile(dep.onnx_path, dep.seq_len, machine_info()["usable_cores"])
-    step = _decode_step(session)
+    step, ids = _decode_step(session)
+    # what is timed is the real next step: token 42 after the prompt's cache gives PyTorch's logits for it
+    logits, present = step()
+    ref = _pytorch_next_logits(hf_sources[model], np.concatenate([ids, [[42]]], axis=1))
+    assert logits.shape[-2:] == (1, ref.shape[-1])
+    # fp32 engines sum in other orders (SmolLM2: ~2e-4 at a logit scale of ~27); 1e-4 of the scale, at least
+    # absolute 1e-4, still catches a decode step at the wrong position (2e-3 on a tiny model's small logits)
+    assert np.abs(logits[0, -1] - ref).max() < 1e-4 * max(1.0, float(np.abs(ref).max()))
+    assert int(np.argmax(logits[0, -1])) == int(np.argmax(ref))
     benchmark.group = f"decode step: {model}"
     benchmark.extra_info.update(engine=engine, seq_len=dep.seq_len, cache_filled=PROMPT)
     # the internal cache grows by one slot per step: stay well inside the window
-    benchmark.pedantic(step, rounds=60 if engine == "deepsparse" else 100, warmup_rounds=3)
+    rounds = 60 if engine == "deepsparse" else 100
+    last, _ = benchmark.pedantic(step, rounds=rounds, warmup_rounds=3)
+    assert np.isfinite(last).all() and last.shape == logits.shape
+    if not session.internal_cache:  # the same inputs every round: the same step, so the same logits
+        assert np.allclose(last, logits, rtol=0, atol=1e-5)
 
 
 def test_harness_agrees_with_deepsparse_benchmark(deployments, record_property):
