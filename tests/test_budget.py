@@ -96,3 +96,16 @@ def test_export_searches_on_held_out_c4_and_a_loose_tolerance_keeps_every_linear
     calibration = data.calibration("c4", tiny_tokenizer(), 4, 64, 0, data_root)
     held_out = data.validation_windows(tiny_tokenizer(), calibration, 4, 64, data_root)
     assert set(held_out.docs).isdisjoint(data.C4_EVAL_DOCS) and set(held_out.docs).isdisjoint(calibration.used)
+
+
+def test_cli_prints_the_budget_and_refuses_it_outside_int8(tiny_dir, tmp_path, data_root):
+    from dlp_deploy.testing import assert_one_line_error, run_cli
+
+    proc = run_cli("export", tiny_dir, "--out", tmp_path / "int4", "--quantize", "int4", "--quality-budget")
+    assert_one_line_error(proc, "--quality-budget", "--quantize int8")
+    proc = run_cli("export", tiny_dir, "--out", tmp_path / "gptq", "--quantize", "int8", "--weight-method", "gptq",
+                   "--quality-budget", "--ppl-tolerance", "1.0", "--budget-windows", "2", "--calib-samples", "2",
+                   "--seq-len", "96", "--no-validate", "--data-dir", data_root)
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stderr.split())
+    assert "quality budget (100.0%, local c4_validation_2k" in text and "every Linear INT8" in text

@@ -39,6 +39,15 @@ def export_cmd(
                                                                    "zeros) or asym (a zero point per block)")] = "sym",
     accuracy_level: Annotated[int, typer.Option("--accuracy-level", help="INT4 MatMulNBits accuracy_level: 0 "
                               "(fp32 accumulation), 1 fp32, 2 fp16, 3 bf16, 4 int8 activations")] = 0,
+    weight_method: Annotated[str, typer.Option("--weight-method", help="INT8 weights: rtn (round to nearest) or "
+                             "gptq (OBS error feedback on the calibration windows; pruned zeros stay zero)")] = "rtn",
+    quality_budget: Annotated[bool, typer.Option("--quality-budget", help="INT8: make --ppl-tolerance a target: keep "
+                              "the Linears most sensitive to INT8 in fp32 until perplexity on held-out C4 text is "
+                              "within it")] = False,
+    budget_unit: Annotated[str, typer.Option("--budget-unit", help="--quality-budget search unit: linear (one "
+                           "evaluation per Linear), block or kind (coarser, for big models)")] = "linear",
+    budget_windows: Annotated[int, typer.Option("--budget-windows", min=1, help="--quality-budget held-out C4 "
+                              "windows (of the calibration length) per evaluation")] = 8,
     ppl_tolerance: Annotated[Optional[float], typer.Option("--ppl-tolerance", help="largest relative perplexity "
                              "rise over the PyTorch source (default 5%, 10% for --quantize int4; for GGUF one that "
                              "fits --quant)")] = None,
@@ -83,18 +92,44 @@ def export_cmd(
         _print_summary(out, info)
         _refuse_engine_failures(out, info)
         return
+    tolerance = default_ppl_tolerance(quantize) if ppl_tolerance is None else ppl_tolerance
+    if (weight_method != "rtn" or quality_budget) and quantize != "int8":
+        raise UserError("--weight-method and --quality-budget choose INT8 weights; add --quantize int8")
     options = QuantizeOptions(quantize, quantize_head, smooth_alpha, calib_samples, act_scales=act_scales,
-                              group_size=group_size, int4_scheme=int4_scheme, accuracy_level=accuracy_level) \
+                              group_size=group_size, int4_scheme=int4_scheme, accuracy_level=accuracy_level,
+                              weight_method=weight_method, budget=tolerance if quality_budget else None,
+                              budget_unit=budget_unit, budget_windows=budget_windows) \
         if quantize else None
-    quality = QualityCheck(seqlen=ppl_seqlen, windows=ppl_windows,
-                           tolerance=default_ppl_tolerance(quantize) if ppl_tolerance is None else ppl_tolerance)
+    quality = QualityCheck(seqlen=ppl_seqlen, windows=ppl_windows, tolerance=tolerance)
     with err.status("exporting") as status:
         info = export_deployment(model, out, seq_len=seq_len, validate=validate, force=force,
                                  progress=lambda step: status.update(step), num_cores=num_cores, quantize=options,
                                  quality=quality, data_root=str(data_dir) if data_dir else None,
                                  engines=_validation_engines(engines), engine_timeout=engine_timeout)
     _print_summary(out, info)
+    _print_budget((info.get("quantization") or {}).get("budget"))
     _refuse_engine_failures(out, info)
+
+
+def _print_budget(budget: dict | None) -> None:
+    """What the quality budget kept fp32, most sensitive first, and why (its perplexity rise alone)."""
+    if not budget:
+        return
+    from rich.table import Table
+
+    err.print(f"quality budget ({budget['tolerance']:.1%}, {budget['validation_text']['source']}): fp32 ppl "
+              f"{budget['fp32_ppl']:.3f}, all INT8 {budget['all_quantized_ppl']:.3f}, deployed mix "
+              f"{budget['final_ppl']:.3f} ({'met' if budget['met'] else 'NOT met'}; {budget['evaluations']} "
+              "evaluations)", highlight=False)
+    if not budget["kept_fp32"]:
+        err.print("  every Linear INT8: the all-INT8 model is within the tolerance")
+        return
+    table = Table(title=f"kept fp32 ({budget['unit']} units)")
+    for column in ("unit", "ppl rise with only it INT8", "weights"):
+        table.add_column(column)
+    for row in budget["kept_fp32"]:
+        table.add_row(row["unit"], f"{row['sensitivity']:+.3%}", str(len(row["weights"])))
+    err.print(table)
 
 
 def _validation_engines(engines: str | None) -> tuple[str, ...]:
