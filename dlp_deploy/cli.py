@@ -21,10 +21,10 @@ err = Console(stderr=True)
 
 
 def _mount() -> None:
-    from .commands import bench, deploy, depth, models, quality
+    from .commands import bench, deploy, depth, models, plan, quality
 
     app.add_typer(models.app, name="models")
-    for module in (quality, depth, deploy, bench):
+    for module in (quality, depth, deploy, bench, plan):
         for name, fn in module.COMMANDS.items():
             app.command(name)(fn)
 

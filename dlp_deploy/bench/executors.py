@@ -94,10 +94,13 @@ class LocalExecutor(Executor):
         from .schedule import run_interleaved
         from .sweep import bench_step
 
+        task = getattr(self, "_task", None)
+        if self.progress and task is None:  # measuring without a prepare (`plan` prepares its own deployments)
+            task = self.progress.add_task("bench", total=len(pairs) * rounds)
         measured = run_interleaved(
             len(pairs), rounds, order, seed,
             lambda r, i: bench_step(self.s, self.run_dir, *pairs[i], self.log, round_=r),
-            on_done=(lambda *_: self.progress.advance(self._task)) if self.progress else None)
+            on_done=(lambda *_: self.progress.advance(task)) if self.progress else None)
         return Measured(pairs, measured)
 
 

@@ -28,6 +28,7 @@ TASKS = {
     "validate": "dlp_deploy.export.deployment:validation_task",
     "eval": "dlp_deploy.eval.job:deployment_perplexity_task",
     "generate": "dlp_deploy.commands.deploy:generate_task",
+    "plan-ppl": "dlp_deploy.plan.stages:validation_perplexity_task",
 }
 FAULT_ENV = "DLP_DEPLOY_FAULT"
 _FAULT_SIGNALS = {"crash": signal.SIGSEGV, "kill": signal.SIGKILL}

@@ -1,0 +1,199 @@
+"""`dlp-deploy plan`: the pure decisions (budget, Pareto, tie rule, time planner) and one tiny plan end to end.
+
+The end-to-end plan runs on a random tiny LLaMA, whose perplexities differ by a few tenths of a percent between
+candidates; the budget is set inside those differences (0.2% with a 0.5% screening margin), so that every stage
+has something to drop and something to keep. What is asserted is the rule, against the plan's own figures."""
+import json
+import shutil
+
+import pytest
+
+from dlp_deploy import data
+from dlp_deploy.errors import UserError
+from dlp_deploy.plan import select
+from dlp_deploy.plan.candidates import candidates
+
+# ---------------------------------------------------------------- pure decisions
+
+
+def test_budget_split_drops_what_is_over_the_limit_and_the_screen_keeps_a_margin():
+    rows = [{"id": "a", "ppl": 10.0}, {"id": "b", "ppl": 11.0}, {"id": "c", "ppl": 11.4},
+            {"id": "d", "ppl": float("inf")}, {"id": "e", "ppl": None}]
+    kept, dropped = select.budget_split(rows, 10.0, 0.10)
+    assert [r["id"] for r in kept] == ["a", "b"]  # 11.0 is exactly +10%: within
+    assert [r["id"] for r in dropped] == ["c", "d", "e"]
+    assert "+14.0%" in dropped[0]["why"] and "11.000" in dropped[0]["why"]
+    kept, dropped = select.budget_split(rows, 10.0, 0.10, margin=0.05)  # screen: up to 11.55
+    assert [r["id"] for r in kept] == ["a", "b", "c"]
+    assert select.limit(10.0, 0.10, 0.05) == pytest.approx(11.55)
+
+
+def test_choice_is_the_fastest_and_a_tie_within_the_noise_goes_to_the_better_perplexity():
+    rows = [{"id": "fast", "speed": 100.0, "ppl": 12.0}, {"id": "close", "speed": 96.0, "ppl": 11.0},
+            {"id": "slow", "speed": 80.0, "ppl": 10.0}]
+    best, why = select.choose(rows, floor=0.0)
+    assert best["id"] == "fast" and why == "the fastest within budget"
+    best, why = select.choose(rows, floor=0.05)  # 100 / 96 = 1.042: within 5%, so a tie; 80 is not
+    assert best["id"] == "close" and "tied with the fastest, fast" in why
+    best, _ = select.choose(rows, floor=0.30)  # now all three tie: the best perplexity wins
+    assert best["id"] == "slow"
+    assert select.choose(list(reversed(rows)), floor=0.05)[0]["id"] == "close"  # order does not matter
+    assert select.choose([], 0.05)[0] is None
+
+
+def test_pareto_front_of_speed_and_perplexity():
+    rows = [{"id": "a", "speed": 10, "ppl": 5}, {"id": "b", "speed": 20, "ppl": 6},
+            {"id": "c", "speed": 15, "ppl": 7}, {"id": "d", "speed": 5, "ppl": 4}]
+    assert select.front_ids(rows) == ["d", "a", "b"]  # c: b is faster and better
+
+
+def test_time_planner_estimates_from_what_ran_and_skips_what_would_not_fit():
+    now = [0.0]
+    planner = select.TimePlanner(100.0, clock=lambda: now[0])
+    assert planner.admit("s", "first")  # no cost known yet: one unit runs and teaches it
+    planner.record("s", 30.0)
+    now[0] = 30.0
+    assert planner.admit("s", "second") and planner.admit("s", "two more", units=2)  # 30 and 60 <= 70 left
+    assert not planner.admit("s", "three more", units=3)  # 90 > 70
+    assert planner.skipped[-1]["unit"] == "three more" and planner.skipped[-1]["estimate_s"] == 90.0
+    assert planner.admit("s", "a", units=2, reserve=True)  # 60 of 70 set aside
+    assert not planner.admit("s", "b", reserve=True)  # 30 > the 10 left
+    assert "would need ~30 s, 10 s left" in planner.skipped[-1]["why"]
+    now[0] = 200.0
+    planner.reserved = 0.0
+    assert not planner.admit("other", "late")  # nothing left, even without an estimate
+    assert select.TimePlanner(None).admit("s", "anything", units=10 ** 6)
+
+
+def test_measurement_order_puts_the_smaller_files_first():
+    rows = [{"id": "fp32", "bytes": 400, "sparsity": 0.5, "ppl": 10}, {"id": "int8", "bytes": 100, "ppl": 11},
+            {"id": "fp32-sparser", "bytes": 400, "sparsity": 0.7, "ppl": 12}]
+    assert [r["id"] for r in select.measurement_order(rows)] == ["int8", "fp32-sparser", "fp32"]
+
+
+def test_candidate_grid_and_its_refusals():
+    ids = [c.id for c in candidates(["unstructured", "nm"], [0.3])]
+    assert ids == ["wanda-uniform-0.30", "wanda-dlp-0.30", "wanda-2of4-uniform-0.50", "wanda-4of8-uniform-0.50",
+                   "wanda-mixed4-dlp-0.30"]
+    assert {c.screen for c in candidates(["structured", "depth"], [0.3])} == {"pruned"}
+    with pytest.raises(UserError, match="choose forms from"):
+        candidates(["sparse"], [0.3])
+    with pytest.raises(UserError, match="--levels"):
+        candidates(["unstructured"], [1.5])
+
+
+# ---------------------------------------------------------------- one tiny plan, end to end
+
+TINY = dict(engines=["onnxruntime"], cores=1, include=["unstructured", "nm"], levels=[0.3], precisions=["fp32"],
+            peers=[], screen_margin=0.005, seq_len=64, val_windows=2, nsamples=4, calib_seqlen=32, prompt_len=8,
+            gen_len=8, runs=2, warmup=0, rounds=1, test_windows=2, validate=False)
+BUDGET = 0.002
+
+
+@pytest.fixture(scope="module")
+def planned(tmp_path_factory, data_root):
+    """The tiny plan run twice in one folder (the second a resume), the WikiText-2 loader instrumented: each call
+    records whether choice.json was on disk then."""
+    from dlp_deploy.plan.run import run_plan
+    from dlp_deploy.plan.stages import PlanSettings
+    from dlp_deploy.testing import save_tiny
+
+    root = tmp_path_factory.mktemp("plan")
+    model = save_tiny(root / "tiny", seed=2)
+    out = root / "plan"
+    settings = PlanSettings(str(model), BUDGET, **TINY)
+    calls = []
+    loader = data.EVAL_CORPORA["wikitext2"]
+
+    def recorded(where):
+        calls.append((out / "choice.json").is_file())
+        return loader(where)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DLP_DEPLOY_DATA", str(data_root))
+        mp.setitem(data.EVAL_CORPORA, "wikitext2", recorded)
+        first = run_plan(settings, out, log=lambda *_: None)
+        stamps = {p: p.stat().st_mtime_ns for p in (out / "models").glob("*/pruning.json")}
+        second = run_plan(settings, out, log=lambda *_: None)
+    return {"out": out, "settings": settings, "first": first, "second": second, "calls": calls, "stamps": stamps}
+
+
+def test_each_stage_drops_the_candidates_over_budget(planned):
+    plan = planned["first"]
+    b = plan["budget"]
+    assert b["screen_limit"] == pytest.approx(b["screen_reference"] * (1 + BUDGET) * (1 + TINY["screen_margin"]))
+    stopped = {c["id"]: c for c in plan["candidates"]}
+    screened_out = [c for c in plan["candidates"] if c.get("stopped") == "stage 1"]
+    assert screened_out, "the tiny budget must screen something out"
+    for c in plan["candidates"][1:]:
+        over = c["screen"]["ppl"] > b["screen_limit"]
+        assert (c.get("stopped") == "stage 1") == over, c["id"]
+    deployed = [d for c in plan["candidates"] for d in c.get("deployments") or []]
+    assert any(d["stopped"] == "stage 2" for d in deployed), "and drop a deployment over budget in stage 2"
+    for d in deployed:
+        if d["validation_ppl"] is not None:
+            assert (d["stopped"] == "stage 2") == (d["validation_ppl"] > b["deployment_limit"]), d["name"]
+    measured = {r["label"] for r in plan["measured"]}
+    assert measured >= {"dense", "dense (A/A)"}
+    assert all(d["name"] in measured for d in deployed if d["stopped"] is None)
+    assert all(d["name"] not in measured for d in deployed if d["stopped"] == "stage 2")
+    # the choice is within budget and is the fastest, or tied with it within the A/A noise floor
+    c = plan["choice"]
+    assert c["validation_ppl"] <= b["deployment_limit"]
+    fastest = max(r["decode_tokens_per_s"] for r in plan["measured"] if not r["aa_control"]
+                  and r["label"] in {d["name"] for d in deployed if d["stopped"] is None})
+    assert fastest <= c["decode_tokens_per_s"] * (1 + c["noise_floor"]["value"]) + 1e-9
+    assert stopped["dense"]["deployments"][0]["validation_ppl"] == pytest.approx(b["deployment_reference"])
+    # outputs: a deployment ready for generate/bench with its card, plan.md with every candidate and the figure
+    out = planned["out"]
+    assert (out / "deployment" / "model.onnx").is_file() and (out / "deployment" / "export.json").is_file()
+    card = (out / "deployment" / "README.md").read_text()
+    assert "## Reproduce" in card and "dlp-deploy plan" in card and f"{c['decode_tokens_per_s']:.1f}" in card
+    assert ("Wanda pruning" in card) == (c["candidate"] != "dense")
+    md = (out / "plan.md").read_text()
+    assert all(cand["id"] in md for cand in plan["candidates"]) and "pareto.png" in md
+    assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((out / "plan.json").read_text())["provenance"]["versions"]
+
+
+def test_no_test_text_is_read_before_the_choice(planned):
+    assert planned["calls"], "the WikiText-2 test perplexity is computed, after the choice"
+    assert all(planned["calls"]), "WikiText-2 was read before choice.json existed"
+    test = planned["first"]["test"]
+    assert set(test) == {"chosen", "dense fp32"}
+    assert test["chosen"]["windows"] == test["dense fp32"]["windows"] == TINY["test_windows"]
+    assert all(1 < t["ppl"] < 1e4 for t in test.values())
+    # export validation scored no perplexity (it reads WikiText-2 test text)
+    for export in (planned["out"] / "deploy").glob("*/export.json"):
+        assert not (json.loads(export.read_text()).get("validation") or {}).get("quality")
+
+
+def test_resume_redoes_nothing(planned):
+    first, second = planned["first"], planned["second"]
+    assert first["this_run"]["work"]["pruned"] >= 2 and first["this_run"]["work"]["rounds_measured"] >= 3
+    assert second["this_run"]["work"] == {k: 0 for k in first["this_run"]["work"]}
+    assert {p: p.stat().st_mtime_ns for p in planned["stamps"]} == planned["stamps"]
+    assert second["choice"]["deploy"] == first["choice"]["deploy"]
+    assert second["measured"] == first["measured"]
+
+
+def test_a_tiny_time_budget_skips_stage_3_candidates_and_says_so(planned, tmp_path, data_root, monkeypatch):
+    from dataclasses import replace
+
+    from dlp_deploy.plan.run import run_plan
+
+    out = tmp_path / "plan"
+    shutil.copytree(planned["out"], out, ignore=shutil.ignore_patterns("stage3", "test", "choice.json"))
+    monkeypatch.setenv("DLP_DEPLOY_DATA", str(data_root))
+    plan = run_plan(replace(planned["settings"], time_budget=0.01), out, log=lambda *_: None)
+    assert plan["this_run"]["work"]["pruned"] == plan["this_run"]["work"]["exported"] == 0
+    skipped = [x for x in plan["time_budget"]["skipped"] if x["stage"] == "stage3"]
+    survivors = [d["name"] for c in planned["first"]["candidates"][1:] for d in c.get("deployments") or []
+                 if d["stopped"] is None]
+    assert survivors and sorted(x["unit"] for x in skipped) == sorted(survivors)
+    assert {r["label"] for r in plan["measured"]} == {"dense", "dense (A/A)"}  # the references always run
+    assert plan["choice"]["deploy"] == "dense"
+    md = (out / "plan.md").read_text()
+    assert "Skipped to stay within it" in md and all(f"stage3: {name}" in md for name in survivors)
+    with pytest.raises(UserError, match="other settings"):
+        run_plan(replace(planned["settings"], seq_len=128), out, log=lambda *_: None)
