@@ -99,7 +99,7 @@ def test_int4_graph_matches_the_dequantized_model_on_onnxruntime_and_openvino(tm
                                                     weight_only_config)
 
     info, n_targets = _int4_graph(tmp_path, symmetric)
-    assert info["matmuls_quantized"] == n_targets == 4 * 7
+    assert info["matmuls_quantized"] == n_targets == 4 * 7 and info["matmuls_with_a_padded_block"] == 0
     feed = _prefill_feeds(tmp_path / "int4.onnx", [torch.arange(3, 40)])[0]
 
     def logits(path):
@@ -177,6 +177,7 @@ def test_asymmetric_int4_counts_pruned_weights_that_are_not_exact_zeros(tmp_path
     # the zero point is an integer and the range holds 0, so a zero lands on it exactly: counted, found none
     assert record["pruned_weights_not_exact_zero"] == 0 and "not required" in record["note"]
     assert info["quantization"]["symmetric"] is False and info["quantization"]["block_size"] == 128
+    assert info["quantization"]["matmuls_with_a_padded_block"] == 4 * 6  # every input of 64; down_proj's is 128
 
 
 def test_cli_exports_int4_and_records_it(tiny_dir, tmp_path):

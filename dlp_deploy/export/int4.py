@@ -115,7 +115,7 @@ def insert_matmul_nbits(proto, targets, block_size: int, symmetric: bool, accura
 
     inits = {i.name: i for i in proto.graph.initializer}
     by_name = {t.node: t for t in targets}
-    new_inits, nodes, dropped = [], [], set()
+    new_inits, nodes, dropped, padded = [], [], set(), 0
     for node in proto.graph.node:
         t = by_name.get(node.name)
         if t is None:
@@ -131,6 +131,7 @@ def insert_matmul_nbits(proto, targets, block_size: int, symmetric: bool, accura
                                       domain="com.microsoft", K=bq.k, N=bq.n, bits=BITS, block_size=block_size,
                                       accuracy_level=accuracy_level))
         dropped.add(t.weight)
+        padded += bq.k % block_size != 0
     del proto.graph.node[:]
     proto.graph.node.extend(nodes)
     kept = [i for i in proto.graph.initializer if i.name not in dropped]
@@ -140,6 +141,8 @@ def insert_matmul_nbits(proto, targets, block_size: int, symmetric: bool, accura
         proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return {"matmuls_quantized": len(targets), "bits": BITS, "block_size": block_size,
             "symmetric": symmetric, "accuracy_level": accuracy_level,
+            # OpenVINO 2026.4 decompresses these to f32 weights at compile time (reports/smollm2-135m-int4)
+            "matmuls_with_a_padded_block": padded,
             "weights": f"int4 {'symmetric' if symmetric else 'asymmetric'}, blocks of {block_size} along K",
             "activations": "fp32 (weight-only)", "format": "com.microsoft MatMulNBits"}
 
