@@ -2,13 +2,13 @@
 the replicated flag, and --replicate's machine check. No wall-clock times asserted."""
 import json
 import os
+import re
 
 import numpy as np
 import pytest
 
 from dlp_deploy.bench.stats import (attach_speedups, bootstrap_ratio_ci, cluster_bootstrap_medians, noise_floor,
                                     process_runs, process_spread, replicated, replication)
-from dlp_deploy.errors import UserError
 
 
 def test_cluster_bootstrap_with_identical_runs_is_the_process_level_bootstrap():
@@ -123,7 +123,13 @@ def test_aa_control_in_a_tiny_sweep_its_floor_in_the_report_and_a_replication(tm
     assert all(r["perplexity_by"]["who"] == "PyTorch" for r in first["results"])
     md = (make_report([run], tmp_path / "report") / "report.md").read_text()
     assert md.splitlines()[2].startswith("**Verdict**")
-    assert "A/A control: the dense deployment measured again" in md and "Noise floor of this run: ±" in md
+    # the floor the report states is the one the rows were judged against, and the A/A ratio it rests on
+    floor = noise_floor(first["results"])
+    said = re.search(r"Noise floor of this run: ±([\d.]+)%", md)
+    assert said and float(said.group(1)) == pytest.approx(100 * floor["value"], abs=0.05)
+    ratio = re.search(r"onnxruntime \(external KV, fp32\) ([\d.]+)x \[([\d.]+), ([\d.]+)\], floor", md)
+    speed = aa[0]["speedup"]
+    assert [float(x) for x in ratio.groups()] == pytest.approx([speed["decode"], *speed["decode_ci95"]], abs=0.005)
     assert "| dense (A/A) |" not in md.split("## Quality")[1]  # a control, not a level of the quality tables
 
     again = tmp_path / "again"
@@ -132,4 +138,9 @@ def test_aa_control_in_a_tiny_sweep_its_floor_in_the_report_and_a_replication(tm
     assert len(second["results"]) == len(first["results"])
     md = (make_report([again], tmp_path / "report-again") / "report.md").read_text()
     assert "## Replication" in md and f"This run re-measures {run.resolve()}" in md
+    # the counts it states are those of the replicated flags computed from the two runs' rows
+    pairs = replication(first["results"], second["results"])
+    claimed = [p for p in pairs if p["old"].get("win")]
+    counts = re.search(r"Of the (\d+) speedups that run called wins, (\d+) replicated", md)
+    assert counts and [int(x) for x in counts.groups()] == [len(claimed), sum(p["replicated"] for p in claimed)]
     assert "| wanda-dlp-0.50 | onnxruntime (external KV) | fp32 |" in md
