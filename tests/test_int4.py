@@ -19,13 +19,17 @@ from dlp_deploy.testing import assert_one_line_error, run_cli
 CHECK = QualityCheck(seqlen=96, windows=3)
 
 
-def numpy_blockwise_qdq(w: np.ndarray, block: int, symmetric: bool) -> np.ndarray:
+def numpy_blockwise_qdq(w: np.ndarray, block: int, scheme: str) -> np.ndarray:
     """Quantize-dequantize one column block at a time, written out plainly."""
     out = np.zeros_like(w)
     for n in range(w.shape[1]):
         for k0 in range(0, w.shape[0], block):
             x = w[k0:k0 + block, n]
-            if symmetric:
+            if scheme == "minmax":
+                lo, hi = x.min(), x.max()
+                s = np.float32((hi - lo) / 15.0) if hi > lo else np.float32(1)
+                out[k0:k0 + block, n] = np.clip(np.rint((x - lo) / s), 0, 15) * s + lo
+            elif scheme == "sym":
                 extreme = x[np.argmax(np.abs(x))]
                 s = np.float32(extreme / -8.0) if extreme else np.float32(1)
                 out[k0:k0 + block, n] = np.clip(np.rint(x / s), -8, 7) * s
@@ -37,15 +41,16 @@ def numpy_blockwise_qdq(w: np.ndarray, block: int, symmetric: bool) -> np.ndarra
     return out
 
 
-@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("scheme", ["sym", "asym"])
 @pytest.mark.parametrize("block", [32, 128])
-def test_packing_round_trips_against_numpy(symmetric, block):
+def test_packing_round_trips_against_numpy(scheme, block):
+    symmetric = scheme == "sym"
     rng = np.random.default_rng(block)
     k, n = 160, 37  # K not a multiple of 128 (the last block padded), odd N
     w = rng.normal(size=(k, n)).astype(np.float32)
     w[rng.random(w.shape) < 0.5] = 0
     w[:, 5] = 0  # an all-zero column
-    bq = quantize_matmul_weight(w, block, symmetric)
+    bq = quantize_matmul_weight(w, block, scheme)
     n_blocks = -(-k // block)
     assert bq.packed.dtype == np.uint8 and bq.packed.shape == (n, n_blocks, block // 2)
     assert bq.scales.shape == (n * n_blocks,)
@@ -53,7 +58,7 @@ def test_packing_round_trips_against_numpy(symmetric, block):
     if not symmetric:
         assert bq.zero_points.shape == (n * -(-n_blocks // 2),)
     got = dequantize(bq)
-    want = numpy_blockwise_qdq(w, block, symmetric)
+    want = numpy_blockwise_qdq(w, block, scheme)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
     assert np.all(got[w == 0] == 0)  # every zero an exact zero
     scales = np.abs(bq.scales).reshape(n, n_blocks)
@@ -65,7 +70,23 @@ def test_packing_round_trips_against_numpy(symmetric, block):
     assert bq.packed[0, 0, 0] == q[0] | (q[1] << 4)
 
 
-def _int4_graph(tmp_path, symmetric: bool, block: int = 32):
+@pytest.mark.parametrize("block", [32, 128])
+def test_minmax_round_trips_and_reproduces_weights_already_on_its_grid(block):
+    rng = np.random.default_rng(block)
+    w = rng.normal(size=(160, 37)).astype(np.float32)
+    bq = quantize_matmul_weight(w, block, "minmax")
+    n_blocks = -(-160 // block)
+    assert bq.zero_points.dtype == np.float32 and bq.zero_points.shape == (37 * n_blocks,)
+    q4 = dequantize(bq)
+    np.testing.assert_allclose(q4, numpy_blockwise_qdq(w, block, "minmax"), rtol=0, atol=1e-5)
+    # weights on a min + q * d grid (a Q4_1 GGUF's, as SmolLM2 ships) come back as they are; the grids that hold 0
+    # round them again
+    np.testing.assert_allclose(dequantize(quantize_matmul_weight(q4, block, "minmax")), q4, rtol=0, atol=1e-5)
+    for scheme in ("sym", "asym"):
+        assert np.abs(dequantize(quantize_matmul_weight(q4, block, scheme)) - q4).max() > 1e-2
+
+
+def _int4_graph(tmp_path, scheme: str, block: int = 32):
     import onnx
 
     from dlp_deploy.export.deployment import _block_weight_names
@@ -78,7 +99,7 @@ def _int4_graph(tmp_path, symmetric: bool, block: int = 32):
     proto = onnx.load(str(tmp_path / "fp32.onnx"))
     names = _block_weight_names(model)
     targets = quant_targets(proto, {f"{n}.T" for n in names})
-    info = insert_matmul_nbits(proto, targets, block, symmetric, accuracy_level=0)
+    info = insert_matmul_nbits(proto, targets, block, scheme, accuracy_level=0)
     save_model(proto, tmp_path / "int4.onnx")
     # the same fp32 graph with each weight replaced by what the INT4 one dequantizes to
     reference = onnx.load(str(tmp_path / "fp32.onnx"))
@@ -90,15 +111,15 @@ def _int4_graph(tmp_path, symmetric: bool, block: int = 32):
     return info, len(targets)
 
 
-@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
-def test_int4_graph_matches_the_dequantized_model_on_onnxruntime_and_openvino(tmp_path, symmetric):
+@pytest.mark.parametrize("scheme", ["sym", "asym", "minmax"])
+def test_int4_graph_matches_the_dequantized_model_on_onnxruntime_and_openvino(tmp_path, scheme):
     import onnxruntime as ort
 
     from dlp_deploy.export.deployment import _prefill_feeds
     from dlp_deploy.runtime.openvino_engine import (openvino_available, openvino_config, openvino_kernel_record,
                                                     weight_only_config)
 
-    info, n_targets = _int4_graph(tmp_path, symmetric)
+    info, n_targets = _int4_graph(tmp_path, scheme)
     assert info["matmuls_quantized"] == n_targets == 4 * 7 and info["matmuls_with_a_padded_block"] == 0
     feed = _prefill_feeds(tmp_path / "int4.onnx", [torch.arange(3, 40)])[0]
 
@@ -169,15 +190,21 @@ def test_pruned_model_keeps_every_zero_under_symmetric_int4_and_validates(tmp_pa
     load_deployment(tmp_path / "int4").check_engine("openvino")
 
 
-def test_asymmetric_int4_counts_pruned_weights_that_are_not_exact_zeros(tmp_path, data_root):
+@pytest.mark.parametrize("scheme", ["asym", "minmax"])
+def test_asymmetric_int4_counts_pruned_weights_that_are_not_exact_zeros(tmp_path, data_root, scheme):
     src = _masked_tiny(tmp_path / "src")
     info = export_deployment(str(src), tmp_path / "int4", seq_len=64, validate=False, data_root=str(data_root),
-                             quantize=QuantizeOptions("int4", group_size=128, int4_scheme="asym"), quality=None)
+                             quantize=QuantizeOptions("int4", group_size=128, int4_scheme=scheme), quality=None)
     record = info["weight_sparsity"]["int4"]
-    # the zero point is an integer and the range holds 0, so a zero lands on it exactly: counted, found none
-    assert record["pruned_weights_not_exact_zero"] == 0 and "not required" in record["note"]
-    assert info["quantization"]["symmetric"] is False and info["quantization"]["block_size"] == 128
-    assert info["quantization"]["matmuls_with_a_padded_block"] == 4 * 6  # every input of 64; down_proj's is 128
+    pruned = round(info["weight_sparsity"]["pytorch_global"] * info["weight_sparsity"]["block_params"])
+    if scheme == "asym":  # the zero point is an integer and the range holds 0: a zero lands on it exactly
+        assert record["pruned_weights_not_exact_zero"] == 0 and record["mask_preserved"]
+    else:  # 0 is not on a min + q * d grid: nearly every pruned weight is a small non-zero, counted, not refused
+        assert 0.9 * pruned < record["pruned_weights_not_exact_zero"] <= pruned and not record["mask_preserved"]
+    assert f"{scheme}: zeros are checked and counted" in record["note"]
+    q = info["quantization"]
+    assert (q["int4_scheme"], q["symmetric"], q["block_size"]) == (scheme, False, 128)
+    assert q["matmuls_with_a_padded_block"] == 4 * 6  # every input of 64; down_proj's is 128
 
 
 def test_cli_exports_int4_and_records_it(tiny_dir, tmp_path):
@@ -244,7 +271,7 @@ def test_accuracy_level_means_the_same_on_onnxruntime_and_openvino(tmp_path, lev
 
     rng = np.random.default_rng(0)
     k, n = 256, 48
-    bq = quantize_matmul_weight(rng.normal(size=(k, n)).astype(np.float32), 32, True)
+    bq = quantize_matmul_weight(rng.normal(size=(k, n)).astype(np.float32), 32, "sym")
     node = helper.make_node("MatMulNBits", ["x", "b", "s"], ["y"], domain="com.microsoft", K=k, N=n, bits=4,
                             block_size=32, accuracy_level=level)
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 5, k])],

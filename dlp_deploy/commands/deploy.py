@@ -36,7 +36,8 @@ def export_cmd(
     group_size: Annotated[int, typer.Option("--group-size", help="INT4 block along the input dimension: 32, 64 "
                                                                   "or 128")] = 32,
     int4_scheme: Annotated[str, typer.Option("--int4-scheme", help="INT4 blocks: sym (pruned zeros stay exact "
-                                                                   "zeros) or asym (a zero point per block)")] = "sym",
+                           "zeros), asym (an integer zero point per block; zeros exact too) or minmax (Q4_1's grid, "
+                           "a float zero point; the finest grid, zeros not exact)")] = "sym",
     accuracy_level: Annotated[int, typer.Option("--accuracy-level", help="INT4 MatMulNBits accuracy_level: 0 "
                               "(fp32 accumulation), 1 fp32, 2 fp16, 3 bf16, 4 int8 activations")] = 0,
     weight_method: Annotated[str, typer.Option("--weight-method", help="INT8 weights: rtn (round to nearest) or "

@@ -7,7 +7,8 @@ matmul_nbits_quantizer.py writes), for an [K, N] MatMul weight quantized in bloc
   zeros to n_blocks * block_size.
 - scales: float [N * n_blocks] (row n's blocks together).
 - zero_points (asymmetric only): uint8 [N * ceil(n_blocks / 2)], each row's nibbles packed the same way and the
-  row padded to a whole byte. Without it ORT uses 2^(bits-1) = 8.
+  row padded to a whole byte; or float [N * n_blocks] (minmax), read the same way by ONNX Runtime and OpenVINO
+  (checked: (q - zp) * s). Without it ORT uses 2^(bits-1) = 8.
 Dequantized: W[k, n] = (q[n, k] - zp[n, k // block_size]) * scale[n, k // block_size].
 
 - symmetric: q = clip(round(w / s), -8, 7) + 8 with s = the block's extreme value / -8 (the sign carried by the
@@ -17,6 +18,10 @@ Dequantized: W[k, n] = (q[n, k] - zp[n, k // block_size]) * scale[n, k // block_
 - asymmetric: s = (max - min) / 15 over [min(w, 0), max(w, 0)], zp = round(-min / s) (an integer in [0, 15],
   since the range holds 0), q = clip(round(w / s) + zp, 0, 15): a 0 weight lands on zp itself, so it too
   dequantizes to exactly 0. The mask check counts rather than assumes this (pruned weights not exact zeros).
+- minmax: llama.cpp Q4_1's grid, w = min + q * s with s = (max - min) / 15 over the block's own range and a float
+  zero point -min / s: the finest grid for the block, but 0 is generally not on it, so pruned weights become small
+  non-zeros (counted). A model shipped as Q4_1 (SmolLM2) is reproduced exactly by it, where the grids above
+  round its weights a second time.
 """
 from __future__ import annotations
 
@@ -28,7 +33,9 @@ import numpy as np
 BITS = 4
 GROUP_SIZES = (32, 64, 128)
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # ORT: 0 unset (fp32 here), 1 fp32, 2 fp16, 3 bf16, 4 int8 activations
-INT4_SCHEMES = ("sym", "asym")
+INT4_SCHEMES = ("sym", "asym", "minmax")
+SCHEME_WORDS = {"sym": "symmetric", "asym": "asymmetric, integer zero points",
+                "minmax": "min-max (Q4_1's grid), float zero points"}
 # Measured with the tests below: DeepSparse 1.8 has no 4-bit kernel and does not know com.microsoft ops
 INT4_REFUSALS = {"deepsparse": "DeepSparse runs no 4-bit weights (MatMulNBits is an ONNX Runtime contrib op); "
                                "validate and deploy the int4 folder on onnxruntime or openvino"}
@@ -44,7 +51,7 @@ class BlockQuant:
     block_size: int
     packed: np.ndarray  # uint8 [N, n_blocks, block_size // 2]
     scales: np.ndarray  # float32 [N * n_blocks]
-    zero_points: np.ndarray | None  # uint8 [N * ceil(n_blocks / 2)], None when symmetric
+    zero_points: np.ndarray | None  # uint8 [N * ceil(n_blocks / 2)] (asym), float32 [N * n_blocks] (minmax), None
 
     @property
     def n_blocks(self) -> int:
@@ -60,10 +67,15 @@ def _blocks(weight: np.ndarray, block_size: int) -> np.ndarray:
     return padded.T.reshape(n, n_blocks, block_size)
 
 
-def quantize_blocks(weight: np.ndarray, block_size: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def quantize_blocks(weight: np.ndarray, block_size: int, scheme: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Unsigned 4-bit values [N, n_blocks, block_size], scales and zero points [N, n_blocks] of a [K, N] weight."""
     blocks = _blocks(weight, block_size)
-    if symmetric:
+    if scheme == "minmax":
+        lo, hi = blocks.min(axis=-1), blocks.max(axis=-1)
+        scale = np.where(hi > lo, (hi - lo) / 15.0, 1.0).astype(np.float32)
+        q = np.clip(np.rint((blocks - lo[..., None]) / scale[..., None]), 0, 15)
+        return q.astype(np.uint8), scale, (-lo / scale).astype(np.float32)
+    if scheme == "sym":
         lo, hi = blocks.min(axis=-1), blocks.max(axis=-1)
         extreme = np.where(np.abs(lo) >= np.abs(hi), lo, hi)
         scale = np.where(extreme != 0, extreme / -8.0, 1.0).astype(np.float32)
@@ -90,11 +102,12 @@ def unpack_nibbles(packed: np.ndarray, count: int) -> np.ndarray:
     return both[..., :count]
 
 
-def quantize_matmul_weight(weight: np.ndarray, block_size: int, symmetric: bool) -> BlockQuant:
+def quantize_matmul_weight(weight: np.ndarray, block_size: int, scheme: str) -> BlockQuant:
     k, n = weight.shape
-    q, scale, zp = quantize_blocks(weight.astype(np.float32), block_size, symmetric)
-    return BlockQuant(k, n, block_size, pack_nibbles(q), scale.reshape(-1),
-                      None if symmetric else pack_nibbles(zp).reshape(-1))
+    q, scale, zp = quantize_blocks(weight.astype(np.float32), block_size, scheme)
+    zero_points = {"sym": None, "asym": pack_nibbles(zp).reshape(-1) if scheme == "asym" else None,
+                   "minmax": zp.reshape(-1)}[scheme]
+    return BlockQuant(k, n, block_size, pack_nibbles(q), scale.reshape(-1), zero_points)
 
 
 def dequantize(bq: BlockQuant) -> np.ndarray:
@@ -102,13 +115,15 @@ def dequantize(bq: BlockQuant) -> np.ndarray:
     q = unpack_nibbles(bq.packed, bq.block_size).astype(np.float32)  # [N, n_blocks, block_size]
     if bq.zero_points is None:
         zp = np.full((bq.n, bq.n_blocks), 8.0, np.float32)
+    elif bq.zero_points.dtype == np.float32:
+        zp = bq.zero_points.reshape(bq.n, bq.n_blocks)
     else:
         zp = unpack_nibbles(bq.zero_points.reshape(bq.n, -1), bq.n_blocks).astype(np.float32)
     w = (q - zp[..., None]) * bq.scales.reshape(bq.n, bq.n_blocks)[..., None]
     return w.reshape(bq.n, -1)[:, :bq.k].T
 
 
-def insert_matmul_nbits(proto, targets, block_size: int, symmetric: bool, accuracy_level: int) -> dict:
+def insert_matmul_nbits(proto, targets, block_size: int, scheme: str, accuracy_level: int) -> dict:
     """Rewrite the graph in place: each target MatMul(x, W) becomes MatMulNBits(x, B, scales[, zero_points]) with
     the same output; the fp32 weight initializers are dropped."""
     from onnx import helper, numpy_helper
@@ -121,7 +136,7 @@ def insert_matmul_nbits(proto, targets, block_size: int, symmetric: bool, accura
         if t is None:
             nodes.append(node)
             continue
-        bq = quantize_matmul_weight(numpy_helper.to_array(inits[t.weight]), block_size, symmetric)
+        bq = quantize_matmul_weight(numpy_helper.to_array(inits[t.weight]), block_size, scheme)
         inputs = [t.activation, f"{t.weight}.q4", f"{t.weight}.q4_scales"]
         new_inits += [numpy_helper.from_array(bq.packed, inputs[1]), numpy_helper.from_array(bq.scales, inputs[2])]
         if bq.zero_points is not None:
@@ -140,10 +155,10 @@ def insert_matmul_nbits(proto, targets, block_size: int, symmetric: bool, accura
     if not any(o.domain == "com.microsoft" for o in proto.opset_import):
         proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return {"matmuls_quantized": len(targets), "bits": BITS, "block_size": block_size,
-            "symmetric": symmetric, "accuracy_level": accuracy_level,
+            "int4_scheme": scheme, "symmetric": scheme == "sym", "accuracy_level": accuracy_level,
             # OpenVINO 2026.4 decompresses these to f32 weights at compile time (reports/smollm2-135m-int4)
             "matmuls_with_a_padded_block": padded,
-            "weights": f"int4 {'symmetric' if symmetric else 'asymmetric'}, blocks of {block_size} along K",
+            "weights": f"int4 {SCHEME_WORDS[scheme]}, blocks of {block_size} along K",
             "activations": "fp32 (weight-only)", "format": "com.microsoft MatMulNBits"}
 
 
@@ -197,7 +212,7 @@ def export_int4(model, tokenizer, onnx_path: Path, max_positions: int, options, 
                                           if options.head else set())
     targets = quant_targets(proto, {f"{n}.T" for n in names} | names)
     progress(f"INT4: {len(targets)} MatMuls to MatMulNBits (blocks of {options.group_size})")
-    summary = insert_matmul_nbits(proto, targets, options.group_size, options.int4_scheme == "sym",
+    summary = insert_matmul_nbits(proto, targets, options.group_size, options.int4_scheme,
                                   options.accuracy_level)
     exported["external_data"] = save_model(proto, onnx_path)
     return exported, {"scheme": "int4", **summary, "lm_head": "int4" if options.head else "fp32",
@@ -208,7 +223,7 @@ def export_int4(model, tokenizer, onnx_path: Path, max_positions: int, options, 
 
 def check_int4_mask(model, onnx_path: Path, record: dict) -> dict:
     """Every PyTorch zero of a block weight must dequantize to exactly 0 from the packed MatMulNBits inputs (the
-    symmetric form guarantees it; the asymmetric one is counted, not refused); zeros rounding adds are counted."""
+    symmetric form guarantees it; the others are counted, not refused); zeros rounding adds are counted."""
     import onnx
 
     from ..models import model_sparsity
@@ -234,4 +249,5 @@ def check_int4_mask(model, onnx_path: Path, record: dict) -> dict:
             "int4": {"mask_preserved": lost == 0, "pruned_weights_not_exact_zero": lost,
                      "zeros_added_by_rounding": extra,
                      "checked": "every block weight dequantized from the packed MatMulNBits inputs",
-                     "note": None if symmetric else "asymmetric: zeros are checked and counted, not required"}}
+                     "note": None if symmetric else f"{record['int4_scheme']}: zeros are checked and counted, "
+                                                    "not required"}}
