@@ -197,3 +197,25 @@ def test_a_tiny_time_budget_skips_stage_3_candidates_and_says_so(planned, tmp_pa
     assert "Skipped to stay within it" in md and all(f"stage3: {name}" in md for name in survivors)
     with pytest.raises(UserError, match="other settings"):
         run_plan(replace(planned["settings"], seq_len=128), out, log=lambda *_: None)
+
+
+def test_structured_and_depth_forms_are_screened_by_pruning_them(tmp_path, data_root, monkeypatch):
+    """No one-shot form exists for them: stage 1 prunes for real and scores the PyTorch model on the same
+    validation windows; the pruned folder is the one stage 2 would export."""
+    from dlp_deploy.plan.candidates import Candidate
+    from dlp_deploy.plan.stages import Plan, PlanSettings, stage1
+    from dlp_deploy.testing import save_tiny
+
+    monkeypatch.setenv("DLP_DEPLOY_DATA", str(data_root))
+    model = save_tiny(tmp_path / "tiny", seed=2)
+    p = Plan(PlanSettings(str(model), 0.1, **TINY), tmp_path / "plan", log=lambda *_: None)
+    p.open()
+    cands = [Candidate("structured", 0.2, "uniform", structure="heads,channels"),
+             Candidate("depth", 0.25, replacement="none")]
+    reference, records = stage1(p, cands)
+    for c in cands:
+        assert records[c.id]["how"].startswith("pruned for real") and 1 < records[c.id]["ppl"] < 1e4
+        assert records[c.id]["ppl"] != pytest.approx(reference, rel=1e-6)  # the pruned model, not the dense one
+    assert (p.out / "models" / cands[0].id / "structure.json").is_file()
+    assert json.loads((p.out / "models" / cands[1].id / "streamline.json").read_text())["removed"]["count"] == 1
+    assert p.work["pruned"] == 2

@@ -221,6 +221,9 @@ def plan_markdown(plan: dict) -> str:
         lines.append(f"--time-budget {plan['time_budget']['minutes']:g} min; per-unit cost estimates from what ran: "
                      + ", ".join(f"{k} {v:.1f} s" for k, v in plan["time_budget"]["cost_estimates_s"].items()
                                  if v is not None) + ".")
+        lines.append("The references (the dense fp32 deployment, its A/A control, the llama.cpp peers) are measured "
+                     "whatever the budget, and the choice's test perplexity is computed after it: no comparison "
+                     "or answer without them.")
         if skipped:
             lines.append(f"Skipped to stay within it ({len(skipped)}):")
             lines += [f"- {x['stage']}: {x['unit']} ({x['why']})" for x in skipped]

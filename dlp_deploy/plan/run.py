@@ -58,7 +58,7 @@ def run_plan(s: PlanSettings, out: Path, progress=None, log=print, executor_opti
                        "screen_reference": reference1, "deployment_reference": reference2,
                        "screen_limit": select.limit(reference1, s.max_ppl_increase, s.screen_margin),
                        "deployment_limit": select.limit(reference2, s.max_ppl_increase)},
-            "validation": {k: v for k, v in p.validation().items() if k != "ids"},
+            "validation": {k: v for k, v in p.validation().items() if k not in ("ids", "provenance")},
             "candidates": candidate_records(cands, screened, dropped1, deploys, rows, skipped3, s),
             "peers": peer_records(s, deploys),
             "measured": [_row_summary(r) for r in rows], "unmeasured": unmeasured,

@@ -160,7 +160,8 @@ class Plan:
                                             self.s.calib)
                 write_json_atomic(path, {"source": v.source, "windows": self.s.val_windows,
                                          "seqlen": self.s.val_seqlen, "docs": [v.docs[0], v.docs[-1]],
-                                         "doc_count": len(v.docs), "ids": v.ids.flatten().tolist()}, force=True)
+                                         "doc_count": len(v.docs), "ids": v.ids.flatten().tolist(),
+                                         "provenance": provenance(seed=self.s.seed)}, force=True)
             self._validation = json.loads(path.read_text())
         return self._validation
 
@@ -201,7 +202,8 @@ def stage1(p: Plan, cands: list[Candidate]) -> tuple[float, dict[str, dict]]:
     p.stamp("stage1_started")
     dense_path = p.out / "stage1" / f"{DENSE_ID}.json"
     if not dense_path.is_file():
-        write_json_atomic(dense_path, {"ppl": p.scorer().perplexity(), "who": "dense PyTorch model"}, force=True)
+        write_json_atomic(dense_path, {"ppl": p.scorer().perplexity(), "who": "dense PyTorch model",
+                                       "provenance": provenance()}, force=True)
     reference = json.loads(dense_path.read_text())["ppl"]
     records: dict[str, dict] = {}
     task = p.task("stage 1: one-shot screen", len(cands))
@@ -219,6 +221,7 @@ def stage1(p: Plan, cands: list[Candidate]) -> tuple[float, dict[str, dict]]:
             record = _screen(p, c)
             record["seconds"] = time.perf_counter() - t0
             record["finished_at"] = time.time()
+            record["provenance"] = provenance()
             p.planner.record(unit, record["seconds"])
             write_json_atomic(path, record, force=True)
             p.work["screened"] += 1
@@ -346,7 +349,7 @@ def _deploy_and_score(p: Plan, c: Candidate, precision: str, name: str, base: di
     record = {**base, "deploy": str(folder), "ppl": _finite(scored["ppl"]), "windows": scored["windows"],
               "seqlen": scored["seqlen"], "bytes": info["sizes"].get("model_gguf_bytes") or info["sizes"]["folder_bytes"],
               "sparsity": (info.get("weight_sparsity") or {}).get("global"),
-              "seconds": time.perf_counter() - t0, "finished_at": time.time()}
+              "seconds": time.perf_counter() - t0, "finished_at": time.time(), "provenance": provenance()}
     p.planner.record("stage2", record["seconds"])
     write_json_atomic(path, record, force=True)
     return record
@@ -510,7 +513,8 @@ def _probe(p: Plan, s, run_dir: Path, pair: tuple) -> None:
     level, precision, folder, engine, cores = pair
     bench_step(s, run_dir, level, precision, Path(folder), engine, cores, p.log, round_=0)
     seconds = time.perf_counter() - t0
-    write_json_atomic(path, {"seconds": seconds, "pair": f"{folder} on {engine}"}, force=True)
+    write_json_atomic(path, {"seconds": seconds, "pair": f"{folder} on {engine}", "provenance": provenance()},
+                      force=True)
     p.planner.record("stage3", seconds)
     p.work["rounds_measured"] += 1
 
