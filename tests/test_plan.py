@@ -219,3 +219,34 @@ def test_structured_and_depth_forms_are_screened_by_pruning_them(tmp_path, data_
     assert (p.out / "models" / cands[0].id / "structure.json").is_file()
     assert json.loads((p.out / "models" / cands[1].id / "streamline.json").read_text())["removed"]["count"] == 1
     assert p.work["pruned"] == 2
+
+
+def test_stage_3_on_a_ray_cluster(planned, tmp_path, data_root, monkeypatch):
+    """--executor ray: the same pairs measured as Ray tasks (a local cluster the plan starts and stops), into the
+    same bench files; stages 1 and 2 are read from the folder."""
+    ray = pytest.importorskip("ray")
+    from dataclasses import replace
+
+    from dlp_deploy.plan.run import run_plan
+
+    out = tmp_path / "plan"
+    shutil.copytree(planned["out"], out, ignore=shutil.ignore_patterns("stage3", "test", "choice.json"))
+    monkeypatch.setenv("DLP_DEPLOY_DATA", str(data_root))
+    plan = run_plan(replace(planned["settings"], executor="ray"), out, log=lambda *_: None)
+    assert {r["label"] for r in plan["measured"]} == {r["label"] for r in planned["first"]["measured"]}
+    record = json.loads((out / "stage3" / "executor.json").read_text())
+    assert record["executor"] == "ray" and record["status"] == "complete"
+    # the probe round was measured here first; every other round was a Ray task
+    assert record["stages"]["bench"]["tasks"] + record["stages"]["bench"]["cached"] == len(plan["measured"])
+    assert record["stages"]["bench"]["cached"] == 1
+    assert plan["this_run"]["work"]["pruned"] == 0 and not ray.is_initialized()
+
+
+def test_quantized_deployments_are_measured_only_where_export_says_they_run(tmp_path):
+    from dlp_deploy.plan.stages import Plan, PlanSettings, engines_for
+
+    p = Plan(PlanSettings("unused", 0.1, engines=["onnxruntime", "deepsparse", "openvino"]), tmp_path)
+    assert engines_for(p, "fp32") == ["onnxruntime", "deepsparse", "openvino"]
+    assert engines_for(p, "int8") == ["onnxruntime", "openvino"]  # dynamic per-token scales: DeepSparse refused
+    assert engines_for(p, "int4") == ["onnxruntime", "openvino"]  # MatMulNBits is ONNX Runtime's contrib op
+    assert engines_for(p, "q4_k_m") == ["llamacpp"]

@@ -172,7 +172,7 @@ class RayExecutor(Executor):
         self.counts = {stage: {"tasks": 0, "cached": 0, "failed": 0} for stage in ("prepare", "bench")}
         self.nodes: list[_Node] = []
         self._started = False
-        self._worked = False  # executor.json is written once prepare() has begun
+        self._worked = False  # executor.json is written once prepare() or measure() has begun
         self._status = "started"
 
     # ------------------------------------------------------------------ cluster
@@ -342,6 +342,7 @@ class RayExecutor(Executor):
     def measure(self, pairs: list[tuple], rounds: int, order: str, seed: int) -> Measured:
         from .schedule import interleaved_order
 
+        self._worked = True  # `plan` measures without a prepare
         ray = self.ray
         by_kind = self._bench_nodes()
         kinds = sorted(by_kind)

@@ -359,7 +359,7 @@ def export(p: Plan, c: Candidate, precision: str, name: str) -> Path:
     """The deployment folder. Export's own perplexity check reads WikiText-2 test text, which selection must
     never see: ONNX graphs are validated on logits and greedy tokens only (quality=None); GGUF files, whose check
     always scores perplexity, are not validated by export (stage 2's deployed perplexity on llama.cpp is theirs)."""
-    from ..export.deployment import EXPORT_FILE, QuantizeOptions, export_deployment, export_gguf_deployment
+    from ..export.deployment import EXPORT_FILE, export_deployment, export_gguf_deployment
 
     out = p.out / "deploy" / name
     if (out / EXPORT_FILE).is_file():
@@ -371,8 +371,7 @@ def export(p: Plan, c: Candidate, precision: str, name: str) -> Path:
         export_gguf_deployment(model_ref, out, precision, seq_len=p.s.seq_len, validate=False, force=True,
                                num_cores=cores)
     else:
-        quantize = None if precision == "fp32" else QuantizeOptions(
-            precision, seed=p.s.seed, **({"act_scales": INT8_ACT_SCALES} if precision == "int8" else {}))
+        quantize = None if precision == "fp32" else quantize_options(p, precision)
         export_deployment(model_ref, out, seq_len=p.s.seq_len, validate=p.s.validate, force=True, num_cores=cores,
                           quantize=quantize, quality=None, engines=("onnxruntime",))
     p.work["exported"] += 1
@@ -453,11 +452,27 @@ def engines_for(p: Plan, precision: str) -> list[str]:
     less those export refuses for the graph (DeepSparse's internal cache computes dynamic INT8 scales wrongly)."""
     if PRECISIONS[precision].format == "gguf":
         return ["llamacpp"]
-    if precision == "int8":
-        from ..export.quantize import engines_refusing
+    refused = refusing(quantize_options(p, precision)) if precision != "fp32" else {}
+    return [e for e in p.s.engines if e not in refused]
 
-        return [e for e in p.s.engines if e not in engines_refusing(INT8_ACT_SCALES)]
-    return list(p.s.engines)
+
+def quantize_options(p: Plan, precision: str):
+    from ..export.deployment import QuantizeOptions
+
+    return QuantizeOptions(precision, seed=p.s.seed,
+                           **({"act_scales": INT8_ACT_SCALES} if precision == "int8" else {}))
+
+
+def refusing(options) -> dict[str, str]:
+    """Engines export refuses for a quantized graph, with why: its scheme registry's where it has one (INT4
+    landed with it), else the INT8 activation scales' refusals."""
+    from ..export import deployment
+    from ..export.quantize import engines_refusing
+
+    schemes = getattr(deployment, "QUANT_SCHEMES", {})
+    if options.scheme in schemes:
+        return schemes[options.scheme].refusals(options)
+    return engines_refusing(options.act_scales)
 
 
 def stage3(p: Plan, deploys: dict[str, dict]) -> tuple[list[dict], list[dict], list[str]]:
