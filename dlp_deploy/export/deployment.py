@@ -434,12 +434,11 @@ def _block_weight_names(model) -> set[str]:
     return set(_block_weight_layers(model))
 
 
-def _check_sparsity(model, onnx_path: Path, quantized: bool = False, kept_fp32: set[str] = frozenset()) -> dict:
+def _check_sparsity(model, onnx_path: Path, quantized: bool = False) -> dict:
     """Sparsity as DeepSparse sees it (zeros in MatMul/Gemm initializers) must equal the PyTorch model's; for an
-    INT8 graph every PyTorch zero must be an int8 zero (rounding may add a few more, which are counted), and
-    every zero of a weight kept fp32 (`kept_fp32`, by a quality budget) a float zero."""
+    INT8 graph every PyTorch zero must be an int8 zero (rounding may add a few more, which are counted)."""
     if quantized:
-        return _check_int8_mask(model, onnx_path, kept_fp32)
+        return _check_int8_mask(model, onnx_path)
     measured = onnx_weight_sparsity(onnx_path)
     torch_side = model_sparsity(model)
     block_names = _block_weight_names(model)
@@ -514,6 +513,8 @@ def check_nm_pattern(model, onnx_path: Path, record: dict | None) -> dict | None
 
 
 def _check_int8_mask(model, onnx_path: Path, kept_fp32: set[str] = frozenset()) -> dict:
+    """Every PyTorch zero of a block weight is a zero in the INT8 graph: an int8 zero, or a float zero in the
+    weights a quality budget kept fp32 (`kept_fp32`); the zeros rounding added are counted."""
     import onnx
     from onnx import numpy_helper
 
