@@ -118,3 +118,24 @@ def test_one_shot_scoring_of_mixed_rounds_to_whole_counts():
         for lin in linear_modules(block).values():
             assert torch.all(nm_group_zero_counts(lin.weight, 4) == 4 - n)
     snap.restore()
+
+
+def test_a_block_pruned_to_nothing_exports_with_every_weight_named(tmp_path):
+    """Mixed N:M may give a block N = 0: its projections are then equal all-zero tensors, which the TorchScript
+    exporter merged into one initializer and the content-matched naming gave one name; the export's sparsity
+    check then found weights missing and refused the deployment."""
+    from dlp_deploy.export.deployment import export_deployment
+    from dlp_deploy.testing import tiny_tokenizer
+
+    model = tiny_llama(0)
+    with torch.no_grad():
+        for module in linear_modules(decoder_layers(model)[3]).values():
+            module.weight.zero_()
+    model.save_pretrained(tmp_path / "m")
+    tiny_tokenizer().save_pretrained(tmp_path / "m")
+    from dlp_deploy.export.onnx import onnx_weight_sparsity
+
+    export_deployment(str(tmp_path / "m"), tmp_path / "out", seq_len=64, engines=("onnxruntime",), quality=None)
+    found = onnx_weight_sparsity(next((tmp_path / "out").glob("*.onnx")))["per_initializer"]
+    empty = {name.removesuffix(".T"): e for name, e in found.items() if ".layers.3." in name}
+    assert len(empty) == 7 and all(e["zeros"] == e["shape"][0] * e["shape"][1] for e in empty.values())

@@ -9,6 +9,8 @@ before anything is written.
 """
 from __future__ import annotations
 
+import contextlib
+
 import hashlib
 import tempfile
 from dataclasses import dataclass, field
@@ -215,6 +217,23 @@ def io_names(num_layers: int) -> tuple[list[str], list[str]]:
     return [*INPUT_NAMES_FIXED, *past], ["logits", *present]
 
 
+@contextlib.contextmanager
+def _distinct_initializers():
+    """The TorchScript exporter merges initializers with equal values into one. A pruned model has such weights: a
+    block that mixed N:M leaves with N = 0 is all zeros, so its same-shaped projections became one tensor under one
+    name, and the others were missing from the graph (every per-weight check, the sparsity count and the INT8/INT4
+    rewrites read weights by name). Its only switch, keep_initializers_as_inputs, also turns every weight into a
+    graph input, which stops the weight transposes from folding; so the pass is skipped for this export alone."""
+    from torch import _C
+
+    original = _C._jit_pass_onnx_deduplicate_initializers
+    _C._jit_pass_onnx_deduplicate_initializers = lambda graph, params, training: params
+    try:
+        yield
+    finally:
+        _C._jit_pass_onnx_deduplicate_initializers = original
+
+
 def _dummy_inputs(spec: DecoderSpec, length: int = 3, past_len: int = 2):
     total = past_len + length
     input_ids = torch.zeros(1, length, dtype=torch.long)
@@ -250,7 +269,7 @@ def export_onnx(model: nn.Module, path: str | Path, max_positions: int | None = 
     inputs, outputs = io_names(len(spec.cache_layers))
     with tempfile.TemporaryDirectory(prefix="dlp-export-", dir=path.parent) as tmp:
         raw = Path(tmp) / "raw.onnx"
-        with torch.no_grad():
+        with torch.no_grad(), _distinct_initializers():
             torch.onnx.export(wrapper, _dummy_inputs(spec), str(raw), dynamo=False, opset_version=OPSET,
                               input_names=inputs, output_names=outputs,
                               dynamic_axes=_dynamic_axes(inputs, outputs), do_constant_folding=True)
@@ -353,22 +372,26 @@ def name_weight_initializers(proto, model: nn.Module, base_dir: Path | None = No
     """
     from onnx import numpy_helper
 
-    by_digest: dict[tuple, str] = {}
+    # equal tensors (a block pruned to all zeros has several) each take the next unused name of that content
+    by_digest: dict[tuple, list[str]] = {}
     for name, param in model.named_parameters():
         if param.dim() != 2:
             continue
         w = param.detach().float().cpu().numpy()
-        by_digest.setdefault(_digest(w), name)
-        by_digest.setdefault(_digest(np.ascontiguousarray(w.T)), f"{name}.T")
-    renames, taken = {}, {init.name for init in proto.graph.initializer}
+        by_digest.setdefault(_digest(w), []).append(name)
+        by_digest.setdefault(_digest(np.ascontiguousarray(w.T)), []).append(f"{name}.T")
+    named = {n for names in by_digest.values() for n in names}
+    # a weight is one initializer, either way round: an all-zero W.T has the digest of another all-zero W
+    taken = {init.name.removesuffix(".T") for init in proto.graph.initializer}
+    renames = {}
     for init in proto.graph.initializer:
-        if len(init.dims) != 2 or init.name in by_digest.values():
+        if len(init.dims) != 2 or init.name in named:
             continue
         array = numpy_helper.to_array(init, base_dir=str(base_dir) if base_dir else "")
-        target = by_digest.get(_digest(array))
-        if target and target not in taken:
+        target = next((n for n in by_digest.get(_digest(array), []) if n.removesuffix(".T") not in taken), None)
+        if target:
             renames[init.name] = target
-            taken.add(target)
+            taken.add(target.removesuffix(".T"))
     for init in proto.graph.initializer:
         init.name = renames.get(init.name, init.name)
     for node in proto.graph.node:
