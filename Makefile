@@ -37,6 +37,7 @@ qwen: $(STAMP)
 	$(BIN)/dlp-deploy models fetch qwen2.5-coder-1.5b
 
 test: setup
+	$(BIN)/lint-imports  # the layering contracts in pyproject.toml
 	$(BIN)/python -m pytest -q -rs --durations=25  # skip reasons shown; the slowest tests, to keep CI short
 
 bench: setup

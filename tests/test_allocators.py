@@ -344,7 +344,7 @@ def test_allocators_that_read_no_activations_need_no_calibration():
 
 
 def test_cli_settings_accept_registry_names_and_expressions():
-    from dlp_deploy.commands.quality import prune_settings
+    from dlp_deploy.prune.settings import prune_settings
 
     assert prune_settings(0.7, "wanda", "expr:abslog>var>atan,asin", None).alpha == 0.15  # DLP's App. G default
     assert prune_settings(0.7, "wanda", "lamp", None).alpha is None

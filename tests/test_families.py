@@ -8,7 +8,6 @@ os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
 
 import json
 
-import numpy as np
 import pytest
 import torch
 import transformers as T
@@ -18,8 +17,7 @@ from dlp_deploy.errors import UserError
 from dlp_deploy.export.deployment import export_deployment
 from dlp_deploy.export.onnx import export_onnx
 from dlp_deploy.runtime import engines as engines_mod
-from dlp_deploy.runtime.decode import step_inputs
-from dlp_deploy.testing import FAMILIES, FAMILY_BASE, FAMILY_WINDOW, family_model, tiny_tokenizer
+from dlp_deploy.testing import FAMILY_BASE, FAMILY_WINDOW, family_model, tiny_tokenizer
 
 BASE, WINDOW = FAMILY_BASE, FAMILY_WINDOW
 EXPECTED_WIRING = {"gemma2": "sandwich", "gemma3": "sandwich", "olmo2": "post-norm"}

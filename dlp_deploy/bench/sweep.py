@@ -158,7 +158,7 @@ def _folder_safe(allocation: str) -> str:
 
 
 def level_settings(s: SweepSettings, level: Level):
-    from ..commands.quality import prune_settings
+    from ..prune.settings import prune_settings
     from ..prune.allocate import get_allocator
 
     # --alpha is the spread of the allocations that have one (dlp, expr:...); the others ignore it

@@ -8,9 +8,10 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import UserError
-from ..prune.allocate import ALLOCATORS, OWL_LAMBDA, OWL_M, REDUCERS, default_dlp_alpha, get_allocator
+from ..prune.allocate import ALLOCATORS, OWL_LAMBDA, OWL_M, REDUCERS
 from ..prune.masks import GRANULARITIES
 from ..prune.pruners import PRUNERS
+from ..prune.settings import auto_values, prune_settings
 from ..prune.structured import DEFAULT_IMPORTANCE
 
 Method = enum.Enum("Method", {k: k for k in PRUNERS}, type=str)
@@ -72,7 +73,7 @@ def prune(
     from ..progress import console, progress_bar, quiet_transformers
     from ..prune.job import prune_to_folder
 
-    alpha_value, owl_lambda_value, auto = _auto_values(alpha, owl_lambda)
+    alpha_value, owl_lambda_value, auto = auto_values(alpha, owl_lambda)
     settings = prune_settings(sparsity, _v(method), _v(allocation), alpha_value, _v(reducer), _v(granularity),
                               pattern, structure, importance, multiple, owl_m, owl_lambda_value, auto, val_windows)
     quiet_transformers()
@@ -93,48 +94,6 @@ def prune(
     loading, peak = report["loading"], report["memory"]["rss_peak_bytes"] / 2**30
     how = loading["mode"] + (f" ({loading['why_in_memory']})" if loading["why_in_memory"] else "")
     console.print(f"{how}, {report['dtype']['compute']} on {report['device']}, peak RSS {peak:.2f} GiB")
-
-
-def prune_settings(sparsity: float | None, method: str, allocation: str | None, alpha: float | None,
-                   reducer: str = "median", granularity: str | None = None, pattern: str = "unstructured",
-                   structure: str | None = None, importance: str = DEFAULT_IMPORTANCE, multiple: int = 8,
-                   owl_m: float = OWL_M, owl_lambda: float = OWL_LAMBDA, auto: str | None = None,
-                   val_windows: int = 16):
-    """Fill what the form implies (an N:M pattern's sparsity and uniform allocation, DLP's default alpha), then
-    validate: the one place the CLI and the sweep build settings."""
-    from ..prune.masks import parse_pattern
-    from ..prune.pipeline import PruneSettings, validate_settings
-
-    fixed = parse_pattern(pattern).fixed_sparsity
-    if sparsity is None:
-        if fixed is None:
-            raise UserError("--sparsity is required (except for a fixed N:M --pattern, which implies it)")
-        sparsity = fixed
-    if not 0 <= sparsity < 1:
-        raise UserError(f"--sparsity {sparsity} is outside [0, 1); give a fraction such as 0.5")
-    allocation = allocation or ("uniform" if fixed is not None else "dlp")
-    if alpha is None and get_allocator(allocation).uses_alpha:
-        alpha = default_dlp_alpha(sparsity)
-    settings = PruneSettings(sparsity, method, allocation, alpha, reducer, granularity, pattern.strip().lower(),
-                             structure, importance, multiple, owl_m, owl_lambda, auto, val_windows)
-    validate_settings(settings)
-    return settings
-
-
-def _auto_values(alpha: str | None, owl_lambda: str) -> tuple[float | None, float, str | None]:
-    """--alpha and --owl-lambda take a number or `auto` (at most one of them auto)."""
-    def number(text: str, flag: str) -> float:
-        try:
-            return float(text)
-        except ValueError:
-            raise UserError(f"{flag} {text!r} is neither a number nor auto") from None
-
-    autos = [flag for flag, v in (("alpha", alpha), ("owl_lambda", owl_lambda)) if (v or "").lower() == "auto"]
-    if len(autos) > 1:
-        raise UserError("--alpha auto and --owl-lambda auto: one allocation uses one of them; give one")
-    alpha_value = None if alpha is None or "alpha" in autos else number(alpha, "--alpha")
-    lam = OWL_LAMBDA if "owl_lambda" in autos else number(owl_lambda, "--owl-lambda")
-    return alpha_value, lam, (autos[0] if autos else None)
 
 
 def search(

@@ -101,7 +101,7 @@ def candidates(include: list[str], levels: list[float], saved: list[str] = ()) -
 def prune_settings_of(c: Candidate, val_windows: int = 16):
     """What `prune` is given for a candidate: DLP with --alpha auto (tuned again on held-out C4, as the screen
     tuned it), the others as named."""
-    from ..commands.quality import prune_settings
+    from ..prune.settings import prune_settings
 
     return prune_settings(c.sparsity, "wanda", c.allocation, None, pattern=c.pattern, structure=c.structure,
                           auto="alpha" if c.allocation == "dlp" else None, val_windows=val_windows)

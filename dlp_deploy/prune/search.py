@@ -25,7 +25,7 @@ from ..errors import UserError
 from ..eval.perplexity import perplexity
 from ..io import write_json_atomic
 from ..provenance import provenance
-from .allocate import ALLOCATORS, EXPR_PREFIX, OWL_LAMBDA, OWL_M, default_dlp_alpha
+from .allocate import ALLOCATORS, EXPR_PREFIX, OWL_M, default_dlp_alpha
 from .evolve import ALPHA_GRID, Candidate, offspring, random_candidate
 from .expressions import DEFAULT_MAPPING, MAPPINGS, parse
 from .masks import Pattern

@@ -2,7 +2,6 @@
 model saves and reloads."""
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from ...errors import UserError
