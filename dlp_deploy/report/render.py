@@ -4,6 +4,9 @@ from __future__ import annotations
 import base64
 import html
 import json
+import os
+import tempfile
+from functools import partial
 from pathlib import Path
 
 from ..errors import UserError
@@ -101,39 +104,70 @@ def at_largest_count(data: dict) -> dict:
     return {**data, "results": [r for r in data["results"] if cores_of(r) == counts[-1]]}
 
 
-def make_report(run_dirs: list[Path], out: Path, force: bool = False) -> Path:
-    data = load_runs(run_dirs)
+def report_plots(data: dict) -> dict:
+    """The figures a report of `data` draws: file name -> (drawing function, its arguments before the path)."""
     corpus = data["settings"]["ppl"][0]
     main = at_largest_count(data)["results"]
     unstructured = unstructured_only(main)
+    plots = {}
+    if len(forms(main)) > 1 or len({precision_of(r) for r in main}) > 1:
+        plots["pareto.png"] = (figures.pareto, [r for r in main if not is_aa_control(r)], corpus)
+    if forms(unstructured):
+        plots.update({
+            "decode_tokens_per_s.png": (figures.decode_throughput, unstructured),
+            "decode_speedup.png": (partial(figures.decode_speedup, band=noise_floor(main)["value"]), unstructured),
+            "prefill_speedup.png": (figures.prefill_speedup, unstructured),
+            "perplexity.png": (figures.perplexity, unstructured_only(data["quality"]), corpus),
+            "tradeoff.png": (figures.tradeoff, unstructured, corpus),
+        })
+    return plots
+
+
+def report_markdown(data: dict) -> str:
+    """report.md of `data` without drawing its figures (they are referred to by name): what a regenerated report
+    is compared on."""
+    plots = set(report_plots(data))
+    return to_markdown(build_sections(data, data["settings"]["ppl"][0], plots), plots)
+
+
+def make_report(run_dirs: list[Path], out: Path, force: bool = False) -> Path:
+    data = load_runs(run_dirs)
     with atomic_dir(out, force) as tmp:
-        plots = {}
-        if len(forms(main)) > 1 or len({precision_of(r) for r in main}) > 1:
-            plots["pareto.png"] = figures.pareto([r for r in main if not is_aa_control(r)], corpus,
-                                                 tmp / "pareto.png")
-        if forms(unstructured):
-            plots.update({
-                "decode_tokens_per_s.png": figures.decode_throughput(unstructured, tmp / "decode_tokens_per_s.png"),
-                "decode_speedup.png": figures.decode_speedup(unstructured, tmp / "decode_speedup.png",
-                                                             noise_floor(main)["value"]),
-                "prefill_speedup.png": figures.prefill_speedup(unstructured, tmp / "prefill_speedup.png"),
-                "perplexity.png": figures.perplexity(unstructured_only(data["quality"]), corpus,
-                                                     tmp / "perplexity.png"),
-                "tradeoff.png": figures.tradeoff(unstructured, corpus, tmp / "tradeoff.png"),
-            })
-        sections = build_sections(data, corpus, set(plots))
-        (tmp / "report.md").write_text(to_markdown(sections, plots))
-        (tmp / "report.html").write_text(to_html(sections, plots))
-        (tmp / "results.json").write_text(json.dumps(data, indent=2))
+        _write_report(data, tmp)
     return out
 
 
-def random_weights_note(model: str) -> str | None:
-    """A model made by `dlp-deploy models random` measures speed only: say so before any figure."""
-    path = Path(model) / "random.json"
-    if not path.is_file():
+def _write_report(data: dict, folder: Path) -> None:
+    plots = {}
+    for name, (draw, *args) in report_plots(data).items():
+        plots[name] = draw(*args, folder / name)
+    sections = build_sections(data, data["settings"]["ppl"][0], set(plots))
+    (folder / "report.md").write_text(to_markdown(sections, plots))
+    (folder / "report.html").write_text(to_html(sections, plots))
+    (folder / "results.json").write_text(json.dumps(data, indent=2))
+
+
+def rewrite_report(folder: Path) -> Path:
+    """Regenerate a report in place from its own results.json (a committed report needs nothing else). Files the
+    report does not write (notes, READMEs beside it) stay; each written file replaces its old self only once all
+    are written."""
+    folder = Path(folder)
+    data = load_runs([folder])
+    with tempfile.TemporaryDirectory(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent) as tmp:
+        _write_report(data, Path(tmp))
+        for path in sorted(Path(tmp).iterdir()):
+            os.replace(path, folder / path.name)
+    return folder
+
+
+def random_weights_note(data: dict) -> str | None:
+    """A model made by `dlp-deploy models random` measures speed only: say so before any figure. Runs written
+    before results.json kept the record read it from the model folder, where it still exists."""
+    from ..bench.sweep import random_model_record
+
+    info = data.get("random_weights") or random_model_record(data["settings"]["model"])
+    if not info:
         return None
-    info = json.loads(path.read_text())
     return (f"**Random weights** ({info.get('shape')}, seed {info.get('seed')}): this model has a real model's "
             "shape and random weights, so its speed figures are real and its perplexities mean nothing (they are "
             "shown only because the tables have the column).")
@@ -146,7 +180,7 @@ def build_sections(data: dict, corpus: str, plots: set[str] | None = None) -> li
     s, m, everything = data["settings"], data["machine"], data["results"]
     data = at_largest_count(data)
     items: list[tuple[str, object]] = [("h1", f"Speedup report: {s['model']}, {s['method']} pruning")]
-    random_note = random_weights_note(s["model"])
+    random_note = random_weights_note(data)
     if random_note:
         items.append(("p", random_note))
     items += [("p", line) for line in verdict_lines(data)]  # the first screen: at most five lines, then the figure
@@ -577,30 +611,47 @@ def _bases(rows: list[dict]) -> str:
     return "; ".join(sorted({ppl_basis(r) for r in rows}))
 
 
+def dense_reference(rows: list[dict], corpus: str) -> dict | None:
+    """The perplexity a tolerance is read against: the unquantized dense model's (its best deployment in fp32),
+    the same for every engine and precision. A quantized dense row is a candidate like any other: INT8 or q4_1 of
+    the dense model is not 'within 5%' because it is dense."""
+    dense = [r for r in rows if is_dense(r)]
+    fp32 = [r for r in dense if precision_of(r) == "fp32"] or dense
+    return min(fp32, key=lambda r: r["perplexity"][corpus], default=None)
+
+
 def fastest_within(rows: list[dict], corpus: str, tolerance: float) -> str:
-    """The fastest deployment whose perplexity is within `tolerance` of its engine's dense model, overall and per
+    """The fastest deployment whose perplexity is within `tolerance` of the dense fp32 model's, overall and per
     engine (and cache mode)."""
+    reference = dense_reference(rows, corpus)
+    if reference is None:
+        return f"Within {tolerance:.0%} of dense perplexity: no dense row."
+    limit = reference["perplexity"][corpus] * (1 + tolerance)
     picks = {}
     for engine, mine in _engine_groups(rows).items():
-        dense = min((r for r in mine if is_dense(r)), key=lambda r: r["perplexity"][corpus], default=None)
-        if dense is None:
-            continue
-        ok = [r for r in mine if r["perplexity"][corpus] <= dense["perplexity"][corpus] * (1 + tolerance)]
-        picks[engine] = max(ok, key=lambda r: r["decode_tokens_per_s"])
-    if not picks:
-        return f"Within {tolerance:.0%} of dense perplexity: no engine has a dense row."
-    best = max(picks.values(), key=lambda r: r["decode_tokens_per_s"])
-    return (f"Within {tolerance:.0%} of dense perplexity, fastest: **{_pick(best, corpus)}**; per engine: "
-            + "; ".join(f"{engine}: {_pick(r, corpus, short=True)}" for engine, r in picks.items()) + ".")
+        ok = [r for r in mine if r["perplexity"][corpus] <= limit]
+        picks[engine] = max(ok, key=lambda r: r["decode_tokens_per_s"], default=None)
+    found = [r for r in picks.values() if r is not None]
+    head = (f"Within {tolerance:.0%} of dense fp32 perplexity ({reference['perplexity'][corpus]:.2f}), fastest: ")
+    if not found:
+        return head + "none."
+    best = max(found, key=lambda r: r["decode_tokens_per_s"])
+    return (head + f"**{_pick(best, corpus, reference)}**; per engine: "
+            + "; ".join(f"{engine}: {_pick(r, corpus, reference, short=True) if r else 'none'}"
+                        for engine, r in picks.items()) + ".")
 
 
-def _pick(r: dict, corpus: str, short: bool = False) -> str:
+def _pick(r: dict, corpus: str, reference: dict, short: bool = False) -> str:
     speed = sparsity_speedup(r)
-    said = f"{r['label']} ({precision_of(r)}) {r['decode_tokens_per_s']:.1f} tok/s"
+    ppl = r["perplexity"][corpus]
+    said = (f"{r['label']} ({precision_of(r)}) {r['decode_tokens_per_s']:.1f} tok/s, ppl {ppl:.2f} "
+            f"({ppl / reference['perplexity'][corpus] - 1:+.1%})")
+    if r is reference:
+        return said + " (dense fp32 itself)"
     if is_dense(r):
-        return said + " (dense itself)"
+        return said if short else f"{said} on {r['engine']} ({r['kv_cache']} KV)"
     said += f", {with_ci(speed)}{' win' if r.get('win') else ' not a win'}" if speed else ""
-    return said if short else f"{said} on {r['engine']} ({r['kv_cache']} KV), ppl {r['perplexity'][corpus]:.2f}"
+    return said if short else f"{said} on {r['engine']} ({r['kv_cache']} KV)"
 
 
 def replication_section(data: dict) -> list[tuple[str, object]]:
