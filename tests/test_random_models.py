@@ -23,8 +23,12 @@ def test_random_folder_loads_with_the_shape_and_says_it_is_random(tmp_path, monk
     model, tok = load(str(folder))
     assert model.config.vocab_size == 1000 and model.config.num_hidden_layers == 2
     assert json.loads((folder / "random.json").read_text())["seed"] == 3
-    assert "Random weights" in random_weights_note(str(folder))
-    assert random_weights_note(str(tmp_path)) is None
+    assert "Random weights" in random_weights_note({"settings": {"model": str(folder)}})
+    # a committed run keeps the record in its results.json, the model folder long gone
+    kept = random_weights_note({"settings": {"model": str(tmp_path / "gone")}, "random_weights": {"shape": "small",
+                                                                                                  "seed": 3}})
+    assert "Random weights" in kept and "seed 3" in kept
+    assert random_weights_note({"settings": {"model": str(tmp_path / "gone")}}) is None
 
 
 def test_the_1b_shape_is_about_a_billion_parameters():
