@@ -648,9 +648,8 @@ def _pick(r: dict, corpus: str, reference: dict, short: bool = False) -> str:
             f"({ppl / reference['perplexity'][corpus] - 1:+.1%})")
     if r is reference:
         return said + " (dense fp32 itself)"
-    if is_dense(r):
-        return said if short else f"{said} on {r['engine']} ({r['kv_cache']} KV)"
-    said += f", {with_ci(speed)}{' win' if r.get('win') else ' not a win'}" if speed else ""
+    if speed and not is_dense(r):
+        said += f", {with_ci(speed)}{' win' if r.get('win') else ' not a win'}"
     return said if short else f"{said} on {r['engine']} ({r['kv_cache']} KV)"
 
 
