@@ -326,7 +326,7 @@ def load_streamlined(folder: Path, config, dtype: torch.dtype = torch.float32):
 
     from transformers import AutoModelForCausalLM
 
-    from .prune.streamline import rebuild
+    from .prune.depth import rebuild
 
     record = json.loads((folder / STREAMLINE_FILE).read_text())
     lm = AutoModelForCausalLM.from_config(config, dtype=dtype)

@@ -75,7 +75,7 @@ def prune_once(folder: Path, out: Path, mode: str, args, log: Path) -> dict:
 
 
 def params_of(folder: Path) -> int:
-    from dlp_deploy.prune.stream import Checkpoint
+    from dlp_deploy.prune.offload import Checkpoint
 
     ckpt = Checkpoint(folder)
     return sum(_numel(entry["shape"]) for header, _ in ckpt.headers.values() for entry in header.values())
@@ -157,7 +157,7 @@ NOTES = [
     "embeddings and head (fp32 on this CPU: 0.5 GB at 1.5B), one block in fp32 (0.18 GB at 1.5B) with its bf16 "
     "read buffer, the DLP statistic over that block's Wanda scores (a copy of the block in fp32, and the median's "
     "working copy) and the calibration activations.",
-    "- The streamed job sets glibc's mmap threshold to 1 MiB (`stream.release_freed_memory`): with glibc's "
+    "- The streamed job sets glibc's mmap threshold to 1 MiB (`offload.release_freed_memory`): with glibc's "
     "adaptive default, freed block tensors went back to the heap and stayed resident: the 0.3B streamed peak "
     "was 1.71 GiB with the default and 0.96 GiB with the fixed threshold, the 1.5B one 3.24 GiB with the default.",
     "- Wall times were taken on 2 cores shared with other work; they show the order of magnitude only.",

@@ -9,13 +9,13 @@ import argparse
 import json
 from pathlib import Path
 
-from dlp_deploy.eval.job import evaluate
+from dlp_deploy.eval.evaluate import evaluate
 from dlp_deploy.io import write_json_atomic
 from dlp_deploy.progress import console, progress_bar, quiet_transformers
 from dlp_deploy.provenance import provenance
 from dlp_deploy.report.figures import perplexity as perplexity_plot
 from dlp_deploy.prune.allocate import default_dlp_alpha
-from dlp_deploy.prune.job import prune_to_folder
+from dlp_deploy.prune.to_folder import prune_to_folder
 from dlp_deploy.prune.pipeline import PruneSettings
 
 

@@ -18,12 +18,12 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from dlp_deploy.eval.job import evaluate  # noqa: E402
+from dlp_deploy.eval.evaluate import evaluate  # noqa: E402
 from dlp_deploy.io import write_json_atomic  # noqa: E402
 from dlp_deploy.progress import console, progress_bar, quiet_transformers  # noqa: E402
 from dlp_deploy.provenance import provenance  # noqa: E402
 from dlp_deploy.prune.allocate import default_dlp_alpha  # noqa: E402
-from dlp_deploy.prune.job import prune_to_folder  # noqa: E402
+from dlp_deploy.prune.to_folder import prune_to_folder  # noqa: E402
 from dlp_deploy.prune.masks import parse_pattern  # noqa: E402
 from dlp_deploy.prune.pipeline import PruneSettings  # noqa: E402
 

@@ -164,7 +164,7 @@ def test_through_the_pipeline_the_ratios_are_the_authors_on_a_tiny_llama():
 
 
 def test_pruning_json_records_the_mapping(tiny_dir, tmp_path):
-    from dlp_deploy.prune.job import prune_to_folder
+    from dlp_deploy.prune.to_folder import prune_to_folder
 
     for allocation, alpha, mapping in (("dsa", None, "dsa"), ("expr:median@owl", 0.05, "owl"), ("dlp", 0.05, None)):
         report = prune_to_folder(str(tiny_dir), tmp_path / allocation.replace(":", "_").replace("@", "_"),

@@ -171,7 +171,7 @@ def test_structured_ratio_beyond_one_head_is_clipped_and_recorded():
 
 
 def test_structured_model_saves_and_reloads_with_equal_logits(tmp_path, data_root):
-    from dlp_deploy.prune.job import prune_to_folder
+    from dlp_deploy.prune.to_folder import prune_to_folder
     from dlp_deploy.testing import save_tiny
 
     src = save_tiny(tmp_path / "src", seed=3, **GQA)
@@ -221,7 +221,7 @@ def test_unknown_mlp_wiring_is_refused():
 @pytest.mark.parametrize("form", ["mixed:8", "structured"])
 def test_export_validates_both_forms(tmp_path, data_root, form):
     from dlp_deploy.export.deployment import export_deployment
-    from dlp_deploy.prune.job import prune_to_folder
+    from dlp_deploy.prune.to_folder import prune_to_folder
     from dlp_deploy.testing import save_tiny
 
     src = save_tiny(tmp_path / "src", seed=4, **GQA)

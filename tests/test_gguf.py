@@ -55,7 +55,7 @@ def test_tiny_llama_gguf_loads_and_matches_pytorch(tmp_path, data_root, quant, r
 @needs_llamacpp
 def test_structured_model_with_per_layer_widths_exports_and_matches(tmp_path, data_root):
     from dlp_deploy.export.deployment import export_gguf_deployment
-    from dlp_deploy.prune.job import prune_to_folder
+    from dlp_deploy.prune.to_folder import prune_to_folder
     from dlp_deploy.prune.pipeline import PruneSettings
 
     src = save_tiny(tmp_path / "src", seed=3, **GQA)

@@ -126,7 +126,7 @@ def test_structured_qwen2_is_written_as_deci_with_per_layer_widths(tmp_path, dat
     import json
 
     from dlp_deploy.export.deployment import export_gguf_deployment
-    from dlp_deploy.prune.job import prune_to_folder
+    from dlp_deploy.prune.to_folder import prune_to_folder
     from dlp_deploy.prune.pipeline import PruneSettings
 
     src = save(family_model("qwen2", seed=3), tmp_path / "src")

@@ -36,7 +36,7 @@ def test_weight_quantization_keeps_zeros_and_bounds():
 
 @pytest.fixture(scope="module")
 def pruned(tmp_path_factory, data_root):
-    from dlp_deploy.prune.job import prune_to_folder
+    from dlp_deploy.prune.to_folder import prune_to_folder
     from dlp_deploy.prune.pipeline import PruneSettings
     from dlp_deploy.testing import save_tiny
 

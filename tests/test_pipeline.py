@@ -77,7 +77,7 @@ def test_dlp_gives_lower_sparsity_to_higher_importance_layers():
 
 
 def test_prune_job_writes_reloadable_folder(tiny_dir, tmp_path, data_root):
-    from dlp_deploy.prune.job import prune_to_folder
+    from dlp_deploy.prune.to_folder import prune_to_folder
 
     out = tmp_path / "pruned"
     report = prune_to_folder(str(tiny_dir), out, PruneSettings(0.5, "wanda", "dlp", alpha=0.04), nsamples=4,

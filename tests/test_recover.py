@@ -9,7 +9,7 @@ import torch
 
 from dlp_deploy import models
 from dlp_deploy.errors import UserError
-from dlp_deploy.prune.job import prune_to_folder
+from dlp_deploy.prune.to_folder import prune_to_folder
 from dlp_deploy.prune.pipeline import PruneSettings
 from dlp_deploy.prune.recover import (RecoverSettings, attach_lora, keep_masks, mask_adapters, merge_and_unload,
                                       merged_weight, recover_to_folder, resolve_settings, target_modules)
@@ -103,7 +103,7 @@ def test_structured_folder_recovers_and_reloads(base, data_root):
 
 
 def test_streamlined_ffn_recovers_and_reloads(base, data_root):
-    from dlp_deploy.prune.streamline import MLPBlock, StreamlineSettings, streamline_to_folder
+    from dlp_deploy.prune.depth import MLPBlock, StreamlineSettings, streamline_to_folder
 
     streamlined = base / "ffn"
     streamline_to_folder(str(base / "tiny"), streamlined, StreamlineSettings(

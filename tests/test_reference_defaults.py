@@ -134,8 +134,8 @@ def test_default_seqlen_is_min_2048_and_context(config, expected):
 
 
 def test_prune_and_eval_resolve_seqlen_from_the_model(tmp_path, data_root):
-    from dlp_deploy.eval.job import evaluate
-    from dlp_deploy.prune.job import prune_to_folder
+    from dlp_deploy.eval.evaluate import evaluate
+    from dlp_deploy.prune.to_folder import prune_to_folder
 
     src = tmp_path / "src"
     tiny_llama(seed=3, max_position_embeddings=256).save_pretrained(src)

@@ -11,7 +11,7 @@ from dlp_deploy.errors import UserError
 from dlp_deploy.prune import evolve
 from dlp_deploy.prune.allocate import default_dlp_alpha
 from dlp_deploy.prune.expressions import parse
-from dlp_deploy.prune.job import prune_to_folder
+from dlp_deploy.prune.to_folder import prune_to_folder
 from dlp_deploy.prune.oneshot import DenseSnapshot
 from dlp_deploy.prune.pipeline import PruneSettings, capture_block_inputs, dense_layer_statistics
 from dlp_deploy.prune.search import SearchSettings, run_search

@@ -8,9 +8,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from dlp_deploy.models import decoder_layers, linear_modules
-from dlp_deploy.prune import stream
+from dlp_deploy.prune import offload
+from dlp_deploy.prune.offload import INDEX_FILE, StreamedModel
 from dlp_deploy.prune.pipeline import PruneSettings, prune_model
-from dlp_deploy.prune.stream import INDEX_FILE, StreamedModel
 from dlp_deploy.testing import assert_one_line_error, run_cli, tiny_llama, tiny_tokenizer
 
 WINDOWS = torch.randint(0, 256, (6, 48), generator=torch.Generator().manual_seed(1))
@@ -77,8 +77,8 @@ def test_output_is_sharded_like_the_input_and_keeps_bf16(tmp_path):
     assert json.loads((tmp_path / "out" / INDEX_FILE).read_text())["weight_map"] == \
         json.loads((src / INDEX_FILE).read_text())["weight_map"]
     for shard in src.glob("*.safetensors"):
-        header, _ = stream.shard_header(shard)
-        out_header, _ = stream.shard_header(tmp_path / "out" / shard.name)
+        header, _ = offload.shard_header(shard)
+        out_header, _ = offload.shard_header(tmp_path / "out" / shard.name)
         assert header == out_header  # same tensors, dtypes, shapes and byte offsets
         assert {e["dtype"] for e in header.values()} == {"BF16"}
     stored = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype="auto")
@@ -134,7 +134,7 @@ def test_streamed_equals_in_memory_on_other_families(tmp_path, family):
 # ---------------------------------------------------------------- the job: dtype, device, memory record
 
 def job(src, out, data_root, **kw):
-    from dlp_deploy.prune.job import prune_to_folder
+    from dlp_deploy.prune.to_folder import prune_to_folder
 
     return prune_to_folder(str(src), out, kw.pop("settings", PruneSettings(0.5, "wanda", "dlp", alpha=0.04)),
                            nsamples=4, seqlen=32, data_root=str(data_root), **kw)
@@ -183,7 +183,7 @@ def test_structured_falls_back_to_memory_and_says_why(tmp_path, data_root):
 
 def test_device_auto_resolves_to_cuda_only_when_present(monkeypatch):
     from dlp_deploy.errors import UserError
-    from dlp_deploy.prune.job import resolve_device
+    from dlp_deploy.prune.to_folder import resolve_device
 
     assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -239,7 +239,7 @@ def test_random_model_in_bf16_shards_and_the_1_5b_shape(tmp_path, monkeypatch):
     folder = random_llama_folder(tmp_path / "m", "small", seed=1, dtype="bf16", max_shard_size="40KB")
     shards = list(folder.glob("*.safetensors"))
     assert len(shards) > 3 and (folder / INDEX_FILE).is_file()
-    assert {e["dtype"] for s in shards for e in stream.shard_header(s)[0].values()} == {"BF16"}
+    assert {e["dtype"] for s in shards for e in offload.shard_header(s)[0].values()} == {"BF16"}
     assert json.loads((folder / "random.json").read_text())["dtype"] == "bf16"
     with init_empty_weights():
         big = LlamaForCausalLM(LlamaConfig(**{**TINY_CONFIG, **RANDOM_SHAPES["llama-1.5b"]}))

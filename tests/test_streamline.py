@@ -7,9 +7,9 @@ import torch
 
 from dlp_deploy import models
 from dlp_deploy.errors import UserError
-from dlp_deploy.prune.streamline import (StreamlineSettings, choose_span, layers_to_remove, paper_deviations,
-                                         resolve_settings, save_streamlined, score_spans, streamline_model,
-                                         streamline_to_folder, validate_settings)
+from dlp_deploy.prune.depth import (StreamlineSettings, choose_span, layers_to_remove, paper_deviations,
+                                    resolve_settings, save_streamlined, score_spans, streamline_model,
+                                    streamline_to_folder, validate_settings)
 from dlp_deploy.testing import (FAMILY_BASE, assert_one_line_error, family_model, run_cli, save_tiny, tiny_llama,
                                 tiny_tokenizer)
 
@@ -243,7 +243,7 @@ def test_cli_refuses_bad_input(tiny_dir, tmp_path):
 def test_pruning_keeps_the_layout_records_of_its_input(tmp_path, data_root):
     """A streamlined (or structured) input keeps its streamline.json (structure.json) through `prune`, so the
     pruned folder reloads with the same blocks; streaming is refused for it with the reason."""
-    from dlp_deploy.prune.job import prune_to_folder
+    from dlp_deploy.prune.to_folder import prune_to_folder
     from dlp_deploy.prune.pipeline import PruneSettings
 
     src = save_tiny(tmp_path / "src")
@@ -267,7 +267,7 @@ def test_pruning_keeps_the_layout_records_of_its_input(tmp_path, data_root):
 
 
 def test_sweep_with_depth_levels_and_recovered_twins(tmp_path, data_root, monkeypatch):
-    """Depth levels and +recovery twins go through prune/streamline -> eval -> export -> bench like every level;
+    """Depth levels and +recovery twins go through prune/depth -> eval -> export -> bench like every level;
     a streamlined model (no zeros) must never be taken for the dense baseline, and a resumed sweep redoes
     nothing."""
     from dlp_deploy.bench.stats import is_dense, removed_share

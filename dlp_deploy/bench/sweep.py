@@ -333,7 +333,7 @@ def model_step(s: SweepSettings, run_dir: Path, level: Level, progress, log) -> 
 
 
 def streamline_settings(s: SweepSettings, level: Level):
-    from ..prune.streamline import StreamlineSettings, validate_settings
+    from ..prune.depth import StreamlineSettings, validate_settings
 
     # the calibration the prunes use (corpus, windows, window length), so every form sees the same text
     settings = StreamlineSettings(ratio=level.sparsity, replacement=level.replacement, calib=s.calib,
@@ -352,7 +352,7 @@ def recover_settings(s: SweepSettings):
 
 def streamline_step(s: SweepSettings, run_dir: Path, level: Level, progress, log) -> Path:
     from ..models import STREAMLINE_FILE
-    from ..prune.streamline import streamline_to_folder
+    from ..prune.depth import streamline_to_folder
 
     out = run_dir / "models" / level.label
     if not (out / STREAMLINE_FILE).is_file():
@@ -375,7 +375,7 @@ def recover_step(s: SweepSettings, run_dir: Path, level: Level, progress, log) -
 
 
 def prune_step(s: SweepSettings, run_dir: Path, level: Level, progress, log) -> Path:
-    from ..prune.job import prune_to_folder
+    from ..prune.to_folder import prune_to_folder
 
     out = run_dir / "models" / level.label
     if not (out / "pruning.json").is_file():
@@ -386,7 +386,7 @@ def prune_step(s: SweepSettings, run_dir: Path, level: Level, progress, log) -> 
 
 
 def eval_step(s: SweepSettings, run_dir: Path, level: Level, model_ref: str, progress, log) -> dict:
-    from ..eval.job import evaluate
+    from ..eval.evaluate import evaluate
 
     out = run_dir / "eval" / f"{level.label}.json"
     if not out.is_file():
@@ -423,7 +423,7 @@ def export_step(s: SweepSettings, run_dir: Path, level: Level, model_ref: str, l
 def deployment_eval_step(s: SweepSettings, run_dir: Path, level: Level, deploy: Path, precision: str, log) -> dict:
     """The deployment's own perplexity (an ONNX graph on ONNX Runtime, a GGUF file on llama.cpp), windows of the
     export window minus one: every precision compared on the same protocol."""
-    from ..eval.job import evaluate_deployment
+    from ..eval.evaluate import evaluate_deployment
 
     engine = scoring_engine(precision)
     out = run_dir / "eval" / f"{_deploy_name(level, precision)}.{engine}.json"

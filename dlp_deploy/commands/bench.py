@@ -229,7 +229,7 @@ def _allocations(csv: str) -> list[str]:
 
 
 def _depth(csv: str | None) -> list[str]:
-    from ..prune.streamline import REPLACEMENTS
+    from ..prune.depth import REPLACEMENTS
 
     names = [x.strip() for x in (csv or "").split(",") if x.strip()]  # "none" is a replacement here
     unknown = [n for n in names if n not in REPLACEMENTS]

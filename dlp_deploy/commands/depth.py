@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..prune import recover as rec
-from ..prune import streamline as sl
+from ..prune import depth as sl
 
 Replacement = enum.Enum("Replacement", {k: k for k in sl.REPLACEMENTS}, type=str)
 
@@ -59,8 +59,8 @@ def streamline(
     """Cut the most redundant span of decoder layers (LLM-Streamline: highest input/output cosine on calibration
     text), replace it with a trained lightweight block, and save a reloadable HF folder with streamline.json."""
     from ..progress import console, progress_bar, quiet_transformers
-    from ..prune.job import resolve_device
-    from ..prune.streamline import StreamlineSettings, streamline_to_folder, validate_settings
+    from ..prune.depth import StreamlineSettings, streamline_to_folder, validate_settings
+    from ..prune.to_folder import resolve_device
 
     kind = replacement.value if isinstance(replacement, enum.Enum) else replacement
     settings = StreamlineSettings(remove_layers, ratio, kind, calib, nsamples, seqlen, seed, tokens, epochs, lr,
@@ -113,7 +113,7 @@ def recover(
     recovery.json (loss curve, held-out perplexity before/after, zero counts)."""
     from ..io import check_writable
     from ..progress import console, progress_bar, quiet_transformers
-    from ..prune.job import resolve_device
+    from ..prune.to_folder import resolve_device
 
     settings = rec.RecoverSettings(steps, lora_rank, lora_alpha, lr, nsamples, seqlen, batch_size, seed,
                                    eval_windows)

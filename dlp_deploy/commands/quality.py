@@ -71,7 +71,7 @@ def prune(
 ) -> None:
     """Prune MODEL to --sparsity and save a reloadable HF folder with pruning.json."""
     from ..progress import console, progress_bar, quiet_transformers
-    from ..prune.job import prune_to_folder
+    from ..prune.to_folder import prune_to_folder
 
     alpha_value, owl_lambda_value, auto = auto_values(alpha, owl_lambda)
     settings = prune_settings(sparsity, _v(method), _v(allocation), alpha_value, _v(reducer), _v(granularity),
@@ -164,11 +164,11 @@ def eval_(
     """Perplexity (non-overlapping windows) and zero-shot accuracy of MODEL, written to --json."""
     from rich.table import Table
 
-    from ..eval.job import evaluate
+    from ..eval.evaluate import evaluate
     from ..io import check_writable, write_json_atomic
     from ..progress import console, progress_bar, quiet_transformers
 
-    from ..eval.job import evaluate_deployment, is_deployment
+    from ..eval.evaluate import evaluate_deployment, is_deployment
 
     check_writable(json_out, force)
     quiet_transformers()

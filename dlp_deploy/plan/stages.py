@@ -276,14 +276,14 @@ def model_folder(p: Plan, c: Candidate) -> Path:
         return out
     p.log(f"[{c.id}] pruning")
     if c.form == "depth":
-        from ..prune.streamline import StreamlineSettings, streamline_to_folder, validate_settings
+        from ..prune.depth import StreamlineSettings, streamline_to_folder, validate_settings
 
         settings = StreamlineSettings(ratio=c.sparsity, replacement=c.replacement, calib=p.s.calib,
                                       nsamples=p.s.nsamples, seqlen=p.s.calib_seqlen, seed=p.s.seed)
         validate_settings(settings)
         streamline_to_folder(p.s.model, out, settings, "cpu", force=True, progress=p.progress)
     else:
-        from ..prune.job import prune_to_folder
+        from ..prune.to_folder import prune_to_folder
 
         prune_to_folder(p.s.model, out, prune_settings_of(c, p.s.val_windows), p.s.calib, p.s.nsamples,
                         p.s.calib_seqlen, p.s.seed, "cpu", force=True, progress=p.progress)
@@ -606,7 +606,7 @@ def choose(rows: list[dict], deploys: dict[str, dict], engines: list[str]) -> di
 def test_perplexity(p: Plan, folder: Path, engine: str) -> dict:
     """WikiText-2 test perplexity of a deployment, on windows of the plan's validation length (the first
     --test-windows of them), through its scoring engine; kept under test/."""
-    from ..eval.job import evaluate_deployment
+    from ..eval.evaluate import evaluate_deployment
 
     path = p.out / "test" / f"{folder.name}.{engine}.json"
     if not path.is_file():

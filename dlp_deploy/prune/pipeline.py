@@ -146,7 +146,7 @@ def collecting(modules: dict[str, nn.Linear], factory) -> Iterator[dict[str, obj
 
 def held(residency, index: int, phase: str):
     """Block `index`'s weights for the duration of a phase ("statistics" or "prune"). `residency` is None when the
-    whole model is in memory; out of core (stream.StreamedModel) it loads the block, frees it after, and saves it
+    whole model is in memory; out of core (offload.StreamedModel) it loads the block, frees it after, and saves it
     after the prune phase."""
     return residency.block(index, phase) if residency else contextlib.nullcontext()
 
@@ -245,7 +245,7 @@ def needs_calibration(settings: PruneSettings) -> bool:
 def prune_model(model: nn.Module, windows: torch.Tensor | None, settings: PruneSettings, progress=None,
                 residency=None) -> PruneResult:
     """Prune `model` in place. `windows` [n, seqlen] token ids may be None when nothing needs calibration.
-    `residency` (stream.StreamedModel) prunes out of core: blocks are loaded one at a time and saved as pruned."""
+    `residency` (offload.StreamedModel) prunes out of core: blocks are loaded one at a time and saved as pruned."""
     if residency is not None and settings.structure:
         raise UserError("structured pruning changes tensor shapes; it cannot stream, prune it in memory")
     validate_settings(settings)

@@ -194,7 +194,7 @@ def check_mask_kept(targets: dict[str, nn.Linear], masks: dict[str, torch.Tensor
 # ---------------------------------------------------------------- training
 
 def lr_at(step: int, total: int, lr: float) -> float:
-    from .streamline import cosine_lr
+    from .depth import cosine_lr
 
     return cosine_lr(step, total, lr)  # cosine decay to a quarter, as streamline's replacement training
 
@@ -296,7 +296,7 @@ def recover_to_folder(model_ref: str, out: Path, s: RecoverSettings, device: str
     streamline.json carried over, recovery.json) atomically; returns the record."""
     from ..io import atomic_dir, check_writable, write_json_atomic
     from ..provenance import provenance
-    from .job import checkpoint_dtype, save_layout_records
+    from .to_folder import checkpoint_dtype, save_layout_records
 
     validate_settings(s)
     out = Path(out)

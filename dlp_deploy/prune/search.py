@@ -203,7 +203,7 @@ def run_search(settings: SearchSettings, out: Path, name: str | None = None, can
     if saved.is_file() and not force and json.loads(saved.read_text()).get("search_dir") != str(out.resolve()):
         raise UserError(f"an allocation named {name!r} is already saved ({saved}) by another search; pass --name "
                         "to choose another name or --force to replace it")
-    from .job import resolve_device
+    from .to_folder import resolve_device
 
     device = resolve_device(device)
     root = data.data_dir(data_root)

@@ -26,7 +26,7 @@ from ..errors import UserError
 TASKS = {
     "bench": "dlp_deploy.bench.harness:bench_task",
     "validate": "dlp_deploy.export.deployment:validation_task",
-    "eval": "dlp_deploy.eval.job:deployment_perplexity_task",
+    "eval": "dlp_deploy.eval.evaluate:deployment_perplexity_task",
     "generate": "dlp_deploy.commands.deploy:generate_task",
     "plan-ppl": "dlp_deploy.plan.stages:validation_perplexity_task",
 }

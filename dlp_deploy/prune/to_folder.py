@@ -16,7 +16,7 @@ from .allocate import MAX_RATIO, get_allocator
 from .masks import parse_pattern
 from .pipeline import (PruneResult, PruneSettings, needs_calibration, prune_model, validate_for_model,
                        validate_settings)
-from .stream import Checkpoint, NotStreamable, StreamedModel, streaming_refusal
+from .offload import Checkpoint, NotStreamable, StreamedModel, streaming_refusal
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
