@@ -114,11 +114,11 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def readme(results: dict) -> str:
-    s = results["settings"]
+    settings = results["settings"]
     lines = [
         "# Peak memory of a prune: out of core vs in memory",
         "",
-        f"wanda + DLP at 50%, {s['nsamples']} calibration windows of {s['seqlen']} tokens (c4), CPU "
+        f"wanda + DLP at 50%, {settings['nsamples']} calibration windows of {settings['seqlen']} tokens (c4), CPU "
         f"({results['provenance']['machine']['cpu_model']}, {results['provenance']['machine']['usable_cores']} "
         "cores). Every prune is `dlp-deploy prune` in a fresh process; peak RSS is the kernel's `ru_maxrss` of "
         "that process (imports, load, calibration, prune and save). Made by `make memory` "

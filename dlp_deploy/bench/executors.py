@@ -50,14 +50,14 @@ class Executor:
     name = ""
     options: tuple[str, ...] = ()  # the options (CLI flags without --) it takes
 
-    def __init__(self, s, run_dir: Path, progress=None, log=print, **options):
+    def __init__(self, sweep, run_dir: Path, progress=None, log=print, **options):
         given = sorted(k for k, v in options.items() if v is not None and k not in self.options)
         if given:
             flags = ", ".join("--" + k.replace("_", "-") for k in given)
             owners = sorted(n for n, e in EXECUTORS.items() if set(given) <= set(e.options))
             raise UserError(f"{flags} belong{'s' if len(given) == 1 else ''} to --executor "
                             f"{' or '.join(owners) or '(none)'}, not --executor {self.name}")
-        self.s, self.run_dir, self.progress, self.log = s, Path(run_dir), progress, log
+        self.sweep, self.run_dir, self.progress, self.log = sweep, Path(run_dir), progress, log
 
     def __enter__(self):
         return self
@@ -80,12 +80,12 @@ class LocalExecutor(Executor):
     def prepare(self, plan: list) -> list[tuple]:
         from .sweep import pairs_per_level, prepare_level
 
-        s, progress = self.s, self.progress
-        self._task = progress.add_task("sweep", total=len(plan) * (1 + pairs_per_level(s) * s.rounds)) \
+        sweep, progress = self.sweep, self.progress
+        self._task = progress.add_task("sweep", total=len(plan) * (1 + pairs_per_level(sweep) * sweep.rounds)) \
             if progress else None
         prepared = []
         for level in plan:
-            prepared.append(prepare_level(s, self.run_dir, level, progress, self.log))
+            prepared.append(prepare_level(sweep, self.run_dir, level, progress, self.log))
             if progress:
                 progress.advance(self._task)
         return prepared
@@ -99,7 +99,7 @@ class LocalExecutor(Executor):
             task = self.progress.add_task("bench", total=len(pairs) * rounds)
         measured = run_interleaved(
             len(pairs), rounds, order, seed,
-            lambda r, i: bench_step(self.s, self.run_dir, *pairs[i], self.log, round_=r),
+            lambda r, i: bench_step(self.sweep, self.run_dir, *pairs[i], self.log, round_=r),
             on_done=(lambda *_: self.progress.advance(task)) if self.progress else None)
         return Measured(pairs, measured)
 
@@ -139,9 +139,9 @@ class RayExecutor(Executor):
     name = "ray"
     options = ("address", "prune_gpus", "prepare_cpus", "retries")
 
-    def __init__(self, s, run_dir: Path, progress=None, log=print, address: str | None = None,
+    def __init__(self, sweep, run_dir: Path, progress=None, log=print, address: str | None = None,
                  prune_gpus: float | None = None, prepare_cpus: float | None = None, retries: int | None = None):
-        super().__init__(s, run_dir, progress, log)
+        super().__init__(sweep, run_dir, progress, log)
         try:
             import ray
         except ImportError:
@@ -153,14 +153,14 @@ class RayExecutor(Executor):
         self.retries = 2 if retries is None else int(retries)
         if self.prune_gpus < 0 or self.prepare_cpus <= 0 or self.retries < 0:
             raise UserError("--prune-gpus must be at least 0, --prepare-cpus above 0 and --retries at least 0")
-        if s.device.startswith("cuda") and not self.prune_gpus:
-            raise UserError(f"--device {s.device} with --executor ray: give the prepare tasks GPUs with "
+        if sweep.device.startswith("cuda") and not self.prune_gpus:
+            raise UserError(f"--device {sweep.device} with --executor ray: give the prepare tasks GPUs with "
                             "--prune-gpus N (they then run on cuda)")
         # every node opens the same paths: no relative ones (a worker's folder is not the driver's)
         self.run_dir = Path(run_dir).resolve()
-        model = Path(s.model).expanduser()
-        self.task_s = replace(s, model=str(model.resolve()) if model.exists() else s.model,
-                              device="cuda" if self.prune_gpus else s.device)
+        model = Path(sweep.model).expanduser()
+        self.task_sweep = replace(sweep, model=str(model.resolve()) if model.exists() else sweep.model,
+                              device="cuda" if self.prune_gpus else sweep.device)
         self.env = {k: v for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES) and k != FAULT_ENV}
         data = self.env.get("DLP_DEPLOY_DATA")
         if data and Path(data).expanduser().is_dir():
@@ -277,10 +277,10 @@ class RayExecutor(Executor):
             pending: dict = {}
             for level in wave:
                 try:  # the dry run: every step logs before it works, so a finished level raises nothing
-                    prepared[position[level.label]] = sweep.prepare_level(self.task_s, self.run_dir, level, None,
+                    prepared[position[level.label]] = sweep.prepare_level(self.task_sweep, self.run_dir, level, None,
                                                                           _needs_work)
                 except _NeedsWork:
-                    pending[remote.remote(self.task_s, str(self.run_dir), level, str(self.attempts_dir), self.fault,
+                    pending[remote.remote(self.task_sweep, str(self.run_dir), level, str(self.attempts_dir), self.fault,
                                           self.env, self.prepare_cpus)] = level
                     self.counts["prepare"]["tasks"] += 1
                     continue
@@ -369,16 +369,16 @@ class RayExecutor(Executor):
                     r, i = queues[k][0]
                     level, precision, deploy, engine, cores = pairs[i]
                     # the round's file stem, and its machine kind where there are several
-                    key = _bench_key(self.s, folder[k], pairs[i], r) + (f"@{kind_folder(k)}" if several else "")
+                    key = _bench_key(self.sweep, folder[k], pairs[i], r) + (f"@{kind_folder(k)}" if several else "")
                     try:  # a round already on disk costs the driver a read, not a task
-                        results[k][i][r] = self._checked(_cached_bench(self.s, folder[k], pairs[i], r), k, key)
+                        results[k][i][r] = self._checked(_cached_bench(self.sweep, folder[k], pairs[i], r), k, key)
                     except _NeedsWork:
                         if not free[k]:
                             break
                         node = free[k].pop(0)
                         ref = remote.options(num_cpus=node.cpus, scheduling_strategy=_pinned(node),
                                              max_retries=self.retries, retry_exceptions=True).remote(
-                            self.s, str(folder[k]), level, precision, str(deploy), engine, cores, r,
+                            self.sweep, str(folder[k]), level, precision, str(deploy), engine, cores, r,
                             str(self.attempts_dir), self.fault, self.env, key)
                         pending[ref] = (k, node, r, i, key)
                         self.counts["bench"]["tasks"] += 1
@@ -452,7 +452,7 @@ class RayExecutor(Executor):
         probe = ray.remote(_node_info_task)
         infos = ray.get([probe.options(num_cpus=0, scheduling_strategy=_pinned_id(n["NodeID"])).remote()
                          for n in alive])
-        need = max((c for c in core_counts(self.s.cores) if c is not None), default=1)
+        need = max((c for c in core_counts(self.sweep.cores) if c is not None), default=1)
         self.nodes = [_Node(n["NodeID"], info["hostname"], int(n["Resources"]["CPU"]), info)
                       for n, info in zip(alive, infos)]
         usable = [n for n in self.nodes if n.cpus >= need]
@@ -469,7 +469,7 @@ class RayExecutor(Executor):
         ray = self.ray
         remote = ray.remote(_machine_task)
         refs = {k: remote.options(num_cpus=nodes[0].cpus, scheduling_strategy=_pinned(nodes[0]),
-                                  max_retries=self.retries).remote(self.s.cores) for k, nodes in by_kind.items()}
+                                  max_retries=self.retries).remote(self.sweep.cores) for k, nodes in by_kind.items()}
         return {k: ray.get(ref) for k, ref in refs.items()}
 
     def _alive(self, node: _Node) -> bool:
@@ -489,7 +489,7 @@ def get_executor(name: str) -> type[Executor]:
 
 # ---------------------------------------------------------------------- what runs inside Ray tasks
 
-def _prepare_task(s, run_dir: str, level, attempts_dir: str, fault: str | None, env: dict, threads: float) -> dict:
+def _prepare_task(sweep, run_dir: str, level, attempts_dir: str, fault: str | None, env: dict, threads: float) -> dict:
     """One level's prepare chain on a worker: what it did, where, and at which attempt."""
     from ..progress import quiet_transformers
     from .sweep import _deploy_name, prepare_level, scoring_engine
@@ -498,11 +498,11 @@ def _prepare_task(s, run_dir: str, level, attempts_dir: str, fault: str | None, 
         attempt = _begin_attempt(attempts_dir, "prepare", level.label)
         _fault(fault, "prepare", level.label, attempt, None)
         root = Path(run_dir)
-        deploys = [_deploy_name(level, p) for p in s.precisions]
+        deploys = [_deploy_name(level, p) for p in sweep.precisions]
         _remove_stale_temps(root / "models", [level.label])
         _remove_stale_temps(root / "deploy", deploys)
         _remove_stale_temps(root / "eval", [f"{level.label}.json"] + [f"{d}.{scoring_engine(p)}.json"
-                                                                      for d, p in zip(deploys, s.precisions)])
+                                                                      for d, p in zip(deploys, sweep.precisions)])
         import torch
 
         torch.set_num_threads(max(1, int(threads)))
@@ -515,14 +515,14 @@ def _prepare_task(s, run_dir: str, level, attempts_dir: str, fault: str | None, 
 
         t0 = time.perf_counter()
         try:
-            prepared = prepare_level(s, root, level, None, log)
+            prepared = prepare_level(sweep, root, level, None, log)
         except UserError as exc:  # the user's to fix: reported, never retried
             return {"user_error": str(exc), "host": platform.node(), "attempt": attempt, "steps": steps}
         return {"prepared": prepared, "host": platform.node(), "attempt": attempt, "steps": steps,
                 "seconds": time.perf_counter() - t0}
 
 
-def _bench_task(s, run_dir: str, level, precision: str, deploy: str, engine: str, cores, round_: int,
+def _bench_task(sweep, run_dir: str, level, precision: str, deploy: str, engine: str, cores, round_: int,
                 attempts_dir: str, fault: str | None, env: dict, key: str) -> dict:
     """One round of one pair, on a node whose CPUs this task holds (bench_step's worker subprocess uses them)."""
     from .sweep import bench_path, bench_step
@@ -530,11 +530,11 @@ def _bench_task(s, run_dir: str, level, precision: str, deploy: str, engine: str
     with _task_env(env):
         attempt = _begin_attempt(attempts_dir, "bench", key)
         _fault(fault, "bench", key, attempt, None)
-        out = bench_path(s, Path(run_dir), level, precision, engine, cores, round_)
+        out = bench_path(sweep, Path(run_dir), level, precision, engine, cores, round_)
         _remove_stale_temps(out.parent, [out.name])
         t0 = time.perf_counter()
         try:
-            result = bench_step(s, Path(run_dir), level, precision, Path(deploy), engine, cores,
+            result = bench_step(sweep, Path(run_dir), level, precision, Path(deploy), engine, cores,
                                 lambda m: _fault(fault, "bench", key, attempt, str(m)), round_=round_)
         except UserError as exc:
             return {"user_error": str(exc), "host": platform.node(), "attempt": attempt}
@@ -553,18 +553,18 @@ def _machine_task(cores) -> dict:
     return machine_block(cores)
 
 
-def _cached_bench(s, run_dir: Path, pair: tuple, round_: int) -> dict:
+def _cached_bench(sweep, run_dir: Path, pair: tuple, round_: int) -> dict:
     from .sweep import bench_step
 
     level, precision, deploy, engine, cores = pair
-    return bench_step(s, run_dir, level, precision, Path(deploy), engine, cores, _needs_work, round_=round_)
+    return bench_step(sweep, run_dir, level, precision, Path(deploy), engine, cores, _needs_work, round_=round_)
 
 
-def _bench_key(s, run_dir: Path, pair: tuple, round_: int) -> str:
+def _bench_key(sweep, run_dir: Path, pair: tuple, round_: int) -> str:
     from .sweep import bench_path
 
     level, precision, _, engine, cores = pair
-    return bench_path(s, run_dir, level, precision, engine, cores, round_).name.removesuffix(".json")
+    return bench_path(sweep, run_dir, level, precision, engine, cores, round_).name.removesuffix(".json")
 
 
 @contextlib.contextmanager

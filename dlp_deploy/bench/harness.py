@@ -60,16 +60,16 @@ def check_cores(cores: int | list[int] | None) -> None:
                         f"{usable} cores")
 
 
-def check_settings(s: BenchSettings, seq_len: int) -> None:
-    check_cores(s.cores)
-    if s.batch != 1:
+def check_settings(settings: BenchSettings, seq_len: int) -> None:
+    check_cores(settings.cores)
+    if settings.batch != 1:
         raise UserError("--batch above 1 is not supported yet by the KV-cache loop; use --batch 1")
-    if s.prompt_len < 1 or s.gen_len < 1 or s.runs < 1 or s.warmup < 0:
+    if settings.prompt_len < 1 or settings.gen_len < 1 or settings.runs < 1 or settings.warmup < 0:
         raise UserError("--prompt-len, --gen-len and --runs must be at least 1, --warmup at least 0")
-    if s.prompt_len + s.gen_len > seq_len:
-        raise UserError(f"--prompt-len {s.prompt_len} + --gen-len {s.gen_len} exceed the deployment's "
+    if settings.prompt_len + settings.gen_len > seq_len:
+        raise UserError(f"--prompt-len {settings.prompt_len} + --gen-len {settings.gen_len} exceed the deployment's "
                         f"{seq_len}-token window; shorten them or re-export with a larger --seq-len")
-    ENGINES[s.session_kind]  # raises a clear error if the engine is not installed
+    ENGINES[settings.session_kind]  # raises a clear error if the engine is not installed
 
 
 def prompt_ids(tokenizer, length: int) -> list[int]:

@@ -114,36 +114,38 @@ class Level:
         return f"{name} +recovery" if self.recovered else name
 
 
-def levels(s: SweepSettings) -> list[Level]:
+def levels(sweep: SweepSettings) -> list[Level]:
     out = [Level(DENSE, None, None)]
-    for text in s.patterns:
+    for text in sweep.patterns:
         pattern = parse_pattern(text)
         if pattern.kind == "nm":
-            out.append(Level(f"{s.method}-{pattern.n}of{pattern.m}", pattern.fixed_sparsity, "uniform", str(pattern)))
+            out.append(Level(f"{sweep.method}-{pattern.n}of{pattern.m}", pattern.fixed_sparsity, "uniform",
+                             str(pattern)))
             continue
         tag = "" if pattern.kind == "unstructured" else f"mixed{pattern.m}-"
-        for p in s.sparsities:
-            out += [Level(f"{s.method}-{tag}{_folder_safe(a)}-{p:.2f}", p, a, str(pattern)) for a in s.allocations]
-    if s.structure:
-        for p in s.structure_sparsities or s.sparsities:
-            for imp in s.importances:
-                out += [Level(f"structured-{imp}-{_folder_safe(a)}-{p:.2f}", p, a, "unstructured", s.structure, imp)
-                        for a in (s.structure_allocations or s.allocations)]
-    out += [Level(f"streamline-{r}-{s.depth_ratio:.2f}", s.depth_ratio, f"streamline-{r}", replacement=r)
-            for r in s.depth]
-    return out + recovered_levels(s, out)
+        for p in sweep.sparsities:
+            out += [Level(f"{sweep.method}-{tag}{_folder_safe(a)}-{p:.2f}", p, a, str(pattern))
+                    for a in sweep.allocations]
+    if sweep.structure:
+        for p in sweep.structure_sparsities or sweep.sparsities:
+            for imp in sweep.importances:
+                out += [Level(f"structured-{imp}-{_folder_safe(a)}-{p:.2f}", p, a, "unstructured", sweep.structure, imp)
+                        for a in (sweep.structure_allocations or sweep.allocations)]
+    out += [Level(f"streamline-{r}-{sweep.depth_ratio:.2f}", sweep.depth_ratio, f"streamline-{r}", replacement=r)
+            for r in sweep.depth]
+    return out + recovered_levels(sweep, out)
 
 
 RECOVERED = "+recovery"
 
 
-def recovered_levels(s: SweepSettings, plan: list[Level]) -> list[Level]:
+def recovered_levels(sweep: SweepSettings, plan: list[Level]) -> list[Level]:
     """A twin of every pruned level whose label matches a --recover pattern; they come last, after their bases."""
     from dataclasses import replace
     from fnmatch import fnmatchcase
 
     return [replace(level, label=level.label + RECOVERED, base=level.label) for level in plan
-            if level.sparsity is not None and any(fnmatchcase(level.label, p) for p in s.recover)]
+            if level.sparsity is not None and any(fnmatchcase(level.label, p) for p in sweep.recover)]
 
 
 def prepare_waves(plan: list[Level]) -> list[list[Level]]:
@@ -157,15 +159,15 @@ def _folder_safe(allocation: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in allocation)
 
 
-def level_settings(s: SweepSettings, level: Level):
+def level_settings(sweep: SweepSettings, level: Level):
     from ..prune.settings import prune_settings
     from ..prune.allocate import get_allocator
 
     # --alpha is the spread of the allocations that have one (dlp, expr:...); the others ignore it
-    alpha = s.alpha if level.allocation and get_allocator(level.allocation).uses_alpha else None
-    return prune_settings(level.sparsity, s.method, level.allocation, alpha, pattern=level.pattern,
+    alpha = sweep.alpha if level.allocation and get_allocator(level.allocation).uses_alpha else None
+    return prune_settings(level.sparsity, sweep.method, level.allocation, alpha, pattern=level.pattern,
                           structure=level.structure, importance=level.importance or DEFAULT_IMPORTANCE,
-                          multiple=s.multiple)
+                          multiple=sweep.multiple)
 
 
 ONNX_PRECISIONS = ("fp32", "int8", "int4")  # int4: QuantizeOptions defaults (g32, symmetric)
@@ -195,33 +197,34 @@ def scoring_engine(precision: str) -> str:
     return "llamacpp" if precision_format(precision) == "gguf" else "onnxruntime"
 
 
-def check_sweep(s: SweepSettings, run_dir: Path) -> None:
+def check_sweep(sweep: SweepSettings, run_dir: Path) -> None:
     from ..runtime.engines import ENGINES
 
-    plan = levels(s)
+    plan = levels(sweep)
     for level in plan[1:]:
         if level.replacement:
-            streamline_settings(s, level)
+            streamline_settings(sweep, level)
         elif not level.recovered:
-            level_settings(s, level)
-    if s.recover and not any(lv.recovered for lv in plan):
-        raise UserError(f"--recover {','.join(s.recover)} matches no level; level labels look like "
+            level_settings(sweep, level)
+    if sweep.recover and not any(lv.recovered for lv in plan):
+        raise UserError(f"--recover {','.join(sweep.recover)} matches no level; level labels look like "
                         f"{plan[-1].label if len(plan) > 1 else 'wanda-dlp-0.50'} (patterns may use * and ?)")
     if any(lv.recovered for lv in plan):
-        recover_settings(s)
-    for engine in s.engines:
+        recover_settings(sweep)
+    for engine in sweep.engines:
         ENGINES[engine]  # noqa: B018 - unknown or uninstalled engines refuse here, before any work
-    for precision in s.precisions:
-        if not any(runs_on(e, precision) for e in s.engines):
+    for precision in sweep.precisions:
+        if not any(runs_on(e, precision) for e in sweep.engines):
             fmt = precision_format(precision)
             raise UserError(f"--precision {precision} makes {fmt.upper()} deployments and none of --engines "
-                            f"{','.join(s.engines)} runs them; add " + ("llamacpp" if fmt == "gguf" else "onnxruntime"))
-    check_cores(s.cores)
-    if s.bench_timeout is not None and not s.bench_timeout > 0:
-        raise UserError(f"--bench-timeout {s.bench_timeout:g}: give a positive number of seconds, or leave it out")
-    for engine in s.engines:
-        for cores in core_counts(s.cores):
-            check_settings(_bench_settings(s, engine, cores), s.seq_len)
+                            f"{','.join(sweep.engines)} runs them; add "
+                            + ("llamacpp" if fmt == "gguf" else "onnxruntime"))
+    check_cores(sweep.cores)
+    if sweep.bench_timeout is not None and not sweep.bench_timeout > 0:
+        raise UserError(f"--bench-timeout {sweep.bench_timeout:g}: give a positive number of seconds, or leave it out")
+    for engine in sweep.engines:
+        for cores in core_counts(sweep.cores):
+            check_settings(_bench_settings(sweep, engine, cores), sweep.seq_len)
     saved = run_dir / "run.json"
     if saved.is_file():
         run = json.loads(saved.read_text())
@@ -230,7 +233,7 @@ def check_sweep(s: SweepSettings, run_dir: Path) -> None:
         grows = ("sparsities", "allocations", "engines", "patterns", "structure_sparsities", "structure_allocations",
                  "importances", "precisions", "depth", "recover")
         free = ("bench_timeout",)  # a limit on waiting, not on what is measured
-        changed = sorted(k for k, v in asdict(s).items() if k not in grows + free and before.get(k, v) != v)
+        changed = sorted(k for k, v in asdict(sweep).items() if k not in grows + free and before.get(k, v) != v)
         if changed:
             raise UserError(f"{run_dir} holds a sweep with other settings ({', '.join(changed)}); resume it with the "
                             "same options or choose a new --out")
@@ -248,16 +251,17 @@ def _check_nm_meaning(run: dict, run_dir: Path) -> None:
                             f"{text} is {pattern.fixed_sparsity:.0%} sparse); choose a new --out")
 
 
-def _bench_settings(s: SweepSettings, engine: str, cores: int | None) -> BenchSettings:
-    return BenchSettings(engine, cores, s.prompt_len, s.gen_len, 1, s.runs, s.warmup, s.external_cache)
+def _bench_settings(sweep: SweepSettings, engine: str, cores: int | None) -> BenchSettings:
+    return BenchSettings(engine, cores, sweep.prompt_len, sweep.gen_len, 1, sweep.runs, sweep.warmup,
+                         sweep.external_cache)
 
 
-def _most_cores(s: SweepSettings) -> int | None:
+def _most_cores(sweep: SweepSettings) -> int | None:
     """Export validation and deployment perplexity run once, at the largest count measured."""
-    return core_counts(s.cores)[-1]
+    return core_counts(sweep.cores)[-1]
 
 
-def run_sweep(s: SweepSettings, run_dir: Path, progress=None, log=print, prepare_only: bool = False,
+def run_sweep(sweep: SweepSettings, run_dir: Path, progress=None, log=print, prepare_only: bool = False,
               executor: str = "local", executor_options: dict | None = None) -> dict | None:
     """All models are prepared first (prune, eval, export: heavy, order-free), then benchmarked in interleaved
     rounds, so no preparation work shares the CPU with a measurement and drift spreads over every level.
@@ -267,34 +271,34 @@ def run_sweep(s: SweepSettings, run_dir: Path, progress=None, log=print, prepare
     from .executors import get_executor
 
     run_dir = Path(run_dir)
-    runner = get_executor(executor)(s, run_dir, progress, log, **(executor_options or {}))  # refuses before work
-    check_sweep(s, run_dir)
+    runner = get_executor(executor)(sweep, run_dir, progress, log, **(executor_options or {}))  # refuses before work
+    check_sweep(sweep, run_dir)
     with runner:  # a cluster is reached (or started) before anything is written
-        write_json_atomic(run_dir / "run.json", {"settings": asdict(s), "nm_counts": NM_COUNTS,
+        write_json_atomic(run_dir / "run.json", {"settings": asdict(sweep), "nm_counts": NM_COUNTS,
                                                  "provenance": provenance()}, force=True)
-        prepared = runner.prepare(levels(s))
+        prepared = runner.prepare(levels(sweep))
         if prepare_only:
             log(f"prepared {len(prepared)} levels in {run_dir}; run the same command without --prepare-only to "
                 "measure")
             return None
-        measured = runner.measure(sweep_pairs(s, prepared), s.rounds, s.order, s.order_seed)
-    return write_results(s, run_dir, prepared, measured.pairs, measured.rounds, measured.machine)
+        measured = runner.measure(sweep_pairs(sweep, prepared), sweep.rounds, sweep.order, sweep.order_seed)
+    return write_results(sweep, run_dir, prepared, measured.pairs, measured.rounds, measured.machine)
 
 
-def sweep_pairs(s: SweepSettings, prepared: list[tuple]) -> list[tuple]:
+def sweep_pairs(sweep: SweepSettings, prepared: list[tuple]) -> list[tuple]:
     """(level, precision, deployment folder, engine, cores) for every measurement of a round; the core count is
     one more interleaved item, so a drifting machine spreads over every count as well. The A/A pairs come last,
     so ABBA puts them at the other end of each round from the dense model they are compared with."""
     pairs = [(level, precision, deploys[precision], engine, cores) for level, _, deploys, _ in prepared
-             for precision in s.precisions for engine in s.engines for cores in core_counts(s.cores)
+             for precision in sweep.precisions for engine in sweep.engines for cores in core_counts(sweep.cores)
              if runs_on(engine, precision)]
-    return pairs + aa_pairs(s, prepared)
+    return pairs + aa_pairs(sweep, prepared)
 
 
 AA_LEVEL = "dense-aa"  # its bench files' stem; its result rows are labelled "dense (A/A)"
 
 
-def aa_pairs(s: SweepSettings, prepared: list[tuple]) -> list[tuple]:
+def aa_pairs(sweep: SweepSettings, prepared: list[tuple]) -> list[tuple]:
     """The A/A control: on every engine and core count, the dense deployment (in the first precision the engine
     runs) measured as a second model; its speedup against dense is the run's noise floor."""
     from dataclasses import replace
@@ -304,64 +308,65 @@ def aa_pairs(s: SweepSettings, prepared: list[tuple]) -> list[tuple]:
         return []
     level, deploys = dense
     aa = replace(level, label=AA_LEVEL, aa_control=True)
-    return [(aa, precision, deploys[precision], engine, cores) for engine in s.engines
-            for precision in [next((p for p in s.precisions if runs_on(engine, p)), None)] if precision
-            for cores in core_counts(s.cores)]
+    return [(aa, precision, deploys[precision], engine, cores) for engine in sweep.engines
+            for precision in [next((p for p in sweep.precisions if runs_on(engine, p)), None)] if precision
+            for cores in core_counts(sweep.cores)]
 
 
-def pairs_per_level(s: SweepSettings) -> int:
-    return sum(runs_on(e, p) for p in s.precisions for e in s.engines) * len(core_counts(s.cores))
+def pairs_per_level(sweep: SweepSettings) -> int:
+    return sum(runs_on(e, p) for p in sweep.precisions for e in sweep.engines) * len(core_counts(sweep.cores))
 
 
-def prepare_level(s: SweepSettings, run_dir: Path, level: Level, progress, log) -> tuple:
+def prepare_level(sweep: SweepSettings, run_dir: Path, level: Level, progress, log) -> tuple:
     """(level, PyTorch quality, {precision: deployment folder}, {precision: deployment eval or None})."""
-    model_ref = s.model if level.sparsity is None else str(model_step(s, run_dir, level, progress, log))
-    quality = eval_step(s, run_dir, level, model_ref, progress, log)
-    deploys = {p: export_step(s, run_dir, level, model_ref, log, p) for p in s.precisions}
-    deploy_quality = {p: deployment_eval_step(s, run_dir, level, deploys[p], p, log) if s.precisions != ["fp32"]
-                      else None for p in s.precisions}
+    model_ref = sweep.model if level.sparsity is None else str(model_step(sweep, run_dir, level, progress, log))
+    quality = eval_step(sweep, run_dir, level, model_ref, progress, log)
+    deploys = {p: export_step(sweep, run_dir, level, model_ref, log, p) for p in sweep.precisions}
+    deploy_quality = {p: deployment_eval_step(sweep, run_dir, level, deploys[p], p, log) if sweep.precisions != ["fp32"]
+                      else None for p in sweep.precisions}
     return level, quality, deploys, deploy_quality
 
 
-def model_step(s: SweepSettings, run_dir: Path, level: Level, progress, log) -> Path:
+def model_step(sweep: SweepSettings, run_dir: Path, level: Level, progress, log) -> Path:
     """The level's model folder: recovered from its base, streamlined, or pruned."""
     if level.recovered:
-        return recover_step(s, run_dir, level, progress, log)
+        return recover_step(sweep, run_dir, level, progress, log)
     if level.replacement:
-        return streamline_step(s, run_dir, level, progress, log)
-    return prune_step(s, run_dir, level, progress, log)
+        return streamline_step(sweep, run_dir, level, progress, log)
+    return prune_step(sweep, run_dir, level, progress, log)
 
 
-def streamline_settings(s: SweepSettings, level: Level):
+def streamline_settings(sweep: SweepSettings, level: Level):
     from ..prune.depth import StreamlineSettings, validate_settings
 
     # the calibration the prunes use (corpus, windows, window length), so every form sees the same text
-    settings = StreamlineSettings(ratio=level.sparsity, replacement=level.replacement, calib=s.calib,
-                                  nsamples=s.nsamples, seqlen=s.calib_seqlen, seed=s.seed)
+    settings = StreamlineSettings(ratio=level.sparsity, replacement=level.replacement, calib=sweep.calib,
+                                  nsamples=sweep.nsamples, seqlen=sweep.calib_seqlen, seed=sweep.seed)
     validate_settings(settings)
     return settings
 
 
-def recover_settings(s: SweepSettings):
+def recover_settings(sweep: SweepSettings):
     from ..prune.recover import RecoverSettings, validate_settings
 
-    settings = RecoverSettings(steps=s.recover_steps, seqlen=s.calib_seqlen, seed=s.seed)
+    settings = RecoverSettings(steps=sweep.recover_steps, seqlen=sweep.calib_seqlen, seed=sweep.seed)
     validate_settings(settings)
     return settings
 
 
-def streamline_step(s: SweepSettings, run_dir: Path, level: Level, progress, log) -> Path:
+def streamline_step(sweep: SweepSettings, run_dir: Path, level: Level, progress, log) -> Path:
     from ..models import STREAMLINE_FILE
     from ..prune.depth import streamline_to_folder
 
     out = run_dir / "models" / level.label
     if not (out / STREAMLINE_FILE).is_file():
         log(f"[{level.label}] streamlining")
-        streamline_to_folder(s.model, out, streamline_settings(s, level), s.device, force=True, progress=progress)
+        streamline_to_folder(sweep.model, out, streamline_settings(sweep, level), sweep.device, force=True,
+                             progress=progress)
     return out
 
 
-def recover_step(s: SweepSettings, run_dir: Path, level: Level, progress, log) -> Path:
+def recover_step(sweep: SweepSettings, run_dir: Path, level: Level, progress, log) -> Path:
     from ..prune.recover import recover_to_folder
 
     out = run_dir / "models" / level.label
@@ -370,28 +375,29 @@ def recover_step(s: SweepSettings, run_dir: Path, level: Level, progress, log) -
         base = run_dir / "models" / level.base
         if not base.is_dir():
             raise UserError(f"{base} is missing: recovering {level.label} needs its base level prepared first")
-        recover_to_folder(str(base), out, recover_settings(s), s.device, force=True, progress=progress)
+        recover_to_folder(str(base), out, recover_settings(sweep), sweep.device, force=True, progress=progress)
     return out
 
 
-def prune_step(s: SweepSettings, run_dir: Path, level: Level, progress, log) -> Path:
+def prune_step(sweep: SweepSettings, run_dir: Path, level: Level, progress, log) -> Path:
     from ..prune.to_folder import prune_to_folder
 
     out = run_dir / "models" / level.label
     if not (out / "pruning.json").is_file():
         log(f"[{level.label}] pruning")
-        prune_to_folder(s.model, out, level_settings(s, level), s.calib, s.nsamples, s.calib_seqlen, s.seed,
-                        s.device, force=True, progress=progress)
+        prune_to_folder(sweep.model, out, level_settings(sweep, level), sweep.calib, sweep.nsamples,
+                        sweep.calib_seqlen, sweep.seed, sweep.device, force=True, progress=progress)
     return out
 
 
-def eval_step(s: SweepSettings, run_dir: Path, level: Level, model_ref: str, progress, log) -> dict:
+def eval_step(sweep: SweepSettings, run_dir: Path, level: Level, model_ref: str, progress, log) -> dict:
     from ..eval.evaluate import evaluate
 
     out = run_dir / "eval" / f"{level.label}.json"
     if not out.is_file():
         log(f"[{level.label}] perplexity")
-        result = evaluate(model_ref, s.ppl, s.eval_seqlen, s.max_windows, device=s.device, progress=progress)
+        result = evaluate(model_ref, sweep.ppl, sweep.eval_seqlen, sweep.max_windows, device=sweep.device,
+                          progress=progress)
         write_json_atomic(out, result, force=True)
     return json.loads(out.read_text())
 
@@ -400,7 +406,8 @@ def _deploy_name(level: Level, precision: str) -> str:
     return level.label if precision == "fp32" else f"{level.label}.{precision}"
 
 
-def export_step(s: SweepSettings, run_dir: Path, level: Level, model_ref: str, log, precision: str = "fp32") -> Path:
+def export_step(sweep: SweepSettings, run_dir: Path, level: Level, model_ref: str, log,
+                precision: str = "fp32") -> Path:
     from ..export.deployment import (EXPORT_FILE, QualityCheck, QuantizeOptions, default_ppl_tolerance,
                                      export_deployment, export_gguf_deployment)
 
@@ -409,18 +416,18 @@ def export_step(s: SweepSettings, run_dir: Path, level: Level, model_ref: str, l
         return out
     if precision_format(precision) == "gguf":
         log(f"[{out.name}] export GGUF")
-        export_gguf_deployment(model_ref, out, precision, seq_len=s.seq_len, validate=s.validate, force=True,
-                               num_cores=_most_cores(s))
+        export_gguf_deployment(model_ref, out, precision, seq_len=sweep.seq_len, validate=sweep.validate, force=True,
+                               num_cores=_most_cores(sweep))
     else:
         log(f"[{out.name}] export")
-        export_deployment(model_ref, out, seq_len=s.seq_len, validate=s.validate, force=True,
-                          num_cores=_most_cores(s),
-                          quantize=None if precision == "fp32" else QuantizeOptions(precision, seed=s.seed),
+        export_deployment(model_ref, out, seq_len=sweep.seq_len, validate=sweep.validate, force=True,
+                          num_cores=_most_cores(sweep),
+                          quantize=None if precision == "fp32" else QuantizeOptions(precision, seed=sweep.seed),
                           quality=QualityCheck(tolerance=default_ppl_tolerance(precision)))
     return out
 
 
-def deployment_eval_step(s: SweepSettings, run_dir: Path, level: Level, deploy: Path, precision: str, log) -> dict:
+def deployment_eval_step(sweep: SweepSettings, run_dir: Path, level: Level, deploy: Path, precision: str, log) -> dict:
     """The deployment's own perplexity (an ONNX graph on ONNX Runtime, a GGUF file on llama.cpp), windows of the
     export window minus one: every precision compared on the same protocol."""
     from ..eval.evaluate import evaluate_deployment
@@ -429,33 +436,33 @@ def deployment_eval_step(s: SweepSettings, run_dir: Path, level: Level, deploy: 
     out = run_dir / "eval" / f"{_deploy_name(level, precision)}.{engine}.json"
     if not out.is_file():
         log(f"[{deploy.name}] deployment perplexity ({engine})")
-        result = evaluate_deployment(str(deploy), engine, s.ppl, None, s.max_windows, _most_cores(s))
+        result = evaluate_deployment(str(deploy), engine, sweep.ppl, None, sweep.max_windows, _most_cores(sweep))
         write_json_atomic(out, result, force=True)
     return json.loads(out.read_text())
 
 
-def bench_step(s: SweepSettings, run_dir: Path, level: Level, precision: str, deploy: Path, engine: str,
+def bench_step(sweep: SweepSettings, run_dir: Path, level: Level, precision: str, deploy: Path, engine: str,
                cores: int | None, log, round_: int = 0) -> dict:
     """One round of one pair, measured once and kept. A round that ran past --bench-timeout, or whose engine
     crashed, is kept as an `unmeasured` record (the pair is then left out of the results and named in the
     report); it is measured again by a sweep given a longer limit, or none."""
-    out = bench_path(s, run_dir, level, precision, engine, cores, round_)
+    out = bench_path(sweep, run_dir, level, precision, engine, cores, round_)
     kept = json.loads(out.read_text()) if out.is_file() else None
-    if kept is not None and not _retry_unmeasured(s, kept):
+    if kept is not None and not _retry_unmeasured(sweep, kept):
         return kept
-    on = f"{engine} with {cores} core{'s' if cores > 1 else ''}" if isinstance(s.cores, list) else engine
-    earlier = _unmeasured_round(s, run_dir, level, precision, engine, cores)
+    on = f"{engine} with {cores} core{'s' if cores > 1 else ''}" if isinstance(sweep.cores, list) else engine
+    earlier = _unmeasured_round(sweep, run_dir, level, precision, engine, cores)
     if earlier is not None:  # the same pair timed out in another round: it would again, at the same limit
-        log(f"[{deploy.name}] not measured on {on}, round {round_ + 1}/{s.rounds}: an earlier round timed out")
+        log(f"[{deploy.name}] not measured on {on}, round {round_ + 1}/{sweep.rounds}: an earlier round timed out")
         write_json_atomic(out, {**earlier, "round": round_}, force=True)
         return json.loads(out.read_text())
-    log(f"[{deploy.name}] bench on {on}, round {round_ + 1}/{s.rounds}")
-    settings = _bench_settings(s, engine, cores)
+    log(f"[{deploy.name}] bench on {on}, round {round_ + 1}/{sweep.rounds}")
+    settings = _bench_settings(sweep, engine, cores)
     try:
-        result = bench_pair_subprocess(deploy, settings, s.bench_timeout)
+        result = bench_pair_subprocess(deploy, settings, sweep.bench_timeout)
     except EngineFailure as exc:  # past --bench-timeout, or the engine crashed
         log(f"[{deploy.name}] not measured: {exc}")
-        result = unmeasured_record(deploy, settings, str(exc), s.bench_timeout, round_)
+        result = unmeasured_record(deploy, settings, str(exc), sweep.bench_timeout, round_)
     write_json_atomic(out, result, force=True)
     return json.loads(out.read_text())
 
@@ -466,30 +473,30 @@ def unmeasured_record(deploy: Path, settings: BenchSettings, reason: str, timeou
             **pair_identity(settings)}
 
 
-def _retry_unmeasured(s: SweepSettings, record: dict) -> bool:
-    return "unmeasured" in record and (s.bench_timeout is None or s.bench_timeout > record["timeout_s"])
+def _retry_unmeasured(sweep: SweepSettings, record: dict) -> bool:
+    return "unmeasured" in record and (sweep.bench_timeout is None or sweep.bench_timeout > record["timeout_s"])
 
 
-def _unmeasured_round(s: SweepSettings, run_dir: Path, level: Level, precision: str, engine: str,
+def _unmeasured_round(sweep: SweepSettings, run_dir: Path, level: Level, precision: str, engine: str,
                       cores: int | None) -> dict | None:
-    for r in range(s.rounds):
-        path = bench_path(s, run_dir, level, precision, engine, cores, r)
+    for r in range(sweep.rounds):
+        path = bench_path(sweep, run_dir, level, precision, engine, cores, r)
         if path.is_file():
             record = json.loads(path.read_text())
-            if "unmeasured" in record and not _retry_unmeasured(s, record):
+            if "unmeasured" in record and not _retry_unmeasured(sweep, record):
                 return record
     return None
 
 
-def bench_path(s: SweepSettings, run_dir: Path, level: Level, precision: str, engine: str, cores: int | None,
+def bench_path(sweep: SweepSettings, run_dir: Path, level: Level, precision: str, engine: str, cores: int | None,
                round_: int) -> Path:
     """Where one round of one pair is kept; a single count keeps the file names of sweeps from before core
     lists, so those resume."""
-    tag = f".c{cores}" if isinstance(s.cores, list) else ""
+    tag = f".c{cores}" if isinstance(sweep.cores, list) else ""
     return run_dir / "bench" / f"{_deploy_name(level, precision)}.{engine}{tag}.r{round_}.json"
 
 
-def write_results(s: SweepSettings, run_dir: Path, prepared: list[tuple], pairs: list[tuple],
+def write_results(sweep: SweepSettings, run_dir: Path, prepared: list[tuple], pairs: list[tuple],
                   measured: list[list[dict]], machine: dict | None = None) -> dict:
     """`machine`: the measuring machine's block where an executor measured it (a cluster's bench node); None
     measures this one."""
@@ -497,7 +504,7 @@ def write_results(s: SweepSettings, run_dir: Path, prepared: list[tuple], pairs:
 
     quality, meta = [], {}
     for level, q, deploys, deploy_quality in prepared:
-        export_info = json.loads((Path(deploys[s.precisions[0]]) / "export.json").read_text())
+        export_info = json.loads((Path(deploys[sweep.precisions[0]]) / "export.json").read_text())
         form = {"form": level.form, "variant": level.variant, "importance": level.importance,
                 "recovered": level.recovered}
         entry = {"label": level.label, "allocation": level.allocation, **form,
@@ -523,12 +530,13 @@ def write_results(s: SweepSettings, run_dir: Path, prepared: list[tuple], pairs:
             continue
         results.append({**merge_rounds(rounds), "allocation": level.allocation, **form, "precision": precision,
                         "target_sparsity": level.sparsity or 0.0, "removed": entry["removed"],
-                        "perplexity": q_of(entry, precision), "perplexity_by": perplexity_by(s, entry, precision),
+                        "perplexity": q_of(entry, precision), "perplexity_by": perplexity_by(sweep, entry, precision),
                         **({"label": DENSE + AA_SUFFIX, "aa_control": True} if level.aa_control else {})})
     attach_speedups(results)
-    report = {"schema": "dlp-deploy/sweep/1", "settings": asdict(s), "machine": machine or machine_block(s.cores),
-              "quality": quality, "results": results, "unmeasured": unmeasured, "provenance": provenance(),
-              "random_weights": random_model_record(s.model), **replicates_record(run_dir)}
+    report = {"schema": "dlp-deploy/sweep/1", "settings": asdict(sweep),
+              "machine": machine or machine_block(sweep.cores), "quality": quality, "results": results,
+              "unmeasured": unmeasured, "provenance": provenance(),
+              "random_weights": random_model_record(sweep.model), **replicates_record(run_dir)}
     write_json_atomic(run_dir / "results.json", report, force=True)
     return report
 
@@ -561,14 +569,14 @@ def model_records(run_dir: Path, level: Level) -> dict:
     return out
 
 
-def perplexity_by(s: SweepSettings, entry: dict, precision: str) -> dict:
+def perplexity_by(sweep: SweepSettings, entry: dict, precision: str) -> dict:
     """Whose perplexity a row carries (q_of) and on what windows: the deployment's own on its scoring engine
     (windows of the export window minus one), or the PyTorch model's (windows of --eval-seqlen)."""
-    corpus = s.ppl[0]
+    corpus = sweep.ppl[0]
     if entry["deployment_perplexity"].get(precision):
         details = ((entry.get("deployment_perplexity_details") or {}).get(precision) or {}).get(corpus) or {}
         return {"who": f"deployment on {scoring_engine(precision)}", "windows": details.get("windows") or
-                s.max_windows, "seqlen": details.get("seqlen") or s.seq_len - 1}
+                sweep.max_windows, "seqlen": details.get("seqlen") or sweep.seq_len - 1}
     details = entry["perplexity_details"][corpus]
     return {"who": "PyTorch", "windows": details["windows"], "seqlen": details["seqlen"]}
 

@@ -73,22 +73,24 @@ def _ppl(x) -> str:
 
 
 def command(plan: dict) -> str:
-    s = plan["settings"]
-    parts = [f"dlp-deploy plan {s['model']} --max-ppl-increase {s['max_ppl_increase']:g} --out DIR",
-             f"--engines {','.join(s['engines'])}", f"--include {','.join(s['include'])}",
-             f"--levels {','.join(f'{x:g}' for x in s['levels'])}", f"--precisions {','.join(s['precisions'])}",
-             f"--peers {','.join(s['peers']) or 'none'}", f"--seq-len {s['seq_len']}",
-             f"--val-windows {s['val_windows']}", f"--nsamples {s['nsamples']}", f"--runs {s['runs']}",
-             f"--rounds {s['rounds']}", f"--warmup {s['warmup']}", f"--gen-len {s['gen_len']}",
-             f"--prompt-len {s['prompt_len']}", f"--screen-margin {s['screen_margin']:g}", f"--calib {s['calib']}",
-             f"--seed {s['seed']}"]
-    parts += [f"--calib-seqlen {s['calib_seqlen']}"] if s["calib_seqlen"] else []
-    parts += [f"--test-windows {s['test_windows']}"] if s["test_windows"] else []
-    parts += [] if s["validate"] else ["--no-validate"]
-    parts += [f"--allocations {','.join(s['allocations'])}"] if s.get("allocations") else []
-    parts += [f"--cores {s['cores']}"] if s["cores"] else []
-    parts += [f"--time-budget {s['time_budget']:g}"] if s["time_budget"] else []
-    parts += [f"--executor {s['executor']}"] if s["executor"] != "local" else []
+    settings = plan["settings"]
+    parts = [f"dlp-deploy plan {settings['model']} --max-ppl-increase {settings['max_ppl_increase']:g} --out DIR",
+             f"--engines {','.join(settings['engines'])}", f"--include {','.join(settings['include'])}",
+             f"--levels {','.join(f'{x:g}' for x in settings['levels'])}",
+             f"--precisions {','.join(settings['precisions'])}",
+             f"--peers {','.join(settings['peers']) or 'none'}", f"--seq-len {settings['seq_len']}",
+             f"--val-windows {settings['val_windows']}", f"--nsamples {settings['nsamples']}",
+             f"--runs {settings['runs']}", f"--rounds {settings['rounds']}", f"--warmup {settings['warmup']}",
+             f"--gen-len {settings['gen_len']}", f"--prompt-len {settings['prompt_len']}",
+             f"--screen-margin {settings['screen_margin']:g}", f"--calib {settings['calib']}",
+             f"--seed {settings['seed']}"]
+    parts += [f"--calib-seqlen {settings['calib_seqlen']}"] if settings["calib_seqlen"] else []
+    parts += [f"--test-windows {settings['test_windows']}"] if settings["test_windows"] else []
+    parts += [] if settings["validate"] else ["--no-validate"]
+    parts += [f"--allocations {','.join(settings['allocations'])}"] if settings.get("allocations") else []
+    parts += [f"--cores {settings['cores']}"] if settings["cores"] else []
+    parts += [f"--time-budget {settings['time_budget']:g}"] if settings["time_budget"] else []
+    parts += [f"--executor {settings['executor']}"] if settings["executor"] != "local" else []
     return " ".join(parts)
 
 
@@ -101,15 +103,15 @@ def _test_lines(plan: dict) -> list[str]:
 
 
 def model_card(plan: dict) -> str:
-    c, s = plan["choice"], plan["settings"]
+    c, settings = plan["choice"], plan["settings"]
     machine = plan["provenance"].get("machine") or {}
     cpu = machine.get("cpu_model", "this machine")
     peers = "; ".join(f"{v['peer']}: {_x(v)}" for v in c["vs_peers"].values()) or "no llama.cpp peer measured"
     return "\n".join([
-        f"# {c['deploy']} ({c['precision']}) — {s['model']} for {c['engine']}",
+        f"# {c['deploy']} ({c['precision']}) — {settings['model']} for {c['engine']}",
         "",
-        f"The fastest deployment of `{s['model']}` that `dlp-deploy plan` found on {cpu} within a perplexity "
-        f"increase of {_pct(s['max_ppl_increase'])} over the dense model (held-out C4 validation text).",
+        f"The fastest deployment of `{settings['model']}` that `dlp-deploy plan` found on {cpu} within a perplexity "
+        f"increase of {_pct(settings['max_ppl_increase'])} over the dense model (held-out C4 validation text).",
         "",
         "## How it was made",
         "",
@@ -118,8 +120,8 @@ def model_card(plan: dict) -> str:
         "## Measured on this machine",
         "",
         f"- decode: {c['decode_tokens_per_s']:.1f} tokens/s on {c['engine']} (median step, prompt "
-        f"{s['prompt_len']}, {s['gen_len']} new tokens, {s['rounds']} interleaved worker processes x "
-        f"{s['runs']} runs, cores {s['cores'] or 'all'})",
+        f"{settings['prompt_len']}, {settings['gen_len']} new tokens, {settings['rounds']} interleaved worker "
+        f"processes x {settings['runs']} runs, cores {settings['cores'] or 'all'})",
         f"- against dense fp32: {_x(c['vs_dense_fp32'])} ({c['vs_dense_fp32']['baseline']}); A/A noise floor "
         f"{c['noise_floor']['value']:.1%} ({c['noise_floor']['source']})",
         f"- against the llama.cpp peer: {peers}",
@@ -165,8 +167,8 @@ def _how_made(plan: dict) -> str:
 
 
 def plan_markdown(plan: dict) -> str:
-    s, b, c = plan["settings"], plan["budget"], plan["choice"]
-    lines = [f"# Deployment plan: {s['model']}, perplexity budget +{_pct(s['max_ppl_increase'])}", "",
+    settings, b, c = plan["settings"], plan["budget"], plan["choice"]
+    lines = [f"# Deployment plan: {settings['model']}, perplexity budget +{_pct(settings['max_ppl_increase'])}", "",
              f"**Choice: `{c['deploy']}` on {c['engine']}** — {c['decode_tokens_per_s']:.1f} decode tokens/s, "
              f"{_x(c['vs_dense_fp32'])} against dense fp32, validation perplexity {c['validation_ppl']:.3f} "
              f"(dense fp32 deployment {b['deployment_reference']:.3f}, limit {b['deployment_limit']:.3f}). "
@@ -186,14 +188,14 @@ def plan_markdown(plan: dict) -> str:
               f"1. Screen: one-shot Wanda from dense statistics collected once, on {plan['validation']['windows']} "
               f"held-out C4 windows of {plan['validation']['seqlen']} tokens ({plan['validation']['source']}); "
               f"kept when at most {b['screen_limit']:.3f} (dense {b['screen_reference']:.3f} x "
-              f"(1 + {s['max_ppl_increase']:g}) x (1 + margin {s['screen_margin']:g})). Structured and depth forms "
-              "have no one-shot form: they are pruned and scored in PyTorch on the same windows.",
+              f"(1 + {settings['max_ppl_increase']:g}) x (1 + margin {settings['screen_margin']:g})). Structured and "
+              "depth forms have no one-shot form: they are pruned and scored in PyTorch on the same windows.",
               f"2. Deploy: each survivor pruned (sequential Wanda, DLP alpha auto) and exported in "
-              f"{', '.join(s['precisions'])}; each deployment's own perplexity on the same windows through its "
+              f"{', '.join(settings['precisions'])}; each deployment's own perplexity on the same windows through its "
               f"engine (ONNX Runtime, llama.cpp); kept when at most {b['deployment_limit']:.3f}.",
               f"3. Measure: decode speed of every survivor, interleaved with dense fp32, the llama.cpp peers and the "
-              f"A/A control ({s['rounds']} rounds x {s['runs']} runs, ABBA); the fastest within budget wins, a tie "
-              "within the A/A noise floor goes to the better perplexity.", ""]
+              f"A/A control ({settings['rounds']} rounds x {settings['runs']} runs, ABBA); the fastest within budget "
+              "wins, a tie within the A/A noise floor goes to the better perplexity.", ""]
     lines += ["## Every candidate", "", "| candidate | screen ppl | deployment | deployed ppl | stopped at | why |",
               "|---|---|---|---|---|---|"]
     for cand in plan["candidates"]:

@@ -15,37 +15,37 @@ from .stages import Plan, PlanSettings
 SCHEMA = "dlp-deploy/plan/1"
 
 
-def run_plan(s: PlanSettings, out: Path, progress=None, log=print, executor_options: dict | None = None) -> dict:
+def run_plan(settings: PlanSettings, out: Path, progress=None, log=print, executor_options: dict | None = None) -> dict:
     """Returns plan.json's contents."""
     started = time.time()
-    stages.check_settings(s)
-    p = Plan(s, out, progress, log, executor_options)
+    stages.check_settings(settings)
+    p = Plan(settings, out, progress, log, executor_options)
     p.open()
-    cands = candidates(s.include, s.levels, s.allocations)
+    cands = candidates(settings.include, settings.levels, settings.allocations)
 
     reference1, screened = stages.stage1(p, cands)
     rows1 = [{"id": c.id, "ppl": screened[c.id].get("ppl")} for c in cands if "skipped" not in screened[c.id]]
-    kept1, dropped1 = select.budget_split(rows1, reference1, s.max_ppl_increase, s.screen_margin)
+    kept1, dropped1 = select.budget_split(rows1, reference1, settings.max_ppl_increase, settings.screen_margin)
     survivors = [c for c in cands if c.id in {r["id"] for r in kept1}]
 
     deploys = stages.stage2(p, stages.stage2_units(p, survivors))
     reference2 = deploys[DENSE_ID]["ppl"]
     scored = [{"id": name, "ppl": r["ppl"]} for name, r in deploys.items() if "ppl" in r]
-    kept2, dropped2 = select.budget_split(scored, reference2, s.max_ppl_increase)
+    kept2, dropped2 = select.budget_split(scored, reference2, settings.max_ppl_increase)
     for r in kept2:
         deploys[r["id"]]["within_budget"] = True
     for r in dropped2:
         deploys[r["id"]].update(within_budget=False, why=r["why"])
 
     rows, unmeasured, skipped3 = stages.stage3(p, deploys)
-    choice = stages.choose(rows, deploys, s.engines)
+    choice = stages.choose(rows, deploys, settings.engines)
     # the choice is on disk before any test text is read: test/ files are only ever written after choice.json
     write_json_atomic(out / "choice.json", {**choice, "provenance": provenance()}, force=True)
     p.stamp("chosen")
 
     chosen = out / "deploy" / choice["deploy"]
     test = {"chosen": stages.test_perplexity(p, chosen, PRECISIONS[choice["precision"]].scoring_engine)}
-    for peer in s.peers:
+    for peer in settings.peers:
         r = deploys.get(deploy_name(DENSE_ID, peer))
         if r and r.get("deploy"):
             test[f"peer {peer}"] = stages.test_perplexity(p, Path(r["deploy"]), "llamacpp")
@@ -53,21 +53,21 @@ def run_plan(s: PlanSettings, out: Path, progress=None, log=print, executor_opti
     test["dense fp32"] = stages.test_perplexity(p, dense_fp32, "onnxruntime")
     p.stamp("tested")
 
-    plan = {"schema": SCHEMA, "model": s.model, "settings": asdict(s),
-            "budget": {"max_ppl_increase": s.max_ppl_increase, "screen_margin": s.screen_margin,
+    plan = {"schema": SCHEMA, "model": settings.model, "settings": asdict(settings),
+            "budget": {"max_ppl_increase": settings.max_ppl_increase, "screen_margin": settings.screen_margin,
                        "screen_reference": reference1, "deployment_reference": reference2,
-                       "screen_limit": select.limit(reference1, s.max_ppl_increase, s.screen_margin),
-                       "deployment_limit": select.limit(reference2, s.max_ppl_increase)},
+                       "screen_limit": select.limit(reference1, settings.max_ppl_increase, settings.screen_margin),
+                       "deployment_limit": select.limit(reference2, settings.max_ppl_increase)},
             "validation": {k: v for k, v in p.validation().items() if k not in ("ids", "provenance")},
-            "candidates": candidate_records(cands, screened, dropped1, deploys, rows, skipped3, s),
-            "peers": peer_records(s, deploys),
+            "candidates": candidate_records(cands, screened, dropped1, deploys, rows, skipped3, settings),
+            "peers": peer_records(settings, deploys),
             "measured": [_row_summary(r) for r in rows], "unmeasured": unmeasured,
             "choice": choice, "test": test,
-            "time_budget": {"minutes": s.time_budget, "skipped": p.planner.skipped,
+            "time_budget": {"minutes": settings.time_budget, "skipped": p.planner.skipped,
                             "cost_estimates_s": {k: select.TimePlanner(None, costs=p.planner.costs).estimate(k)
                                                  for k in p.planner.costs}},
             "this_run": {"work": p.work, "stamps": p.stamps, "wall_s": time.time() - started},
-            "provenance": provenance(seed=s.seed)}
+            "provenance": provenance(seed=settings.seed)}
     plan["wall_s_total"] = _total_wall(out, plan["this_run"]["wall_s"])
     figure = render.pareto_figure(plan, out / "pareto.png")
     plan["figure"] = figure.name if figure else None
@@ -88,12 +88,12 @@ def _total_wall(out: Path, this_run: float) -> float:
 
 
 def candidate_records(cands, screened: dict, dropped1: list[dict], deploys: dict, rows: list[dict],
-                      skipped3: list[str], s: PlanSettings) -> list[dict]:
+                      skipped3: list[str], settings: PlanSettings) -> list[dict]:
     """Every candidate, with the stage where it stopped and why (or that it reached the measurements)."""
     why1 = {r["id"]: r["why"] for r in dropped1}
     measured = {r["label"] for r in rows}
     out = [{"id": DENSE_ID, "form": "dense", "screen": None, "deployments": _deployments(DENSE_ID, deploys, measured,
-                                                                                          skipped3, s)}]
+                                                                                          skipped3, settings)}]
     for c in cands:
         rec = {**c.describe(), "screen": screened[c.id]}
         if "skipped" in screened[c.id]:
@@ -101,14 +101,15 @@ def candidate_records(cands, screened: dict, dropped1: list[dict], deploys: dict
         elif c.id in why1:
             rec.update(stopped="stage 1", why=why1[c.id])
         else:
-            rec["deployments"] = _deployments(c.id, deploys, measured, skipped3, s)
+            rec["deployments"] = _deployments(c.id, deploys, measured, skipped3, settings)
         out.append(rec)
     return out
 
 
-def _deployments(candidate_id: str, deploys: dict, measured: set, skipped3: list[str], s: PlanSettings) -> list[dict]:
+def _deployments(candidate_id: str, deploys: dict, measured: set, skipped3: list[str],
+                 settings: PlanSettings) -> list[dict]:
     out = []
-    for precision in s.precisions:
+    for precision in settings.precisions:
         name = deploy_name(candidate_id, precision)
         d = deploys.get(name) or {}
         entry = {"name": name, "precision": precision, "validation_ppl": d.get("ppl")}
@@ -128,9 +129,9 @@ def _deployments(candidate_id: str, deploys: dict, measured: set, skipped3: list
     return out
 
 
-def peer_records(s: PlanSettings, deploys: dict) -> dict:
+def peer_records(settings: PlanSettings, deploys: dict) -> dict:
     out = {}
-    for peer in s.peers:
+    for peer in settings.peers:
         d = deploys.get(deploy_name(DENSE_ID, peer)) or {}
         out[peer] = {"validation_ppl": d.get("ppl"), "skipped": d.get("error") or d.get("skipped")}
     return out

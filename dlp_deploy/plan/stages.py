@@ -77,34 +77,36 @@ IDENTITY = ("model", "seq_len", "val_windows", "calib", "nsamples", "calib_seqle
             "runs", "warmup", "rounds", "cores", "test_windows", "validate")
 
 
-def check_settings(s: PlanSettings) -> None:
-    if not 0 <= s.max_ppl_increase:
-        raise UserError(f"--max-ppl-increase {s.max_ppl_increase}: give a non-negative fraction, e.g. 0.10 for 10%")
-    if s.time_budget is not None and not s.time_budget > 0:
-        raise UserError(f"--time-budget {s.time_budget:g}: give a positive number of minutes, or leave it out")
-    if s.screen_margin < 0:
-        raise UserError(f"--screen-margin {s.screen_margin}: give a non-negative fraction")
-    candidates(s.include, s.levels)
-    precisions(s.precisions)
+def check_settings(settings: PlanSettings) -> None:
+    if not 0 <= settings.max_ppl_increase:
+        raise UserError(f"--max-ppl-increase {settings.max_ppl_increase}: give a non-negative fraction, "
+                        "e.g. 0.10 for 10%")
+    if settings.time_budget is not None and not settings.time_budget > 0:
+        raise UserError(f"--time-budget {settings.time_budget:g}: give a positive number of minutes, or leave it out")
+    if settings.screen_margin < 0:
+        raise UserError(f"--screen-margin {settings.screen_margin}: give a non-negative fraction")
+    candidates(settings.include, settings.levels)
+    precisions(settings.precisions)
     from ..prune.allocate import get_allocator
 
-    for name in s.allocations:
+    for name in settings.allocations:
         get_allocator(name)  # a saved search's name, or a one-line refusal naming what exists
-    bad_peers = [p for p in s.peers if PRECISIONS.get(p) is None or PRECISIONS[p].format != "gguf"]
+    bad_peers = [p for p in settings.peers if PRECISIONS.get(p) is None or PRECISIONS[p].format != "gguf"]
     if bad_peers:
         raise UserError(f"--peers {','.join(bad_peers)}: peers are GGUF formats ({', '.join(PEERS)}), or none")
     from ..runtime.engines import ENGINES
 
-    onnx = [e for e in s.engines if e in ENGINES and ENGINES[e].model_format == "onnx"]
-    if not s.engines or len(onnx) != len(s.engines):
-        raise UserError(f"--engines {','.join(s.engines)}: give ONNX engines (onnxruntime, deepsparse, "
+    onnx = [e for e in settings.engines if e in ENGINES and ENGINES[e].model_format == "onnx"]
+    if not settings.engines or len(onnx) != len(settings.engines):
+        raise UserError(f"--engines {','.join(settings.engines)}: give ONNX engines (onnxruntime, deepsparse, "
                         "deepsparse-external, openvino); GGUF deployments are measured on llama.cpp by themselves")
     from ..bench.executors import get_executor
     from ..bench.harness import BenchSettings, check_settings as check_bench
 
-    get_executor(s.executor)
-    for engine in s.engines:
-        check_bench(BenchSettings(engine, s.cores, s.prompt_len, s.gen_len, 1, s.runs, s.warmup), s.seq_len)
+    get_executor(settings.executor)
+    for engine in settings.engines:
+        check_bench(BenchSettings(engine, settings.cores, settings.prompt_len, settings.gen_len, 1, settings.runs,
+                                  settings.warmup), settings.seq_len)
 
 
 # ---------------------------------------------------------------- the run's context
@@ -112,10 +114,11 @@ def check_settings(s: PlanSettings) -> None:
 class Plan:
     """One run of a plan folder: settings, the time planner, the lazily built scorer, what this run did."""
 
-    def __init__(self, s: PlanSettings, out: Path, progress=None, log=print, executor_options: dict | None = None):
-        self.s, self.out, self.progress, self.log = s, Path(out), progress, log
+    def __init__(self, settings: PlanSettings, out: Path, progress=None, log=print,
+                 executor_options: dict | None = None):
+        self.settings, self.out, self.progress, self.log = settings, Path(out), progress, log
         self.executor_options = executor_options or {}
-        self.planner = select.TimePlanner(None if s.time_budget is None else s.time_budget * 60)
+        self.planner = select.TimePlanner(None if settings.time_budget is None else settings.time_budget * 60)
         self.work = {"screened": 0, "pruned": 0, "exported": 0, "scored": 0, "rounds_measured": 0}
         self.stamps: dict[str, str] = {}
         self._scorer = None
@@ -136,7 +139,7 @@ class Plan:
 
     def open(self) -> None:
         path = self.out / "settings.json"
-        now = json.loads(json.dumps(asdict(self.s)))
+        now = json.loads(json.dumps(asdict(self.settings)))
         if path.is_file():
             before = json.loads(path.read_text())["settings"]
             differ = sorted(k for k in IDENTITY if before.get(k) != now.get(k))
@@ -145,7 +148,7 @@ class Plan:
                                 "the same options or choose another --out")
         elif self.out.exists() and any(self.out.iterdir()):
             raise UserError(f"{self.out} exists and holds no plan; choose another --out")
-        write_json_atomic(path, {"settings": now, "provenance": provenance(seed=self.s.seed)}, force=True)
+        write_json_atomic(path, {"settings": now, "provenance": provenance(seed=self.settings.seed)}, force=True)
 
     # ------------------------------------------------------------ validation text and the scorer
 
@@ -156,12 +159,12 @@ class Plan:
             path = self.out / "validation.json"
             if not path.is_file():
                 tok, calibration = self._calibration()
-                v = data.validation_windows(tok, calibration, self.s.val_windows, self.s.val_seqlen, self.root,
-                                            self.s.calib)
-                write_json_atomic(path, {"source": v.source, "windows": self.s.val_windows,
-                                         "seqlen": self.s.val_seqlen, "docs": [v.docs[0], v.docs[-1]],
+                v = data.validation_windows(tok, calibration, self.settings.val_windows, self.settings.val_seqlen,
+                                            self.root, self.settings.calib)
+                write_json_atomic(path, {"source": v.source, "windows": self.settings.val_windows,
+                                         "seqlen": self.settings.val_seqlen, "docs": [v.docs[0], v.docs[-1]],
                                          "doc_count": len(v.docs), "ids": v.ids.flatten().tolist(),
-                                         "provenance": provenance(seed=self.s.seed)}, force=True)
+                                         "provenance": provenance(seed=self.settings.seed)}, force=True)
             self._validation = json.loads(path.read_text())
         return self._validation
 
@@ -170,10 +173,11 @@ class Plan:
 
         from ..models import load_config
 
-        ref, config = load_config(self.s.model)
+        ref, config = load_config(self.settings.model)
         tok = AutoTokenizer.from_pretrained(ref)
-        seqlen = self.s.calib_seqlen or data.default_seqlen(config)
-        return tok, data.calibration(self.s.calib, tok, self.s.nsamples, seqlen, self.s.seed, self.root)
+        seqlen = self.settings.calib_seqlen or data.default_seqlen(config)
+        return tok, data.calibration(self.settings.calib, tok, self.settings.nsamples, seqlen, self.settings.seed,
+                                     self.root)
 
     def scorer(self):
         """The dense model, its statistics (one calibration pass) and the validation windows: built only when a
@@ -185,7 +189,7 @@ class Plan:
             from ..prune.oneshot import DenseSnapshot
             from ..prune.search import Scorer
 
-            model, _ = models.load(self.s.model, "cpu")
+            model, _ = models.load(self.settings.model, "cpu")
             _, calibration = self._calibration()
             v = self.validation()
             ids = torch.tensor(v["ids"], dtype=torch.long).reshape(v["windows"], v["seqlen"])
@@ -240,7 +244,7 @@ def _screen(p: Plan, c: Candidate) -> dict:
     from ..prune.search import tune
 
     scorer = p.scorer()
-    settings = prune_settings_of(c, p.s.val_windows)
+    settings = prune_settings_of(c, p.settings.val_windows)
     pattern = parse_pattern(c.pattern)
     if c.allocation == "dlp":
         tuning = tune(scorer, "dlp", "alpha", c.sparsity, allocation_params(settings), None, pattern)
@@ -263,13 +267,13 @@ def _pytorch_validation_ppl(p: Plan, folder: Path) -> float | None:
 
     model, _ = models.load(str(folder), "cpu")
     ids = torch.tensor(p.validation()["ids"], dtype=torch.long)
-    return _finite(perplexity(model, ids, p.s.val_seqlen)["ppl"])
+    return _finite(perplexity(model, ids, p.settings.val_seqlen)["ppl"])
 
 
 def model_folder(p: Plan, c: Candidate) -> Path:
     """The candidate's pruned model (made once, kept under models/)."""
     if c.sparsity is None:
-        return Path(p.s.model)
+        return Path(p.settings.model)
     out = p.out / "models" / c.id
     record = "streamline.json" if c.form == "depth" else "pruning.json"
     if (out / record).is_file():
@@ -278,15 +282,17 @@ def model_folder(p: Plan, c: Candidate) -> Path:
     if c.form == "depth":
         from ..prune.depth import StreamlineSettings, streamline_to_folder, validate_settings
 
-        settings = StreamlineSettings(ratio=c.sparsity, replacement=c.replacement, calib=p.s.calib,
-                                      nsamples=p.s.nsamples, seqlen=p.s.calib_seqlen, seed=p.s.seed)
+        settings = StreamlineSettings(ratio=c.sparsity, replacement=c.replacement, calib=p.settings.calib,
+                                      nsamples=p.settings.nsamples, seqlen=p.settings.calib_seqlen,
+                                      seed=p.settings.seed)
         validate_settings(settings)
-        streamline_to_folder(p.s.model, out, settings, "cpu", force=True, progress=p.progress)
+        streamline_to_folder(p.settings.model, out, settings, "cpu", force=True, progress=p.progress)
     else:
         from ..prune.to_folder import prune_to_folder
 
-        prune_to_folder(p.s.model, out, prune_settings_of(c, p.s.val_windows), p.s.calib, p.s.nsamples,
-                        p.s.calib_seqlen, p.s.seed, "cpu", force=True, progress=p.progress)
+        prune_to_folder(p.settings.model, out, prune_settings_of(c, p.settings.val_windows), p.settings.calib,
+                        p.settings.nsamples, p.settings.calib_seqlen, p.settings.seed, "cpu", force=True,
+                        progress=p.progress)
     p.work["pruned"] += 1
     return out
 
@@ -297,10 +303,10 @@ def stage2_units(p: Plan, survivors: list[Candidate]) -> list[tuple[Candidate, s
     """(candidate, precision, selectable): the dense model in every precision and as the llama.cpp peers (not
     selectable unless their precision was asked for), then each survivor in every precision."""
     dense = Candidate("dense")
-    units = [(dense, pr, True) for pr in p.s.precisions]
-    units += [(dense, peer, False) for peer in p.s.peers if peer not in p.s.precisions]
+    units = [(dense, pr, True) for pr in p.settings.precisions]
+    units += [(dense, peer, False) for peer in p.settings.peers if peer not in p.settings.precisions]
     units.sort(key=lambda u: u[1] != "fp32")  # the dense fp32 deployment is every deployment's reference
-    return units + [(c, pr, True) for c in survivors for pr in p.s.precisions]
+    return units + [(c, pr, True) for c in survivors for pr in p.settings.precisions]
 
 
 def stage2(p: Plan, units: list[tuple[Candidate, str, bool]]) -> dict[str, dict]:
@@ -308,7 +314,7 @@ def stage2(p: Plan, units: list[tuple[Candidate, str, bool]]) -> dict[str, dict]
     from ..runtime.engines import ENGINES
 
     p.stamp("stage2_started")
-    if "fp32" not in p.s.precisions:
+    if "fp32" not in p.settings.precisions:
         units = [(Candidate("dense"), "fp32", False)] + units
     records: dict[str, dict] = {}
     task = p.task("stage 2: export and score deployments", len(units))
@@ -366,14 +372,14 @@ def export(p: Plan, c: Candidate, precision: str, name: str) -> Path:
         return out
     model_ref = str(model_folder(p, c))
     p.log(f"[{name}] export")
-    cores = p.s.cores
+    cores = p.settings.cores
     if PRECISIONS[precision].format == "gguf":
-        export_gguf_deployment(model_ref, out, precision, seq_len=p.s.seq_len, validate=False, force=True,
+        export_gguf_deployment(model_ref, out, precision, seq_len=p.settings.seq_len, validate=False, force=True,
                                num_cores=cores)
     else:
         quantize = None if precision == "fp32" else quantize_options(p, precision)
-        export_deployment(model_ref, out, seq_len=p.s.seq_len, validate=p.s.validate, force=True, num_cores=cores,
-                          quantize=quantize, quality=None, engines=("onnxruntime",))
+        export_deployment(model_ref, out, seq_len=p.settings.seq_len, validate=p.settings.validate, force=True,
+                          num_cores=cores, quantize=quantize, quality=None, engines=("onnxruntime",))
     p.work["exported"] += 1
     return out
 
@@ -383,7 +389,7 @@ def validation_perplexity(p: Plan, folder: Path, engine: str) -> dict:
 
     v = p.validation()
     return run_in_worker("plan-ppl", {"deploy_dir": str(folder), "engine": engine, "ids": v["ids"],
-                                      "seqlen": v["seqlen"], "cores": p.s.cores},
+                                      "seqlen": v["seqlen"], "cores": p.settings.cores},
                          engine=engine, label=folder.name, during="validation perplexity",
                          on_event=replay_progress(p.progress), hint=workaround(engine, "leave its precision out"))
 
@@ -413,10 +419,11 @@ def sweep_settings(p: Plan, engines: list[str]):
     """The bench files and executors are the sweep's; they read these fields."""
     from ..bench.sweep import SweepSettings
 
-    s = p.s
-    return SweepSettings(s.model, [], engines=engines, cores=s.cores, prompt_len=s.prompt_len, gen_len=s.gen_len,
-                         runs=s.runs, warmup=s.warmup, rounds=s.rounds, seq_len=s.seq_len,
-                         precisions=sorted({*s.precisions, *s.peers}), device="cpu")
+    settings = p.settings
+    return SweepSettings(settings.model, [], engines=engines, cores=settings.cores, prompt_len=settings.prompt_len,
+                         gen_len=settings.gen_len, runs=settings.runs, warmup=settings.warmup, rounds=settings.rounds,
+                         seq_len=settings.seq_len, precisions=sorted({*settings.precisions, *settings.peers}),
+                         device="cpu")
 
 
 def _level(candidate_id: str, aa: bool = False):
@@ -430,20 +437,20 @@ def stage3_pairs(p: Plan, deploys: dict[str, dict]) -> tuple[list[tuple], list[l
     dense fp32 deployment on every engine and the dense llama.cpp peers: no comparison without them); the
     candidates within budget, one group of pairs per deployment, most promising first (select.measurement_order);
     and the A/A control (the dense fp32 deployment again, on every engine), measured last in each round."""
-    cores = p.s.cores
+    cores = p.settings.cores
     dense = deploys[DENSE_ID]
-    references = [(_level(DENSE_ID), "fp32", Path(dense["deploy"]), e, cores) for e in p.s.engines]
-    for peer in p.s.peers:
+    references = [(_level(DENSE_ID), "fp32", Path(dense["deploy"]), e, cores) for e in p.settings.engines]
+    for peer in p.settings.peers:
         r = deploys.get(deploy_name(DENSE_ID, peer))
         if r and r.get("ppl") is not None:
             references.append((_level(DENSE_ID), peer, Path(r["deploy"]), "llamacpp", cores))
     rows = [{**r, "candidate": r["id"], "id": name} for name, r in deploys.items()
             if name != DENSE_ID and r.get("within_budget") and r["selectable"]
-            and not (r["id"] == DENSE_ID and r["precision"] in p.s.peers)]
+            and not (r["id"] == DENSE_ID and r["precision"] in p.settings.peers)]
     optional = [[(_level(r["candidate"]), r["precision"], Path(r["deploy"]), e, cores)
                  for e in engines_for(p, r["precision"])] for r in select.measurement_order(rows)]
     optional = [group for group in optional if group]  # an INT8 graph on DeepSparse alone runs nowhere
-    aa = [(_level(AA_ID, aa=True), "fp32", Path(dense["deploy"]), e, cores) for e in p.s.engines]
+    aa = [(_level(AA_ID, aa=True), "fp32", Path(dense["deploy"]), e, cores) for e in p.settings.engines]
     return references, optional, aa
 
 
@@ -453,13 +460,13 @@ def engines_for(p: Plan, precision: str) -> list[str]:
     if PRECISIONS[precision].format == "gguf":
         return ["llamacpp"]
     refused = refusing(quantize_options(p, precision)) if precision != "fp32" else {}
-    return [e for e in p.s.engines if e not in refused]
+    return [e for e in p.settings.engines if e not in refused]
 
 
 def quantize_options(p: Plan, precision: str):
     from ..export.deployment import QuantizeOptions
 
-    return QuantizeOptions(precision, seed=p.s.seed,
+    return QuantizeOptions(precision, seed=p.settings.seed,
                            **({"act_scales": INT8_ACT_SCALES} if precision == "int8" else {}))
 
 
@@ -484,14 +491,14 @@ def stage3(p: Plan, deploys: dict[str, dict]) -> tuple[list[dict], list[dict], l
     p.stamp("stage3_started")
     references, optional, aa = stage3_pairs(p, deploys)
     engines = sorted({pair[3] for pair in references + aa + [x for group in optional for x in group]})
-    s = sweep_settings(p, engines)
+    sweep = sweep_settings(p, engines)
     run_dir = p.out / "stage3"
 
     def todo(pair) -> int:
-        return sum(not bench_path(s, run_dir, pair[0], pair[1], pair[3], pair[4], r).is_file()
-                   for r in range(s.rounds))
+        return sum(not bench_path(sweep, run_dir, pair[0], pair[1], pair[3], pair[4], r).is_file()
+                   for r in range(sweep.rounds))
 
-    _probe(p, s, run_dir, references[0])
+    _probe(p, sweep, run_dir, references[0])
     p.planner.reserved = sum(todo(pair) for pair in references + aa) * (p.planner.estimate("stage3") or 0.0)
     chosen, skipped = [], []
     for group in optional:
@@ -505,8 +512,8 @@ def stage3(p: Plan, deploys: dict[str, dict]) -> tuple[list[dict], list[dict], l
     pairs = references + chosen + aa
     before = sum(todo(pair) for pair in pairs)
     t0 = time.perf_counter()
-    with get_executor(p.s.executor)(s, run_dir, p.progress, p.log, **p.executor_options) as runner:
-        measured = runner.measure(pairs, s.rounds, "abba", 0)
+    with get_executor(p.settings.executor)(sweep, run_dir, p.progress, p.log, **p.executor_options) as runner:
+        measured = runner.measure(pairs, sweep.rounds, "abba", 0)
     if before:
         p.planner.record("stage3", (time.perf_counter() - t0) / before)
     p.work["rounds_measured"] += before - sum(todo(pair) for pair in pairs)
@@ -515,7 +522,7 @@ def stage3(p: Plan, deploys: dict[str, dict]) -> tuple[list[dict], list[dict], l
     return rows, unmeasured, skipped
 
 
-def _probe(p: Plan, s, run_dir: Path, pair: tuple) -> None:
+def _probe(p: Plan, sweep, run_dir: Path, pair: tuple) -> None:
     """What one round costs here: the dense fp32 pair's first round, measured now (and kept: the interleaved
     measurement reuses it) unless an earlier start measured it; its wall time is kept in probe.json."""
     from ..bench.sweep import bench_step
@@ -526,7 +533,7 @@ def _probe(p: Plan, s, run_dir: Path, pair: tuple) -> None:
         return
     t0 = time.perf_counter()
     level, precision, folder, engine, cores = pair
-    bench_step(s, run_dir, level, precision, Path(folder), engine, cores, p.log, round_=0)
+    bench_step(sweep, run_dir, level, precision, Path(folder), engine, cores, p.log, round_=0)
     seconds = time.perf_counter() - t0
     write_json_atomic(path, {"seconds": seconds, "pair": f"{folder} on {engine}", "provenance": provenance()},
                       force=True)
@@ -611,8 +618,8 @@ def test_perplexity(p: Plan, folder: Path, engine: str) -> dict:
     path = p.out / "test" / f"{folder.name}.{engine}.json"
     if not path.is_file():
         p.log(f"[{folder.name}] {TEST_CORPUS} test perplexity on {engine} (after the choice)")
-        result = evaluate_deployment(str(folder), engine, [TEST_CORPUS], p.s.val_seqlen, p.s.test_windows, p.s.cores,
-                                     None, p.progress)
+        result = evaluate_deployment(str(folder), engine, [TEST_CORPUS], p.settings.val_seqlen,
+                                     p.settings.test_windows, p.settings.cores, None, p.progress)
         write_json_atomic(path, result, force=True)
     result = json.loads(path.read_text())
     details = result["perplexity_details"][TEST_CORPUS]

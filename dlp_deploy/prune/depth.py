@@ -448,30 +448,30 @@ class StreamlineSettings:
     post_epochs: int = POST_EPOCHS
 
 
-def resolve_settings(s: StreamlineSettings) -> StreamlineSettings:
+def resolve_settings(settings: StreamlineSettings) -> StreamlineSettings:
     """The settings with the replacement kind's paper lr and weight decay wherever none was given (`none` trains
     nothing and keeps None)."""
-    lr, weight_decay = PAPER_OPTIMIZER.get(s.replacement, (None, None))
-    return replace(s, lr=lr if s.lr is None else s.lr,
-                   weight_decay=weight_decay if s.weight_decay is None else s.weight_decay)
+    lr, weight_decay = PAPER_OPTIMIZER.get(settings.replacement, (None, None))
+    return replace(settings, lr=lr if settings.lr is None else settings.lr,
+                   weight_decay=weight_decay if settings.weight_decay is None else settings.weight_decay)
 
 
-def validate_settings(s: StreamlineSettings) -> None:
-    if (s.remove_layers is None) == (s.ratio is None):
+def validate_settings(settings: StreamlineSettings) -> None:
+    if (settings.remove_layers is None) == (settings.ratio is None):
         raise UserError("give exactly one of --remove-layers N or --ratio R (share of decoder layers to remove)")
-    if s.replacement not in REPLACEMENTS:
-        raise UserError(f"--replacement {s.replacement!r}: choose from {', '.join(REPLACEMENTS)}")
-    for flag, value in (("--tokens", s.tokens), ("--epochs", s.epochs), ("--nsamples", s.nsamples),
-                        ("--batch", s.batch), ("--post-epochs", s.post_epochs)):
+    if settings.replacement not in REPLACEMENTS:
+        raise UserError(f"--replacement {settings.replacement!r}: choose from {', '.join(REPLACEMENTS)}")
+    for flag, value in (("--tokens", settings.tokens), ("--epochs", settings.epochs), ("--nsamples", settings.nsamples),
+                        ("--batch", settings.batch), ("--post-epochs", settings.post_epochs)):
         if value < 1:
             raise UserError(f"{flag} {value}: give a positive number")
-    for flag, value in (("--lr", s.lr), ("--post-lr", s.post_lr)):
+    for flag, value in (("--lr", settings.lr), ("--post-lr", settings.post_lr)):
         if value is not None and not (value > 0 and math.isfinite(value)):
             raise UserError(f"{flag} {value}: give a positive learning rate, e.g. {PAPER_OPTIMIZER['ffn'][0]}")
-    for flag, value in (("--weight-decay", s.weight_decay), ("--post-weight-decay", s.post_weight_decay)):
+    for flag, value in (("--weight-decay", settings.weight_decay), ("--post-weight-decay", settings.post_weight_decay)):
         if value is not None and not (value >= 0 and math.isfinite(value)):
             raise UserError(f"{flag} {value}: give a weight decay of 0 or more")
-    if s.post_train and s.replacement == "none":
+    if settings.post_train and settings.replacement == "none":
         raise UserError("--post-train trains the replacement, and --replacement none has none; choose ffn, swiglu "
                         "or layer")
 
@@ -489,26 +489,27 @@ def make_replacement(model: nn.Module, blocks: nn.ModuleList, start: int, kind: 
         next(first.parameters()).device)
 
 
-def train(replacement: nn.Module, data: SpanData, kind: str, s: StreamlineSettings, progress=None) -> dict:
+def train(replacement: nn.Module, data: SpanData, kind: str, settings: StreamlineSettings, progress=None) -> dict:
     """Fit the replacement to the span and report the loss curve and the MSE before, after, and of dropping the
-    span (the identity), all on the training windows. One window is one micro-batch, `s.batch` windows one step."""
+    span (the identity), all on the training windows. One window is one micro-batch, `settings.batch` windows one
+    step."""
     device = next(replacement.parameters()).device
     replacement.float()
     kwargs = data.call if kind == "layer" else {}  # an MLP block ignores the layer call
     items = [(x.to(device), y.to(device), kwargs) for x, y in zip(data.inputs, data.outputs)]
     identity = mse(nn.Identity(), [(x, y, {}) for x, y, _ in items])
     before = mse(replacement, items)
-    steps = math.ceil(len(items) / s.batch)
-    task = progress.add_task(f"training {kind} replacement", total=steps * s.epochs) if progress else None
+    steps = math.ceil(len(items) / settings.batch)
+    task = progress.add_task(f"training {kind} replacement", total=steps * settings.epochs) if progress else None
     t0 = time.perf_counter()
-    curve = fit(list(replacement.parameters()), batch_steps(items, s.batch, s.seed),
-                lambda item: mse_sum(replacement, item), steps, s.epochs, s.lr, s.weight_decay,
+    curve = fit(list(replacement.parameters()), batch_steps(items, settings.batch, settings.seed),
+                lambda item: mse_sum(replacement, item), steps, settings.epochs, settings.lr, settings.weight_decay,
                 (lambda: progress.advance(task)) if progress else None)
     seconds = time.perf_counter() - t0
-    return {"tokens": data.tokens, "windows": len(items), "epochs": s.epochs, "steps": steps * s.epochs,
-            "batch": f"{s.batch} windows per step (one window per micro-batch, gradients accumulated)",
-            "optimizer": "AdamW", "lr": s.lr, "lr_schedule": f"cosine to {MIN_LR_FRACTION} x lr",
-            "weight_decay": s.weight_decay, "loss": "MSE(replacement(span input), span output)",
+    return {"tokens": data.tokens, "windows": len(items), "epochs": settings.epochs, "steps": steps * settings.epochs,
+            "batch": f"{settings.batch} windows per step (one window per micro-batch, gradients accumulated)",
+            "optimizer": "AdamW", "lr": settings.lr, "lr_schedule": f"cosine to {MIN_LR_FRACTION} x lr",
+            "weight_decay": settings.weight_decay, "loss": "MSE(replacement(span input), span output)",
             "loss_curve": epoch_means(curve, steps), "mse_before": before, "mse_after": mse(replacement, items),
             "mse_drop_span": identity, "seconds": seconds}
 
@@ -519,7 +520,7 @@ def lm_loss_sum(model: nn.Module, window: torch.Tensor) -> tuple[torch.Tensor, i
     return model(input_ids=ids, labels=ids, use_cache=False).loss * (ids.shape[1] - 1), ids.shape[1] - 1
 
 
-def post_train(model: nn.Module, replacement: nn.Module, windows: torch.Tensor, s: StreamlineSettings,
+def post_train(model: nn.Module, replacement: nn.Module, windows: torch.Tensor, settings: StreamlineSettings,
                progress=None) -> dict:
     """The paper's post-training of a replaced layer: the streamlined model's causal-LM loss on the training
     windows, AdamW on the replacement's parameters only (the paper says which values, not which parameters; the
@@ -528,32 +529,33 @@ def post_train(model: nn.Module, replacement: nn.Module, windows: torch.Tensor, 
     flags = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(p in trainable)
-    steps = math.ceil(len(windows) / s.batch)
-    task = progress.add_task("post-training (LM loss)", total=steps * s.post_epochs) if progress else None
+    steps = math.ceil(len(windows) / settings.batch)
+    task = progress.add_task("post-training (LM loss)", total=steps * settings.post_epochs) if progress else None
     t0 = time.perf_counter()
     try:
-        curve = fit(list(trainable), batch_steps(list(windows), s.batch, s.seed + 1_000),
-                    lambda w: lm_loss_sum(model, w), steps, s.post_epochs, s.post_lr, s.post_weight_decay,
-                    (lambda: progress.advance(task)) if progress else None)
+        curve = fit(list(trainable), batch_steps(list(windows), settings.batch, settings.seed + 1_000),
+                    lambda w: lm_loss_sum(model, w), steps, settings.post_epochs, settings.post_lr,
+                    settings.post_weight_decay, (lambda: progress.advance(task)) if progress else None)
     finally:
         for p, flag in flags.items():
             p.requires_grad_(flag)
-    return {"windows": len(windows), "tokens": int(windows.numel()), "epochs": s.post_epochs,
-            "steps": steps * s.post_epochs, "batch": f"{s.batch} windows per step", "optimizer": "AdamW",
-            "lr": s.post_lr, "lr_schedule": f"cosine to {MIN_LR_FRACTION} x lr", "weight_decay": s.post_weight_decay,
+    return {"windows": len(windows), "tokens": int(windows.numel()), "epochs": settings.post_epochs,
+            "steps": steps * settings.post_epochs, "batch": f"{settings.batch} windows per step", "optimizer": "AdamW",
+            "lr": settings.post_lr, "lr_schedule": f"cosine to {MIN_LR_FRACTION} x lr",
+            "weight_decay": settings.post_weight_decay,
             "trained": "replacement only", "loss": "next-token cross-entropy of the whole model",
             "loss_curve": curve, "seconds": time.perf_counter() - t0}
 
 
-def streamline_model(model: nn.Module, windows: torch.Tensor, s: StreamlineSettings, progress=None) -> dict:
+def streamline_model(model: nn.Module, windows: torch.Tensor, settings: StreamlineSettings, progress=None) -> dict:
     """Streamline `model` in place (the stack is replaced, the config shortened); returns the record."""
     from ..models import decoder_layers
 
-    validate_settings(s)
-    s = resolve_settings(s)
+    validate_settings(settings)
+    settings = resolve_settings(settings)
     blocks = decoder_layers(model)
     num_layers = len(blocks)
-    n = layers_to_remove(num_layers, s.remove_layers, s.ratio)
+    n = layers_to_remove(num_layers, settings.remove_layers, settings.ratio)
     if any(getattr(b, "STREAMLINE_REPLACEMENT", False) for b in blocks):
         raise UserError("the model is already streamlined (it holds an MLP-only replacement block); streamline "
                         "the original model with a larger --remove-layers instead")
@@ -563,34 +565,34 @@ def streamline_model(model: nn.Module, windows: torch.Tensor, s: StreamlineSetti
     scores = score_spans(model, blocks, windows, n, progress)
     start = choose_span(scores)
     timings["score_s"] = time.perf_counter() - t0
-    replacement = make_replacement(model, blocks, start, s.replacement)
+    replacement = make_replacement(model, blocks, start, settings.replacement)
     training = post = None
-    train_windows = training_windows(windows, s.tokens)
+    train_windows = training_windows(windows, settings.tokens)
     if replacement is not None:
         t0 = time.perf_counter()
         data = collect_span(model, blocks, train_windows, start, n, progress)
         timings["collect_s"] = time.perf_counter() - t0
-        training = train(replacement, data, s.replacement, s, progress)
+        training = train(replacement, data, settings.replacement, settings, progress)
         del data
         replacement.to(next(blocks[start].parameters()).dtype)
-    _new, cut = replace_span(model, blocks, start, n, replacement, s.replacement)
-    if s.post_train:
-        post = post_train(model, replacement, train_windows, s, progress)
+    _new, cut = replace_span(model, blocks, start, n, replacement, settings.replacement)
+    if settings.post_train:
+        post = post_train(model, replacement, train_windows, settings, progress)
     params_after = decoder_linear_params(decoder_layers(model))
-    rep = {"kind": s.replacement, "index": None if replacement is None else start}
-    if s.replacement in MLP_KINDS:
+    rep = {"kind": settings.replacement, "index": None if replacement is None else start}
+    if settings.replacement in MLP_KINDS:
         rep.update(width=replacement.mlp.down_proj.in_features, act=_act_name(model),
                    init="down projection zeroed (starts as dropping the span), norm copied from layer "
                         f"{start}", params=sum(p.numel() for p in replacement.parameters()))
-    elif s.replacement == "layer":
+    elif settings.replacement == "layer":
         rep.update(init=f"copy of layer {start}", params=sum(p.numel() for p in replacement.parameters()))
     return {
         "schema": SCHEMA,
         "method": "llm-streamline",
-        "settings": asdict(s),
-        "paper_deviations": paper_deviations(s),
+        "settings": asdict(settings),
+        "paper_deviations": paper_deviations(settings),
         "removed": {"start": start, "end": start + n, "layers": list(range(start, start + n)), "count": n},
-        "num_layers": {"before": num_layers, "after": new_layer_count(num_layers, n, s.replacement)},
+        "num_layers": {"before": num_layers, "after": new_layer_count(num_layers, n, settings.replacement)},
         "replacement": rep,
         # the unit every other form's sparsity counts in, so a depth-pruned model compares at equal parameters
         "decoder_linear_params": {"before": params_before, "after": params_after,
@@ -606,21 +608,23 @@ def streamline_model(model: nn.Module, windows: torch.Tensor, s: StreamlineSetti
     }
 
 
-def paper_deviations(s: StreamlineSettings) -> list[str]:
+def paper_deviations(settings: StreamlineSettings) -> list[str]:
     """Where the (resolved) settings leave the paper's, in words; the token budget always does."""
-    out = [f"trained on {s.tokens} tokens of span input/output (whole windows), not the paper's 30,000 samples"]
-    if s.replacement in PAPER_OPTIMIZER and (s.lr, s.weight_decay) != PAPER_OPTIMIZER[s.replacement]:
-        out.append(f"lr {s.lr}, weight decay {s.weight_decay} (paper for {s.replacement}: "
-                   f"{PAPER_OPTIMIZER[s.replacement][0]}, {PAPER_OPTIMIZER[s.replacement][1]})")
-    for name, value, paper in (("batch", s.batch, BATCH), ("epochs", s.epochs, EPOCHS),
-                               ("nsamples", s.nsamples, NSAMPLES)):
+    out = [f"trained on {settings.tokens} tokens of span input/output (whole windows), not the paper's 30,000 samples"]
+    if (settings.replacement in PAPER_OPTIMIZER
+            and (settings.lr, settings.weight_decay) != PAPER_OPTIMIZER[settings.replacement]):
+        out.append(f"lr {settings.lr}, weight decay {settings.weight_decay} (paper for {settings.replacement}: "
+                   f"{PAPER_OPTIMIZER[settings.replacement][0]}, {PAPER_OPTIMIZER[settings.replacement][1]})")
+    for name, value, paper in (("batch", settings.batch, BATCH), ("epochs", settings.epochs, EPOCHS),
+                               ("nsamples", settings.nsamples, NSAMPLES)):
         if value != paper:
             out.append(f"{name} {value} (paper: {paper})")
-    if s.replacement == "layer" and not s.post_train:
+    if settings.replacement == "layer" and not settings.post_train:
         out.append("no post-training (the paper post-trains a replaced layer for one epoch; --post-train)")
-    if s.post_train and (s.post_lr, s.post_weight_decay, s.post_epochs) != (POST_LR, POST_WEIGHT_DECAY, POST_EPOCHS):
-        out.append(f"post-training lr {s.post_lr}, weight decay {s.post_weight_decay}, {s.post_epochs} epochs "
-                   f"(paper: {POST_LR}, {POST_WEIGHT_DECAY}, {POST_EPOCHS})")
+    post = (settings.post_lr, settings.post_weight_decay, settings.post_epochs)
+    if settings.post_train and post != (POST_LR, POST_WEIGHT_DECAY, POST_EPOCHS):
+        out.append(f"post-training lr {settings.post_lr}, weight decay {settings.post_weight_decay}, "
+                   f"{settings.post_epochs} epochs (paper: {POST_LR}, {POST_WEIGHT_DECAY}, {POST_EPOCHS})")
     return out
 
 
@@ -633,7 +637,7 @@ def _act_name(model: nn.Module) -> str:
     return getattr(config, "hidden_act", None) or getattr(config, "hidden_activation", None) or "silu"
 
 
-def streamline_to_folder(model_ref: str, out: Path, s: StreamlineSettings, device: str = "cpu",
+def streamline_to_folder(model_ref: str, out: Path, settings: StreamlineSettings, device: str = "cpu",
                          data_root: str | None = None, force: bool = False, progress=None) -> dict:
     """The whole job: load, calibrate, streamline, save a reloadable HF folder with streamline.json, atomically.
     The model is loaded, trained and saved in fp32."""
@@ -641,11 +645,12 @@ def streamline_to_folder(model_ref: str, out: Path, s: StreamlineSettings, devic
     from ..io import atomic_dir, check_writable
     from ..provenance import provenance
 
-    validate_settings(s)
+    validate_settings(settings)
     check_writable(out, force)
     ref, config = models.load_config(model_ref)
     if isinstance(getattr(config, "num_hidden_layers", None), int):
-        layers_to_remove(config.num_hidden_layers, s.remove_layers, s.ratio)  # refuse before the slow load
+        # refuse before the slow load
+        layers_to_remove(config.num_hidden_layers, settings.remove_layers, settings.ratio)
     if (Path(ref) / models.STRUCTURE_FILE).is_file():
         raise UserError(f"{model_ref} is structured-pruned (it has {models.STRUCTURE_FILE}); streamline the dense "
                         "model first, then prune the streamlined one")
@@ -655,17 +660,18 @@ def streamline_to_folder(model_ref: str, out: Path, s: StreamlineSettings, devic
     root = data.data_dir(data_root)
     t0 = time.perf_counter()
     model, tok = models.load(model_ref, device, torch.float32)
-    layers_to_remove(len(models.decoder_layers(model)), s.remove_layers, s.ratio)  # refuse before calibration
+    # refuse before calibration
+    layers_to_remove(len(models.decoder_layers(model)), settings.remove_layers, settings.ratio)
     load_s = time.perf_counter() - t0
-    seqlen = s.seqlen or data.default_seqlen(model.config)
-    calibration = data.calibration(s.calib, tok, s.nsamples, seqlen, s.seed, root)
-    torch.manual_seed(s.seed)
+    seqlen = settings.seqlen or data.default_seqlen(model.config)
+    calibration = data.calibration(settings.calib, tok, settings.nsamples, seqlen, settings.seed, root)
+    torch.manual_seed(settings.seed)
     with atomic_dir(out, force) as tmp:
-        record = streamline_model(model, calibration.windows, s, progress)
+        record = streamline_model(model, calibration.windows, settings, progress)
         record["timings"]["load_s"] = load_s
         record.update(model=model_ref, device=device,
-                      calibration={"corpus": s.calib, "source": calibration.source, "nsamples": s.nsamples,
-                                   "seqlen": seqlen},
+                      calibration={"corpus": settings.calib, "source": calibration.source,
+                                   "nsamples": settings.nsamples, "seqlen": seqlen},
                       provenance=provenance())
         save_streamlined(model, tok, tmp, record)
     return record

@@ -340,70 +340,72 @@ def _prune_structured(model, windows, settings: PruneSettings, allocation: Alloc
                        for p, k in zip(plans, kept)]}
 
 
-def validate_settings(s: PruneSettings) -> None:
+def validate_settings(settings: PruneSettings) -> None:
     from .allocate import REDUCERS
     from .masks import GRANULARITIES
     from .structured.plan import parse_units
     from .structured.run import IMPORTANCE
 
-    if not 0 <= s.sparsity < 1:
-        raise UserError(f"--sparsity {s.sparsity} is outside [0, 1); give a fraction such as 0.5")
-    for value, registry, flag in ((s.method, PRUNERS, "--method"),
-                                  (s.reducer, REDUCERS, "--reducer"), (s.granularity, GRANULARITIES, "--granularity"),
-                                  (s.importance, IMPORTANCE, "--importance")):
+    if not 0 <= settings.sparsity < 1:
+        raise UserError(f"--sparsity {settings.sparsity} is outside [0, 1); give a fraction such as 0.5")
+    for value, registry, flag in ((settings.method, PRUNERS, "--method"),
+                                  (settings.reducer, REDUCERS, "--reducer"),
+                                  (settings.granularity, GRANULARITIES, "--granularity"),
+                                  (settings.importance, IMPORTANCE, "--importance")):
         if value not in registry:
             raise UserError(f"unknown {flag} {value!r}; choose from {', '.join(registry)}")
-    allocator = get_allocator(s.allocation)  # a registry name or expr:...; a UserError names the valid ones
-    if allocator.uses_alpha and s.alpha is None:
-        raise UserError(f"{s.allocation} needs --alpha (the CLI fills in DLP's App. G default)")
-    if s.alpha is not None and not 0 <= s.alpha < 0.5:
-        raise UserError(f"--alpha {s.alpha} is outside [0, 0.5); the paper uses 0.02-0.15")
-    if not s.owl_m > 0:
-        raise UserError(f"--owl-m {s.owl_m} must be positive (outliers are scores above M times the layer mean; "
+    allocator = get_allocator(settings.allocation)  # a registry name or expr:...; a UserError names the valid ones
+    if allocator.uses_alpha and settings.alpha is None:
+        raise UserError(f"{settings.allocation} needs --alpha (the CLI fills in DLP's App. G default)")
+    if settings.alpha is not None and not 0 <= settings.alpha < 0.5:
+        raise UserError(f"--alpha {settings.alpha} is outside [0, 0.5); the paper uses 0.02-0.15")
+    if not settings.owl_m > 0:
+        raise UserError(f"--owl-m {settings.owl_m} must be positive (outliers are scores above M times the layer mean; "
                         f"OWL uses {OWL_M:g})")
-    if not 0 <= s.owl_lambda < 0.5:
-        raise UserError(f"--owl-lambda {s.owl_lambda} is outside [0, 0.5); OWL uses {OWL_LAMBDA:g}")
-    if s.auto is not None:
-        _validate_auto(s, allocator)
-    pattern = parse_pattern(s.pattern)
-    if s.structure:
-        parse_units(s.structure)
+    if not 0 <= settings.owl_lambda < 0.5:
+        raise UserError(f"--owl-lambda {settings.owl_lambda} is outside [0, 0.5); OWL uses {OWL_LAMBDA:g}")
+    if settings.auto is not None:
+        _validate_auto(settings, allocator)
+    pattern = parse_pattern(settings.pattern)
+    if settings.structure:
+        parse_units(settings.structure)
         if pattern.kind != "unstructured":
             raise UserError("--structure and an N:M --pattern are two different forms; choose one")
-        if s.multiple < 1:
-            raise UserError(f"--multiple {s.multiple} must be a positive number of channels")
-    if pattern.kind != "unstructured" and s.granularity != "per-output":
+        if settings.multiple < 1:
+            raise UserError(f"--multiple {settings.multiple} must be a positive number of channels")
+    if pattern.kind != "unstructured" and settings.granularity != "per-output":
         raise UserError(f"--pattern {pattern} picks n of every m weights in each row; it cannot be combined with "
-                        f"--granularity {s.granularity}")
+                        f"--granularity {settings.granularity}")
     if pattern.kind == "nm":
-        if abs(s.sparsity - pattern.fixed_sparsity) > 1e-9:
+        if abs(settings.sparsity - pattern.fixed_sparsity) > 1e-9:
             raise UserError(f"--pattern {pattern} means sparsity {pattern.fixed_sparsity:g}, but --sparsity is "
-                            f"{s.sparsity:g}; leave --sparsity out or use mixed:{pattern.m} for another level")
-        if s.allocation != "uniform":
+                            f"{settings.sparsity:g}; leave --sparsity out or use mixed:{pattern.m} for another level")
+        if settings.allocation != "uniform":
             raise UserError(f"--pattern {pattern} prunes every layer alike; use --allocation uniform, or "
-                            f"--pattern mixed:{pattern.m} for per-layer ({s.allocation}) ratios")
+                            f"--pattern mixed:{pattern.m} for per-layer ({settings.allocation}) ratios")
 
 
-def _validate_auto(s: PruneSettings, allocator) -> None:
-    if s.auto == "alpha" and not allocator.uses_alpha:
-        raise UserError(f"--alpha auto tunes the spread of dlp and expr: allocations; {s.allocation} has no alpha")
-    if s.auto == "owl_lambda" and s.allocation != "owl":
-        raise UserError(f"--owl-lambda auto tunes OWL's range; use it with --allocation owl, not {s.allocation}")
-    if s.auto not in ("alpha", "owl_lambda"):
-        raise UserError(f"auto tuning of {s.auto!r} is not available; alpha and owl_lambda are")
-    if s.structure or parse_pattern(s.pattern).kind == "nm":
+def _validate_auto(settings: PruneSettings, allocator) -> None:
+    if settings.auto == "alpha" and not allocator.uses_alpha:
+        raise UserError(f"--alpha auto tunes the spread of dlp and expr: allocations; {settings.allocation} has "
+                        "no alpha")
+    if settings.auto == "owl_lambda" and settings.allocation != "owl":
+        raise UserError(f"--owl-lambda auto tunes OWL's range; use it with --allocation owl, not {settings.allocation}")
+    if settings.auto not in ("alpha", "owl_lambda"):
+        raise UserError(f"auto tuning of {settings.auto!r} is not available; alpha and owl_lambda are")
+    if settings.structure or parse_pattern(settings.pattern).kind == "nm":
         raise UserError("--alpha/--owl-lambda auto tune unstructured or mixed N:M allocations")
-    if s.method not in ("wanda", "magnitude", "sparsegpt"):
-        raise UserError(f"unknown --method {s.method!r}")
-    if s.val_windows < 1:
-        raise UserError(f"--val-windows {s.val_windows} must be at least 1")
+    if settings.method not in ("wanda", "magnitude", "sparsegpt"):
+        raise UserError(f"unknown --method {settings.method!r}")
+    if settings.val_windows < 1:
+        raise UserError(f"--val-windows {settings.val_windows} must be at least 1")
 
 
-def validate_for_model(s: PruneSettings, model: nn.Module) -> None:
+def validate_for_model(settings: PruneSettings, model: nn.Module) -> None:
     """Checks that need the model: every block weight must be prunable (no MoE experts outside nn.Linear), and an
     N:M group size must divide every prunable layer's input width."""
     check_prunable(model)
-    pattern = parse_pattern(s.pattern)
+    pattern = parse_pattern(settings.pattern)
     if pattern.m is None:
         return
     for i, block in enumerate(decoder_layers(model)):

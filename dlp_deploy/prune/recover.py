@@ -68,25 +68,27 @@ class RecoverSettings:
     eval_windows: int = EVAL_WINDOWS  # 0: no perplexity before/after
 
 
-def validate_settings(s: RecoverSettings) -> None:
+def validate_settings(settings: RecoverSettings) -> None:
     """One-line refusals before any loading."""
-    for flag, value in (("--steps", s.steps), ("--lora-rank", s.lora_rank), ("--nsamples", s.nsamples),
-                        ("--batch-size", s.batch_size)):
+    for flag, value in (("--steps", settings.steps), ("--lora-rank", settings.lora_rank),
+                        ("--nsamples", settings.nsamples), ("--batch-size", settings.batch_size)):
         if value is not None and value < 1:
             raise UserError(f"{flag} {value}: give a positive whole number (at least 1)")
-    if s.seqlen is not None and s.seqlen < 2:
-        raise UserError(f"--seqlen {s.seqlen}: a training window needs at least 2 tokens")
-    if s.eval_windows < 0:
-        raise UserError(f"--eval-windows {s.eval_windows}: give 0 (no perplexity) or more held-out windows")
-    for flag, value, example in (("--lr", s.lr, LR), ("--lora-alpha", s.lora_alpha, ALPHA_PER_RANK * RANK)):
+    if settings.seqlen is not None and settings.seqlen < 2:
+        raise UserError(f"--seqlen {settings.seqlen}: a training window needs at least 2 tokens")
+    if settings.eval_windows < 0:
+        raise UserError(f"--eval-windows {settings.eval_windows}: give 0 (no perplexity) or more held-out windows")
+    for flag, value, example in (("--lr", settings.lr, LR),
+                                 ("--lora-alpha", settings.lora_alpha, ALPHA_PER_RANK * RANK)):
         if value is not None and not (value > 0 and math.isfinite(value)):
             raise UserError(f"{flag} {value}: give a positive number, e.g. {example}")
 
 
-def resolve_settings(s: RecoverSettings, streamlined: bool) -> RecoverSettings:
+def resolve_settings(settings: RecoverSettings, streamlined: bool) -> RecoverSettings:
     """Rank and alpha left None take the default of the paper behind the use (see RANK)."""
-    rank = s.lora_rank if s.lora_rank is not None else STREAMLINE_RANK if streamlined else RANK
-    return replace(s, lora_rank=rank, lora_alpha=s.lora_alpha if s.lora_alpha is not None else ALPHA_PER_RANK * rank)
+    rank = settings.lora_rank if settings.lora_rank is not None else STREAMLINE_RANK if streamlined else RANK
+    alpha = settings.lora_alpha if settings.lora_alpha is not None else ALPHA_PER_RANK * rank
+    return replace(settings, lora_rank=rank, lora_alpha=alpha)
 
 
 # ---------------------------------------------------------------- targets and masks
@@ -114,13 +116,13 @@ def count_zeros(targets: dict[str, nn.Linear]) -> int:
 
 # ---------------------------------------------------------------- masked LoRA
 
-def attach_lora(model: nn.Module, names: list[str], s: RecoverSettings):
+def attach_lora(model: nn.Module, names: list[str], settings: RecoverSettings):
     """Wrap the named linears with LoRA adapters (peft freezes every other parameter); returns the PeftModel."""
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=s.lora_rank, lora_alpha=s.lora_alpha, lora_dropout=0.0, bias="none",
+    config = LoraConfig(r=settings.lora_rank, lora_alpha=settings.lora_alpha, lora_dropout=0.0, bias="none",
                         target_modules=names)
-    torch.manual_seed(s.seed)  # A's random init
+    torch.manual_seed(settings.seed)  # A's random init
     return get_peft_model(model, config)
 
 
@@ -210,16 +212,16 @@ def batches(windows: torch.Tensor, steps: int, batch_size: int, seed: int):
         yield windows[take]
 
 
-def train(peft_model, windows: torch.Tensor, s: RecoverSettings, device: str, progress=None) -> list[float]:
+def train(peft_model, windows: torch.Tensor, settings: RecoverSettings, device: str, progress=None) -> list[float]:
     """Causal LM loss on the windows with AdamW over the LoRA parameters; returns the loss of every step."""
     params = [p for p in peft_model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.0)
-    task = progress.add_task("LoRA recovery", total=s.steps) if progress else None
+    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
+    task = progress.add_task("LoRA recovery", total=settings.steps) if progress else None
     peft_model.train()
     curve = []
-    for step, batch in enumerate(batches(windows, s.steps, s.batch_size, s.seed)):
+    for step, batch in enumerate(batches(windows, settings.steps, settings.batch_size, settings.seed)):
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, s.steps, s.lr)
+            group["lr"] = lr_at(step, settings.steps, settings.lr)
         batch = batch.to(device)
         loss = peft_model(input_ids=batch, labels=batch, use_cache=False).loss
         opt.zero_grad(set_to_none=True)
@@ -243,7 +245,7 @@ def held_out_ppl(model: nn.Module, ids: torch.Tensor | None, seqlen: int, progre
 
 # ---------------------------------------------------------------- the job
 
-def recover_model(model: nn.Module, windows: torch.Tensor, s: RecoverSettings, device: str, saved_dtype,
+def recover_model(model: nn.Module, windows: torch.Tensor, settings: RecoverSettings, device: str, saved_dtype,
                   held_out: torch.Tensor | None = None, progress=None) -> tuple[nn.Module, dict]:
     """Fine-tune with masked LoRA and merge; returns (the plain merged model, the record minus provenance)."""
     seqlen = windows.shape[1]
@@ -252,10 +254,10 @@ def recover_model(model: nn.Module, windows: torch.Tensor, s: RecoverSettings, d
     zeros_before = count_zeros(targets)
     ppl_before = held_out_ppl(model, held_out, seqlen, progress, "perplexity before")
     t0 = time.perf_counter()
-    peft_model = attach_lora(model, list(targets), s)
+    peft_model = attach_lora(model, list(targets), settings)
     masked = mask_adapters(peft_model, masks)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    curve = train(peft_model, windows, s, device, progress)
+    curve = train(peft_model, windows, settings, device, progress)
     train_s = time.perf_counter() - t0
     model = merge_and_unload(peft_model, masks, saved_dtype)
     targets = target_modules(model)  # unload put the plain linears back
@@ -263,16 +265,16 @@ def recover_model(model: nn.Module, windows: torch.Tensor, s: RecoverSettings, d
     zeros_after = count_zeros(targets)
     ppl_after = held_out_ppl(model, held_out, seqlen, progress, "perplexity after")
     record = {
-        "lora": {"rank": s.lora_rank, "alpha": s.lora_alpha, "scale": s.lora_alpha / s.lora_rank, "dropout": 0.0,
-                 "targets": len(targets), "masked_targets": masked, "trainable_params": trainable,
-                 "target_names": list(targets)},
+        "lora": {"rank": settings.lora_rank, "alpha": settings.lora_alpha,
+                 "scale": settings.lora_alpha / settings.lora_rank, "dropout": 0.0, "targets": len(targets),
+                 "masked_targets": masked, "trainable_params": trainable, "target_names": list(targets)},
         "mask": {"approach": "masked LoRA: update M*(scale*B@A) in training and at the merge",
                  "zeros_before": zeros_before, "zeros_after": zeros_after, "params": sum(
                      t.weight.numel() for t in targets.values()), "zero_pattern_unchanged": True},
-        "training": {"steps": s.steps, "batch_size": s.batch_size, "seqlen": seqlen, "windows": len(windows),
-                     "tokens": s.steps * s.batch_size * seqlen, "lr": s.lr, "schedule": "cosine to lr/4",
-                     "optimizer": "AdamW (weight decay 0)", "loss_every": 1, "loss_curve": curve,
-                     "seconds": train_s},
+        "training": {"steps": settings.steps, "batch_size": settings.batch_size, "seqlen": seqlen,
+                     "windows": len(windows), "tokens": settings.steps * settings.batch_size * seqlen,
+                     "lr": settings.lr, "schedule": "cosine to lr/4", "optimizer": "AdamW (weight decay 0)",
+                     "loss_every": 1, "loss_curve": curve, "seconds": train_s},
         "perplexity": None if held_out is None else {"before": ppl_before, "after": ppl_after,
                                                      "windows": len(held_out), "seqlen": seqlen},
     }
@@ -290,7 +292,7 @@ def _summary(pruning: dict | None) -> dict | None:
                                                                      "settings")}
 
 
-def recover_to_folder(model_ref: str, out: Path, s: RecoverSettings, device: str = "cpu",
+def recover_to_folder(model_ref: str, out: Path, settings: RecoverSettings, device: str = "cpu",
                       data_root: str | None = None, force: bool = False, progress=None) -> dict:
     """Load, fine-tune, merge, and write a reloadable HF folder (weights, tokenizer, structure.json /
     streamline.json carried over, recovery.json) atomically; returns the record."""
@@ -298,22 +300,22 @@ def recover_to_folder(model_ref: str, out: Path, s: RecoverSettings, device: str
     from ..provenance import provenance
     from .to_folder import checkpoint_dtype, save_layout_records
 
-    validate_settings(s)
+    validate_settings(settings)
     out = Path(out)
     check_writable(out, force)
     t_start = time.perf_counter()
     ref, config = models.load_config(model_ref)
     folder = Path(ref) if Path(ref).is_dir() else None
-    s = resolve_settings(s, folder is not None and (folder / models.STREAMLINE_FILE).is_file())
+    settings = resolve_settings(settings, folder is not None and (folder / models.STREAMLINE_FILE).is_file())
     saved_dtype, _ = checkpoint_dtype(folder, config)
     root = data.data_dir(data_root)
     model, tok = models.load(model_ref, device, torch.float32)  # trained in fp32, saved in the input's dtype
-    seqlen = s.seqlen or data.default_seqlen(model.config)
-    calibration = data.calibration("c4", tok, s.nsamples, seqlen, s.seed, root)
-    held_out = (data.validation_windows(tok, calibration, s.eval_windows, seqlen, root, flag="--eval-windows")
-                if s.eval_windows else None)
+    seqlen = settings.seqlen or data.default_seqlen(model.config)
+    calibration = data.calibration("c4", tok, settings.nsamples, seqlen, settings.seed, root)
+    held_out = (data.validation_windows(tok, calibration, settings.eval_windows, seqlen, root, flag="--eval-windows")
+                if settings.eval_windows else None)
     with atomic_dir(out, force) as tmp:
-        model, record = recover_model(model, calibration.windows, s, device, saved_dtype,
+        model, record = recover_model(model, calibration.windows, settings, device, saved_dtype,
                                       held_out.ids if held_out else None, progress)
         model.to(saved_dtype)  # exact: merged weights were already rounded to this dtype
         model.save_pretrained(tmp)
@@ -323,8 +325,8 @@ def recover_to_folder(model_ref: str, out: Path, s: RecoverSettings, device: str
         if pruning is not None:  # carried, so export still checks N:M groups and reports the form
             write_json_atomic(tmp / "pruning.json", {**pruning, "recovered_by": "recovery.json"})
         record = {"schema": SCHEMA, "model": model_ref, "source_pruning": _summary(pruning),
-                  "settings": asdict(s), **record,
-                  "data": {"corpus": "c4", "source": calibration.source, "nsamples": s.nsamples,
+                  "settings": asdict(settings), **record,
+                  "data": {"corpus": "c4", "source": calibration.source, "nsamples": settings.nsamples,
                            "held_out_source": held_out.source if held_out else None},
                   "dtype": {"training": "fp32", "saved": str(saved_dtype).removeprefix("torch.")},
                   "device": device, "wall_s": time.perf_counter() - t_start, "provenance": provenance()}

@@ -144,20 +144,20 @@ class SearchState:
         return min(done, key=lambda h: (h["fitness"], h["index"])) if done else None
 
 
-def validate_search(s: SearchSettings) -> None:
-    if not 0 < s.sparsity < 1:
-        raise UserError(f"--sparsity {s.sparsity} is outside (0, 1); give a fraction such as 0.6")
-    if s.method not in ("wanda", "magnitude"):
-        raise UserError(f"--method {s.method}: the search prunes one-shot from dense statistics, which wanda and "
-                        "magnitude allow; search with wanda and prune the result with any method")
-    if s.population < 2 or not 1 < s.top_k <= s.population:
-        raise UserError(f"--population {s.population} / --top-k {s.top_k}: need 2 <= top-k <= population")
-    if not 0 < s.sample_ratio <= 1:
-        raise UserError(f"--sample-ratio {s.sample_ratio} must be in (0, 1]")
-    if s.alpha is not None and s.search_alpha:
+def validate_search(settings: SearchSettings) -> None:
+    if not 0 < settings.sparsity < 1:
+        raise UserError(f"--sparsity {settings.sparsity} is outside (0, 1); give a fraction such as 0.6")
+    if settings.method not in ("wanda", "magnitude"):
+        raise UserError(f"--method {settings.method}: the search prunes one-shot from dense statistics, which "
+                        "wanda and magnitude allow; search with wanda and prune the result with any method")
+    if settings.population < 2 or not 1 < settings.top_k <= settings.population:
+        raise UserError(f"--population {settings.population} / --top-k {settings.top_k}: need 2 <= top-k <= population")
+    if not 0 < settings.sample_ratio <= 1:
+        raise UserError(f"--sample-ratio {settings.sample_ratio} must be in (0, 1]")
+    if settings.alpha is not None and settings.search_alpha:
         raise UserError("--alpha fixes the spread and --search-alpha searches it; give one of them")
-    if s.mapping not in MAPPINGS:
-        raise UserError(f"--mapping {s.mapping}: choose from {', '.join(MAPPINGS)}")
+    if settings.mapping not in MAPPINGS:
+        raise UserError(f"--mapping {settings.mapping}: choose from {', '.join(MAPPINGS)}")
 
 
 def _open_search_dir(out: Path, settings: SearchSettings, force: bool) -> SearchState:
@@ -262,7 +262,7 @@ def _references(out: Path, settings: SearchSettings, scorer: Scorer, calibration
 
 class _Loop:
     def __init__(self, settings: SearchSettings, scorer: Scorer, state: SearchState, history: Path):
-        self.s, self.scorer, self.state, self.history_path = settings, scorer, state, history
+        self.settings, self.scorer, self.state, self.history_path = settings, scorer, state, history
         self.rng = random.Random(settings.seed)
         self.alphas = settings.alphas()
         self.by_ratios: dict[tuple, float | None] = {}
@@ -273,16 +273,16 @@ class _Loop:
         wall-clock budget is spent."""
         population: list[tuple[Candidate, float]] = []
         seen: set[str] = set()
-        seeds = [Candidate(parse(e), a) for e in SEEDS[self.s.mapping] for a in self.alphas[:1]]
+        seeds = [Candidate(parse(e), a) for e in SEEDS[self.settings.mapping] for a in self.alphas[:1]]
         while len(self.state.history) < budget:
-            if len(seen) < self.s.population:
+            if len(seen) < self.settings.population:
                 candidate = seeds[len(seen)] if len(seen) < len(seeds) else random_candidate(self.rng, self.alphas)
                 origin = "seed" if len(seen) < len(seeds) else "random"
                 if candidate.key in seen:
                     continue
             else:
-                candidate, origin = offspring(self.rng, population, seen, self.alphas, self.s.sample_ratio,
-                                              self.s.top_k)
+                candidate, origin = offspring(self.rng, population, seen, self.alphas, self.settings.sample_ratio,
+                                              self.settings.top_k)
             if candidate.key not in self.state.cached and time_budget is not None \
                     and time.perf_counter() - started > time_budget:
                 return
@@ -290,7 +290,7 @@ class _Loop:
             record = self._evaluate(candidate, origin)
             fitness = math.inf if record["fitness"] is None else record["fitness"]
             population.append((candidate, fitness))
-            if len(population) > self.s.population:
+            if len(population) > self.settings.population:
                 population.remove(max(population, key=lambda cf: cf[1]))
             yield record
 
@@ -314,12 +314,12 @@ class _Loop:
         t = time.perf_counter()
         record = {"index": index, "key": candidate.key, "expression": str(candidate.expression),
                   "alpha": candidate.alpha, "origin": origin, "fitness": None, "ratios": None, "error": None}
-        params = {"alpha": candidate.alpha, "owl_m": self.s.owl_m, "method": self.s.method}
+        params = {"alpha": candidate.alpha, "owl_m": self.settings.owl_m, "method": self.settings.method}
         # candidates (and their keys) carry no mapping: the search's own applies to all of them, as it will to
         # the allocation it saves
-        expression = replace(candidate.expression, mapping=self.s.mapping)
+        expression = replace(candidate.expression, mapping=self.settings.mapping)
         try:
-            alloc = self.scorer.snapshot.allocate(EXPR_PREFIX + str(expression), self.s.sparsity, params)
+            alloc = self.scorer.snapshot.allocate(EXPR_PREFIX + str(expression), self.settings.sparsity, params)
         except UserError as exc:  # an expression that overflows or is not finite for some layer
             record["error"] = str(exc)
         else:

@@ -177,9 +177,9 @@ def build_sections(data: dict, corpus: str, plots: set[str] | None = None) -> li
     """The report as (kind, content) items: ('h', title), ('p', text), ('table', rows), ('plot', name)."""
     plots = plots if plots is not None else {"decode_tokens_per_s.png", "decode_speedup.png", "prefill_speedup.png",
                                              "perplexity.png", "tradeoff.png"}
-    s, m, everything = data["settings"], data["machine"], data["results"]
+    settings, m, everything = data["settings"], data["machine"], data["results"]
     data = at_largest_count(data)
-    items: list[tuple[str, object]] = [("h1", f"Speedup report: {s['model']}, {s['method']} pruning")]
+    items: list[tuple[str, object]] = [("h1", f"Speedup report: {settings['model']}, {settings['method']} pruning")]
     random_note = random_weights_note(data)
     if random_note:
         items.append(("p", random_note))
@@ -214,10 +214,10 @@ def build_sections(data: dict, corpus: str, plots: set[str] | None = None) -> li
         items += noise_and_versions(data)
         return items
     items.append(("h", "Decode, unstructured (Table 5 form)"))
-    items.append(("p", f"Prompt {s['prompt_len']} tokens, {s['gen_len']} generated, median of {s['runs']} runs "
-                       f"after {s['warmup']} warm-up; latency is the median per-token decode step. Ideal = dense / "
-                       "non-zero fp32 weight bytes streamed per token (what a purely bandwidth-bound engine could "
-                       "gain; lm_head stays dense)."))
+    items.append(("p", f"Prompt {settings['prompt_len']} tokens, {settings['gen_len']} generated, median of "
+                       f"{settings['runs']} runs after {settings['warmup']} warm-up; latency is the median per-token "
+                       "decode step. Ideal = dense / non-zero fp32 weight bytes streamed per token (what a purely "
+                       "bandwidth-bound engine could gain; lm_head stays dense)."))
     for (engine, allocation), rows in table5_rows(unstructured_only(data["results"])).items():
         items.append(("h3", f"{engine}, {allocation} allocation"))
         items.append(("table", [TABLE5_HEADER] + rows))
@@ -225,7 +225,7 @@ def build_sections(data: dict, corpus: str, plots: set[str] | None = None) -> li
     for name in ("decode_tokens_per_s.png", "decode_speedup.png", "prefill_speedup.png"):
         items.append(("plot", name))
     items.append(("h", f"Quality ({corpus} perplexity, {pytorch_basis(data['quality'], corpus)})"))
-    items.append(("p", _quality_setup(s, data["quality"], corpus)))
+    items.append(("p", _quality_setup(settings, data["quality"], corpus)))
     items.append(("table", quality_rows(unstructured_only(data["quality"]), corpus)))
     items += [("plot", "perplexity.png"), ("plot", "tradeoff.png")]
     items.append(("h", "Versions"))
@@ -279,7 +279,7 @@ def openvino_kernel_sentence(results: list[dict], machine: dict) -> str | None:
 def forms_sections(data: dict, corpus: str) -> list[tuple[str, object]]:
     """Every form against the same dense model in one table per engine, the Pareto figure, and the quality
     tables in the DLP paper's shapes (Table 15: N:M patterns x allocation; Table 14: structured)."""
-    s = data["settings"]
+    settings = data["settings"]
     items: list[tuple[str, object]] = [("h", "Pruning forms compared")]
     items.append(("p", "One row per model: `removed` is the share of decoder-Linear weights that are zeros (unstructured, "
                        "N:M) or gone (structured: heads, KV groups and MLP channels removed; depth: whole layers cut; "
@@ -296,8 +296,8 @@ def forms_sections(data: dict, corpus: str) -> list[tuple[str, object]]:
     if any(q.get("form") == "structured" for q in data["quality"]):
         items.append(("h3", f"Structured (Table 14 form, {corpus} perplexity, {pytorch_basis(data['quality'], corpus)}; "
                             "parameters removed in brackets)"))
-        items.append(("p", f"Heads ({s.get('structure')}) removed in whole query heads per KV group or whole KV "
-                           f"groups; MLP widths kept a multiple of {s.get('multiple', 8)}."))
+        items.append(("p", f"Heads ({settings.get('structure')}) removed in whole query heads per KV group or whole KV "
+                           f"groups; MLP widths kept a multiple of {settings.get('multiple', 8)}."))
         items.append(("table", structured_quality_rows(data["quality"], corpus)))
     if any(q.get("form") == "depth" for q in data["quality"]):
         items.append(("h3", f"Depth pruning (LLM-Streamline, {corpus} perplexity, {pytorch_basis(data['quality'], corpus)})"))
@@ -313,7 +313,7 @@ def forms_sections(data: dict, corpus: str) -> list[tuple[str, object]]:
                            "pruned weights' keep mask (in training and at the merge), so the zero set is the "
                            "base's exactly; the held-out column is C4 text the calibration sampler did not draw."))
         items.append(("table", recovery_rows(data["quality"], corpus)))
-    items.append(("p", _quality_setup(s, data["quality"], corpus)))
+    items.append(("p", _quality_setup(settings, data["quality"], corpus)))
     return items
 
 
@@ -673,9 +673,10 @@ def replication_section(data: dict) -> list[tuple[str, object]]:
             ("table", [header] + rows)]
 
 
-def _quality_setup(s: dict, quality: list[dict], corpus: str) -> str:
+def _quality_setup(settings: dict, quality: list[dict], corpus: str) -> str:
     details = quality[0]["perplexity_details"][corpus]
-    return (f"Calibration: {s['nsamples']} {s['calib']} windows of {s['calib_seqlen']} tokens, seed {s['seed']}. "
+    return (f"Calibration: {settings['nsamples']} {settings['calib']} windows of {settings['calib_seqlen']} tokens, "
+            f"seed {settings['seed']}. "
             f"Evaluation: {details['windows']} windows of {details['seqlen']} tokens ({details['source']}).")
 
 
