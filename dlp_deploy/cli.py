@@ -12,6 +12,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from .commands import (bench, evaluate, export, generate, models, plan, prune, recover, report, search, streamline,
+                       sweep)
 from .errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -21,10 +23,9 @@ err = Console(stderr=True)
 
 
 def _mount() -> None:
-    from .commands import bench, deploy, depth, models, plan, quality
-
     app.add_typer(models.app, name="models")
-    for module in (quality, depth, deploy, bench, plan):
+    # the order --help lists them in: a model's way from pruning to a measured deployment
+    for module in (prune, evaluate, search, streamline, recover, export, generate, bench, sweep, report, plan):
         for name, fn in module.COMMANDS.items():
             app.command(name)(fn)
 

@@ -15,7 +15,7 @@ needs_two_cores = pytest.mark.skipif(USABLE < 2, reason="scaling needs at least 
 
 
 def test_cores_option_takes_one_count_or_a_list():
-    from dlp_deploy.commands.bench import _cores
+    from dlp_deploy.commands.options import parse_cores as _cores
 
     assert _cores(None) is None
     assert _cores("1") == 1  # a single count stays an int: older sweep folders resume with the same settings

@@ -46,7 +46,7 @@ def test_a_crash_in_export_validation_is_one_line_and_recorded(crashed_export):
 
 @needs_deepsparse
 def test_a_crash_in_generate_and_eval_is_a_user_error(crashed_export, monkeypatch, data_root):
-    from dlp_deploy.commands.deploy import generate_cmd
+    from dlp_deploy.commands.generate import generate_cmd
     from dlp_deploy.eval.evaluate import evaluate_deployment
 
     _, out, _ = crashed_export

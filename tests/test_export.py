@@ -203,7 +203,7 @@ def test_dense_mha_deployment_and_generate_cli(tmp_path, capsys):
     assert info["format"] == {"opset": 17, "ir_version": 8, "external_data": False,
                               "dynamic_axes": ["batch", "length", "total"]}
 
-    from dlp_deploy.commands.deploy import generate_cmd
+    from dlp_deploy.commands.generate import generate_cmd
 
     before = _sha(out / "model.onnx")
     for engine in ("onnxruntime", "deepsparse"):
@@ -266,7 +266,7 @@ def test_generate_bad_inputs(tmp_path, monkeypatch):
     src = save_tiny(tmp_path / "src")
     out = tmp_path / "deploy"
     export_deployment(src, out, seq_len=SEQ_LEN, validate=False)
-    from dlp_deploy.commands.deploy import generate_cmd
+    from dlp_deploy.commands.generate import generate_cmd
 
     with pytest.raises(UserError, match="exceed"):
         generate_cmd(out, prompt="x" * 60, engine="onnxruntime", max_new_tokens=8)

@@ -9,11 +9,13 @@ each kind into machines/<kind>/bench/.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from ..data import default_seqlen
 from ..errors import UserError
 from ..io import write_json_atomic
+from ..models import load_config
 from ..provenance import provenance
 from ..prune.masks import NM_COUNTS, parse_pattern
 from ..prune.structured import DEFAULT_IMPORTANCE
@@ -141,7 +143,6 @@ RECOVERED = "+recovery"
 
 def recovered_levels(sweep: SweepSettings, plan: list[Level]) -> list[Level]:
     """A twin of every pruned level whose label matches a --recover pattern; they come last, after their bases."""
-    from dataclasses import replace
     from fnmatch import fnmatchcase
 
     return [replace(level, label=level.label + RECOVERED, base=level.label) for level in plan
@@ -195,6 +196,15 @@ def runs_on(engine: str, precision: str) -> bool:
 
 def scoring_engine(precision: str) -> str:
     return "llamacpp" if precision_format(precision) == "gguf" else "onnxruntime"
+
+
+def resolve_windows(sweep: SweepSettings) -> SweepSettings:
+    """The calibration and perplexity windows left None, resolved to min(2048, the model's context) before any
+    work, so that run.json and the report hold the number."""
+    if sweep.calib_seqlen is not None and sweep.eval_seqlen is not None:
+        return sweep
+    window = default_seqlen(load_config(sweep.model)[1])
+    return replace(sweep, calib_seqlen=sweep.calib_seqlen or window, eval_seqlen=sweep.eval_seqlen or window)
 
 
 def check_sweep(sweep: SweepSettings, run_dir: Path) -> None:
@@ -301,8 +311,6 @@ AA_LEVEL = "dense-aa"  # its bench files' stem; its result rows are labelled "de
 def aa_pairs(sweep: SweepSettings, prepared: list[tuple]) -> list[tuple]:
     """The A/A control: on every engine and core count, the dense deployment (in the first precision the engine
     runs) measured as a second model; its speedup against dense is the run's noise floor."""
-    from dataclasses import replace
-
     dense = next(((lv, deploys) for lv, _, deploys, _ in prepared if lv.sparsity is None), None)
     if dense is None or len(prepared) < 2:
         return []

@@ -1,12 +1,17 @@
 """`dlp-deploy models …`: built-in model aliases, local GGUF files, random-weight shapes."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from ..errors import UserError
-from ..models import ALIASES
+from ..io import atomic_dir, check_writable
+from ..models import ALIASES, GGUF_SOURCE_FILE, fetch_gguf, models_dir
+from ..progress import console, quiet_transformers
+from ..testing import RANDOM_DTYPES, RANDOM_SHAPES, random_llama_folder
 
 app = typer.Typer(no_args_is_help=True, help="Built-in model aliases and local GGUF files, dequantized into the "
                                              "cache dir as plain HF folders.")
@@ -21,11 +26,6 @@ def fetch(
                                                         "name from another file")] = False,
 ) -> None:
     """Dequantize an alias's or a local GGUF into a plain HF folder in the cache dir; print the folder."""
-    from pathlib import Path
-
-    from ..models import fetch_gguf
-    from ..progress import console, quiet_transformers
-
     is_alias = model in ALIASES
     if not is_alias and not (model.lower().endswith(".gguf") or Path(model).expanduser().is_file()):
         raise UserError(f"unknown model alias {model!r}; choose from {', '.join(ALIASES)}, or give the path of a "
@@ -42,10 +42,6 @@ def fetch(
 @app.command("list")
 def list_aliases() -> None:
     """Show each alias and whether it is fetched, then every name fetched from a local GGUF."""
-    import json
-
-    from ..models import GGUF_SOURCE_FILE, models_dir
-
     for name, alias in ALIASES.items():
         state = "fetched" if (alias.folder() / "config.json").is_file() else "not fetched"
         typer.echo(f"{name}\t{state}\t{alias.folder()}")
@@ -67,11 +63,6 @@ def random_model(
 ) -> None:
     """Save a random-weight LLaMA of a real model's shape with a byte-level tokenizer: for speed measurements in
     the regime where weights stream from DRAM (its perplexity means nothing)."""
-    from pathlib import Path
-
-    from ..io import atomic_dir, check_writable
-    from ..testing import RANDOM_DTYPES, RANDOM_SHAPES, random_llama_folder
-
     if shape not in RANDOM_SHAPES:
         raise UserError(f"unknown shape {shape!r}; choose from {', '.join(RANDOM_SHAPES)}")
     if dtype not in RANDOM_DTYPES:

@@ -1,10 +1,17 @@
 """`dlp-deploy plan`: the fastest deployment of a model on this CPU within a quality budget."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+
+from ..errors import UserError
+from ..plan.run import run_plan
+from ..plan.stages import PlanSettings
+from ..progress import console, progress_bar, quiet_transformers
+from .options import parse_floats, parse_names
 
 
 def plan_cmd(
@@ -54,22 +61,14 @@ def plan_cmd(
     """Find the fastest deployment of MODEL on this CPU whose perplexity stays within --max-ppl-increase: screen
     pruning candidates one-shot, export and score the survivors, measure them interleaved with dense fp32, the
     llama.cpp peer and an A/A control; write DIR/deployment (with a model card), DIR/plan.md and plan.json."""
-    import os
-
-    from ..errors import UserError
-    from ..plan.run import run_plan
-    from ..plan.stages import PlanSettings
-    from ..progress import console, progress_bar, quiet_transformers
-    from .bench import _floats, _names
-
     if data_dir:
         os.environ["DLP_DEPLOY_DATA"] = str(data_dir)
     if executor != "ray" and address:
         raise UserError("--address belongs to --executor ray")
-    settings = PlanSettings(model, max_ppl_increase, _names(engines), cores, time_budget, _names(include),
-                            _floats(levels, "--levels"), _names(precisions), _names(peers), executor,
+    settings = PlanSettings(model, max_ppl_increase, parse_names(engines), cores, time_budget, parse_names(include),
+                            parse_floats(levels, "--levels"), parse_names(precisions), parse_names(peers), executor,
                             screen_margin, seq_len, val_windows, calib, nsamples, calib_seqlen, seed, prompt_len,
-                            gen_len, runs, warmup, rounds, test_windows, validate, _names(allocations))
+                            gen_len, runs, warmup, rounds, test_windows, validate, parse_names(allocations))
     quiet_transformers()
     with progress_bar() as progress:
         plan = run_plan(settings, out, progress, log=lambda m: console.print(m, markup=False),

@@ -1,16 +1,21 @@
-"""`dlp-deploy export` and `dlp-deploy generate`."""
+"""`dlp-deploy export`: a deployment folder (ONNX or GGUF) checked against PyTorch."""
 from __future__ import annotations
 
 import os
 
 os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")  # DeepSparse phones home on import otherwise
 
-import sys
-from pathlib import Path
-from typing import Annotated, Optional
+from pathlib import Path  # noqa: E402
+from typing import Annotated, Optional  # noqa: E402
 
-import typer
-from rich.console import Console
+import typer  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from ..errors import UserError  # noqa: E402
+from ..export.deployment import (VALIDATION_ENGINES, QualityCheck, QuantizeOptions, default_ppl_tolerance,  # noqa: E402
+                                 engine_failures, export_deployment, export_gguf_deployment)
+from ..export.gguf import gguf_quant  # noqa: E402
 
 err = Console(stderr=True)
 
@@ -69,10 +74,6 @@ def export_cmd(
 ) -> None:
     """Export a causal LM to a deployment folder checked against PyTorch: ONNX (fp32 or INT8) for DeepSparse,
     ONNX Runtime and OpenVINO, or GGUF for llama.cpp."""
-    from ..errors import UserError
-    from ..export.deployment import (QualityCheck, QuantizeOptions, default_ppl_tolerance, export_deployment,
-                                     export_gguf_deployment)
-
     if engine_timeout is not None and not engine_timeout > 0:
         raise UserError(f"--engine-timeout {engine_timeout:g}: give a positive number of seconds, or leave it out")
     if fmt not in ("onnx", "gguf"):
@@ -81,7 +82,6 @@ def export_cmd(
         if quantize or engines:
             raise UserError("--quantize and --engines apply to ONNX; GGUF is validated on llama.cpp and its weight "
                             "format picked with --quant")
-        from ..export.gguf import gguf_quant
 
         tolerance = ppl_tolerance if ppl_tolerance is not None else gguf_quant(quant).ppl_tolerance
         quality = QualityCheck(seqlen=ppl_seqlen, windows=ppl_windows, tolerance=tolerance)
@@ -116,7 +116,6 @@ def _print_budget(budget: dict | None) -> None:
     """What the quality budget kept fp32, most sensitive first, and why (its perplexity rise alone)."""
     if not budget:
         return
-    from rich.table import Table
 
     err.print(f"quality budget ({budget['tolerance']:.1%}, {budget['validation_text']['source']}): fp32 ppl "
               f"{budget['fp32_ppl']:.3f}, all INT8 {budget['all_quantized_ppl']:.3f}, deployed mix "
@@ -134,9 +133,6 @@ def _print_budget(budget: dict | None) -> None:
 
 
 def _validation_engines(engines: str | None) -> tuple[str, ...]:
-    from ..errors import UserError
-    from ..export.deployment import VALIDATION_ENGINES
-
     if engines is None:
         return VALIDATION_ENGINES
     names = tuple(e.strip() for e in engines.split(",") if e.strip())
@@ -149,9 +145,6 @@ def _validation_engines(engines: str | None) -> tuple[str, ...]:
 def _refuse_engine_failures(out: Path, info: dict) -> None:
     """An engine that crashed in validation fails no check of the graph, so the folder stands; the command still
     ends in an error, so that nobody deploys on that engine unawares."""
-    from ..errors import UserError
-    from ..export.deployment import engine_failures
-
     failures = engine_failures(info.get("validation"))
     if failures:
         raise UserError(f"{'; '.join(failures)}. {out} was published, validated on the other engines; its "
@@ -166,7 +159,6 @@ def _print_summary(out: Path, info: dict) -> None:
     if not validation:
         err.print("validation skipped (--no-validate)")
         return
-    from ..export.deployment import VALIDATION_ENGINES
 
     for name in validation.get("engines", VALIDATION_ENGINES):
         entry = validation.get(name) or {}
@@ -185,85 +177,4 @@ def _print_summary(out: Path, info: dict) -> None:
                   f"greedy match {entry['greedy_match']}{extra}", highlight=False)
 
 
-def generate_cmd(
-    deploy_dir: Annotated[Path, typer.Argument(help="folder made by `dlp-deploy export`")],
-    prompt: Annotated[str, typer.Option("--prompt", help="text to continue")],
-    engine: Annotated[str, typer.Option("--engine", help="onnxruntime, deepsparse (engine-internal KV cache), deepsparse-external, "
-                                                     "openvino (ONNX folders) or llamacpp (GGUF folders)")] =
-        "deepsparse",
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 64,
-    num_cores: Annotated[Optional[int], typer.Option("--num-cores", help="CPU cores (default: all)")] = None,
-) -> None:
-    """Stream greedy text from a deployment folder through the project's KV-cache loop."""
-    from ..runtime.engines import ENGINES
-    from ..runtime.worker import run_in_worker, workaround
-    from ..export.deployment import load_deployment
-
-    deployment = load_deployment(deploy_dir)
-    ENGINES[engine]  # an unknown or missing engine answers here, before a worker starts
-    deployment.check_engine(engine)
-    tokenizer = deployment.tokenizer()
-    prompt_ids = tokenizer(prompt)["input_ids"]
-    stream = TextStream(tokenizer)
-    status = err.status(f"compiling for {engine}")
-    status.start()
-
-    def on_event(event: dict) -> None:
-        status.stop()  # compiled: the tokens follow
-        if "token" in event:
-            stream.push(event["token"])
-
-    try:
-        result = run_in_worker("generate", {"deploy_dir": str(deploy_dir), "engine": engine, "num_cores": num_cores,
-                                            "prompt_ids": prompt_ids, "max_new_tokens": max_new_tokens,
-                                            "stop_ids": [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None
-                                            else []},
-                               engine=engine, label=deployment.folder.name, during="generation", on_event=on_event,
-                               hint=workaround(engine, "choose another --engine"))
-    finally:
-        status.stop()
-    stream.close()
-    rate = result["decode_tokens_per_s"]
-    err.print(f"[dim]{result['tokens']} tokens; prefill {len(prompt_ids)} tokens {result['prefill_s'] * 1e3:.1f} ms; "
-              f"decode {rate:.1f} tokens/s[/]" if rate else f"[dim]{result['tokens']} tokens[/]", highlight=False)
-
-
-def generate_task(args: dict, emit) -> dict:
-    """The worker's side of `generate` (runtime/worker.py): compile, then each new token as an event."""
-    from ..export.deployment import load_deployment
-    from ..runtime.decode import generate
-    from ..runtime.engines import ENGINES
-
-    deployment = load_deployment(args["deploy_dir"])
-    session = ENGINES[args["engine"]].compile(deployment.model_path, deployment.seq_len, num_cores=args["num_cores"])
-    session.prepare(len(args["prompt_ids"]))
-    session.prepare(1)
-    emit({"compiled": True})
-    result = generate(session, args["prompt_ids"], args["max_new_tokens"], on_token=lambda t: emit({"token": t}),
-                      stop_ids=args["stop_ids"])
-    return {"tokens": len(result.tokens), "prefill_s": result.prefill_s,
-            "decode_tokens_per_s": result.decode_tokens_per_s}
-
-
-class TextStream:
-    """Writes decoded text as tokens arrive; decodes the whole continuation so multi-byte characters come out whole."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer, self.tokens, self.printed = tokenizer, [], 0
-
-    def push(self, token: int) -> None:
-        self.tokens.append(token)
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
-            return
-        sys.stdout.write(text[self.printed:])
-        sys.stdout.flush()
-        self.printed = len(text)
-
-    def close(self) -> None:
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        sys.stdout.write(text[self.printed:] + "\n")
-        sys.stdout.flush()
-
-
-COMMANDS = {"export": export_cmd, "generate": generate_cmd}
+COMMANDS = {"export": export_cmd}

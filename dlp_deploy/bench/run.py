@@ -1,0 +1,84 @@
+"""`dlp-deploy bench`'s measurement: deployments x engines x core counts measured in interleaved worker processes,
+an A/A control, speedups with their intervals; one results record (the sweep measures its own pairs)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..export.deployment import load_deployment
+from ..provenance import provenance
+from ..runtime.worker import EngineFailure
+from .harness import (BenchSettings, bench_pair_subprocess, bench_report, check_settings, core_counts, machine_block,
+                      pair_identity)
+from .replicate import mark_replication
+from .schedule import merge_rounds, run_interleaved
+from .stats import AA_SUFFIX, attach_speedups, is_dense
+
+
+def run_bench(o: dict, source: Path | None = None, earlier: dict | None = None, progress=None) -> dict:
+    """Measure the options' pairs interleaved and return the results record (naming `source`, and which of
+    `earlier`'s wins replicated, when this run replicates it). `progress`: a rich Progress to advance, or None."""
+    deployments, engines, counts, rounds = o["deployments"], o["engines"], o["cores"], o["rounds"]
+    prompt_len, gen_len, batch, runs, warmup, external_cache = (o[k] for k in (
+        "prompt_len", "gen_len", "batch", "runs", "warmup", "external_cache"))
+    plan = [(load_deployment(d), BenchSettings(e, c, prompt_len, gen_len, batch, runs, warmup, external_cache))
+            for d in deployments for e in engines for c in core_counts(counts)]
+    for dep, settings in plan:
+        check_settings(settings, dep.seq_len)
+    measured_models = len(plan)
+    plan += _aa_plan(plan) if len(deployments) > 1 else []
+    task = progress.add_task("benchmarking", total=len(plan) * rounds) if progress else None
+    measured = run_interleaved(len(plan), rounds, o["order"], o["order_seed"], lambda r, i: _measure(*plan[i]),
+                               on_done=(lambda r, i: progress.advance(task)) if progress else None)
+    _mark_aa(measured[measured_models:])
+    # a pair whose engine crashed in any round has no figures; it is named instead, as the sweep names it
+    failed = [next((r["unmeasured"] for r in m if "unmeasured" in r), None) for m in measured]
+    unmeasured = [f for f in failed if f is not None]
+    results = [merge_rounds(m) for m, f in zip(measured, failed) if f is None]
+    _unique_labels(results)
+    attach_speedups(results)
+    report = {**bench_report(results, machine_block(counts), unmeasured), "settings": o,
+              "provenance": provenance(**({"replicates": str(source)} if source else {}))}
+    if earlier is not None:
+        report.update(replicates=str(source), replication=mark_replication(earlier["results"], results))
+    return report
+
+
+def _measure(dep, settings) -> dict:
+    """One round of one pair, or {"unmeasured": what names the pair and how its engine failed}."""
+    try:
+        return bench_pair_subprocess(dep.folder, settings)
+    except EngineFailure as exc:
+        return {"unmeasured": {"label": dep.folder.name, "model": str(dep.folder), **pair_identity(settings),
+                               "reason": str(exc), **exc.record}}
+
+
+def _aa_plan(plan: list[tuple]) -> list[tuple]:
+    """The A/A control: the first dense deployment measured again on every engine and core count, last in each
+    round (ABBA then puts it at the other end from the dense pair it is compared with)."""
+
+    def dense(dep) -> bool:
+        zeros = dep.info.get("weight_sparsity") or {}
+        return is_dense({"source": dep.info.get("source"), "sparsity": zeros.get("global", 0.0),
+                         "pytorch_sparsity": zeros.get("pytorch_global")})
+
+    first = next((dep for dep, _ in plan if dense(dep)), None)
+    return [(dep, settings) for dep, settings in plan if dep is first]
+
+
+def _mark_aa(measured: list[list[dict]]) -> None:
+    """Label the A/A pairs' rounds (and their unmeasured records) as the control, before they are merged."""
+    for rounds in measured:
+        for r in rounds:
+            record = r.get("unmeasured", r)
+            record["label"] = record["label"] + AA_SUFFIX
+            r["aa_control"] = True
+
+
+def _unique_labels(results: list[dict]) -> None:
+    """Folder names label results; where two deployments share a name, their paths do."""
+    paths: dict[str, set] = {}
+    for r in results:
+        paths.setdefault(r["label"], set()).add(r["model"])
+    for r in results:
+        if len(paths[r["label"]]) > 1:
+            r["label"] = r["model"]
