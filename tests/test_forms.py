@@ -18,7 +18,7 @@ from dlp_deploy.models import decoder_layers, linear_modules, load
 from dlp_deploy.prune.allocate import mixed_nm_counts, round_and_repair
 from dlp_deploy.prune.masks import nm_group_zero_counts, nm_mask, parse_pattern
 from dlp_deploy.prune.pipeline import PruneSettings, prune_model
-from dlp_deploy.prune.structured.geometry import block_geometry
+from dlp_deploy.models.geometry import block_geometry
 from dlp_deploy.testing import assert_one_line_error, run_cli, tiny_llama
 
 WINDOWS = torch.randint(0, 256, (6, 48), generator=torch.Generator().manual_seed(1))
@@ -283,8 +283,7 @@ def test_shrinking_equals_silencing_the_removed_units(kv_keep, per_group):
     order (query head h reads KV head h // group)."""
     import copy
 
-    from dlp_deploy.prune.structured.apply import apply_keep
-    from dlp_deploy.prune.structured.plan import Keep
+    from dlp_deploy.models.shapes import Keep, apply_keep
 
     model = tiny_llama(seed=3, **{**GQA, "num_key_value_heads": 2})  # 8 query heads, 2 KV heads, group 4
     silenced = copy.deepcopy(model)

@@ -131,7 +131,7 @@ def test_rotary_permutation_pairs_the_halves_of_each_head():
 def test_square_mlp_of_a_structured_model_is_still_understood():
     """Structured pruning can keep exactly `hidden` MLP channels; the geometry must still find the down projection."""
     from dlp_deploy.models import decoder_layers
-    from dlp_deploy.prune.structured.geometry import block_geometry
+    from dlp_deploy.models.geometry import block_geometry
     from dlp_deploy.testing import tiny_llama
 
     model = tiny_llama(hidden_size=64, intermediate_size=64)

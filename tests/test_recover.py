@@ -103,7 +103,8 @@ def test_structured_folder_recovers_and_reloads(base, data_root):
 
 
 def test_streamlined_ffn_recovers_and_reloads(base, data_root):
-    from dlp_deploy.prune.depth import MLPBlock, StreamlineSettings, streamline_to_folder
+    from dlp_deploy.models.shapes import MLPBlock
+    from dlp_deploy.prune.depth import StreamlineSettings, streamline_to_folder
 
     streamlined = base / "ffn"
     streamline_to_folder(str(base / "tiny"), streamlined, StreamlineSettings(

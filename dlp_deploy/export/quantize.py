@@ -240,7 +240,7 @@ def smooth_model(model, windows, alpha: float = 0.5) -> dict:
     import torch
 
     from ..models import decoder_layers
-    from ..prune.structured.geometry import block_geometry
+    from ..models.geometry import block_geometry
 
     blocks = decoder_layers(model)
     hint = getattr(model.config, "head_dim", None)

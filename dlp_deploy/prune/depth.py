@@ -3,9 +3,10 @@ Language Models"): on calibration text, find the contiguous span of n decoder la
 most similar (cosine, averaged over tokens) to its input, cut it, and put one lightweight module in its place,
 trained with MSE to map the span's input hidden states to its output hidden states.
 
-Three parts, top to bottom: pure math (span scores, the span choice, layer counts), the replacement modules
-(`ffn`, `swiglu`: a residual MLP-only block; `layer`: a copy of the span's first decoder layer), and the wiring
-(running calibration windows through the model, training, rebuilding the layer stack and config, the job).
+Three parts, top to bottom: pure math (span scores, the span choice, layer counts), the replacement blocks
+(`ffn`, `swiglu`: a residual MLP-only block, whose modules models/shapes.py defines and rebuilds on load; `layer`: a
+copy of the span's first decoder layer), and the wiring (running calibration windows through the model, training,
+rebuilding the layer stack and config, the job).
 """
 from __future__ import annotations
 
@@ -20,12 +21,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import data, models
 from ..errors import UserError
+from ..io import atomic_dir, check_writable, write_json_atomic
+from ..models import decoder_layers
+from ..models.shapes import MLP_KINDS, first_norm, mlp_block, renumber, shorten_config
+from ..provenance import provenance
 
 SCHEMA = "dlp-deploy/streamline/1"
 REPLACEMENTS = ("none", "ffn", "swiglu", "layer")
-MLP_KINDS = ("ffn", "swiglu")  # blocks with no attention: h + mlp(norm(h))
-
 # The paper's training settings (Chen et al., ICLR 2025, "Experiment Setup"): AdamW learning rate and weight decay
 # per replacement kind, 32 samples per batch, 20 epochs, 500 samples to choose the span, and for a replaced layer one
 # epoch of post-training at lr 5e-5, weight decay 1e-3, batch 32. A "sample" here is one calibration window.
@@ -107,72 +111,7 @@ def cosine_lr(step: int, total: int, lr: float, floor: float = MIN_LR_FRACTION) 
     return lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-# ---------------------------------------------------------------- replacement modules
-
-class FFN(nn.Module):
-    """A plain two-layer MLP: down(act(up(x)))."""
-
-    def __init__(self, hidden: int, width: int, act: str):
-        from transformers.activations import ACT2FN
-
-        super().__init__()
-        self.up_proj = nn.Linear(hidden, width, bias=False)
-        self.act_fn = ACT2FN[act]
-        self.down_proj = nn.Linear(width, hidden, bias=False)
-
-    def forward(self, x):
-        return self.down_proj(self.act_fn(self.up_proj(x)))
-
-
-class SwiGLU(nn.Module):
-    """A gated MLP as LLaMA's: down(silu(gate(x)) * up(x))."""
-
-    def __init__(self, hidden: int, width: int, act: str = "silu"):
-        from transformers.activations import ACT2FN
-
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden, width, bias=False)
-        self.up_proj = nn.Linear(hidden, width, bias=False)
-        self.down_proj = nn.Linear(width, hidden, bias=False)
-        self.act_fn = ACT2FN[act]
-
-    def forward(self, x):
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
-
-
-class MLPBlock(nn.Module):
-    """A residual MLP-only block, h + mlp(norm(h)), that stands in the decoder stack in place of a span: it takes
-    a decoder layer's call (hidden states, then keyword arguments it ignores) and returns the hidden states, as
-    decoder layers do in this transformers version. It has no attention and so no keys or values."""
-
-    STREAMLINE_REPLACEMENT = True  # models.decoder_layers accepts it beside the model's own decoder layers
-
-    def __init__(self, norm: nn.Module, mlp: nn.Module, layer_idx: int):
-        super().__init__()
-        self.norm = norm
-        self.mlp = mlp
-        self.layer_idx = layer_idx
-
-    def forward(self, hidden_states, *args, past_key_values=None, use_cache=False, **kwargs):
-        if use_cache and past_key_values is not None and hasattr(past_key_values, "update"):
-            # HF reads the cache length from one layer's slot (layer 0 by default) to place new positions; one
-            # 1-wide zero entry per token keeps this block's slot in step with the others wherever the block sits
-            mark = hidden_states.new_zeros(hidden_states.shape[0], 1, hidden_states.shape[1], 1)
-            past_key_values.update(mark, mark, self.layer_idx)
-        return hidden_states + self.mlp(self.norm(hidden_states))
-
-
-def first_norm(block: nn.Module) -> nn.Module:
-    """A fresh copy of the block's first norm (its class and eps; the weights come from the block): the replacement
-    normalises its input as the model does."""
-    for child in block.children():
-        weight = getattr(child, "weight", None)
-        if (not list(child.children()) and isinstance(weight, torch.Tensor) and weight.dim() == 1
-                and not isinstance(child, (nn.Linear, nn.Embedding))):
-            return copy.deepcopy(child)
-    raise UserError(f"{type(block).__name__}: no norm among the decoder layer's modules to copy into an MLP "
-                    "replacement; use --replacement none or layer")
-
+# ---------------------------------------------------------------- replacement blocks (their modules: models/shapes.py)
 
 def mlp_width(block: nn.Module, hidden: int) -> int:
     """The block's MLP width (the replacement takes it), read off the down projection: the widest input of a
@@ -180,19 +119,6 @@ def mlp_width(block: nn.Module, hidden: int) -> int:
     widths = [m.in_features for m in block.modules() if isinstance(m, nn.Linear) and m.out_features == hidden
               and m.in_features != hidden]
     return max(widths) if widths else 4 * hidden
-
-
-def mlp_block(kind: str, norm: nn.Module, hidden: int, width: int, act: str, layer_idx: int,
-              identity: bool = True) -> MLPBlock:
-    """An `ffn` or `swiglu` replacement. identity=True zeroes the down projection, so before training the block
-    is exactly "drop the span" and training starts from that baseline rather than from noise."""
-    mlp = FFN(hidden, width, act) if kind == "ffn" else SwiGLU(hidden, width, act)
-    for m in mlp.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, std=0.02)
-    if identity:
-        nn.init.zeros_(mlp.down_proj.weight)
-    return MLPBlock(norm, mlp, layer_idx)
 
 
 def output_hidden(output) -> torch.Tensor:
@@ -370,29 +296,6 @@ def _parent_of(model: nn.Module, target: nn.Module) -> tuple[nn.Module, str]:
     raise UserError(f"{type(model).__name__}: cannot find the module holding the decoder layers")
 
 
-def renumber(blocks: nn.ModuleList) -> None:
-    """Each layer's modules index the KV cache by `layer_idx`: after a cut the layers behind it move up."""
-    for i, block in enumerate(blocks):
-        for module in block.modules():
-            if isinstance(getattr(module, "layer_idx", None), int):
-                module.layer_idx = i
-
-
-def shorten_config(config, start: int, n: int, replacement: str) -> list[str]:
-    """Set the layer count and cut every per-layer list of the config (layer_types and the like: any list as
-    long as the old stack) the same way as the stack: the replacement keeps the span's first layer's entry.
-    Returns the names of the lists cut."""
-    old = config.num_hidden_layers
-    keep = list(range(start)) + ([start] if replacement != "none" else []) + list(range(start + n, old))
-    cut = []
-    for name, value in list(vars(config).items()):
-        if isinstance(value, (list, tuple)) and len(value) == old and not name.startswith("_"):
-            setattr(config, name, type(value)(value[i] for i in keep))
-            cut.append(name)
-    config.num_hidden_layers = len(keep)
-    return cut
-
-
 def replace_span(model: nn.Module, blocks: nn.ModuleList, start: int, n: int, replacement: nn.Module | None,
                  kind: str) -> tuple[nn.ModuleList, list[str]]:
     """Put the stack blocks[:start] + [replacement] + blocks[start+n:] in the model and fix the config."""
@@ -409,19 +312,6 @@ def replace_span(model: nn.Module, blocks: nn.ModuleList, start: int, n: int, re
         if getattr(config, "num_hidden_layers", None) == len(blocks):
             cut = shorten_config(config, start, n, kind)
     return new, cut
-
-
-def rebuild(model: nn.Module, blocks: nn.ModuleList, record: dict) -> None:
-    """Give a model built from a streamlined folder's config its MLP-only replacement block (weights are loaded
-    afterwards); `none` and `layer` folders hold ordinary decoder layers and need nothing."""
-    rep = record.get("replacement") or {}
-    kind = rep.get("kind")
-    if kind not in MLP_KINDS:
-        return
-    index = rep["index"]
-    hidden = model.config.get_text_config().hidden_size if hasattr(model.config, "get_text_config") \
-        else model.config.hidden_size
-    blocks[index] = mlp_block(kind, first_norm(blocks[index]), hidden, rep["width"], rep["act"], index)
 
 
 # ---------------------------------------------------------------- wiring: the job
@@ -549,8 +439,6 @@ def post_train(model: nn.Module, replacement: nn.Module, windows: torch.Tensor, 
 
 def streamline_model(model: nn.Module, windows: torch.Tensor, settings: StreamlineSettings, progress=None) -> dict:
     """Streamline `model` in place (the stack is replaced, the config shortened); returns the record."""
-    from ..models import decoder_layers
-
     validate_settings(settings)
     settings = resolve_settings(settings)
     blocks = decoder_layers(model)
@@ -641,10 +529,6 @@ def streamline_to_folder(model_ref: str, out: Path, settings: StreamlineSettings
                          data_root: str | None = None, force: bool = False, progress=None) -> dict:
     """The whole job: load, calibrate, streamline, save a reloadable HF folder with streamline.json, atomically.
     The model is loaded, trained and saved in fp32."""
-    from .. import data, models
-    from ..io import atomic_dir, check_writable
-    from ..provenance import provenance
-
     validate_settings(settings)
     check_writable(out, force)
     ref, config = models.load_config(model_ref)
@@ -679,9 +563,6 @@ def streamline_to_folder(model_ref: str, out: Path, settings: StreamlineSettings
 
 def save_streamlined(model: nn.Module, tok, folder: Path, record: dict) -> None:
     """An HF folder `models.load` rebuilds the streamlined stack from (streamline.json names the replacement)."""
-    from .. import models
-    from ..io import write_json_atomic
-
     model.config.use_cache = True
     model.save_pretrained(folder)
     tok.save_pretrained(folder)

@@ -1,6 +1,7 @@
 """A whole prune job: model + calibration in, a reloadable HF folder with pruning.json out (atomically)."""
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -10,6 +11,8 @@ import torch
 from .. import data, models
 from ..errors import UserError
 from ..io import atomic_dir, check_writable, write_json_atomic
+from ..models import STREAMLINE_FILE, STRUCTURE_FILE, decoder_layers
+from ..models.shapes import structure_record
 from ..provenance import PeakRSS, provenance
 from ..pruning_record import SCHEMA as PRUNING_SCHEMA
 from .allocate import MAX_RATIO, get_allocator
@@ -190,10 +193,6 @@ def tune_before_pruning(model, tok, settings: PruneSettings, calibration, calib:
 def save_layout_records(model, source: Path | None, out: Path, structured_now: bool) -> None:
     """What config.json cannot hold travels with the weights: per-layer shapes (structure.json, written from the
     model: this prune's or the input's) and a depth-pruned stack's record (streamline.json, copied)."""
-    import shutil
-
-    from ..models import STREAMLINE_FILE, STRUCTURE_FILE
-
     if structured_now or (source is not None and (source / STRUCTURE_FILE).is_file()):
         save_structure(model, out)
     if source is not None and (source / STREAMLINE_FILE).is_file():
@@ -202,9 +201,6 @@ def save_layout_records(model, source: Path | None, out: Path, structured_now: b
 
 def save_structure(model, folder: Path) -> None:
     """structure.json: per-layer head counts and MLP widths, which config.json cannot hold (models.load reads it)."""
-    from ..models import decoder_layers
-    from .structured.apply import STRUCTURE_FILE, structure_record
-
     write_json_atomic(folder / STRUCTURE_FILE, structure_record(decoder_layers(model),
                                                                 getattr(model.config, "head_dim", None)))
 

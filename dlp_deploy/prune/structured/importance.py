@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .geometry import BlockGeometry
+from ...models.geometry import BlockGeometry
 
 
 def taylor_scores(weight: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:

@@ -13,8 +13,9 @@ import numpy as np
 import torch
 
 from ...errors import UserError
+from ...models.geometry import BlockGeometry
+from ...models.shapes import Keep
 from ..allocate import round_and_repair
-from .geometry import BlockGeometry
 
 UNITS = ("heads", "channels")
 
@@ -79,13 +80,6 @@ def plan_layers(geoms: list[BlockGeometry], ratios: list[float], units: tuple[st
         floor = g.attention_params(1, 1) + (g.mlp_params(multiple) if "channels" in units else 0)
         plans.append(LayerPlan(kv, per, ch, bool(s) or (1 - r) * g.params() < floor))
     return plans
-
-
-@dataclass(frozen=True)
-class Keep:
-    kv_heads: list[int]
-    heads: list[int]  # original query-head indices, grouped by kept KV head (group-major, ascending)
-    channels: list[int]
 
 
 def select_units(scores: dict[str, torch.Tensor], g: BlockGeometry, plan: LayerPlan) -> Keep:

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from ...models import decoder_layers
+from ...models.geometry import BlockGeometry, block_geometry
+from ...models.shapes import apply_keep
 from ..scores import ActivationNorms, wanda_scores
-from .apply import apply_keep
-from .geometry import BlockGeometry, block_geometry
 from .importance import taylor_scores, unit_scores
 from .plan import LayerPlan, select_units
 

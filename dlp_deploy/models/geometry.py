@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ...errors import UserError
+from ..errors import UserError
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
