@@ -291,3 +291,100 @@ def test_accuracy_level_means_the_same_on_onnxruntime_and_openvino(tmp_path, lev
         assert np.abs(got_ort - want).max() < 1e-5 * scale
     else:  # int8 activations: a visible, bounded error
         assert 1e-3 * scale < np.abs(got_ort - want).max() < 2e-2 * scale
+
+
+# ---------------------------------------------------------------- w8: the same MatMulNBits with bits=8
+
+def numpy_blockwise_qdq8(w: np.ndarray, block: int, scheme: str) -> np.ndarray:
+    """8-bit quantize-dequantize one column block at a time, written out plainly (q8_0's grid for sym)."""
+    out = np.zeros_like(w)
+    for n in range(w.shape[1]):
+        for k0 in range(0, w.shape[0], block):
+            x = w[k0:k0 + block, n]
+            if scheme == "sym":
+                extreme = x[np.argmax(np.abs(x))]
+                s = np.float32(extreme / -128.0) if extreme else np.float32(1)
+                out[k0:k0 + block, n] = np.clip(np.rint(x / s), -128, 127) * s
+            else:
+                lo, hi = min(x.min(), 0), max(x.max(), 0)
+                s = np.float32((hi - lo) / 255.0) if hi > lo else np.float32(1)
+                zp = np.clip(np.rint(-lo / s), 0, 255)
+                out[k0:k0 + block, n] = (np.clip(np.rint(x / s) + zp, 0, 255) - zp) * s
+    return out
+
+
+@pytest.mark.parametrize("scheme", ["sym", "asym"])
+def test_w8_packing_round_trips_against_numpy(scheme):
+    rng = np.random.default_rng(8)
+    k, n = 160, 37
+    w = rng.normal(size=(k, n)).astype(np.float32)
+    w[rng.random(w.shape) < 0.5] = 0
+    bq = quantize_matmul_weight(w, 32, scheme, bits=8)
+    assert bq.packed.dtype == np.uint8 and bq.packed.shape == (n, 5, 32)  # one value a byte
+    if scheme == "asym":
+        assert bq.zero_points.shape == (n * 5,)  # one zero point a byte
+    got = dequantize(bq)
+    np.testing.assert_allclose(got, numpy_blockwise_qdq8(w, 32, scheme), rtol=0, atol=1e-6)
+    assert np.all(got[w == 0] == 0)
+    # 8 bits: 16x finer than the 4-bit grid on the same blocks
+    err8 = np.abs(got - w).mean()
+    err4 = np.abs(dequantize(quantize_matmul_weight(w, 32, scheme)) - w).mean()
+    assert err8 < err4 / 8
+
+
+@pytest.mark.parametrize("level", [0, 4])
+def test_w8_graph_matches_its_dequantized_weights_on_onnxruntime_and_openvino(tmp_path, level):
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from dlp_deploy.runtime.openvino_engine import openvino_config, openvino_kernel_record, weight_only_config
+
+    rng = np.random.default_rng(1)
+    k, n = 256, 48
+    bq = quantize_matmul_weight(rng.normal(size=(k, n)).astype(np.float32), 32, "sym", bits=8)
+    node = helper.make_node("MatMulNBits", ["x", "b", "s"], ["y"], domain="com.microsoft", K=k, N=n, bits=8,
+                            block_size=32, accuracy_level=level)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 5, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5, n])],
+                              [numpy_helper.from_array(bq.packed, "b"), numpy_helper.from_array(bq.scales, "s")])
+    path = tmp_path / "one.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                      helper.make_opsetid("com.microsoft", 1)]), str(path))
+    x = rng.normal(size=(1, 5, k)).astype(np.float32)
+    want = x @ dequantize(bq)
+    got_ort = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(str(path), "CPU", {**openvino_config(None), **weight_only_config(path)})
+    got_ov = compiled({"x": x})[compiled.outputs[0]]
+    scale = np.abs(want).max()
+    if level == 0:
+        assert np.abs(got_ort - want).max() < 1e-5 * scale and np.abs(got_ov - want).max() < 1e-4 * scale
+    else:  # int8 activations per block at run time, in both engines
+        assert 1e-4 * scale < np.abs(got_ort - want).max() < 2e-2 * scale
+        assert np.abs(got_ov - want).max() < 2e-2 * scale
+    record = openvino_kernel_record(path, {"prefill": {"x": x}})
+    kernels = record["prefill"]["kernels"]
+    assert sum(c for key, c in kernels.items() if key.startswith("FullyConnectedCompressed")) == 1, kernels
+    assert set(record["prefill"]["fully_connected_weight_types"]) <= {"u8", "i8"}, record  # 8-bit weights kept
+
+
+def test_pruned_model_keeps_every_zero_under_w8_and_validates_within_one_percent(tmp_path, data_root):
+    src = _masked_tiny(tmp_path / "src")
+    info = export_deployment(str(src), tmp_path / "w8", seq_len=160, num_cores=1, data_root=str(data_root),
+                             quantize=QuantizeOptions("w8"), quality=CHECK)
+    sparsity = info["weight_sparsity"]
+    assert sparsity["w8"]["mask_preserved"] and sparsity["w8"]["pruned_weights_not_exact_zero"] == 0
+    q = info["quantization"]
+    assert (q["scheme"], q["bits"], q["block_size"], q["symmetric"], q["accuracy_level"]) == ("w8", 8, 32, True, 4)
+    v = info["validation"]
+    for engine in ("onnxruntime", "openvino"):
+        assert abs(v[engine]["ppl_vs_reference"]) < 0.01 and v[engine]["greedy_agreement"] > 0.95, (engine, v)
+    assert "blockwise 8-bit" in v["deepsparse"]["skipped"]
+    kernels = q["openvino_kernels"]["one_token"]["kernels"]
+    assert sum(c for k, c in kernels.items() if k.startswith("FullyConnectedCompressed")) == 4 * 7, kernels
+
+    from dlp_deploy.bench.sweep import runs_on
+
+    assert runs_on("onnxruntime", "w8") and runs_on("openvino", "w8") and not runs_on("deepsparse", "w8")

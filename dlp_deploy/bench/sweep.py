@@ -171,7 +171,7 @@ def level_settings(sweep: SweepSettings, level: Level):
                           multiple=sweep.multiple)
 
 
-ONNX_PRECISIONS = ("fp32", "int8", "int4")  # int4: QuantizeOptions defaults (g32, symmetric)
+ONNX_PRECISIONS = ("fp32", "int8", "int4", "w8")  # int4, w8: QuantizeOptions defaults (g32, symmetric)
 
 
 def precision_format(precision: str) -> str:
@@ -186,11 +186,11 @@ def precision_format(precision: str) -> str:
 
 def runs_on(engine: str, precision: str) -> bool:
     """Whether `engine` reads the file format `precision` is exported to (llama.cpp GGUF, the others ONNX) and
-    runs its weights (DeepSparse has no 4-bit ones)."""
-    from ..export.int4 import INT4_REFUSALS
+    runs its weights (DeepSparse has no blockwise 4- or 8-bit ones)."""
+    from ..export.int4 import NBITS_REFUSALS
     from ..runtime.engines import ENGINES
 
-    refused = precision == "int4" and engine in INT4_REFUSALS
+    refused = engine in NBITS_REFUSALS.get(precision, {})
     return dict.get(ENGINES, engine).model_format == precision_format(precision) and not refused
 
 

@@ -30,8 +30,9 @@ def export_cmd(
     num_cores: Annotated[Optional[int], typer.Option("--num-cores", help="CPU cores for validation (default: all)")]
         = None,
     quantize: Annotated[Optional[str], typer.Option("--quantize", help="int8: W8A8 (weights per channel, "
-                        "activations per --act-scales); int4: weight-only, blocks of --group-size along the input "
-                        "(MatMulNBits: onnxruntime and openvino)")] = None,
+                        "activations per --act-scales); int4 / w8: 4- / 8-bit weights in blocks of --group-size along the input "
+                        "(MatMulNBits: onnxruntime and openvino; w8 is q8_0's form, activations int8 per block at "
+                        "run time)")] = None,
     quantize_head: Annotated[bool, typer.Option("--quantize-head", help="quantize lm_head too")] = False,
     smooth_alpha: Annotated[float, typer.Option("--smooth-alpha", help="SmoothQuant migration strength before "
                                                                        "INT8 (0 = off)")] = 0.5,
@@ -43,8 +44,9 @@ def export_cmd(
     int4_scheme: Annotated[str, typer.Option("--int4-scheme", help="INT4 blocks: sym (pruned zeros stay exact "
                            "zeros), asym (an integer zero point per block; zeros exact too) or minmax (Q4_1's grid, "
                            "a float zero point; the finest grid, zeros not exact)")] = "sym",
-    accuracy_level: Annotated[int, typer.Option("--accuracy-level", help="INT4 MatMulNBits accuracy_level: 0 "
-                              "(fp32 accumulation), 1 fp32, 2 fp16, 3 bf16, 4 int8 activations")] = 0,
+    accuracy_level: Annotated[Optional[int], typer.Option("--accuracy-level", help="MatMulNBits accuracy_level: 0 "
+                              "(fp32 accumulation), 1 fp32, 2 fp16, 3 bf16, 4 int8 activations (default: 0 for "
+                              "int4, 4 for w8)")] = None,
     weight_method: Annotated[str, typer.Option("--weight-method", help="INT8 weights: rtn (round to nearest) or "
                              "gptq (OBS error feedback on the calibration windows; pruned zeros stay zero)")] = "rtn",
     quality_budget: Annotated[bool, typer.Option("--quality-budget", help="INT8: make --ppl-tolerance a target: keep "

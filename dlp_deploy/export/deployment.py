@@ -26,7 +26,7 @@ from ..models import decoder_layers, linear_modules, load, model_sparsity
 from ..provenance import PeakRSS, provenance
 from .. import data
 from .onnx import EXTERNAL_DATA_FILE, export_onnx, onnx_weight_sparsity, save_model
-from .int4 import INT4_REFUSALS, check_int4_mask, export_int4
+from .int4 import NBITS_REFUSALS, check_int4_mask, export_int4
 from .quantize import engines_refusing
 
 MODEL_FILE = "model.onnx"
@@ -66,11 +66,12 @@ class QuantizeOptions:
     calib_seqlen: int = 256
     seed: int = 0
     act_scales: str = "static"
-    # INT4 weight-only (int4.py): blocks of group_size along K, sym or asym, ONNX Runtime's MatMulNBits
-    # accuracy_level (0: fp32 accumulation; 4, int8 activations, changed greedy tokens in a public report)
+    # INT4 and w8 weight-only (int4.py): blocks of group_size along K, sym or asym, ONNX Runtime's MatMulNBits
+    # accuracy_level (0: fp32 accumulation; 4, int8 activations, changed greedy tokens in a public report; None:
+    # the scheme's default, 0 for int4 and 4 for w8)
     group_size: int = 32
     int4_scheme: str = "sym"
-    accuracy_level: int = 0
+    accuracy_level: int | None = None
     # weights (gptq.py): rtn or gptq codes; budget (budget.py): keep Linears fp32 until the held-out perplexity is
     # within this relative tolerance of fp32's (None: quantize every one), searched per budget_unit
     weight_method: str = "rtn"
@@ -553,7 +554,8 @@ QUANT_SCHEMES = {
     "int8": QuantScheme(_export_quantized,
                         lambda model, path, record: _check_int8_mask(model, path, set(record.get("kept_fp32", ()))),
                         lambda options: engines_refusing(options.act_scales)),
-    "int4": QuantScheme(export_int4, check_int4_mask, lambda options: dict(INT4_REFUSALS)),
+    "int4": QuantScheme(export_int4, check_int4_mask, lambda options: dict(NBITS_REFUSALS["int4"])),
+    "w8": QuantScheme(export_int4, check_int4_mask, lambda options: dict(NBITS_REFUSALS["w8"])),
 }
 
 
@@ -816,8 +818,9 @@ class Deployment:
                             f"{self.format.upper()} one; use --engine {' or '.join(engines_for(self.format))}, or "
                             f"export with --format {wanted}")
         scheme = (self.info.get("quantization") or {}).get("scheme")
-        if scheme == "int4" and engine in INT4_REFUSALS:
-            raise UserError(f"engine {engine} cannot run the INT4 deployment {self.folder}: {INT4_REFUSALS[engine]}")
+        if engine in NBITS_REFUSALS.get(scheme, {}):
+            raise UserError(f"engine {engine} cannot run the {scheme} deployment {self.folder}: "
+                            f"{NBITS_REFUSALS[scheme][engine]}")
 
     @property
     def seq_len(self) -> int:

@@ -120,6 +120,7 @@ PRECISIONS = {p.name: p for p in (
     Precision("fp32", "onnx", "onnxruntime"),
     Precision("int8", "onnx", "onnxruntime"),  # dynamic per-token activation scales (issue 24: +1% ppl, not +74%)
     Precision("int4", "onnx", "onnxruntime"),  # exported where QuantizeOptions accepts it; else stopped with why
+    Precision("w8", "onnx", "onnxruntime"),  # q8_0's blocks on the ONNX engines, int8 activations per block
     Precision("q8_0", "gguf", "llamacpp"),
     Precision("q4_k_m", "gguf", "llamacpp"),
 )}
