@@ -6,7 +6,7 @@ import torch
 from dlp_deploy.runtime.decode import step_inputs
 from dlp_deploy.runtime.engines import ENGINES
 from dlp_deploy.bench.harness import BenchSettings, deepsparse_benchmark_decode_ms, run_pair
-from dlp_deploy.export.deployment import load_deployment
+from dlp_deploy.runtime.deployment import load_deployment
 from dlp_deploy.provenance import machine_info
 
 PROMPT = 32

@@ -124,7 +124,7 @@ def test_engines_get_identical_inputs_and_agree(deployments):
 
 
 def test_bad_bench_input(deployments, tmp_path):
-    from dlp_deploy.export.deployment import load_deployment
+    from dlp_deploy.runtime.deployment import load_deployment
 
     with pytest.raises(UserError, match="not a deployment folder"):
         load_deployment(tmp_path)

@@ -18,7 +18,8 @@ from dlp_deploy.runtime.decode import generate
 from dlp_deploy.runtime.engines import ENGINES
 from dlp_deploy.errors import UserError
 from dlp_deploy.export import deployment as dep
-from dlp_deploy.export.deployment import ValidationError, export_deployment, load_deployment
+from dlp_deploy.export.deployment import ValidationError, export_deployment
+from dlp_deploy.runtime.deployment import load_deployment
 from dlp_deploy.export.onnx import export_onnx, onnx_weight_sparsity
 from dlp_deploy.models import decoder_layers, linear_modules, model_sparsity
 from dlp_deploy.testing import save_tiny, tiny_llama, tiny_tokenizer

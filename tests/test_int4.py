@@ -183,7 +183,7 @@ def test_pruned_model_keeps_every_zero_under_symmetric_int4_and_validates(tmp_pa
     assert sum(c for k, c in kernels.items() if k.startswith("FullyConnectedCompressed")) == 4 * 7
 
     from dlp_deploy.errors import UserError
-    from dlp_deploy.export.deployment import load_deployment
+    from dlp_deploy.runtime.deployment import load_deployment
 
     with pytest.raises(UserError, match="cannot run the INT4 deployment .* use|onnxruntime or openvino"):
         load_deployment(tmp_path / "int4").check_engine("deepsparse")

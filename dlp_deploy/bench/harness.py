@@ -18,6 +18,7 @@ import numpy as np
 from ..errors import UserError
 from ..provenance import machine_info, package_versions
 from ..runtime.decode import generate
+from ..runtime.deployment import load_deployment
 from ..runtime.engines import ENGINES
 from .stats import latency_summary, weight_bytes_per_token
 
@@ -133,7 +134,6 @@ def engine_options(settings: BenchSettings, dep) -> dict:
 
 def run_pair(deploy_dir: str, settings: BenchSettings) -> dict:
     """Benchmark one deployment on one engine in this process (the worker's body)."""
-    from ..export.deployment import load_deployment
     dep = load_deployment(deploy_dir)
     check_settings(settings, dep.seq_len)
     prompt = prompt_ids(dep.tokenizer(), settings.prompt_len)
@@ -300,8 +300,6 @@ def deepsparse_benchmark_decode_ms(deploy_dir: str | Path, cores: int | None, in
     import tempfile
 
     from deepsparse.benchmark.benchmark_model import benchmark_model
-
-    from ..export.deployment import load_deployment
 
     dep = load_deployment(deploy_dir)
     with tempfile.TemporaryDirectory(prefix="dlp-dsbench-") as tmp:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..export.deployment import load_deployment
 from ..provenance import provenance
+from ..runtime.deployment import load_deployment
 from ..runtime.worker import EngineFailure
 from .harness import (BenchSettings, bench_pair_subprocess, bench_report, check_settings, core_counts, machine_block,
                       pair_identity)

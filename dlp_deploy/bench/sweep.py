@@ -19,6 +19,8 @@ from ..models import load_config
 from ..provenance import provenance
 from ..prune.masks import NM_COUNTS, parse_pattern
 from ..prune.structured import DEFAULT_IMPORTANCE
+from ..runtime.deployment import EXPORT_FILE
+from ..runtime.engines import ENGINES, NBITS_REFUSALS
 from ..runtime.worker import EngineFailure
 from .harness import (BenchSettings, bench_pair_subprocess, check_cores, check_settings, core_counts,
                       machine_block, pair_identity)
@@ -187,9 +189,6 @@ def precision_format(precision: str) -> str:
 def runs_on(engine: str, precision: str) -> bool:
     """Whether `engine` reads the file format `precision` is exported to (llama.cpp GGUF, the others ONNX) and
     runs its weights (DeepSparse has no blockwise 4- or 8-bit ones)."""
-    from ..export.int4 import NBITS_REFUSALS
-    from ..runtime.engines import ENGINES
-
     refused = engine in NBITS_REFUSALS.get(precision, {})
     return dict.get(ENGINES, engine).model_format == precision_format(precision) and not refused
 
@@ -208,8 +207,6 @@ def resolve_windows(sweep: SweepSettings) -> SweepSettings:
 
 
 def check_sweep(sweep: SweepSettings, run_dir: Path) -> None:
-    from ..runtime.engines import ENGINES
-
     plan = levels(sweep)
     for level in plan[1:]:
         if level.replacement:
@@ -416,8 +413,8 @@ def _deploy_name(level: Level, precision: str) -> str:
 
 def export_step(sweep: SweepSettings, run_dir: Path, level: Level, model_ref: str, log,
                 precision: str = "fp32") -> Path:
-    from ..export.deployment import (EXPORT_FILE, QualityCheck, QuantizeOptions, default_ppl_tolerance,
-                                     export_deployment, export_gguf_deployment)
+    from ..export.deployment import (QualityCheck, QuantizeOptions, default_ppl_tolerance, export_deployment,
+                                     export_gguf_deployment)
 
     out = run_dir / "deploy" / _deploy_name(level, precision)
     if (out / EXPORT_FILE).is_file():

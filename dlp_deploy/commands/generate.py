@@ -12,8 +12,7 @@ from typing import Annotated, Optional  # noqa: E402
 import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
 
-from ..export.deployment import load_deployment  # noqa: E402
-from ..runtime.decode import generate  # noqa: E402
+from ..runtime.deployment import load_deployment  # noqa: E402
 from ..runtime.engines import ENGINES  # noqa: E402
 from ..runtime.worker import run_in_worker, workaround  # noqa: E402
 
@@ -57,19 +56,6 @@ def generate_cmd(
     rate = result["decode_tokens_per_s"]
     err.print(f"[dim]{result['tokens']} tokens; prefill {len(prompt_ids)} tokens {result['prefill_s'] * 1e3:.1f} ms; "
               f"decode {rate:.1f} tokens/s[/]" if rate else f"[dim]{result['tokens']} tokens[/]", highlight=False)
-
-
-def generate_task(args: dict, emit) -> dict:
-    """The worker's side of `generate` (runtime/worker.py): compile, then each new token as an event."""
-    deployment = load_deployment(args["deploy_dir"])
-    session = ENGINES[args["engine"]].compile(deployment.model_path, deployment.seq_len, num_cores=args["num_cores"])
-    session.prepare(len(args["prompt_ids"]))
-    session.prepare(1)
-    emit({"compiled": True})
-    result = generate(session, args["prompt_ids"], args["max_new_tokens"], on_token=lambda t: emit({"token": t}),
-                      stop_ids=args["stop_ids"])
-    return {"tokens": len(result.tokens), "prefill_s": result.prefill_s,
-            "decode_tokens_per_s": result.decode_tokens_per_s}
 
 
 class TextStream:

@@ -4,10 +4,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import data, models
+from ..errors import UserError
 from ..models import model_sparsity
 from ..provenance import provenance
 from ..pruning_record import read_pruning_record
-from .perplexity import corpus_ids, perplexity
+from ..runtime.deployment import EXPORT_FILE, load_deployment
+from ..runtime.engines import ENGINES
+from ..runtime.worker import ProgressEvents, replay_progress, run_in_worker, workaround
+from .perplexity import corpus_ids, perplexity, session_logits
+from .zeroshot import check_tasks, evaluate_zeroshot
 
 
 def evaluate(model_ref: str, ppl: list[str], seqlen: int | None = None, max_windows: int | None = None,
@@ -16,8 +21,6 @@ def evaluate(model_ref: str, ppl: list[str], seqlen: int | None = None, max_wind
     root = data.data_dir(data_root) if ppl else None
     texts = {name: data.eval_text(name, root) for name in ppl}  # fail on missing data before loading the model
     if zeroshot:
-        from .zeroshot import check_tasks
-
         check_tasks(zeroshot)
     model, tok = models.load(model_ref, device)
     seqlen = seqlen or data.default_seqlen(model.config)  # None: min(2048, the model's context)
@@ -25,8 +28,6 @@ def evaluate(model_ref: str, ppl: list[str], seqlen: int | None = None, max_wind
                     "perplexity_details": {}}
     _score_corpora(result, model, tok, texts, seqlen, max_windows, progress)
     if zeroshot:
-        from .zeroshot import evaluate_zeroshot
-
         result["zeroshot"] = evaluate_zeroshot(model, tok, zeroshot, limit=limit, progress=progress)
     result["weight_sparsity"] = model_sparsity(model)["global_sparsity"]
     result["pruning"] = _pruning_summary(model_ref)
@@ -44,8 +45,6 @@ def _score_corpora(result: dict, model_or_logits, tok, texts: dict, seqlen: int,
 
 
 def is_deployment(ref: str) -> bool:
-    from ..export.deployment import EXPORT_FILE
-
     return (Path(ref) / EXPORT_FILE).is_file()
 
 
@@ -55,11 +54,6 @@ def evaluate_deployment(deploy_dir: str, engine: str, ppl: list[str], seqlen: in
     """Perplexity of a deployment itself: its ONNX graph or GGUF file on an inference engine, the windows and scoring of the
     PyTorch evaluation (each window one prefill step with an empty cache). The engine runs in a worker process
     (runtime/worker.py): a crash there is a one-line error, not the end of this process."""
-    from ..errors import UserError
-    from ..export.deployment import load_deployment
-    from ..runtime.engines import ENGINES
-    from ..runtime.worker import replay_progress, run_in_worker, workaround
-
     dep = load_deployment(deploy_dir)
     dep.check_engine(engine)
     seqlen = seqlen or min(data.DEFAULT_SEQLEN, dep.seq_len - 1)
@@ -83,11 +77,6 @@ def evaluate_deployment(deploy_dir: str, engine: str, ppl: list[str], seqlen: in
 
 def deployment_perplexity_task(args: dict, emit) -> dict:
     """The worker's side of evaluate_deployment (runtime/worker.py): compile, then score every corpus."""
-    from ..export.deployment import load_deployment
-    from ..runtime.engines import ENGINES
-    from ..runtime.worker import ProgressEvents
-    from .perplexity import session_logits
-
     dep = load_deployment(args["deploy_dir"])
     root = Path(args["data_root"]) if args["data_root"] else None
     texts = {name: data.eval_text(name, root) for name in args["ppl"]}

@@ -9,7 +9,6 @@ import os
 
 os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")  # DeepSparse phones home on import otherwise
 
-import json
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -25,12 +24,12 @@ from ..pruning_record import read_pruning_record
 from ..models import decoder_layers, linear_modules, load, model_sparsity
 from ..provenance import PeakRSS, provenance
 from .. import data
+from ..runtime.deployment import EXPORT_FILE, GGUF_FILE, MODEL_FILE
+from ..runtime.engines import NBITS_REFUSALS
 from .onnx import EXTERNAL_DATA_FILE, export_onnx, onnx_weight_sparsity, save_model
-from .int4 import NBITS_REFUSALS, check_int4_mask, export_int4
+from .int4 import check_int4_mask, export_int4
 from .quantize import engines_refusing
 
-MODEL_FILE = "model.onnx"
-EXPORT_FILE = "export.json"
 VALIDATION_PROMPT = "The capital of France is"
 VALIDATION_NEW_TOKENS = 32
 PRUNING_KEYS = ("form", "global_sparsity", "target_sparsity")
@@ -193,7 +192,7 @@ def export_gguf_deployment(model_or_dir, out, quant: str = "q8_0", seq_len: int 
                            data_root: str | None = None, engine_timeout: float | None = None) -> dict:
     """Export a causal LM to a GGUF deployment folder (model.gguf + HF config/tokenizer + export.json) for
     llama.cpp, validated on llama.cpp against PyTorch with tolerances that fit `quant`."""
-    from .gguf import GGUF_FILE, check_gguf_window, gguf_quant, stored_block_sparsity, write_gguf
+    from .gguf import check_gguf_window, gguf_quant, stored_block_sparsity, write_gguf
 
     progress = progress or _no_progress
     spec = gguf_quant(quant)
@@ -787,64 +786,3 @@ def _check_quality_window(quality: QualityCheck, seq_len: int, prompt_len: int) 
                         f"check after a {prompt_len}-token prompt")
     if not 0 <= quality.tolerance:
         raise UserError(f"--ppl-tolerance {quality.tolerance} must be a non-negative fraction, e.g. 0.05")
-
-
-# ---------------------------------------------------------------- loading a deployment
-
-@dataclass(frozen=True)
-class Deployment:
-    folder: Path
-    model_path: Path  # model.onnx or model.gguf
-    info: dict
-
-    @property
-    def format(self) -> str:
-        return "gguf" if self.model_path.suffix == ".gguf" else "onnx"
-
-    @property
-    def onnx_path(self) -> Path:
-        if self.format != "onnx":
-            raise UserError(f"{self.folder} is a GGUF deployment (llama.cpp); this step needs an ONNX one "
-                            "(`dlp-deploy export MODEL --format onnx`)")
-        return self.model_path
-
-    def check_engine(self, engine: str) -> None:
-        """A one-line refusal when `engine` cannot run this folder's file."""
-        from ..runtime.engines import ENGINES, engines_for
-
-        wanted = ENGINES[engine].model_format
-        if wanted != self.format:
-            raise UserError(f"engine {engine} runs {wanted.upper()} deployments and {self.folder} holds a "
-                            f"{self.format.upper()} one; use --engine {' or '.join(engines_for(self.format))}, or "
-                            f"export with --format {wanted}")
-        scheme = (self.info.get("quantization") or {}).get("scheme")
-        if engine in NBITS_REFUSALS.get(scheme, {}):
-            raise UserError(f"engine {engine} cannot run the {scheme} deployment {self.folder}: "
-                            f"{NBITS_REFUSALS[scheme][engine]}")
-
-    @property
-    def seq_len(self) -> int:
-        return int(self.info.get("seq_len", 512))
-
-    def tokenizer(self):
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(self.folder)
-
-
-def load_deployment(folder) -> Deployment:
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UserError(f"{folder} is not a folder; give a deployment folder made by `dlp-deploy export`")
-    from .gguf import GGUF_FILE
-
-    model_file = GGUF_FILE if (folder / GGUF_FILE).is_file() else MODEL_FILE
-    missing = [name for name in (model_file, EXPORT_FILE, "config.json") if not (folder / name).is_file()]
-    if missing:
-        raise UserError(f"{folder} is not a deployment folder (no {', '.join(missing)}); "
-                        "create one with `dlp-deploy export MODEL --out DIR`")
-    try:
-        info = json.loads((folder / EXPORT_FILE).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"{folder / EXPORT_FILE} is unreadable ({exc}); re-run `dlp-deploy export`") from None
-    return Deployment(folder, folder / model_file, info)

@@ -38,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..runtime.deployment import MODEL_FILE
+
 BITS = 4
 SCHEME_BITS = {"int4": 4, "w8": 8}  # --quantize scheme -> MatMulNBits bits
 DEFAULT_ACCURACY_LEVEL = {"int4": 0, "w8": 4}  # see the module docstring for w8's
@@ -46,13 +48,6 @@ ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # ORT: 0 unset (fp32 here), 1 fp32, 2 fp16, 3
 INT4_SCHEMES = ("sym", "asym", "minmax")
 SCHEME_WORDS = {"sym": "symmetric", "asym": "asymmetric, integer zero points",
                 "minmax": "min-max (Q4_1's grid), float zero points"}
-# Measured with the tests below: DeepSparse 1.8 has no 4-bit kernel and does not know com.microsoft ops
-INT4_REFUSALS = {"deepsparse": "DeepSparse runs no 4-bit weights (MatMulNBits is an ONNX Runtime contrib op); "
-                               "validate and deploy the int4 folder on onnxruntime or openvino"}
-INT4_REFUSALS["deepsparse-external"] = INT4_REFUSALS["deepsparse"]
-_W8_REFUSAL = ("DeepSparse runs no blockwise 8-bit weights (MatMulNBits is an ONNX Runtime contrib op); validate "
-               "and deploy the w8 folder on onnxruntime or openvino, or use --quantize int8 for DeepSparse")
-NBITS_REFUSALS = {"int4": INT4_REFUSALS, "w8": {engine: _W8_REFUSAL for engine in INT4_REFUSALS}}
 
 
 @dataclass(frozen=True)
@@ -233,7 +228,7 @@ def export_int4(model, tokenizer, onnx_path: Path, max_positions: int, options, 
 
     import onnx
 
-    from .deployment import MODEL_FILE, _block_weight_names, _param_name
+    from .deployment import _block_weight_names, _param_name  # here: deployment.py imports this module
     from .onnx import export_onnx, save_model
     from .quantize import quant_targets
 

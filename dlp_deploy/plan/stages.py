@@ -28,6 +28,7 @@ from .. import data
 from ..errors import UserError
 from ..io import atomic_dir, write_json_atomic
 from ..provenance import provenance
+from ..runtime.deployment import EXPORT_FILE, load_deployment
 from . import select
 from .candidates import DENSE_ID, PEERS, PRECISIONS, Candidate, candidates, deploy_name, precisions, \
     prune_settings_of
@@ -365,7 +366,7 @@ def export(p: Plan, c: Candidate, precision: str, name: str) -> Path:
     """The deployment folder. Export's own perplexity check reads WikiText-2 test text, which selection must
     never see: ONNX graphs are validated on logits and greedy tokens only (quality=None); GGUF files, whose check
     always scores perplexity, are not validated by export (stage 2's deployed perplexity on llama.cpp is theirs)."""
-    from ..export.deployment import EXPORT_FILE, export_deployment, export_gguf_deployment
+    from ..export.deployment import export_deployment, export_gguf_deployment
 
     out = p.out / "deploy" / name
     if (out / EXPORT_FILE).is_file():
@@ -399,7 +400,6 @@ def validation_perplexity_task(args: dict, emit) -> dict:
     import torch
 
     from ..eval.perplexity import perplexity, session_logits
-    from ..export.deployment import load_deployment
     from ..runtime.engines import ENGINES
     from ..runtime.worker import ProgressEvents
 

@@ -12,6 +12,8 @@ from typing import Callable, Iterable
 import numpy as np
 
 from ..errors import UserError
+from .deployment import load_deployment
+from .engines import ENGINES
 
 
 @dataclass
@@ -86,3 +88,18 @@ def generate(session, prompt_ids: Iterable[int], max_new_tokens: int,
         token = int(np.argmax(logits[0, -1]))
         out.decode_s.append(perf() - t0)
         filled += 1
+
+
+# ---------------------------------------------------------------- `dlp-deploy generate` in a worker
+
+def generate_task(args: dict, emit) -> dict:
+    """The worker's side of `dlp-deploy generate` (runtime/worker.py): compile, then each new token as an event."""
+    deployment = load_deployment(args["deploy_dir"])
+    session = ENGINES[args["engine"]].compile(deployment.model_path, deployment.seq_len, num_cores=args["num_cores"])
+    session.prepare(len(args["prompt_ids"]))
+    session.prepare(1)
+    emit({"compiled": True})
+    result = generate(session, args["prompt_ids"], args["max_new_tokens"], on_token=lambda t: emit({"token": t}),
+                      stop_ids=args["stop_ids"])
+    return {"tokens": len(result.tokens), "prefill_s": result.prefill_s,
+            "decode_tokens_per_s": result.decode_tokens_per_s}

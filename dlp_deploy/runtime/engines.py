@@ -319,3 +319,13 @@ ENGINES = EngineRegistry({
 
 def engines_for(model_format: str) -> list[str]:
     return [name for name, kind in ENGINES.items() if kind.model_format == model_format]
+
+
+# Engines that cannot run a quantization scheme's weights, by scheme (export/int4.py writes MatMulNBits). Measured
+# with tests/test_int4.py: DeepSparse 1.8 has no 4-bit kernel and does not know com.microsoft ops
+INT4_REFUSALS = {"deepsparse": "DeepSparse runs no 4-bit weights (MatMulNBits is an ONNX Runtime contrib op); "
+                               "validate and deploy the int4 folder on onnxruntime or openvino"}
+INT4_REFUSALS["deepsparse-external"] = INT4_REFUSALS["deepsparse"]
+_W8_REFUSAL = ("DeepSparse runs no blockwise 8-bit weights (MatMulNBits is an ONNX Runtime contrib op); validate "
+               "and deploy the w8 folder on onnxruntime or openvino, or use --quantize int8 for DeepSparse")
+NBITS_REFUSALS = {"int4": INT4_REFUSALS, "w8": {engine: _W8_REFUSAL for engine in INT4_REFUSALS}}

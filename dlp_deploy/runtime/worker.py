@@ -27,7 +27,7 @@ TASKS = {
     "bench": "dlp_deploy.bench.harness:bench_task",
     "validate": "dlp_deploy.export.deployment:validation_task",
     "eval": "dlp_deploy.eval.evaluate:deployment_perplexity_task",
-    "generate": "dlp_deploy.commands.generate:generate_task",
+    "generate": "dlp_deploy.runtime.decode:generate_task",
     "plan-ppl": "dlp_deploy.plan.stages:validation_perplexity_task",
 }
 FAULT_ENV = "DLP_DEPLOY_FAULT"
