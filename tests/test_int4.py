@@ -388,3 +388,24 @@ def test_pruned_model_keeps_every_zero_under_w8_and_validates_within_one_percent
     from dlp_deploy.bench.sweep import runs_on
 
     assert runs_on("onnxruntime", "w8") and runs_on("openvino", "w8") and not runs_on("deepsparse", "w8")
+
+
+def test_bench_runs_each_deployment_on_the_engines_that_run_it_and_names_the_rest(tmp_path):
+    """A w8 folder beside an fp32 one on DeepSparse and ONNX Runtime: the w8 pair on DeepSparse is not run (named
+    with DeepSparse's reason), the others are measured; a folder that no given engine runs is refused in one
+    line."""
+    from dlp_deploy.bench.run import runnable_pairs
+    from dlp_deploy.bench.harness import BenchSettings
+    from dlp_deploy.errors import UserError
+    from dlp_deploy.runtime.deployment import Deployment
+
+    fp32 = Deployment(tmp_path / "fp32", tmp_path / "fp32" / "model.onnx", {})
+    w8 = Deployment(tmp_path / "w8", tmp_path / "w8" / "model.onnx", {"quantization": {"scheme": "w8"}})
+    plan = [(d, BenchSettings(e)) for d in (fp32, w8) for e in ("deepsparse", "onnxruntime")]
+    keep, not_run = runnable_pairs(plan)
+    assert [(d.folder.name, s.engine) for d, s in keep] == [("fp32", "deepsparse"), ("fp32", "onnxruntime"),
+                                                             ("w8", "onnxruntime")]
+    assert [(u["label"], u["engine"]) for u in not_run] == [("w8", "deepsparse")]
+    assert "blockwise 8-bit" in not_run[0]["reason"]
+    with pytest.raises(UserError, match="cannot run the w8 deployment"):
+        runnable_pairs([(w8, BenchSettings("deepsparse"))])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import UserError
 from ..provenance import provenance
 from ..runtime.deployment import load_deployment
 from ..runtime.worker import EngineFailure
@@ -24,6 +25,7 @@ def run_bench(o: dict, source: Path | None = None, earlier: dict | None = None, 
             for d in deployments for e in engines for c in core_counts(counts)]
     for dep, settings in plan:
         check_settings(settings, dep.seq_len)
+    plan, not_run = runnable_pairs(plan)
     measured_models = len(plan)
     plan += _aa_plan(plan) if len(deployments) > 1 else []
     task = progress.add_task("benchmarking", total=len(plan) * rounds) if progress else None
@@ -36,11 +38,29 @@ def run_bench(o: dict, source: Path | None = None, earlier: dict | None = None, 
     results = [merge_rounds(m) for m, f in zip(measured, failed) if f is None]
     _unique_labels(results)
     attach_speedups(results)
-    report = {**bench_report(results, machine_block(counts), unmeasured), "settings": o,
+    report = {**bench_report(results, machine_block(counts), unmeasured), "not_run": not_run, "settings": o,
               "provenance": provenance(**({"replicates": str(source)} if source else {}))}
     if earlier is not None:
         report.update(replicates=str(source), replication=mark_replication(earlier["results"], results))
     return report
+
+
+def runnable_pairs(plan: list[tuple]) -> tuple[list[tuple], list[dict]]:
+    """The pairs whose engine runs the deployment, and the others with the engine's reason (a w8 or int4 folder
+    on DeepSparse when one bench also measures INT8 there). A deployment no engine runs is the user's mistake."""
+    keep, not_run, refusals = [], [], {}
+    for dep, settings in plan:
+        try:
+            dep.check_engine(settings.session_kind)
+            keep.append((dep, settings))
+        except UserError as exc:
+            refusals.setdefault(dep.folder, exc)
+            not_run.append({"label": dep.folder.name, "model": str(dep.folder), "engine": settings.session_kind,
+                            "reason": str(exc)})
+    for folder, exc in refusals.items():
+        if not any(dep.folder == folder for dep, _ in keep):
+            raise exc
+    return keep, not_run
 
 
 def _measure(dep, settings) -> dict:

@@ -65,6 +65,8 @@ def bench_cmd(
         r = report["replication"]
         console.print(f"replicates {source}: {r['replicated']} of the {r['earlier_wins']} speedups it called wins "
                       "replicated")
+    for u in report.get("not_run", []):
+        console.print(f"not run: {u['label']} on {u['engine']}: {u['reason']}", markup=False)
     for u in report["unmeasured"]:
         console.print(f"not measured: {u['label']} on {u['engine']} ({u['kv_cache']} KV cache): {u['reason']}",
                       markup=False)
