@@ -409,3 +409,12 @@ def test_bench_runs_each_deployment_on_the_engines_that_run_it_and_names_the_res
     assert "blockwise 8-bit" in not_run[0]["reason"]
     with pytest.raises(UserError, match="cannot run the w8 deployment"):
         runnable_pairs([(w8, BenchSettings("deepsparse"))])
+    # dynamic activation scales: DeepSparse's internal-cache engine is refused, its external cache is not
+    dynamic = Deployment(tmp_path / "dyn", tmp_path / "dyn" / "model.onnx",
+                         {"quantization": {"scheme": "int8", "act_scales": "dynamic-token"}})
+    static = Deployment(tmp_path / "st", tmp_path / "st" / "model.onnx", {"quantization": {"act_scales": "static"}})
+    keep, not_run = runnable_pairs([(d, BenchSettings("deepsparse", external_cache=ext))
+                                    for d in (dynamic, static) for ext in (False, True)])
+    assert [(d.folder.name, s.session_kind) for d, s in keep] == [("dyn", "deepsparse-external"),
+                                                                  ("st", "deepsparse"), ("st", "deepsparse-external")]
+    assert "wrong logits for dynamic activation scales" in not_run[0]["reason"]

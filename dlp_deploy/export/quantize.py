@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..runtime.engines import DYNAMIC_SCALE_REFUSALS
+
 QMIN, QMAX = -127, 127  # symmetric int8 weights (-128 unused, as the reference W8A8 recipes do)
 
 
@@ -94,16 +96,11 @@ def observe_ranges(onnx_path, tensors: list[str], feeds) -> dict[str, tuple[floa
 
 
 ACT_SCALES = ("static", "dynamic-token", "dynamic-tensor")
-# Measured, not assumed (tests/test_int8.py): DeepSparse 1.8 runs 95% of a dynamic-scale graph's ops; with its
-# external cache the logits match ONNX Runtime's, but its internal-cache engine returns different ones (max
-# |logit error| 1.09 against 0.015 on a tiny LLaMA, other greedy tokens), so that engine is left out for them
-_DYNAMIC_REFUSALS = {"deepsparse": "its internal-cache engine returns wrong logits for dynamic activation scales "
-                                   "(deepsparse-external runs them correctly); use --act-scales static for it"}
 
 
 def engines_refusing(act_scales: str) -> dict[str, str]:
     """Engines that cannot run a deployment with these activation scales, with the reason."""
-    return {} if act_scales == "static" else dict(_DYNAMIC_REFUSALS)
+    return {} if act_scales == "static" else dict(DYNAMIC_SCALE_REFUSALS)
 
 
 def insert_dynamic_matmul_integer(proto, targets: list[QuantTarget], per_token: bool = True,

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
-from .engines import ENGINES, NBITS_REFUSALS, engines_for
+from .engines import ENGINES, engines_for, engines_refusing
 
 MODEL_FILE = "model.onnx"
 GGUF_FILE = "model.gguf"
@@ -38,10 +38,10 @@ class Deployment:
             raise UserError(f"engine {engine} runs {wanted.upper()} deployments and {self.folder} holds a "
                             f"{self.format.upper()} one; use --engine {' or '.join(engines_for(self.format))}, or "
                             f"export with --format {wanted}")
-        scheme = (self.info.get("quantization") or {}).get("scheme")
-        if engine in NBITS_REFUSALS.get(scheme, {}):
-            raise UserError(f"engine {engine} cannot run the {scheme} deployment {self.folder}: "
-                            f"{NBITS_REFUSALS[scheme][engine]}")
+        refusals = engines_refusing(self.info.get("quantization"))
+        if engine in refusals:
+            scheme = self.info["quantization"].get("scheme", "int8")
+            raise UserError(f"engine {engine} cannot run the {scheme} deployment {self.folder}: {refusals[engine]}")
 
     @property
     def seq_len(self) -> int:

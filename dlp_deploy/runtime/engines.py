@@ -329,3 +329,18 @@ INT4_REFUSALS["deepsparse-external"] = INT4_REFUSALS["deepsparse"]
 _W8_REFUSAL = ("DeepSparse runs no blockwise 8-bit weights (MatMulNBits is an ONNX Runtime contrib op); validate "
                "and deploy the w8 folder on onnxruntime or openvino, or use --quantize int8 for DeepSparse")
 NBITS_REFUSALS = {"int4": INT4_REFUSALS, "w8": {engine: _W8_REFUSAL for engine in INT4_REFUSALS}}
+# Measured, not assumed (tests/test_int8.py): DeepSparse 1.8 runs 95% of a dynamic-scale INT8 graph's ops; with its
+# external cache the logits match ONNX Runtime's, but its internal-cache engine returns different ones (max
+# |logit error| 1.09 against 0.015 on a tiny LLaMA, other greedy tokens), so that engine is left out for them
+DYNAMIC_SCALE_REFUSALS = {"deepsparse": "its internal-cache engine returns wrong logits for dynamic activation "
+                                        "scales (deepsparse-external runs them correctly); use --act-scales static "
+                                        "for it"}
+
+
+def engines_refusing(quantization: dict | None) -> dict[str, str]:
+    """Engines that cannot run a deployment of this quantization record (export.json's), with the reason."""
+    quantization = quantization or {}
+    scheme = quantization.get("scheme", "int8" if quantization else None)  # INT8 records predate the key
+    if scheme == "int8" and quantization.get("act_scales", "static") != "static":
+        return dict(DYNAMIC_SCALE_REFUSALS)
+    return dict(NBITS_REFUSALS.get(scheme, {}))
