@@ -65,8 +65,8 @@ def streamline_cmd(
     device = resolve_device(device)
     quiet_transformers()
     with progress_bar() as progress:
-        record = depth.streamline_to_folder(model, out, settings, device, str(data_dir) if data_dir else None, force,
-                                      progress)
+        record = depth.streamline_to_folder(model, out, settings, device, str(data_dir) if data_dir else None,
+                                            force, progress)
     removed, layers, training = record["removed"], record["num_layers"], record["training"]
     console.print(f"streamlined {model}: cut layers {removed['start']}..{removed['end'] - 1} (cosine "
                   f"{record['selected_cosine']:.4f}), {layers['before']} -> {layers['after']} layers, "
