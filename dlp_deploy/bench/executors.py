@@ -160,7 +160,7 @@ class RayExecutor(Executor):
         self.run_dir = Path(run_dir).resolve()
         model = Path(sweep.model).expanduser()
         self.task_sweep = replace(sweep, model=str(model.resolve()) if model.exists() else sweep.model,
-                              device="cuda" if self.prune_gpus else sweep.device)
+                                  device="cuda" if self.prune_gpus else sweep.device)
         self.env = {k: v for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES) and k != FAULT_ENV}
         data = self.env.get("DLP_DEPLOY_DATA")
         if data and Path(data).expanduser().is_dir():
