@@ -44,7 +44,6 @@ def bench_cmd(
     rounds; speedups against the dense fp32 and dense INT8 deployments with bootstrap confidence intervals."""
     check_writable(json_out, force)
     if replicate is not None:  # the earlier run's options: the ones above are not read
-
         if deployments:
             raise UserError("give deployment folders or --replicate FILE, not both: a replication measures the "
                             "earlier run's deployments")
