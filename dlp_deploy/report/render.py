@@ -64,7 +64,9 @@ def _split_replication(runs: list[dict], run_dirs: list[Path]) -> tuple[list[dic
     if earlier is None:
         path = Path(new["replicates"]) / "results.json"
         if not path.is_file():
-            return runs, None  # the earlier run is gone: report the new one alone
+            # a committed report carries the earlier run's rows; otherwise the earlier run is gone: report the new
+            # one alone
+            return runs, new.get("replicated_from")
         earlier = json.loads(path.read_text())
         _resolve_cores(earlier)
     attach_speedups(earlier["results"])
