@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from dlp_deploy import data, models
+from dlp_deploy.bench.records import ALLOCATIONS_SCHEMA, RESULT_SCHEMA_VERSION
 from dlp_deploy.eval.perplexity import corpus_ids, perplexity
 from dlp_deploy.io import write_json_atomic
 from dlp_deploy.progress import console, progress_bar, quiet_transformers
@@ -114,7 +115,8 @@ def write_report(args, rows: list[dict], corpora: dict, windows: dict, calibrati
     search = _search_summary(args.search_dir, by) if args.search_dir else None
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     write_json_atomic(args.report / "results.json", {
-        "settings": settings, "calibration": calibration.source, "validation": scorer.describe(),
+        "schema": ALLOCATIONS_SCHEMA, "schema_version": RESULT_SCHEMA_VERSION, "settings": settings,
+        "calibration": calibration.source, "validation": scorer.describe(),
         "corpora": {n: c.source for n, c in corpora.items()}, "rows": rows, "search": search,
         "provenance": provenance(seed=0)}, force=True)
     corpus_names = list(corpora)

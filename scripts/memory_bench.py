@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from dlp_deploy.bench.records import MEMORY_SCHEMA, RESULT_SCHEMA_VERSION, load_results
 from dlp_deploy.io import write_json_atomic
 from dlp_deploy.progress import console, progress_bar
 from dlp_deploy.provenance import provenance
@@ -175,7 +176,7 @@ def main() -> None:
     ap.add_argument("--render-only", action="store_true", help="redraw memory.png and README.md from results.json")
     args = ap.parse_args()
     if args.render_only:
-        results = json.loads((args.out / "results.json").read_text())
+        results = load_results(args.out / "results.json", MEMORY_SCHEMA)
         plot(results["rows"], args.out / "memory.png")
         (args.out / "README.md").write_text(readme(results))
         return
@@ -194,9 +195,9 @@ def main() -> None:
                 progress.advance(task)
             rows.append(row)
     args.out.mkdir(parents=True, exist_ok=True)
-    results = {"schema": "dlp-deploy/memory/1", "settings": {"nsamples": args.nsamples, "seqlen": args.seqlen,
-                                                             "method": "wanda", "allocation": "dlp",
-                                                             "sparsity": 0.5},
+    results = {"schema": MEMORY_SCHEMA, "schema_version": RESULT_SCHEMA_VERSION,
+               "settings": {"nsamples": args.nsamples, "seqlen": args.seqlen, "method": "wanda", "allocation": "dlp",
+                            "sparsity": 0.5},
                "rows": rows, "notes": NOTES, "provenance": provenance()}
     write_json_atomic(args.out / "results.json", results, force=True)
     plot(rows, args.out / "memory.png")

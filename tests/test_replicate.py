@@ -95,8 +95,10 @@ def test_replicate_refuses_another_machine_kind(tmp_path):
     earlier.mkdir()
     here = machine_info()
     (earlier / "run.json").write_text(json.dumps({"settings": {"model": str(model), "sparsities": [0.5]}}))
-    (earlier / "results.json").write_text(json.dumps({"machine": {"cpu_model": "Intel Xeon (another machine)",
-                                                                  "isa": ["avx512f"]}, "results": []}))
+    (earlier / "results.json").write_text(json.dumps({
+        "schema": "dlp-deploy/sweep/1", "schema_version": 2, "settings": {"model": str(model), "sparsities": [0.5]},
+        "machine": {"cpu_model": "Intel Xeon (another machine)", "isa": ["avx512f"]}, "quality": [], "results": [],
+        "unmeasured": [], "provenance": {}}))
     proc = run_cli("sweep", "--replicate", earlier, "--out", tmp_path / "again")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "Intel Xeon (another machine)" in proc.stderr and here["cpu_model"] in proc.stderr

@@ -20,6 +20,7 @@ from ..provenance import machine_info, package_versions
 from ..runtime.decode import generate
 from ..runtime.deployment import load_deployment
 from ..runtime.engines import ENGINES
+from .records import BENCH_SCHEMA, RESULT_SCHEMA_VERSION
 from .stats import latency_summary, weight_bytes_per_token
 
 PROMPT_TEXT = ("The history of the region is long and varied. Early settlers farmed the river valleys, traded "
@@ -313,5 +314,5 @@ def deepsparse_benchmark_decode_ms(deploy_dir: str | Path, cores: int | None, in
 
 def bench_report(results: list[dict], machine: dict, unmeasured: list[dict] = ()) -> dict:
     """`unmeasured`: the pairs whose engine crashed (each with its reason), left out of `results`."""
-    return {"schema": "dlp-deploy/bench/1", "machine": machine, "versions": package_versions(), "results": results,
-            "unmeasured": list(unmeasured)}
+    return {"schema": BENCH_SCHEMA, "schema_version": RESULT_SCHEMA_VERSION, "machine": machine,
+            "versions": package_versions(), "results": results, "unmeasured": list(unmeasured)}

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..io import write_json_atomic
+from .records import BENCH_SCHEMA, SWEEP_SCHEMA, load_results
 from .stats import machine_kind
 
 PREPARED = ("models", "eval", "deploy")  # what the sweep's prepare steps leave; bench/ is measured anew
@@ -35,7 +36,7 @@ def earlier_results(run_dir: Path) -> dict:
     if not path.is_file() or not (Path(run_dir) / "run.json").is_file():
         raise UserError(f"{run_dir} holds no finished sweep (run.json and results.json); give a RUN_DIR written "
                         "by `dlp-deploy sweep`")
-    return json.loads(path.read_text())
+    return load_results(path, SWEEP_SCHEMA)
 
 
 def replicate_sweep_settings(earlier: Path, out: Path):
@@ -63,7 +64,6 @@ def replicate_sweep_settings(earlier: Path, out: Path):
 
 # ---------------------------------------------------------------- `dlp-deploy bench --replicate`
 
-BENCH_SCHEMA = "dlp-deploy/bench/1"
 # what `bench` was asked (results["settings"]); each row's own settings hold the BenchSettings of its pair
 BENCH_OPTIONS = ("deployments", "engines", "cores", "prompt_len", "gen_len", "batch", "runs", "warmup",
                  "external_cache", "rounds", "order", "order_seed")
@@ -95,7 +95,7 @@ def replicate_bench_options(path: Path) -> tuple[Path, dict, dict]:
     from ..provenance import machine_info
 
     source = bench_results_file(path)
-    earlier = json.loads(source.read_text())
+    earlier = load_results(source, BENCH_SCHEMA)
     check_machine_kind(earlier["machine"], machine_info(), str(source))
     options = earlier.get("settings") or _options_from_rows(earlier)
     missing = [d for d in options["deployments"] if not (Path(d) / "export.json").is_file()]

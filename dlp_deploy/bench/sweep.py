@@ -24,6 +24,7 @@ from ..runtime.engines import ENGINES, NBITS_REFUSALS
 from ..runtime.worker import EngineFailure
 from .harness import (BenchSettings, bench_pair_subprocess, check_cores, check_settings, core_counts,
                       machine_block, pair_identity)
+from .records import RESULT_SCHEMA_VERSION, SWEEP_SCHEMA
 from .stats import AA_SUFFIX, attach_speedups, removed_from_source
 
 DENSE = "dense"
@@ -538,7 +539,7 @@ def write_results(sweep: SweepSettings, run_dir: Path, prepared: list[tuple], pa
                         "perplexity": q_of(entry, precision), "perplexity_by": perplexity_by(sweep, entry, precision),
                         **({"label": DENSE + AA_SUFFIX, "aa_control": True} if level.aa_control else {})})
     attach_speedups(results)
-    report = {"schema": "dlp-deploy/sweep/1", "settings": asdict(sweep),
+    report = {"schema": SWEEP_SCHEMA, "schema_version": RESULT_SCHEMA_VERSION, "settings": asdict(sweep),
               "machine": machine or machine_block(sweep.cores), "quality": quality, "results": results,
               "unmeasured": unmeasured, "provenance": provenance(),
               "random_weights": random_model_record(sweep.model), **replicates_record(run_dir)}

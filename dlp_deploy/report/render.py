@@ -10,6 +10,7 @@ from functools import partial
 from pathlib import Path
 
 from ..errors import UserError
+from ..bench.records import SWEEP_SCHEMA, load_results
 from ..bench.stats import (aa_floor, attach_speedups, control_spread, core_counts_in, cores_of, dense_drift,
                            has_sparse_kernels, is_aa_control, is_dense, lower_end, noise_floor, peer_rows,
                            precision_of, removes_weights, replication, sparsity_speedup, PEER_ENGINE,
@@ -20,7 +21,7 @@ from .tables import (FORMS_HEADER, TABLE5_HEADER, depth_quality_rows, forms, for
                      ppl_basis, pytorch_basis, quality_rows, recovery_rows, scaling_header, scaling_rows,
                      structured_quality_rows, table5_rows, unstructured_only, with_ci)
 
-SCHEMA = "dlp-deploy/sweep/1"
+SCHEMA = SWEEP_SCHEMA
 
 
 def load_runs(run_dirs: list[Path]) -> dict:
@@ -29,17 +30,13 @@ def load_runs(run_dirs: list[Path]) -> dict:
         path = Path(d) / "results.json"
         if not path.is_file():
             raise UserError(f"{path} not found; give a RUN_DIR written by `dlp-deploy sweep`")
-        data = json.loads(path.read_text())
-        if data.get("schema") != SCHEMA:
-            raise UserError(f"{path} has schema {data.get('schema')!r}, expected {SCHEMA!r}; re-run the sweep")
-        runs.append(data)
+        runs.append(load_results(path, SCHEMA))  # files from before schema_version: its one adapter
     machines = {(run["machine"]["cpu_model"], tuple(run["machine"]["isa"])) for run in runs}
     if len(machines) > 1:
         raise UserError("these runs were measured on different machines (" +
                         "; ".join(f"{cpu}, {'/'.join(isa)}" for cpu, isa in sorted(machines)) +
                         "): speedups only compare within one machine, so report each machine's runs separately")
     for run in runs:
-        _resolve_cores(run)
         _label_perplexities(run)
     runs, earlier = _split_replication(runs, run_dirs)
     merged = dict(runs[0])
@@ -67,8 +64,7 @@ def _split_replication(runs: list[dict], run_dirs: list[Path]) -> tuple[list[dic
             # a committed report carries the earlier run's rows; otherwise the earlier run is gone: report the new
             # one alone
             return runs, new.get("replicated_from")
-        earlier = json.loads(path.read_text())
-        _resolve_cores(earlier)
+        earlier = load_results(path, SCHEMA)
     attach_speedups(earlier["results"])
     return [run for run in runs if run is not earlier], {"run": new["replicates"], "results": earlier["results"]}
 
@@ -86,15 +82,6 @@ def _label_perplexities(run: dict) -> None:
         entry = quality.get(r["label"].removesuffix(f".{precision_of(r)}").split(" ")[0])
         if r.get("perplexity_by") is None and entry is not None:
             r["perplexity_by"] = perplexity_by(settings, {"deployment_perplexity": {}, **entry}, precision_of(r))
-
-
-def _resolve_cores(run: dict) -> None:
-    """Rows written before they recorded their core count ran with the run's setting, or all the cores the
-    machine block says were used: resolved, they pair with newer rows of the same count."""
-    used = run["machine"].get("cores_used")
-    for r in run["results"]:
-        if r.get("cores") is None:
-            r["cores"] = (r.get("settings") or {}).get("cores") or used
 
 
 def at_largest_count(data: dict) -> dict:
