@@ -38,7 +38,9 @@ qwen: $(STAMP)
 
 test: setup
 	$(BIN)/lint-imports  # the layering contracts in pyproject.toml
-	$(BIN)/python -m pytest -q -rs --durations=25  # skip reasons shown; the slowest tests, to keep CI short
+# skip reasons shown; the slowest tests, to keep CI short; two workers (pytest-xdist), the tests that share a
+# module's fixture or a Ray cluster kept together in one (tests/conftest.py)
+	$(BIN)/python -m pytest -q -rs --durations=25 -n 2 --dist loadgroup
 
 bench: setup
 	$(BIN)/python -m pytest bench -q -s  # -s: the cross-check prints its figures

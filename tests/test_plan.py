@@ -221,6 +221,7 @@ def test_structured_and_depth_forms_are_screened_by_pruning_them(tmp_path, data_
     assert p.work["pruned"] == 2
 
 
+@pytest.mark.ray
 def test_stage_3_on_a_ray_cluster(planned, tmp_path, data_root, monkeypatch):
     """--executor ray: the same pairs measured as Ray tasks (a local cluster the plan starts and stops), into the
     same bench files; stages 1 and 2 are read from the folder."""

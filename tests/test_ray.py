@@ -12,6 +12,7 @@ from dlp_deploy.errors import UserError
 from dlp_deploy.testing import assert_one_line_error, run_cli, save_tiny
 
 ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.ray  # each test starts or uses a local Ray cluster: one at a time (tests/conftest.py)
 
 
 def tiny_settings(model, **overrides) -> SweepSettings:
