@@ -9,6 +9,8 @@ each kind into machines/<kind>/bench/.
 from __future__ import annotations
 
 import json
+import tomllib
+import typing
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -24,7 +26,7 @@ from ..runtime.engines import ENGINES, NBITS_REFUSALS
 from ..runtime.worker import EngineFailure
 from .harness import (BenchSettings, bench_pair_subprocess, check_cores, check_settings, core_counts,
                       machine_block, pair_identity)
-from .records import RESULT_SCHEMA_VERSION, SWEEP_SCHEMA
+from .records import RESULT_SCHEMA_VERSION, SWEEP_SCHEMA, fits
 from .stats import AA_SUFFIX, attach_speedups, removed_from_source
 
 DENSE = "dense"
@@ -269,21 +271,75 @@ def _most_cores(sweep: SweepSettings) -> int | None:
     return core_counts(sweep.cores)[-1]
 
 
+# what run.json keeps beside `settings`; a recipe (`dlp-deploy sweep --recipe`) may hold them and they are not read
+RUN_RECORDS = ("nm_counts", "provenance", "recipe")
+
+
+def run_record(sweep: SweepSettings, recipe: dict | None = None) -> dict:
+    """run.json: the settings (a recipe that replays this run), the N:M meaning, provenance, and where the
+    settings came from when a recipe gave them ({"file": its path, "overridden": the fields the command line
+    set})."""
+    return {"settings": asdict(sweep), "nm_counts": NM_COUNTS, "provenance": provenance(),
+            **({"recipe": recipe} if recipe is not None else {})}
+
+
+def read_recipe(path: Path) -> dict:
+    """A sweep recipe's settings: a run.json, or a TOML file (.toml) with the same [settings] table. Keys that
+    SweepSettings does not have, values of another type, and tables beside it are refused in one line; keys it
+    leaves out take their default (the command line's, in `dlp-deploy sweep --recipe`)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+        data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except (OSError, ValueError, UnicodeDecodeError) as exc:  # TOML and JSON decode errors are ValueErrors
+        raise UserError(f"--recipe {path} is not a readable recipe ({' '.join(str(exc).split())}); give a "
+                        "sweep's run.json or a .toml file with a [settings] table") from None
+    if not isinstance(data, dict) or not isinstance(data.get("settings"), dict):
+        raise UserError(f"--recipe {path} has no [settings] table; give a sweep's run.json or a .toml file with "
+                        "one")
+    beside = sorted(set(data) - {"settings", *RUN_RECORDS})
+    if beside:
+        raise UserError(f"--recipe {path}: unknown key {', '.join(beside)} beside [settings] (a recipe holds "
+                        f"settings, and what run.json keeps: {', '.join(RUN_RECORDS)})")
+    hints = typing.get_type_hints(SweepSettings)
+    settings = data["settings"]
+    unknown = sorted(set(settings) - set(hints))
+    if unknown:
+        raise UserError(f"--recipe {path}: unknown setting {', '.join(unknown)}; a sweep's settings are "
+                        f"{', '.join(hints)}")
+    for key, value in settings.items():
+        if not fits(value, hints[key]):
+            raise UserError(f"--recipe {path}: {key} = {value!r} is not of type {_type_text(hints[key])}")
+    return dict(settings)
+
+
+def _type_text(hint) -> str:
+    if typing.get_origin(hint) is None and isinstance(hint, type):
+        return hint.__name__
+    return str(hint).replace("typing.", "").replace("NoneType", "None")
+
+
+def apply_recipe(sweep: SweepSettings, recipe: dict, given: set[str]) -> SweepSettings:
+    """`sweep` (built from the command line) with the recipe's values, except the fields in `given` (set by
+    options the user typed, which override the recipe)."""
+    return replace(sweep, **{k: v for k, v in recipe.items() if k not in given})
+
+
 def run_sweep(sweep: SweepSettings, run_dir: Path, progress=None, log=print, prepare_only: bool = False,
-              executor: str = "local", executor_options: dict | None = None) -> dict | None:
+              executor: str = "local", executor_options: dict | None = None, recipe: dict | None = None) -> dict | None:
     """All models are prepared first (prune, eval, export: heavy, order-free), then benchmarked in interleaved
     rounds, so no preparation work shares the CPU with a measurement and drift spreads over every level.
     `prepare_only` stops before the benchmarks (they resume from the prepared folders on the next start).
     `executor` says where the work runs (bench/executors.py: local, this process; ray, a Ray cluster) with its
-    `executor_options`; results.json has the same form whichever ran it."""
+    `executor_options`; results.json has the same form whichever ran it. `recipe`: where the settings came from
+    (run_record), kept in run.json."""
     from .executors import get_executor
 
     run_dir = Path(run_dir)
     runner = get_executor(executor)(sweep, run_dir, progress, log, **(executor_options or {}))  # refuses before work
     check_sweep(sweep, run_dir)
     with runner:  # a cluster is reached (or started) before anything is written
-        write_json_atomic(run_dir / "run.json", {"settings": asdict(sweep), "nm_counts": NM_COUNTS,
-                                                 "provenance": provenance()}, force=True)
+        write_json_atomic(run_dir / "run.json", run_record(sweep, recipe), force=True)
         prepared = runner.prepare(levels(sweep))
         if prepare_only:
             log(f"prepared {len(prepared)} levels in {run_dir}; run the same command without --prepare-only to "

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -9,7 +10,7 @@ import typer
 
 from ..bench.executors import get_executor
 from ..bench.replicate import replicate_sweep_settings
-from ..bench.sweep import SweepSettings, precision_format, resolve_windows, run_sweep
+from ..bench.sweep import SweepSettings, apply_recipe, precision_format, read_recipe, resolve_windows, run_sweep
 from ..errors import UserError
 from ..progress import console, progress_bar, quiet_transformers
 from ..prune.allocate import split_allocations
@@ -20,6 +21,7 @@ from .options import parse_cores, parse_floats, parse_names, parse_order
 
 
 def sweep_cmd(
+    ctx: typer.Context,
     out: Annotated[Path, typer.Option(help="run folder; an interrupted sweep resumes from it")],
     model: Annotated[Optional[str], typer.Argument(help="HF folder, hub id or alias (smollm2-135m); not with "
                                                         "--replicate")] = None,
@@ -92,6 +94,9 @@ def sweep_cmd(
                                                            "machine kind; its settings and prepared folders) into "
                                                            "--out; the report marks which speedups replicated")]
     = None,
+    recipe: Annotated[Optional[Path], typer.Option(help="the settings of this recipe: a sweep's run.json, or a "
+                                                        ".toml file with the same [settings] table; options given "
+                                                        "here override its values")] = None,
 ) -> None:
     """prune -> eval -> export -> bench at each sparsity and form (and dense), one results.json for `report`."""
     if data_dir:
@@ -110,8 +115,19 @@ def sweep_cmd(
                              multiple, parse_precisions(precision), rounds, parse_order(order), order_seed, alpha,
                              parse_depth(depth), depth_ratio, parse_names(recover) if recover else [], recover_steps,
                              bench_timeout)
+    recipe_record = None
+    if recipe is not None and replicate is not None:
+        raise UserError("give --recipe FILE or --replicate RUN_DIR, not both: a replication re-measures the earlier "
+                        "run with its own settings")
     if replicate is not None:  # the earlier run's settings: the options above are not read
         settings = replicate_sweep_settings(replicate, out)
+    elif recipe is not None:
+        given = typed_fields(ctx)
+        settings = apply_recipe(settings, read_recipe(recipe), given)
+        if settings.model is None:
+            raise UserError(f"--recipe {recipe} names no model; give MODEL, or model in its [settings]")
+        settings = resolve_windows(settings)
+        recipe_record = {"file": str(recipe.resolve()), "overridden": sorted(given)}
     elif model is None:
         raise UserError("give MODEL, or --replicate RUN_DIR to re-measure an earlier sweep")
     else:
@@ -120,7 +136,7 @@ def sweep_cmd(
     with progress_bar() as progress:
         # markup=False: the log's "[label] ..." would otherwise be read as a style tag and vanish
         report = run_sweep(settings, out, progress, log=lambda message: console.print(message, markup=False),
-                           prepare_only=prepare_only,
+                           prepare_only=prepare_only, recipe=recipe_record,
                            executor=executor, executor_options={"address": address, "prune_gpus": prune_gpus,
                                                                 "prepare_cpus": prepare_cpus, "retries": retries})
     if report is None:
@@ -130,6 +146,20 @@ def sweep_cmd(
         console.print(f"not measured: {u['label']} ({u['precision']}) on {u['engine']} ({u['kv_cache']} KV "
                       f"cache): {u['reason']}", markup=False)
     console.print(f"results: {out / 'results.json'}  (next: dlp-deploy report {out} --out REPORT_DIR)")
+
+
+# the options that set a SweepSettings field of another name (--allocation and --baseline together set allocations);
+# every other option named after a field sets that field, and the rest (--out, --executor, ...) none
+OPTION_FIELDS = {"allocation": "allocations", "baseline": "allocations", "pattern": "patterns",
+                 "importance": "importances", "precision": "precisions"}
+
+
+def typed_fields(ctx: typer.Context) -> set[str]:
+    """The SweepSettings fields set by options the user typed (not left at their defaults): they override a
+    recipe's values."""
+    names = {f.name for f in fields(SweepSettings)}
+    typed = [p for p in ctx.params if ctx.get_parameter_source(p).name in ("COMMANDLINE", "ENVIRONMENT")]
+    return {OPTION_FIELDS.get(p, p) for p in typed} & names
 
 
 def parse_precisions(csv: str) -> list[str]:
