@@ -418,3 +418,21 @@ def test_bench_runs_each_deployment_on_the_engines_that_run_it_and_names_the_res
     assert [(d.folder.name, s.session_kind) for d, s in keep] == [("dyn", "deepsparse-external"),
                                                                   ("st", "deepsparse"), ("st", "deepsparse-external")]
     assert "wrong logits for dynamic activation scales" in not_run[0]["reason"]
+
+
+def test_the_bench_aa_control_covers_every_engine(tmp_path):
+    """bench loads a deployment once per (folder, engine) pair: the A/A control is the first dense folder again on
+    every engine (it was on the first engine only, since the pairs' objects differ)."""
+    from dlp_deploy.bench.harness import BenchSettings
+    from dlp_deploy.bench.run import _aa_plan
+    from dlp_deploy.runtime.deployment import Deployment
+
+    def load(name, sparsity):
+        return Deployment(tmp_path / name, tmp_path / name / "model.onnx",
+                          {"weight_sparsity": {"global": sparsity, "pytorch_global": sparsity}})
+
+    plan = [(load(name, s), BenchSettings(e)) for name, s in (("dense", 0.0), ("dlp", 0.5))
+            for e in ("deepsparse", "onnxruntime", "openvino")]
+    aa = _aa_plan(plan)
+    assert [(d.folder.name, s.engine) for d, s in aa] == [("dense", "deepsparse"), ("dense", "onnxruntime"),
+                                                         ("dense", "openvino")]

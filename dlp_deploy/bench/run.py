@@ -82,7 +82,8 @@ def _aa_plan(plan: list[tuple]) -> list[tuple]:
                          "pytorch_sparsity": zeros.get("pytorch_global")})
 
     first = next((dep for dep, _ in plan if dense(dep)), None)
-    return [(dep, settings) for dep, settings in plan if dep is first]
+    # load_deployment makes one object per (folder, engine) pair: the control is the folder on every engine
+    return [(dep, settings) for dep, settings in plan if first is not None and dep.folder == first.folder]
 
 
 def _mark_aa(measured: list[list[dict]]) -> None:
