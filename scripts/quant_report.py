@@ -65,6 +65,11 @@ def speed_rows(bench: dict) -> dict:
     return rows
 
 
+def bench_name(folder: Path) -> str:
+    """The folder name bench recorded (it resolves links: runs/q24/dense-w8 -> runs/w8-dense)."""
+    return Path(folder).resolve().name
+
+
 def aa_rows(bench: dict) -> dict:
     return {r["engine"]: r for r in bench["results"] if r.get("aa_control") or r["label"].endswith("(A/A)")}
 
@@ -90,7 +95,6 @@ def main() -> None:
 
     bench = json.loads(args.bench.read_text()) if args.bench and args.bench.is_file() else None
     speed = speed_rows(bench) if bench else {}
-    fp32_names = {"dense": args.fp32[0].name, "dlp50": args.fp32[1].name}
     table, record = [], []
     for model, model_name in MODELS.items():
         # the fp32 row's quality: PyTorch fp32 on the same windows, as every export of this model recorded it
@@ -99,23 +103,23 @@ def main() -> None:
         ref = refs[0] if refs else None
         for form, what in FORMS.items():
             folder = args.fp32[0 if model == "dense" else 1] if form == "fp32" else args.exports / f"{model}-{form}"
-            name = folder.name
             q = quality(folder) if form != "fp32" else None
             row = {"model": model_name, "form": form, "what": what, "folder": str(folder), "quality": q,
                    "speed": {}}
             for engine in ENGINES + ("llamacpp",):
-                r = speed.get((name, engine))
-                base = speed.get((fp32_names[model], engine)) if engine != "llamacpp" else \
-                    speed.get((f"dense-{form}", engine))
+                r = speed.get((bench_name(folder), engine))
+                own = speed.get((bench_name(args.fp32[1]), engine)) if model == "dlp50" else None
                 if r:
+                    sp = r.get("speedup") or {}
                     row["speed"][engine] = {"tokens_per_s": r["decode_tokens_per_s"],
                                             "decode_ms": r["decode_ms"]["median"],
-                                            "speedup_same_engine_fp32": (base["decode_ms"]["median"]
-                                                                         / r["decode_ms"]["median"]) if base else None,
-                                            "speedup_ci95": (r.get("speedup") or {}).get("decode_ci95")}
+                                            "speedup_vs_dense_fp32": sp.get("decode"),
+                                            "speedup_ci95": sp.get("decode_ci95"),
+                                            "speedup_vs_pruned_fp32": (own["decode_ms"]["median"]
+                                                                       / r["decode_ms"]["median"]) if own else None}
             record.append(row)
             table.append((model, form, row, q, ref))
-    write_table(args, table, record, bench, speed, fp32_names)
+    write_table(args, table, record, bench)
 
 
 def ppl_cell(q: dict | None, engine: str, ref: float | None, form: str) -> str:
@@ -127,11 +131,11 @@ def ppl_cell(q: dict | None, engine: str, ref: float | None, form: str) -> str:
     return f"{e['ppl']:.2f} ({e['ppl_vs_reference']:+.1%}, agr. {e['greedy_agreement']:.2f})"
 
 
-def write_table(args, table, record, bench, speed, fp32_names) -> None:
+def write_table(args, table, record, bench) -> None:
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     lines = ["| model | form | deployed ppl, ONNX Runtime (vs fp32, greedy agr.) | deployed ppl, OpenVINO | "
-             "deployed ppl, llama.cpp | DeepSparse tok/s (x own fp32) | ONNX Runtime | OpenVINO | llama.cpp |",
+             "deployed ppl, llama.cpp | DeepSparse tok/s (x dense fp32 [95% CI]) | ONNX Runtime | OpenVINO | llama.cpp |",
              "|---|---|---|---|---|---|---|---|---|"]
     for model, form, row, q, ref in table:
         if q is None and form != "fp32":
@@ -142,17 +146,17 @@ def write_table(args, table, record, bench, speed, fp32_names) -> None:
             cells = [cells[0], cells[0], "—"]
         speeds = []
         for engine in ENGINES + ("llamacpp",):
-            r = speed.get((Path(row["folder"]).name, engine))
-            base = speed.get((fp32_names[model], engine))
-            if r is None:
+            s = row["speed"].get(engine)
+            if s is None:
                 speeds.append("—")
                 continue
-            s = row["speed"][engine]
-            ci = s.get("speedup_ci95")
-            ci_text = f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci and engine != "llamacpp" else ""
-            rel = s["speedup_same_engine_fp32"]
-            speeds.append(f"{r['decode_tokens_per_s']:.1f}" + (f" ({rel:.2f}x{ci_text})" if base and r is not base
-                                                              and rel else ""))
+            text = f"{s['tokens_per_s']:.1f}"
+            if s["speedup_vs_dense_fp32"] and not (model == "dense" and form == "fp32"):
+                ci = s.get("speedup_ci95")
+                text += f" ({s['speedup_vs_dense_fp32']:.2f}x" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "") + ")"
+            if s.get("speedup_vs_pruned_fp32") and form != "fp32":
+                text += f"; {s['speedup_vs_pruned_fp32']:.2f}x its fp32"
+            speeds.append(text)
         budget = f", {q.get('kept_fp32')} Linears kept fp32" if q and q.get("kept_fp32") is not None else ""
         lines.append(f"| {MODELS[model]} | {form}{budget} | " + " | ".join(cells + speeds) + " |")
     aa = aa_rows(bench) if bench else {}
@@ -164,9 +168,9 @@ def write_table(args, table, record, bench, speed, fp32_names) -> None:
             "Deployed perplexity: each deployment's own, WikiText-2 test, 8 windows of 256 tokens, against PyTorch "
             "fp32 on the same windows (the fp32 rows). Greedy agreement: share of 64 next-token choices that match "
             "PyTorch fp32's. Decode tokens/s from one `dlp-deploy bench` run (bench.json), all rows interleaved, "
-            "3 worker processes per pair; in brackets the speedup over the same model's fp32 deployment on the "
-            "same engine, with its cluster-bootstrap 95% interval (llama.cpp rows: against nothing, they are the "
-            "peers).", "", *lines, "",
+            "3 worker processes per pair; in brackets the decode speedup over the dense fp32 deployment on the same "
+            "engine with its cluster-bootstrap 95% interval, and for the pruned model its ratio to its own fp32 "
+            "deployment on that engine (point estimate). llama.cpp rows are the peers (GGUF of the same models).", "", *lines, "",
             f"A/A control (dense fp32 measured again): {aa_text or 'none'}.", "",
             "Forms:", *[f"- `{k}`: {v}" for k, v in FORMS.items()], "",
             "OpenVINO's MatMul kernels on a one-token step (export.json's `openvino_kernels`, from its perf "
@@ -177,7 +181,7 @@ def write_table(args, table, record, bench, speed, fp32_names) -> None:
     (out / "README.md").write_text("\n".join(text) + "\n")
     write_json_atomic(out / "quant.json", {"rows": record, "bench": str(args.bench) if args.bench else None,
                                            "provenance": provenance()}, force=True)
-    plot(out, table, speed)
+    plot(out, table)
 
 
 def kernel_lines(table) -> list[str]:
@@ -197,7 +201,7 @@ def kernel_lines(table) -> list[str]:
     return lines
 
 
-def plot(out: Path, table, speed) -> None:
+def plot(out: Path, table) -> None:
     fig, ax = plt.subplots(figsize=(8, 5))
     for model, form, row, q, ref in table:
         for engine, s in row["speed"].items():
