@@ -74,16 +74,6 @@ def aa_rows(bench: dict) -> dict:
     return {r["engine"]: r for r in bench["results"] if r.get("aa_control") or r["label"].endswith("(A/A)")}
 
 
-def fmt_speed(row: dict | None, base: dict | None) -> str:
-    if row is None:
-        return "—"
-    tok = row["decode_tokens_per_s"]
-    if base is None or row is base:
-        return f"{tok:.1f}"
-    sp = base["decode_ms"]["median"] / row["decode_ms"]["median"]
-    return f"{tok:.1f} ({sp:.2f}x)"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--exports", type=Path, required=True, help="folder of <model>-<form> deployments")

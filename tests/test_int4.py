@@ -19,25 +19,26 @@ from dlp_deploy.testing import assert_one_line_error, run_cli
 CHECK = QualityCheck(seqlen=96, windows=3)
 
 
-def numpy_blockwise_qdq(w: np.ndarray, block: int, scheme: str) -> np.ndarray:
-    """Quantize-dequantize one column block at a time, written out plainly."""
+def numpy_blockwise_qdq(w: np.ndarray, block: int, scheme: str, bits: int = 4) -> np.ndarray:
+    """Quantize-dequantize one column block at a time, written out plainly (8 bits, sym: q8_0's grid)."""
+    top, half = 2.0 ** bits - 1, 2.0 ** (bits - 1)  # 15 and 8 for 4 bits
     out = np.zeros_like(w)
     for n in range(w.shape[1]):
         for k0 in range(0, w.shape[0], block):
             x = w[k0:k0 + block, n]
             if scheme == "minmax":
                 lo, hi = x.min(), x.max()
-                s = np.float32((hi - lo) / 15.0) if hi > lo else np.float32(1)
-                out[k0:k0 + block, n] = np.clip(np.rint((x - lo) / s), 0, 15) * s + lo
+                s = np.float32((hi - lo) / top) if hi > lo else np.float32(1)
+                out[k0:k0 + block, n] = np.clip(np.rint((x - lo) / s), 0, top) * s + lo
             elif scheme == "sym":
                 extreme = x[np.argmax(np.abs(x))]
-                s = np.float32(extreme / -8.0) if extreme else np.float32(1)
-                out[k0:k0 + block, n] = np.clip(np.rint(x / s), -8, 7) * s
+                s = np.float32(extreme / -half) if extreme else np.float32(1)
+                out[k0:k0 + block, n] = np.clip(np.rint(x / s), -half, half - 1) * s
             else:
                 lo, hi = min(x.min(), 0), max(x.max(), 0)
-                s = np.float32((hi - lo) / 15.0) if hi > lo else np.float32(1)
-                zp = np.clip(np.rint(-lo / s), 0, 15)
-                out[k0:k0 + block, n] = (np.clip(np.rint(x / s) + zp, 0, 15) - zp) * s
+                s = np.float32((hi - lo) / top) if hi > lo else np.float32(1)
+                zp = np.clip(np.rint(-lo / s), 0, top)
+                out[k0:k0 + block, n] = (np.clip(np.rint(x / s) + zp, 0, top) - zp) * s
     return out
 
 
@@ -255,24 +256,20 @@ def test_a_sweep_pairs_int4_with_the_engines_that_run_it():
     assert runs_on("deepsparse", "int8")
 
 
-@pytest.mark.parametrize("level", [0, 4])
-def test_accuracy_level_means_the_same_on_onnxruntime_and_openvino(tmp_path, level):
-    """Level 4 quantizes activations to int8 per block at run time in ONNX Runtime; OpenVINO's CPU plugin does the
-    same by default (dynamic quantization, group 32), which the engine keeps only for level-4 graphs."""
+def _one_matmul_nbits(tmp_path, bits: int, level: int, seed: int):
+    """A graph of one MatMulNBits (K 256, N 48, blocks of 32, symmetric), a 5-token input, the product with the
+    dequantized weight, and the outputs of ONNX Runtime and OpenVINO (compiled as the openvino engine does)."""
     import onnx
     import onnxruntime as ort
+    import openvino as ov
     from onnx import TensorProto, helper, numpy_helper
 
-    from dlp_deploy.runtime.openvino_engine import openvino_available, openvino_config, weight_only_config
+    from dlp_deploy.runtime.openvino_engine import openvino_config, weight_only_config
 
-    if not openvino_available():
-        pytest.skip("openvino not installed")
-    import openvino as ov
-
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     k, n = 256, 48
-    bq = quantize_matmul_weight(rng.normal(size=(k, n)).astype(np.float32), 32, "sym")
-    node = helper.make_node("MatMulNBits", ["x", "b", "s"], ["y"], domain="com.microsoft", K=k, N=n, bits=4,
+    bq = quantize_matmul_weight(rng.normal(size=(k, n)).astype(np.float32), 32, "sym", bits=bits)
+    node = helper.make_node("MatMulNBits", ["x", "b", "s"], ["y"], domain="com.microsoft", K=k, N=n, bits=bits,
                             block_size=32, accuracy_level=level)
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 5, k])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5, n])],
@@ -281,10 +278,20 @@ def test_accuracy_level_means_the_same_on_onnxruntime_and_openvino(tmp_path, lev
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
                                                       helper.make_opsetid("com.microsoft", 1)]), str(path))
     x = rng.normal(size=(1, 5, k)).astype(np.float32)
-    want = x @ dequantize(bq)
     got_ort = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     compiled = ov.Core().compile_model(str(path), "CPU", {**openvino_config(None), **weight_only_config(path)})
-    got_ov = compiled({"x": x})[compiled.outputs[0]]
+    return path, x, x @ dequantize(bq), got_ort, compiled({"x": x})[compiled.outputs[0]]
+
+
+@pytest.mark.parametrize("level", [0, 4])
+def test_accuracy_level_means_the_same_on_onnxruntime_and_openvino(tmp_path, level):
+    """Level 4 quantizes activations to int8 per block at run time in ONNX Runtime; OpenVINO's CPU plugin does the
+    same by default (dynamic quantization, group 32), which the engine keeps only for level-4 graphs."""
+    from dlp_deploy.runtime.openvino_engine import openvino_available
+
+    if not openvino_available():
+        pytest.skip("openvino not installed")
+    _, _, want, got_ort, got_ov = _one_matmul_nbits(tmp_path, 4, level, seed=0)
     scale = np.abs(want).max()
     assert np.abs(got_ov - got_ort).max() < 1e-4 * scale  # the two engines agree at either level
     if level == 0:
@@ -294,24 +301,6 @@ def test_accuracy_level_means_the_same_on_onnxruntime_and_openvino(tmp_path, lev
 
 
 # ---------------------------------------------------------------- w8: the same MatMulNBits with bits=8
-
-def numpy_blockwise_qdq8(w: np.ndarray, block: int, scheme: str) -> np.ndarray:
-    """8-bit quantize-dequantize one column block at a time, written out plainly (q8_0's grid for sym)."""
-    out = np.zeros_like(w)
-    for n in range(w.shape[1]):
-        for k0 in range(0, w.shape[0], block):
-            x = w[k0:k0 + block, n]
-            if scheme == "sym":
-                extreme = x[np.argmax(np.abs(x))]
-                s = np.float32(extreme / -128.0) if extreme else np.float32(1)
-                out[k0:k0 + block, n] = np.clip(np.rint(x / s), -128, 127) * s
-            else:
-                lo, hi = min(x.min(), 0), max(x.max(), 0)
-                s = np.float32((hi - lo) / 255.0) if hi > lo else np.float32(1)
-                zp = np.clip(np.rint(-lo / s), 0, 255)
-                out[k0:k0 + block, n] = (np.clip(np.rint(x / s) + zp, 0, 255) - zp) * s
-    return out
-
 
 @pytest.mark.parametrize("scheme", ["sym", "asym"])
 def test_w8_packing_round_trips_against_numpy(scheme):
@@ -324,7 +313,7 @@ def test_w8_packing_round_trips_against_numpy(scheme):
     if scheme == "asym":
         assert bq.zero_points.shape == (n * 5,)  # one zero point a byte
     got = dequantize(bq)
-    np.testing.assert_allclose(got, numpy_blockwise_qdq8(w, 32, scheme), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(got, numpy_blockwise_qdq(w, 32, scheme, bits=8), rtol=0, atol=1e-6)
     assert np.all(got[w == 0] == 0)
     # 8 bits: 16x finer than the 4-bit grid on the same blocks
     err8 = np.abs(got - w).mean()
@@ -334,30 +323,9 @@ def test_w8_packing_round_trips_against_numpy(scheme):
 
 @pytest.mark.parametrize("level", [0, 4])
 def test_w8_graph_matches_its_dequantized_weights_on_onnxruntime_and_openvino(tmp_path, level):
-    import onnx
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
+    from dlp_deploy.runtime.openvino_engine import openvino_kernel_record
 
-    from dlp_deploy.runtime.openvino_engine import openvino_config, openvino_kernel_record, weight_only_config
-
-    rng = np.random.default_rng(1)
-    k, n = 256, 48
-    bq = quantize_matmul_weight(rng.normal(size=(k, n)).astype(np.float32), 32, "sym", bits=8)
-    node = helper.make_node("MatMulNBits", ["x", "b", "s"], ["y"], domain="com.microsoft", K=k, N=n, bits=8,
-                            block_size=32, accuracy_level=level)
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 5, k])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5, n])],
-                              [numpy_helper.from_array(bq.packed, "b"), numpy_helper.from_array(bq.scales, "s")])
-    path = tmp_path / "one.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
-                                                      helper.make_opsetid("com.microsoft", 1)]), str(path))
-    x = rng.normal(size=(1, 5, k)).astype(np.float32)
-    want = x @ dequantize(bq)
-    got_ort = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    import openvino as ov
-
-    compiled = ov.Core().compile_model(str(path), "CPU", {**openvino_config(None), **weight_only_config(path)})
-    got_ov = compiled({"x": x})[compiled.outputs[0]]
+    path, x, want, got_ort, got_ov = _one_matmul_nbits(tmp_path, 8, level, seed=1)
     scale = np.abs(want).max()
     if level == 0:
         assert np.abs(got_ort - want).max() < 1e-5 * scale and np.abs(got_ov - want).max() < 1e-4 * scale

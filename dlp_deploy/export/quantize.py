@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..runtime.engines import DYNAMIC_SCALE_REFUSALS
+from ..runtime.engines import engines_refusing as refusals_of
 
 QMIN, QMAX = -127, 127  # symmetric int8 weights (-128 unused, as the reference W8A8 recipes do)
 
@@ -99,8 +99,9 @@ ACT_SCALES = ("static", "dynamic-token", "dynamic-tensor")
 
 
 def engines_refusing(act_scales: str) -> dict[str, str]:
-    """Engines that cannot run a deployment with these activation scales, with the reason."""
-    return {} if act_scales == "static" else dict(DYNAMIC_SCALE_REFUSALS)
+    """Engines that cannot run an INT8 deployment with these activation scales, with the reason (the rule the
+    deployment itself is later checked by)."""
+    return refusals_of({"scheme": "int8", "act_scales": act_scales})
 
 
 def insert_dynamic_matmul_integer(proto, targets: list[QuantTarget], per_token: bool = True,
