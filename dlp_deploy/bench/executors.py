@@ -492,7 +492,8 @@ def get_executor(name: str) -> type[Executor]:
 def _prepare_task(sweep, run_dir: str, level, attempts_dir: str, fault: str | None, env: dict, threads: float) -> dict:
     """One level's prepare chain on a worker: what it did, where, and at which attempt."""
     from ..progress import quiet_transformers
-    from .sweep import _deploy_name, prepare_level, scoring_engine
+    from .records import scoring_engine
+    from .sweep import _deploy_name, prepare_level
 
     with _task_env(env):
         attempt = _begin_attempt(attempts_dir, "prepare", level.label)

@@ -88,7 +88,7 @@ class SweepRow(MeasuredRow):
     recovered: bool
     target_sparsity: float
     removed: float | None
-    perplexity: dict  # corpus -> perplexity (sweep.q_of)
+    perplexity: dict  # corpus -> perplexity (q_of)
     perplexity_by: NotRequired[dict]  # whose perplexity; rows from before it: the report derives it
     replication: NotRequired[dict]
 
@@ -399,3 +399,44 @@ def _fill(row: dict, row_kind: type, data: dict) -> dict:
     if row_kind in (SweepRow, BenchRow) and out.get("cores") is None:
         out["cores"] = (out.get("settings") or {}).get("cores") or (data.get("machine") or {}).get("cores_used")
     return out
+
+
+# ---------------------------------------------------------------- what a sweep row carries
+# derived alike by the sweep that writes a row (pipeline/sweep.write_results) and by the report that reads a row
+# written before the sweep stored it (report/render.py)
+
+ONNX_PRECISIONS = ("fp32", "int8", "int4", "w8")  # int4, w8: QuantizeOptions defaults (g32, symmetric)
+
+
+def scoring_engine(precision: str) -> str:
+    """The engine a deployment of `precision` has its own perplexity scored on: ONNX Runtime for an ONNX graph,
+    llama.cpp for any other precision a sweep accepts (a GGUF format: pipeline/levels.precision_format checks
+    the name before any work)."""
+    return "onnxruntime" if precision in ONNX_PRECISIONS else "llamacpp"
+
+
+def q_of(entry: dict, precision: str) -> dict:
+    """The perplexity a result row carries: where the sweep scored deployments (it does when INT8 is among its
+    precisions, since PyTorch cannot run an INT8 graph), every precision's deployment on the same protocol; else
+    the PyTorch model's. Both kinds stay in the quality table."""
+    return entry["deployment_perplexity"].get(precision) or entry["perplexity"]
+
+
+def perplexity_by(settings: dict, entry: dict, precision: str) -> dict:
+    """Whose perplexity a row carries (q_of) and on what windows: the deployment's own on its scoring engine
+    (windows of the export window minus one), or the PyTorch model's (windows of --eval-seqlen). `settings`: the
+    sweep's, as results.json keeps them (ppl, max_windows, seq_len)."""
+    corpus = settings["ppl"][0]
+    if entry["deployment_perplexity"].get(precision):
+        details = ((entry.get("deployment_perplexity_details") or {}).get(precision) or {}).get(corpus) or {}
+        return {"who": f"deployment on {scoring_engine(precision)}", "windows": details.get("windows") or
+                settings["max_windows"], "seqlen": details.get("seqlen") or settings["seq_len"] - 1}
+    details = entry["perplexity_details"][corpus]
+    return {"who": "PyTorch", "windows": details["windows"], "seqlen": details["seqlen"]}
+
+
+def random_model_record(model: str) -> dict | None:
+    """A model made by `dlp-deploy models random` measures speed only: kept in results.json (`random_weights`) so
+    that the report says so wherever it is regenerated, the model folder gone or not."""
+    path = Path(model) / "random.json"
+    return json.loads(path.read_text()) if path.is_file() else None

@@ -26,7 +26,8 @@ from ..runtime.engines import ENGINES, NBITS_REFUSALS
 from ..runtime.worker import EngineFailure
 from .harness import (BenchSettings, bench_pair_subprocess, check_cores, check_settings, core_counts,
                       machine_block, pair_identity)
-from .records import RESULT_SCHEMA_VERSION, SWEEP_SCHEMA, fits
+from .records import (ONNX_PRECISIONS, RESULT_SCHEMA_VERSION, SWEEP_SCHEMA, fits, perplexity_by, q_of,
+                      random_model_record, scoring_engine)
 from .stats import AA_SUFFIX, attach_speedups, removed_from_source
 
 DENSE = "dense"
@@ -176,9 +177,6 @@ def level_settings(sweep: SweepSettings, level: Level):
                           multiple=sweep.multiple)
 
 
-ONNX_PRECISIONS = ("fp32", "int8", "int4", "w8")  # int4, w8: QuantizeOptions defaults (g32, symmetric)
-
-
 def precision_format(precision: str) -> str:
     from ..export.gguf import GGUF_QUANTS
 
@@ -194,10 +192,6 @@ def runs_on(engine: str, precision: str) -> bool:
     runs its weights (DeepSparse has no blockwise 4- or 8-bit ones)."""
     refused = engine in NBITS_REFUSALS.get(precision, {})
     return dict.get(ENGINES, engine).model_format == precision_format(precision) and not refused
-
-
-def scoring_engine(precision: str) -> str:
-    return "llamacpp" if precision_format(precision) == "gguf" else "onnxruntime"
 
 
 def resolve_windows(sweep: SweepSettings) -> SweepSettings:
@@ -580,6 +574,7 @@ def write_results(sweep: SweepSettings, run_dir: Path, prepared: list[tuple], pa
                  **model_records(run_dir, level)}
         quality.append(entry)
         meta[level.label] = (form, entry)
+    settings = asdict(sweep)
     results, unmeasured = [], []
     for (level, precision, *_), rounds in zip(pairs, measured):
         form, entry = meta[DENSE if level.aa_control else level.label]
@@ -592,22 +587,15 @@ def write_results(sweep: SweepSettings, run_dir: Path, prepared: list[tuple], pa
             continue
         results.append({**merge_rounds(rounds), "allocation": level.allocation, **form, "precision": precision,
                         "target_sparsity": level.sparsity or 0.0, "removed": entry["removed"],
-                        "perplexity": q_of(entry, precision), "perplexity_by": perplexity_by(sweep, entry, precision),
+                        "perplexity": q_of(entry, precision), "perplexity_by": perplexity_by(settings, entry, precision),
                         **({"label": DENSE + AA_SUFFIX, "aa_control": True} if level.aa_control else {})})
     attach_speedups(results)
-    report = {"schema": SWEEP_SCHEMA, "schema_version": RESULT_SCHEMA_VERSION, "settings": asdict(sweep),
+    report = {"schema": SWEEP_SCHEMA, "schema_version": RESULT_SCHEMA_VERSION, "settings": settings,
               "machine": machine or machine_block(sweep.cores), "quality": quality, "results": results,
               "unmeasured": unmeasured, "provenance": provenance(),
               "random_weights": random_model_record(sweep.model), **replicates_record(run_dir)}
     write_json_atomic(run_dir / "results.json", report, force=True)
     return report
-
-
-def random_model_record(model: str) -> dict | None:
-    """A model made by `dlp-deploy models random` measures speed only: kept in results.json so that the report
-    says so wherever it is regenerated, the model folder gone or not."""
-    path = Path(model) / "random.json"
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def model_records(run_dir: Path, level: Level) -> dict:
@@ -631,29 +619,10 @@ def model_records(run_dir: Path, level: Level) -> dict:
     return out
 
 
-def perplexity_by(sweep: SweepSettings, entry: dict, precision: str) -> dict:
-    """Whose perplexity a row carries (q_of) and on what windows: the deployment's own on its scoring engine
-    (windows of the export window minus one), or the PyTorch model's (windows of --eval-seqlen)."""
-    corpus = sweep.ppl[0]
-    if entry["deployment_perplexity"].get(precision):
-        details = ((entry.get("deployment_perplexity_details") or {}).get(precision) or {}).get(corpus) or {}
-        return {"who": f"deployment on {scoring_engine(precision)}", "windows": details.get("windows") or
-                sweep.max_windows, "seqlen": details.get("seqlen") or sweep.seq_len - 1}
-    details = entry["perplexity_details"][corpus]
-    return {"who": "PyTorch", "windows": details["windows"], "seqlen": details["seqlen"]}
-
-
 def replicates_record(run_dir: Path) -> dict:
     """{"replicates": the earlier run's folder} where this run re-measures one (bench/replicate.py)."""
     path = run_dir / "replicates.json"
     return {"replicates": json.loads(path.read_text())["run"]} if path.is_file() else {}
-
-
-def q_of(entry: dict, precision: str) -> dict:
-    """The perplexity a result row carries: where the sweep scored deployments (it does when INT8 is among its
-    precisions, since PyTorch cannot run an INT8 graph), every precision's deployment on the same protocol; else
-    the PyTorch model's. Both kinds stay in the quality table."""
-    return entry["deployment_perplexity"].get(precision) or entry["perplexity"]
 
 
 def _validation_summary(export_info: dict) -> dict | None:

@@ -10,7 +10,7 @@ from functools import partial
 from pathlib import Path
 
 from ..errors import UserError
-from ..bench.records import SWEEP_SCHEMA, load_results
+from ..bench.records import SWEEP_SCHEMA, load_results, perplexity_by, random_model_record
 from ..bench.stats import (aa_floor, attach_speedups, control_spread, core_counts_in, cores_of, dense_drift,
                            has_sparse_kernels, is_aa_control, is_dense, lower_end, noise_floor, peer_rows,
                            precision_of, removes_weights, replication, sparsity_speedup, PEER_ENGINE,
@@ -71,12 +71,8 @@ def _split_replication(runs: list[dict], run_dirs: list[Path]) -> tuple[list[dic
 
 def _label_perplexities(run: dict) -> None:
     """Rows written before they said whose perplexity they carry: read it off their quality entry as the sweep
-    decides it now (sweep.perplexity_by)."""
-    from types import SimpleNamespace
-
-    from ..bench.sweep import perplexity_by
-
-    settings = SimpleNamespace(**{"max_windows": None, "seq_len": 512, **run["settings"]})
+    decides it now (records.perplexity_by)."""
+    settings = {"max_windows": None, "seq_len": 512, **run["settings"]}
     quality = {q["label"]: q for q in run["quality"]}
     for r in run["results"]:
         entry = quality.get(r["label"].removesuffix(f".{precision_of(r)}").split(" ")[0])
@@ -152,8 +148,6 @@ def rewrite_report(folder: Path) -> Path:
 def random_weights_note(data: dict) -> str | None:
     """A model made by `dlp-deploy models random` measures speed only: say so before any figure. Runs written
     before results.json kept the record read it from the model folder, where it still exists."""
-    from ..bench.sweep import random_model_record
-
     info = data.get("random_weights") or random_model_record(data["settings"]["model"])
     if not info:
         return None
