@@ -161,3 +161,34 @@ def test_tiny_mistral_exports_as_llama_and_matches(tmp_path, data_root):
     ref, _ = torch_logits(src, PROMPT)
     got = llamacpp_logits(tmp_path / "f32" / "model.gguf", PROMPT)
     assert np.abs(got - ref).max() <= 0.01 * np.abs(ref).max()
+
+
+@needs_llamacpp
+def test_source_gguf_deployment_is_the_fetched_file_unchanged(tmp_path, monkeypatch, data_root):
+    """--quant source: the file a fetched model came from, byte for byte, validated on llama.cpp; refused for a
+    model changed since (pruned) and for a folder that was never fetched from a GGUF."""
+    from dlp_deploy.errors import UserError
+    from dlp_deploy.export.deployment import export_gguf_deployment
+    from dlp_deploy.models import fetch_gguf
+    from test_reference_defaults import _write_gguf  # tests/ is on sys.path (no __init__.py)
+
+    monkeypatch.setenv("DLP_DEPLOY_CACHE", str(tmp_path / "cache"))
+    path, _ = _write_gguf(tmp_path, "q8_0")
+    folder = fetch_gguf(path, "tiny-q8")
+    info = export_gguf_deployment("tiny-q8", tmp_path / "peer", "source", seq_len=64, data_root=str(data_root))
+    assert (tmp_path / "peer" / "model.gguf").read_bytes() == path.read_bytes()
+    assert info["format"]["quant"] == "source" and info["format"]["source_file"] == str(path.resolve())
+    assert info["format"]["tensor_types"]["Q8_0"] > 0
+    assert info["validation"]["llamacpp"]["greedy_agreement"] >= 0.9
+    assert info["quantization"]["scheme"] == "gguf-source"
+
+    pruned = tmp_path / "pruned"
+    proc = run_cli("prune", folder, "--sparsity", "0.5", "--method", "magnitude", "--out", pruned)
+    assert proc.returncode == 0, proc.stderr
+    (pruned / "gguf_source.json").write_text((folder / "gguf_source.json").read_text())  # as if carried along
+    with pytest.raises(UserError, match="changed after its fetch .*pruning.json"):
+        export_gguf_deployment(str(pruned), tmp_path / "x", "source", seq_len=64, validate=False)
+    proc = run_cli("export", save_tiny(tmp_path / "plain"), "--out", tmp_path / "y", "--format", "gguf",
+                   "--quant", "source")
+    assert_one_line_error(proc, "gguf_source.json", "q4_k_m")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

@@ -67,7 +67,8 @@ def export_cmd(
     fmt: Annotated[str, typer.Option("--format", help="onnx (DeepSparse, ONNX Runtime, OpenVINO) or gguf "
                                                       "(llama.cpp)")] = "onnx",
     quant: Annotated[str, typer.Option("--quant", help="GGUF weight format: f32, f16, q8_0, q4_0, q4_1, q4_k_m "
-                                                       "(--format gguf)")] = "q8_0",
+                                                       "(--format gguf), or source: the GGUF file a model fetched "
+                                                       "with `models fetch` came from, unchanged (the peer)")] = "q8_0",
     engines: Annotated[Optional[str], typer.Option("--engines", help="comma list of engines to validate on "
                        "(default: onnxruntime,deepsparse,deepsparse-external,openvino, those installed)")] = None,
     engine_timeout: Annotated[Optional[float], typer.Option("--engine-timeout", help="seconds one engine's "

@@ -192,12 +192,13 @@ def export_gguf_deployment(model_or_dir, out, quant: str = "q8_0", seq_len: int 
                            data_root: str | None = None, engine_timeout: float | None = None) -> dict:
     """Export a causal LM to a GGUF deployment folder (model.gguf + HF config/tokenizer + export.json) for
     llama.cpp, validated on llama.cpp against PyTorch with tolerances that fit `quant`."""
-    from .gguf import check_gguf_window, gguf_quant, stored_block_sparsity, write_gguf
+    from .gguf import SOURCE_QUANT, check_gguf_window, copy_source_gguf, gguf_quant, stored_block_sparsity, write_gguf
 
     progress = progress or _no_progress
     spec = gguf_quant(quant)
     out = Path(out)
     check_writable(out, force)
+    original = _source_gguf(model_or_dir) if spec is SOURCE_QUANT else None
     timings: dict[str, float] = {}
     started = time.perf_counter()
     model, tokenizer, source, prompt_ids, quality = _load_and_check(
@@ -210,7 +211,8 @@ def export_gguf_deployment(model_or_dir, out, quant: str = "q8_0", seq_len: int 
         _save_hf_files(model, tokenizer, tmp)
         with _timed(timings, "export_s"):
             progress(f"writing GGUF ({spec.name})")
-            written = write_gguf(model, tokenizer, tmp / GGUF_FILE, spec, tmp, name=str(source["model"]))
+            written = copy_source_gguf(original, tmp / GGUF_FILE) if original else \
+                write_gguf(model, tokenizer, tmp / GGUF_FILE, spec, tmp, name=str(source["model"]))
         validation = None
         if validate:
             validation = validate_deployment(model, tmp / GGUF_FILE, prompt_ids, seq_len, timings, progress,
@@ -234,6 +236,23 @@ def export_gguf_deployment(model_or_dir, out, quant: str = "q8_0", seq_len: int 
         }
         _write_export_record(tmp, info)
     return info
+
+
+def _source_gguf(model_or_dir) -> Path:
+    """The file a fetched model came from, refused for an in-memory model or one changed since (pruned, depth
+    pruned, recovered)."""
+    from .gguf import source_gguf
+
+    if isinstance(model_or_dir, torch.nn.Module):
+        raise UserError("--quant source needs a model folder made by `dlp-deploy models fetch`, not an in-memory model")
+    from ..models import STRUCTURE_FILE, resolve
+
+    folder = Path(resolve(str(model_or_dir)))
+    changed = [name for name, done in (("pruning.json", read_pruning_record(folder) is not None),
+                                       (STRUCTURE_FILE, (folder / STRUCTURE_FILE).is_file()),
+                                       ("streamline.json", streamline_summary(folder) is not None),
+                                       ("recovery.json", (folder / "recovery.json").is_file())) if done]
+    return source_gguf(folder, changed)
 
 
 def _load_and_check(model_or_dir, tokenizer, seq_len: int, validate: bool, quality: QualityCheck | None,

@@ -71,10 +71,60 @@ GGUF_QUANTS = {q.name: q for q in (
 )}
 
 
+# not a format but the file a GGUF-fetched model came from, unchanged: the peer its users run today. Not in
+# GGUF_QUANTS, so a sweep cannot ask for it at a pruned level (whose weights that file does not hold). Its tolerances
+# are q4_k_m's: the file is compared with its own weights dequantized, and llama.cpp quantizes activations to 8 bits
+# for k-quants
+SOURCE_QUANT = GgufQuant("source", "", "", "the model's own GGUF file (models fetch), copied unchanged", 0.5, 0.05)
+
+
 def gguf_quant(name: str) -> GgufQuant:
+    if name == SOURCE_QUANT.name:
+        return SOURCE_QUANT
     if name not in GGUF_QUANTS:
-        raise UserError(f"unknown GGUF quantization {name!r}; choose one of {', '.join(GGUF_QUANTS)}")
+        raise UserError(f"unknown GGUF quantization {name!r}; choose one of {', '.join(GGUF_QUANTS)}, or source "
+                        "(the GGUF a fetched model came from)")
     return GGUF_QUANTS[name]
+
+
+def source_gguf(folder: Path, changed_by: list[str]) -> Path:
+    """The GGUF file `folder` was dequantized from (its gguf_source.json), checked to be that file and to still
+    hold `folder`'s weights: refused where `changed_by` names a record of pruning or recovery in the folder."""
+    import json
+
+    from ..models import GGUF_SOURCE_FILE
+
+    record_path = folder / GGUF_SOURCE_FILE
+    if not record_path.is_file():
+        raise UserError(f"--quant source: {folder} was not made by `dlp-deploy models fetch` from a GGUF (no "
+                        f"{GGUF_SOURCE_FILE}); pick a format (q8_0, q4_k_m, ...)")
+    if changed_by:
+        raise UserError(f"--quant source: {folder} was changed after its fetch ({', '.join(changed_by)}), so its "
+                        "source GGUF holds other weights; pick a format (q8_0, q4_k_m, ...)")
+    record = json.loads(record_path.read_text(encoding="utf-8"))
+    path = Path(record["gguf"])
+    if not path.is_file() or path.stat().st_size != record.get("bytes", path.stat().st_size):
+        raise UserError(f"--quant source: the source GGUF {path} is missing or changed; run `dlp-deploy models "
+                        "fetch` again")
+    return path
+
+
+def copy_source_gguf(source: Path, path: Path) -> dict:
+    """Copy the source GGUF to `path` (a hard link where the file system allows); what export.json records."""
+    import os
+    import shutil
+
+    import gguf
+
+    try:
+        os.link(source, path)
+    except OSError:
+        shutil.copyfile(source, path)
+    reader = gguf.GGUFReader(str(path))
+    field = reader.fields["general.architecture"]
+    arch = bytes(field.parts[field.data[0]]).decode()
+    return {"architecture": arch, "quant": SOURCE_QUANT.name, "produced_by": SOURCE_QUANT.produced_by,
+            "source_file": str(source), "tensor_types": _tensor_types(path), "sparse_kernels": False}
 
 
 # ---------------------------------------------------------------- families
