@@ -1,4 +1,4 @@
-"""Sweeps on a Ray cluster (bench/executors.py), on a local 2-CPU cluster: the same results.json as a local sweep,
+"""Sweeps on a Ray cluster (pipeline/executors.py), on a local 2-CPU cluster: the same results.json as a local sweep,
 a killed task retried into a complete sweep, a rerun that redoes nothing, and one-line errors."""
 import json
 import os
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from dlp_deploy.bench.sweep import SweepSettings, run_sweep
+from dlp_deploy.pipeline.sweep import SweepSettings, run_sweep
 from dlp_deploy.errors import UserError
 from dlp_deploy.testing import assert_one_line_error, run_cli, save_tiny
 

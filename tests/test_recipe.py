@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from dlp_deploy.bench.sweep import SweepSettings, read_recipe, run_record
+from dlp_deploy.pipeline.sweep import SweepSettings, read_recipe, run_record
 from dlp_deploy.errors import UserError
 
 # windows given, so that no model config is read to resolve them; the model is never loaded

@@ -192,7 +192,7 @@ def run_pair(deploy_dir: str, settings: BenchSettings) -> dict:
 
 def pair_identity(settings: BenchSettings) -> dict:
     """What a result row says of where and how it was measured, beside its deployment: also the record a
-    timed-out round leaves (bench/sweep.py), so the two pair alike."""
+    timed-out round leaves (pipeline/sweep.py), so the two pair alike."""
     info = node_info()
     internal = ENGINES[settings.session_kind].session.internal_cache
     return {"engine": settings.engine,

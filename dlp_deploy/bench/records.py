@@ -80,7 +80,7 @@ class MeasuredRow(TypedDict):
 
 
 class SweepRow(MeasuredRow):
-    """A sweep's measured pair (bench/sweep.write_results): the level it measures and the perplexity it carries."""
+    """A sweep's measured pair (pipeline/sweep.write_results): the level it measures and the perplexity it carries."""
     allocation: str | None  # None: the dense model
     form: str | None
     variant: str | None
@@ -99,7 +99,7 @@ class BenchRow(MeasuredRow):
 
 
 class QualityEntry(TypedDict):
-    """One sweep level's PyTorch and deployment quality (bench/sweep.write_results)."""
+    """One sweep level's PyTorch and deployment quality (pipeline/sweep.write_results)."""
     label: str
     allocation: str | None
     form: str | None
@@ -180,7 +180,7 @@ class Replicated(TypedDict):
 class SweepResults(TypedDict):
     schema: str
     schema_version: int
-    settings: dict  # bench/sweep.SweepSettings
+    settings: dict  # pipeline/sweep.SweepSettings
     machine: dict
     quality: list  # QualityEntry
     results: list  # SweepRow

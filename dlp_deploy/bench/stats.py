@@ -74,7 +74,7 @@ def setup_key(r: dict) -> tuple:
 
 def _workload_and_machine(r: dict) -> tuple:
     """Prompt and generation lengths, CPU model and ISA, and the machine kind a cluster sweep measured the row on
-    where its nodes were of several kinds (bench/executors.py; None elsewhere): what every comparison of two rows
+    where its nodes were of several kinds (pipeline/executors.py; None elsewhere): what every comparison of two rows
     needs equal."""
     s, m = r.get("settings") or {}, r.get("machine") or {}
     return (s.get("prompt_len"), s.get("gen_len"), m.get("cpu_model"), tuple(m.get("isa") or ()), m.get("kind"))

@@ -8,10 +8,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..bench.executors import get_executor
-from ..bench.replicate import replicate_sweep_settings
-from ..bench.sweep import SweepSettings, apply_recipe, precision_format, read_recipe, resolve_windows, run_sweep
 from ..errors import UserError
+from ..pipeline.executors import get_executor
+from ..pipeline.replicate import replicate_sweep_settings
+from ..pipeline.sweep import SweepSettings, apply_recipe, precision_format, read_recipe, resolve_windows, run_sweep
 from ..progress import console, progress_bar, quiet_transformers
 from ..prune.allocate import split_allocations
 from ..prune.depth import REPLACEMENTS

@@ -7,7 +7,7 @@ the same command resumes where it stopped and redoes nothing):
   stage1/<id>.json              one-shot (or pruned) validation perplexity of each candidate
   models/<id>/                  the pruned model of a stage-1 survivor
   deploy/<name>/, stage2/<name>.json   its deployments and their own validation perplexity through an engine
-  stage3/bench/…                each measured round (bench/sweep.py's files: the executors write them)
+  stage3/bench/…                each measured round (pipeline/sweep.py's files: the executors write them)
   choice.json                   the choice, written before any test text is read
   test/<name>.json              WikiText-2 test perplexity of the choice and of the llama.cpp peer, same windows
   deployment/                   the chosen deployment with its model card (README.md)
@@ -101,7 +101,7 @@ def check_settings(settings: PlanSettings) -> None:
     if not settings.engines or len(onnx) != len(settings.engines):
         raise UserError(f"--engines {','.join(settings.engines)}: give ONNX engines (onnxruntime, deepsparse, "
                         "deepsparse-external, openvino); GGUF deployments are measured on llama.cpp by themselves")
-    from ..bench.executors import get_executor
+    from ..pipeline.executors import get_executor
     from ..bench.harness import BenchSettings, check_settings as check_bench
 
     get_executor(settings.executor)
@@ -417,7 +417,7 @@ AA_ID = "dense-aa"
 
 def sweep_settings(p: Plan, engines: list[str]):
     """The bench files and executors are the sweep's; they read these fields."""
-    from ..bench.sweep import SweepSettings
+    from ..pipeline.sweep import SweepSettings
 
     settings = p.settings
     return SweepSettings(settings.model, [], engines=engines, cores=settings.cores, prompt_len=settings.prompt_len,
@@ -427,7 +427,7 @@ def sweep_settings(p: Plan, engines: list[str]):
 
 
 def _level(candidate_id: str, aa: bool = False):
-    from ..bench.sweep import Level
+    from ..pipeline.sweep import Level
 
     return Level(candidate_id, None if candidate_id in (DENSE_ID, AA_ID) else 1.0, None, aa_control=aa)
 
@@ -485,8 +485,8 @@ def refusing(options) -> dict[str, str]:
 def stage3(p: Plan, deploys: dict[str, dict]) -> tuple[list[dict], list[dict], list[str]]:
     """Measured rows (merged rounds, with speedups and noise floors), unmeasured pairs, and the deployments the
     time budget left unmeasured."""
-    from ..bench.executors import get_executor
-    from ..bench.sweep import bench_path
+    from ..pipeline.executors import get_executor
+    from ..pipeline.sweep import bench_path
 
     p.stamp("stage3_started")
     references, optional, aa = stage3_pairs(p, deploys)
@@ -525,7 +525,7 @@ def stage3(p: Plan, deploys: dict[str, dict]) -> tuple[list[dict], list[dict], l
 def _probe(p: Plan, sweep, run_dir: Path, pair: tuple) -> None:
     """What one round costs here: the dense fp32 pair's first round, measured now (and kept: the interleaved
     measurement reuses it) unless an earlier start measured it; its wall time is kept in probe.json."""
-    from ..bench.sweep import bench_step
+    from ..pipeline.sweep import bench_step
 
     path = run_dir / "probe.json"
     if path.is_file():

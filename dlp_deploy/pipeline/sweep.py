@@ -2,7 +2,7 @@
 
 Every finished step leaves its file in RUN_DIR and is skipped on the next start, so an interrupted sweep resumes.
 Layout: run.json (settings), models/<label>/, eval/<label>.json, deploy/<label>/, bench/<label>.<engine>.json,
-and results.json, the one file `dlp-deploy report` reads. A sweep on a Ray cluster (bench/executors.py) adds
+and results.json, the one file `dlp-deploy report` reads. A sweep on a Ray cluster (pipeline/executors.py) adds
 executor.json (its nodes and every task's attempts) and, where its nodes are of several CPU kinds, measures on
 each kind into machines/<kind>/bench/.
 """
@@ -24,11 +24,11 @@ from ..prune.structured import DEFAULT_IMPORTANCE
 from ..runtime.deployment import EXPORT_FILE
 from ..runtime.engines import ENGINES, NBITS_REFUSALS
 from ..runtime.worker import EngineFailure
-from .harness import (BenchSettings, bench_pair_subprocess, check_cores, check_settings, core_counts,
+from ..bench.harness import (BenchSettings, bench_pair_subprocess, check_cores, check_settings, core_counts,
                       machine_block, pair_identity)
-from .records import (ONNX_PRECISIONS, RESULT_SCHEMA_VERSION, SWEEP_SCHEMA, fits, perplexity_by, q_of,
+from ..bench.records import (ONNX_PRECISIONS, RESULT_SCHEMA_VERSION, SWEEP_SCHEMA, fits, perplexity_by, q_of,
                       random_model_record, scoring_engine)
-from .stats import AA_SUFFIX, attach_speedups, removed_from_source
+from ..bench.stats import AA_SUFFIX, attach_speedups, removed_from_source
 
 DENSE = "dense"
 
@@ -324,7 +324,7 @@ def run_sweep(sweep: SweepSettings, run_dir: Path, progress=None, log=print, pre
     """All models are prepared first (prune, eval, export: heavy, order-free), then benchmarked in interleaved
     rounds, so no preparation work shares the CPU with a measurement and drift spreads over every level.
     `prepare_only` stops before the benchmarks (they resume from the prepared folders on the next start).
-    `executor` says where the work runs (bench/executors.py: local, this process; ray, a Ray cluster) with its
+    `executor` says where the work runs (pipeline/executors.py: local, this process; ray, a Ray cluster) with its
     `executor_options`; results.json has the same form whichever ran it. `recipe`: where the settings came from
     (run_record), kept in run.json."""
     from .executors import get_executor
@@ -556,7 +556,7 @@ def write_results(sweep: SweepSettings, run_dir: Path, prepared: list[tuple], pa
                   measured: list[list[dict]], machine: dict | None = None) -> dict:
     """`machine`: the measuring machine's block where an executor measured it (a cluster's bench node); None
     measures this one."""
-    from .schedule import merge_rounds
+    from ..bench.schedule import merge_rounds
 
     quality, meta = [], {}
     for level, q, deploys, deploy_quality in prepared:
@@ -620,7 +620,7 @@ def model_records(run_dir: Path, level: Level) -> dict:
 
 
 def replicates_record(run_dir: Path) -> dict:
-    """{"replicates": the earlier run's folder} where this run re-measures one (bench/replicate.py)."""
+    """{"replicates": the earlier run's folder} where this run re-measures one (pipeline/replicate.py)."""
     path = run_dir / "replicates.json"
     return {"replicates": json.loads(path.read_text())["run"]} if path.is_file() else {}
 

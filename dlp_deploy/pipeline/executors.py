@@ -91,7 +91,7 @@ class LocalExecutor(Executor):
         return prepared
 
     def measure(self, pairs: list[tuple], rounds: int, order: str, seed: int) -> Measured:
-        from .schedule import run_interleaved
+        from ..bench.schedule import run_interleaved
         from .sweep import bench_step
 
         task = getattr(self, "_task", None)
@@ -340,7 +340,7 @@ class RayExecutor(Executor):
     # ------------------------------------------------------------------ measure
 
     def measure(self, pairs: list[tuple], rounds: int, order: str, seed: int) -> Measured:
-        from .schedule import interleaved_order
+        from ..bench.schedule import interleaved_order
 
         self._worked = True  # `plan` measures without a prepare
         ray = self.ray
@@ -445,7 +445,7 @@ class RayExecutor(Executor):
     def _bench_nodes(self) -> dict[tuple, list[_Node]]:
         """The alive nodes with CPUs, probed once each (a zero-CPU task pinned to it), grouped by kind; nodes with
         fewer CPUs than the largest --cores cannot measure it and are left out."""
-        from .harness import core_counts
+        from ..bench.harness import core_counts
 
         ray = self.ray
         alive = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) >= 1]
@@ -492,7 +492,7 @@ def get_executor(name: str) -> type[Executor]:
 def _prepare_task(sweep, run_dir: str, level, attempts_dir: str, fault: str | None, env: dict, threads: float) -> dict:
     """One level's prepare chain on a worker: what it did, where, and at which attempt."""
     from ..progress import quiet_transformers
-    from .records import scoring_engine
+    from ..bench.records import scoring_engine
     from .sweep import _deploy_name, prepare_level
 
     with _task_env(env):
@@ -543,13 +543,13 @@ def _bench_task(sweep, run_dir: str, level, precision: str, deploy: str, engine:
 
 
 def _node_info_task() -> dict:
-    from .harness import node_info
+    from ..bench.harness import node_info
 
     return node_info()
 
 
 def _machine_task(cores) -> dict:
-    from .harness import machine_block
+    from ..bench.harness import machine_block
 
     return machine_block(cores)
 
