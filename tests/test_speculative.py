@@ -24,6 +24,17 @@ def _script():
     return module
 
 
+def _short_corpora(monkeypatch, chars: int = 40_000):
+    """The scripts tokenize whole test corpora, as `dlp-deploy eval` does: seconds with the tiny byte tokenizer;
+    the start of each text is all a tiny test reads."""
+    from dataclasses import replace
+
+    import dlp_deploy.data as data
+
+    real = data.eval_text
+    monkeypatch.setattr(data, "eval_text", lambda name, root: replace(t := real(name, root), text=t.text[:chars]))
+
+
 def test_replay_of_accept_reject_sequences():
     spec = _script()
     seq = [True, True, False, True, False, False, True, True, True]
@@ -42,11 +53,12 @@ def test_replay_of_accept_reject_sequences():
 
 
 @needs_llamacpp
-def test_equal_draft_is_always_accepted_and_pruned_draft_is_not(tmp_path, data_root):
+def test_equal_draft_is_always_accepted_and_pruned_draft_is_not(tmp_path, data_root, monkeypatch):
     from dlp_deploy.export.deployment import export_gguf_deployment
     from dlp_deploy.prune.pipeline import PruneSettings
     from dlp_deploy.prune.to_folder import prune_to_folder
 
+    _short_corpora(monkeypatch)
     src = save_tiny(tmp_path / "src", seed=2)
     pruned = tmp_path / "pruned-hf"
     prune_to_folder(str(src), pruned, PruneSettings(0.5, "magnitude", "uniform"), nsamples=1, seqlen=32,
