@@ -118,7 +118,7 @@ def test_int4_graph_matches_the_dequantized_model_on_onnxruntime_and_openvino(tm
 
     from dlp_deploy.export.deployment import _prefill_feeds
     from dlp_deploy.runtime.openvino_engine import (openvino_available, openvino_config, openvino_kernel_record,
-                                                    weight_only_config)
+                                                    activation_quantization_config)
 
     info, n_targets = _int4_graph(tmp_path, scheme)
     assert info["matmuls_quantized"] == n_targets == 4 * 7 and info["matmuls_with_a_padded_block"] == 0
@@ -136,7 +136,7 @@ def test_int4_graph_matches_the_dequantized_model_on_onnxruntime_and_openvino(tm
         pytest.skip("openvino not installed")
     import openvino as ov
 
-    config = {**openvino_config(None, None, False), **weight_only_config(tmp_path / "int4.onnx")}
+    config = {**openvino_config(None, None, False), **activation_quantization_config(tmp_path / "int4.onnx")}
     compiled = ov.Core().compile_model(str(tmp_path / "int4.onnx"), "CPU", config)
     ov_logits = compiled(feed)[compiled.outputs[0]]
     # OpenVINO reads com.microsoft MatMulNBits; with its default int8 activation quantization switched off it
@@ -264,7 +264,7 @@ def _one_matmul_nbits(tmp_path, bits: int, level: int, seed: int):
     import openvino as ov
     from onnx import TensorProto, helper, numpy_helper
 
-    from dlp_deploy.runtime.openvino_engine import openvino_config, weight_only_config
+    from dlp_deploy.runtime.openvino_engine import openvino_config, activation_quantization_config
 
     rng = np.random.default_rng(seed)
     k, n = 256, 48
@@ -279,7 +279,7 @@ def _one_matmul_nbits(tmp_path, bits: int, level: int, seed: int):
                                                       helper.make_opsetid("com.microsoft", 1)]), str(path))
     x = rng.normal(size=(1, 5, k)).astype(np.float32)
     got_ort = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    compiled = ov.Core().compile_model(str(path), "CPU", {**openvino_config(None), **weight_only_config(path)})
+    compiled = ov.Core().compile_model(str(path), "CPU", {**openvino_config(None), **activation_quantization_config(path)})
     return path, x, x @ dequantize(bq), got_ort, compiled({"x": x})[compiled.outputs[0]]
 
 
