@@ -37,8 +37,10 @@ def export_cmd(
     smooth_alpha: Annotated[float, typer.Option("--smooth-alpha", help="SmoothQuant migration strength before "
                                                                        "INT8 (0 = off)")] = 0.5,
     calib_samples: Annotated[int, typer.Option("--calib-samples", min=1, help="INT8 calibration windows")] = 32,
-    act_scales: Annotated[str, typer.Option("--act-scales", help="INT8 activation scales: static (C4 calibration, "
-                          "per tensor), dynamic-token (per token, at run time) or dynamic-tensor")] = "static",
+    act_scales: Annotated[str, typer.Option("--act-scales", help="INT8 activation scales: auto (dynamic-token, or "
+                          "static where --engines includes DeepSparse, which runs only that), static (C4 "
+                          "calibration, per tensor), dynamic-token (per token, at run time) or dynamic-tensor")]
+        = "auto",
     group_size: Annotated[int, typer.Option("--group-size", help="INT4 block along the input dimension: 32, 64 "
                                                                   "or 128")] = 32,
     int4_scheme: Annotated[str, typer.Option("--int4-scheme", help="INT4 blocks: sym (pruned zeros stay exact "
