@@ -160,7 +160,8 @@ def test_bench_cli_writes_versioned_results_with_speedup(deployments, tmp_path):
 
 
 def test_sweep_resumes_and_report_renders(tmp_path, data_root):
-    from dlp_deploy.pipeline.sweep import SweepSettings, run_sweep
+    from dlp_deploy.pipeline.levels import SweepSettings
+    from dlp_deploy.pipeline.sweep import run_sweep
     from dlp_deploy.report.render import make_report
     from dlp_deploy.testing import save_tiny
 
@@ -302,7 +303,8 @@ def test_structured_speedups_are_not_noise_and_their_ideal_is_against_dense_byte
 
 def test_sweep_over_forms_and_its_report(tmp_path, data_root):
 
-    from dlp_deploy.pipeline.sweep import SweepSettings, run_sweep
+    from dlp_deploy.pipeline.levels import SweepSettings
+    from dlp_deploy.pipeline.sweep import run_sweep
     from dlp_deploy.report.render import make_report
     from dlp_deploy.testing import save_tiny
 

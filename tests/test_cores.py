@@ -155,7 +155,8 @@ def test_report_of_a_run_from_before_core_lists(tmp_path):
 def test_sweep_measures_every_pair_at_each_count_and_reports_scaling(tmp_path, data_root, monkeypatch):
     """The dense model alone (each bench worker costs seconds): every count measured and recorded, each row
     divided by the dense run of its own count, the machine's bandwidth per count, the report's scaling table."""
-    from dlp_deploy.pipeline.sweep import SweepSettings, run_sweep
+    from dlp_deploy.pipeline.levels import SweepSettings
+    from dlp_deploy.pipeline.sweep import run_sweep
     from dlp_deploy.report.render import make_report
     from dlp_deploy.testing import save_tiny
 

@@ -249,7 +249,7 @@ def test_int8_export_records_which_openvino_kernels_run_its_matmuls(tiny_dir, tm
 
 
 def test_a_sweep_pairs_int4_with_the_engines_that_run_it():
-    from dlp_deploy.pipeline.sweep import runs_on
+    from dlp_deploy.pipeline.levels import runs_on
 
     assert runs_on("onnxruntime", "int4") and runs_on("openvino", "int4")
     assert not runs_on("deepsparse", "int4") and not runs_on("deepsparse-external", "int4")
@@ -353,7 +353,7 @@ def test_pruned_model_keeps_every_zero_under_w8_and_validates_within_one_percent
     kernels = q["openvino_kernels"]["one_token"]["kernels"]
     assert sum(c for k, c in kernels.items() if k.startswith("FullyConnectedCompressed")) == 4 * 7, kernels
 
-    from dlp_deploy.pipeline.sweep import runs_on
+    from dlp_deploy.pipeline.levels import runs_on
 
     assert runs_on("onnxruntime", "w8") and runs_on("openvino", "w8") and not runs_on("deepsparse", "w8")
 

@@ -92,7 +92,8 @@ def test_deployment_perplexity_through_an_engine_equals_pytorch(pruned, data_roo
 
 
 def test_sweep_in_both_precisions_reports_both_baselines(tmp_path, data_root):
-    from dlp_deploy.pipeline.sweep import SweepSettings, run_sweep
+    from dlp_deploy.pipeline.levels import SweepSettings
+    from dlp_deploy.pipeline.sweep import run_sweep
     from dlp_deploy.report.render import make_report
     from dlp_deploy.testing import save_tiny
 

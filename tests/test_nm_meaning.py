@@ -88,7 +88,7 @@ def test_an_old_record_that_fits_neither_meaning_is_refused(one_of_four, tmp_pat
 
 
 def test_a_sweep_swept_under_the_old_meaning_is_not_resumed(tmp_path):
-    from dlp_deploy.pipeline.sweep import SweepSettings, check_sweep, levels
+    from dlp_deploy.pipeline.levels import SweepSettings, check_sweep, levels
 
     settings = SweepSettings("m", [0.5], "wanda", ["dlp"], ["onnxruntime"], patterns=["1:4"])
     assert [(lv.label, lv.sparsity) for lv in levels(settings)][1] == ("wanda-1of4", 0.75)

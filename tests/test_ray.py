@@ -7,8 +7,9 @@ import sys
 
 import pytest
 
-from dlp_deploy.pipeline.sweep import SweepSettings, run_sweep
 from dlp_deploy.errors import UserError
+from dlp_deploy.pipeline.levels import SweepSettings
+from dlp_deploy.pipeline.sweep import run_sweep
 from dlp_deploy.testing import assert_one_line_error, run_cli, save_tiny
 
 ray = pytest.importorskip("ray")

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from dlp_deploy.pipeline.sweep import SweepSettings, read_recipe, run_record
 from dlp_deploy.errors import UserError
+from dlp_deploy.pipeline.levels import SweepSettings
+from dlp_deploy.pipeline.sweep import read_recipe, run_record
 
 # windows given, so that no model config is read to resolve them; the model is never loaded
 OPTIONS = ["--sparsities", "0.5,0.7", "--allocation", "dlp", "--baseline", "uniform,owl", "--engines",

@@ -107,7 +107,8 @@ def test_replicate_refuses_another_machine_kind(tmp_path):
 
 def test_aa_control_in_a_tiny_sweep_its_floor_in_the_report_and_a_replication(tmp_path, data_root):
     from dlp_deploy.pipeline.replicate import replicate_sweep_settings
-    from dlp_deploy.pipeline.sweep import SweepSettings, run_sweep
+    from dlp_deploy.pipeline.levels import SweepSettings
+    from dlp_deploy.pipeline.sweep import run_sweep
     from dlp_deploy.report.render import make_report
     from dlp_deploy.testing import save_tiny
 

@@ -185,7 +185,7 @@ def test_auto_is_refused_where_it_means_nothing():
 
 
 def test_sweep_levels_take_expressions_and_saved_searches(tiny_dir, tmp_path, cache):
-    from dlp_deploy.pipeline.sweep import SweepSettings, level_settings, levels
+    from dlp_deploy.pipeline.levels import SweepSettings, level_settings, levels
 
     _search(tiny_dir, tmp_path / "mine", 2)
     s = SweepSettings(str(tiny_dir), [0.5], "wanda", ["dlp", "expr:abslog>var>atan,asin", "mine", "owl"],

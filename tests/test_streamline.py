@@ -271,7 +271,8 @@ def test_sweep_with_depth_levels_and_recovered_twins(tmp_path, data_root, monkey
     a streamlined model (no zeros) must never be taken for the dense baseline, and a resumed sweep redoes
     nothing."""
     from dlp_deploy.bench.stats import is_dense, removed_share
-    from dlp_deploy.pipeline.sweep import SweepSettings, run_sweep
+    from dlp_deploy.pipeline.levels import SweepSettings
+    from dlp_deploy.pipeline.sweep import run_sweep
     from dlp_deploy.report.render import make_report
 
     monkeypatch.setenv("DLP_DEPLOY_DATA", str(data_root))

@@ -8,8 +8,9 @@ import json
 from pathlib import Path
 
 from ..errors import UserError
+from ..provenance import machine_info
 from .records import BENCH_SCHEMA, load_results
-from .stats import machine_kind
+from .stats import is_aa_control, machine_kind, replication, sparsity_speedup
 
 
 def check_machine_kind(earlier: dict, here: dict, what: str) -> None:
@@ -54,8 +55,6 @@ def _is_bench(path: Path) -> bool:
 
 def replicate_bench_options(path: Path) -> tuple[Path, dict, dict]:
     """(the earlier file, its results, the bench options that measured them), after the machine-kind check."""
-    from ..provenance import machine_info
-
     source = bench_results_file(path)
     earlier = load_results(source, BENCH_SCHEMA)
     check_machine_kind(earlier["machine"], machine_info(), str(source))
@@ -70,8 +69,6 @@ def replicate_bench_options(path: Path) -> tuple[Path, dict, dict]:
 def _options_from_rows(earlier: dict) -> dict:
     """Files from before results["settings"]: the options read back from the rows (measured pairs carry their
     BenchSettings; rounds from the rows' processes; the default order)."""
-    from ..bench.stats import is_aa_control
-
     rows = [r for r in earlier["results"] if not is_aa_control(r)]
     if not rows:
         raise UserError("the earlier bench file has no measured pair to replicate; bench the deployments anew")
@@ -89,8 +86,6 @@ def _options_from_rows(earlier: dict) -> dict:
 def mark_replication(earlier: list[dict], results: list[dict]) -> dict:
     """Each re-measured speedup gets `replication` (the earlier figure and whether it replicated: stats.replication);
     the summary counts the earlier wins and how many held."""
-    from .stats import replication, sparsity_speedup
-
     pairs = replication(earlier, results)
     for p in pairs:
         old = sparsity_speedup(p["old"])

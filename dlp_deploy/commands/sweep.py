@@ -10,8 +10,9 @@ import typer
 
 from ..errors import UserError
 from ..pipeline.executors import get_executor
+from ..pipeline.levels import SweepSettings, precision_format, resolve_windows
 from ..pipeline.replicate import replicate_sweep_settings
-from ..pipeline.sweep import SweepSettings, apply_recipe, precision_format, read_recipe, resolve_windows, run_sweep
+from ..pipeline.sweep import apply_recipe, read_recipe, run_sweep
 from ..progress import console, progress_bar, quiet_transformers
 from ..prune.allocate import split_allocations
 from ..prune.depth import REPLACEMENTS

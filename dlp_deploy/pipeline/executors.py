@@ -1,4 +1,4 @@
-"""Where a sweep's work runs. An executor prepares every level (prune -> eval -> export, sweep.prepare_level) and
+"""Where a sweep's work runs. An executor prepares every level (prune -> eval -> export, steps.prepare_level) and
 measures every (deployment, precision, engine, cores) pair in interleaved rounds; run_sweep picks one by name from
 EXECUTORS and writes results.json from what it hands back, the same whichever ran.
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import platform
 import re
@@ -28,7 +29,17 @@ from collections import deque
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
+
+from ..bench.harness import core_counts, machine_block, node_info
+from ..bench.records import scoring_engine
+from ..bench.schedule import interleaved_order, run_interleaved
 from ..errors import UserError
+from ..io import write_json_atomic
+from ..progress import quiet_transformers
+from ..provenance import provenance
+from .levels import pairs_per_level, prepare_waves
+from .steps import bench_path, bench_step, deploy_name, prepare_level
 
 RAY_MISSING = "--executor ray needs Ray, an optional extra: pip install 'dlp-deploy[ray]'"
 FAULT_ENV = "DLP_DEPLOY_FAULT"  # tests: "STAGE:NAME[:WORD],..." kills the first attempt of that task (see _fault)
@@ -78,8 +89,6 @@ class LocalExecutor(Executor):
     name = "local"
 
     def prepare(self, plan: list) -> list[tuple]:
-        from .sweep import pairs_per_level, prepare_level
-
         sweep, progress = self.sweep, self.progress
         self._task = progress.add_task("sweep", total=len(plan) * (1 + pairs_per_level(sweep) * sweep.rounds)) \
             if progress else None
@@ -91,9 +100,6 @@ class LocalExecutor(Executor):
         return prepared
 
     def measure(self, pairs: list[tuple], rounds: int, order: str, seed: int) -> Measured:
-        from ..bench.schedule import run_interleaved
-        from .sweep import bench_step
-
         task = getattr(self, "_task", None)
         if self.progress and task is None:  # measuring without a prepare (`plan` prepares its own deployments)
             task = self.progress.add_task("bench", total=len(pairs) * rounds)
@@ -143,7 +149,7 @@ class RayExecutor(Executor):
                  prune_gpus: float | None = None, prepare_cpus: float | None = None, retries: int | None = None):
         super().__init__(sweep, run_dir, progress, log)
         try:
-            import ray
+            import ray  # an optional extra (dlp-deploy[ray]): imported only when this executor is chosen
         except ImportError:
             raise UserError(RAY_MISSING) from None
         self.ray = ray
@@ -181,8 +187,6 @@ class RayExecutor(Executor):
         ray = self.ray
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         if not ray.is_initialized():
-            import logging
-
             options = dict(log_to_driver=False, logging_level=logging.WARNING)
             try:
                 if self.address:
@@ -218,9 +222,6 @@ class RayExecutor(Executor):
                 self.ray.shutdown()  # a cluster this sweep started stops with it; a connected one is left running
 
     def _write_record(self) -> None:
-        from ..io import write_json_atomic
-        from ..provenance import provenance
-
         attempts = self._attempts()
         for rec in self.records:
             rec["attempts"] = attempts.get((rec["stage"], rec["key"]), 0)
@@ -259,15 +260,13 @@ class RayExecutor(Executor):
     def prepare(self, plan: list) -> list[tuple]:
         """Wave after wave (sweep.prepare_waves: a recovered level trains from its base's folder), every level of
         a wave at once; a level already on disk costs the driver a few small reads, not a task."""
-        from . import sweep
-
         ray = self.ray
         self._worked = True
         self._check_prepare_resources()
         remote = ray.remote(_prepare_task).options(
             num_cpus=self.prepare_cpus, num_gpus=self.prune_gpus, max_retries=self.retries, retry_exceptions=True)
         task = self.progress.add_task("prepare", total=len(plan)) if self.progress else None
-        waves = sweep.prepare_waves(plan)
+        waves = prepare_waves(plan)
         position = {level.label: i for i, level in enumerate(plan)}
         prepared: list[tuple | None] = [None] * len(plan)
         later = len(plan)
@@ -277,8 +276,8 @@ class RayExecutor(Executor):
             pending: dict = {}
             for level in wave:
                 try:  # the dry run: every step logs before it works, so a finished level raises nothing
-                    prepared[position[level.label]] = sweep.prepare_level(self.task_sweep, self.run_dir, level, None,
-                                                                          _needs_work)
+                    prepared[position[level.label]] = prepare_level(self.task_sweep, self.run_dir, level, None,
+                                                                    _needs_work)
                 except _NeedsWork:
                     pending[remote.remote(self.task_sweep, str(self.run_dir), level, str(self.attempts_dir), self.fault,
                                           self.env, self.prepare_cpus)] = level
@@ -340,8 +339,6 @@ class RayExecutor(Executor):
     # ------------------------------------------------------------------ measure
 
     def measure(self, pairs: list[tuple], rounds: int, order: str, seed: int) -> Measured:
-        from ..bench.schedule import interleaved_order
-
         self._worked = True  # `plan` measures without a prepare
         ray = self.ray
         by_kind = self._bench_nodes()
@@ -445,8 +442,6 @@ class RayExecutor(Executor):
     def _bench_nodes(self) -> dict[tuple, list[_Node]]:
         """The alive nodes with CPUs, probed once each (a zero-CPU task pinned to it), grouped by kind; nodes with
         fewer CPUs than the largest --cores cannot measure it and are left out."""
-        from ..bench.harness import core_counts
-
         ray = self.ray
         alive = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) >= 1]
         probe = ray.remote(_node_info_task)
@@ -491,21 +486,15 @@ def get_executor(name: str) -> type[Executor]:
 
 def _prepare_task(sweep, run_dir: str, level, attempts_dir: str, fault: str | None, env: dict, threads: float) -> dict:
     """One level's prepare chain on a worker: what it did, where, and at which attempt."""
-    from ..progress import quiet_transformers
-    from ..bench.records import scoring_engine
-    from .sweep import _deploy_name, prepare_level
-
     with _task_env(env):
         attempt = _begin_attempt(attempts_dir, "prepare", level.label)
         _fault(fault, "prepare", level.label, attempt, None)
         root = Path(run_dir)
-        deploys = [_deploy_name(level, p) for p in sweep.precisions]
+        deploys = [deploy_name(level, p) for p in sweep.precisions]
         _remove_stale_temps(root / "models", [level.label])
         _remove_stale_temps(root / "deploy", deploys)
         _remove_stale_temps(root / "eval", [f"{level.label}.json"] + [f"{d}.{scoring_engine(p)}.json"
                                                                       for d, p in zip(deploys, sweep.precisions)])
-        import torch
-
         torch.set_num_threads(max(1, int(threads)))
         quiet_transformers()
         steps: list[str] = []
@@ -526,8 +515,6 @@ def _prepare_task(sweep, run_dir: str, level, attempts_dir: str, fault: str | No
 def _bench_task(sweep, run_dir: str, level, precision: str, deploy: str, engine: str, cores, round_: int,
                 attempts_dir: str, fault: str | None, env: dict, key: str) -> dict:
     """One round of one pair, on a node whose CPUs this task holds (bench_step's worker subprocess uses them)."""
-    from .sweep import bench_path, bench_step
-
     with _task_env(env):
         attempt = _begin_attempt(attempts_dir, "bench", key)
         _fault(fault, "bench", key, attempt, None)
@@ -543,27 +530,19 @@ def _bench_task(sweep, run_dir: str, level, precision: str, deploy: str, engine:
 
 
 def _node_info_task() -> dict:
-    from ..bench.harness import node_info
-
     return node_info()
 
 
 def _machine_task(cores) -> dict:
-    from ..bench.harness import machine_block
-
     return machine_block(cores)
 
 
 def _cached_bench(sweep, run_dir: Path, pair: tuple, round_: int) -> dict:
-    from .sweep import bench_step
-
     level, precision, deploy, engine, cores = pair
     return bench_step(sweep, run_dir, level, precision, Path(deploy), engine, cores, _needs_work, round_=round_)
 
 
 def _bench_key(sweep, run_dir: Path, pair: tuple, round_: int) -> str:
-    from .sweep import bench_path
-
     level, precision, _, engine, cores = pair
     return bench_path(sweep, run_dir, level, precision, engine, cores, round_).name.removesuffix(".json")
 
@@ -638,7 +617,7 @@ def _pinned(node: _Node):
 
 
 def _pinned_id(node_id: str):
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # ray: the optional extra
 
     return NodeAffinitySchedulingStrategy(node_id, soft=False)
 

@@ -16,7 +16,7 @@ from ..bench.replicate import check_machine_kind
 from ..errors import UserError
 from ..io import write_json_atomic
 from ..provenance import machine_info
-from .sweep import SweepSettings
+from .levels import SweepSettings
 
 PREPARED = ("models", "eval", "deploy")  # what the sweep's prepare steps leave; bench/ is measured anew
 

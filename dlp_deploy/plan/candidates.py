@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass
 from typing import Callable
 
 from ..errors import UserError
+from ..prune.masks import parse_pattern
+from ..prune.settings import prune_settings
 
 DENSE_ID = "dense"
 
@@ -74,8 +76,6 @@ def _depth(levels: list[float], saved: list[str]) -> list[Candidate]:
 
 
 def _nm_sparsity(pattern: str) -> float:
-    from ..prune.masks import parse_pattern
-
     return parse_pattern(pattern).fixed_sparsity
 
 
@@ -101,8 +101,6 @@ def candidates(include: list[str], levels: list[float], saved: list[str] = ()) -
 def prune_settings_of(c: Candidate, val_windows: int = 16):
     """What `prune` is given for a candidate: DLP with --alpha auto (tuned again on held-out C4, as the screen
     tuned it), the others as named."""
-    from ..prune.settings import prune_settings
-
     return prune_settings(c.sparsity, "wanda", c.allocation, None, pattern=c.pattern, structure=c.structure,
                           auto="alpha" if c.allocation == "dlp" else None, val_windows=val_windows)
 

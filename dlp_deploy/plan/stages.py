@@ -24,11 +24,35 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .. import data
+import numpy as np
+import torch
+
+from .. import data, models
+from ..bench.harness import BenchSettings, check_settings as check_bench
+from ..bench.schedule import merge_rounds
+from ..bench.stats import AA_SUFFIX, attach_speedups, bootstrap_ratio_ci, noise_floor, process_runs
 from ..errors import UserError
+from ..eval.evaluate import evaluate_deployment
+from ..eval.perplexity import perplexity, session_logits
+from ..export import deployment
+from ..export.deployment import QuantizeOptions, export_deployment, export_gguf_deployment
+from ..export.quantize import engines_refusing
 from ..io import atomic_dir, write_json_atomic
+from ..models import load_config
+from ..pipeline.executors import get_executor
+from ..pipeline.levels import Level, SweepSettings
+from ..pipeline.steps import bench_path, bench_step
 from ..provenance import provenance
+from ..prune.allocate import get_allocator
+from ..prune.depth import StreamlineSettings, streamline_to_folder, validate_settings as check_streamline
+from ..prune.masks import parse_pattern
+from ..prune.oneshot import DenseSnapshot
+from ..prune.pipeline import allocation_params, pattern_ratios
+from ..prune.search import Scorer, tune
+from ..prune.to_folder import prune_to_folder
 from ..runtime.deployment import EXPORT_FILE, load_deployment
+from ..runtime.engines import ENGINES
+from ..runtime.worker import ProgressEvents, replay_progress, run_in_worker, workaround
 from . import select
 from .candidates import DENSE_ID, PEERS, PRECISIONS, Candidate, candidates, deploy_name, precisions, \
     prune_settings_of
@@ -88,22 +112,15 @@ def check_settings(settings: PlanSettings) -> None:
         raise UserError(f"--screen-margin {settings.screen_margin}: give a non-negative fraction")
     candidates(settings.include, settings.levels)
     precisions(settings.precisions)
-    from ..prune.allocate import get_allocator
-
     for name in settings.allocations:
         get_allocator(name)  # a saved search's name, or a one-line refusal naming what exists
     bad_peers = [p for p in settings.peers if PRECISIONS.get(p) is None or PRECISIONS[p].format != "gguf"]
     if bad_peers:
         raise UserError(f"--peers {','.join(bad_peers)}: peers are GGUF formats ({', '.join(PEERS)}), or none")
-    from ..runtime.engines import ENGINES
-
     onnx = [e for e in settings.engines if e in ENGINES and ENGINES[e].model_format == "onnx"]
     if not settings.engines or len(onnx) != len(settings.engines):
         raise UserError(f"--engines {','.join(settings.engines)}: give ONNX engines (onnxruntime, deepsparse, "
                         "deepsparse-external, openvino); GGUF deployments are measured on llama.cpp by themselves")
-    from ..pipeline.executors import get_executor
-    from ..bench.harness import BenchSettings, check_settings as check_bench
-
     get_executor(settings.executor)
     for engine in settings.engines:
         check_bench(BenchSettings(engine, settings.cores, settings.prompt_len, settings.gen_len, 1, settings.runs,
@@ -170,9 +187,8 @@ class Plan:
         return self._validation
 
     def _calibration(self):
+        # transformers' Auto classes take seconds to import: here, not at the top, so the CLI starts without them
         from transformers import AutoTokenizer
-
-        from ..models import load_config
 
         ref, config = load_config(self.settings.model)
         tok = AutoTokenizer.from_pretrained(ref)
@@ -184,12 +200,6 @@ class Plan:
         """The dense model, its statistics (one calibration pass) and the validation windows: built only when a
         candidate needs scoring, so a finished plan resumes without loading the model."""
         if self._scorer is None:
-            import torch
-
-            from .. import models
-            from ..prune.oneshot import DenseSnapshot
-            from ..prune.search import Scorer
-
             model, _ = models.load(self.settings.model, "cpu")
             _, calibration = self._calibration()
             v = self.validation()
@@ -240,10 +250,6 @@ def _screen(p: Plan, c: Candidate) -> dict:
     if c.screen == "pruned":
         folder = model_folder(p, c)
         return {"ppl": _pytorch_validation_ppl(p, folder), "how": "pruned for real (no one-shot form), PyTorch"}
-    from ..prune.masks import parse_pattern
-    from ..prune.pipeline import allocation_params, pattern_ratios
-    from ..prune.search import tune
-
     scorer = p.scorer()
     settings = prune_settings_of(c, p.settings.val_windows)
     pattern = parse_pattern(c.pattern)
@@ -261,11 +267,6 @@ def _finite(x: float) -> float | None:
 
 
 def _pytorch_validation_ppl(p: Plan, folder: Path) -> float | None:
-    import torch
-
-    from .. import models
-    from ..eval.perplexity import perplexity
-
     model, _ = models.load(str(folder), "cpu")
     ids = torch.tensor(p.validation()["ids"], dtype=torch.long)
     return _finite(perplexity(model, ids, p.settings.val_seqlen)["ppl"])
@@ -281,16 +282,12 @@ def model_folder(p: Plan, c: Candidate) -> Path:
         return out
     p.log(f"[{c.id}] pruning")
     if c.form == "depth":
-        from ..prune.depth import StreamlineSettings, streamline_to_folder, validate_settings
-
         settings = StreamlineSettings(ratio=c.sparsity, replacement=c.replacement, calib=p.settings.calib,
                                       nsamples=p.settings.nsamples, seqlen=p.settings.calib_seqlen,
                                       seed=p.settings.seed)
-        validate_settings(settings)
+        check_streamline(settings)
         streamline_to_folder(p.settings.model, out, settings, "cpu", force=True, progress=p.progress)
     else:
-        from ..prune.to_folder import prune_to_folder
-
         prune_to_folder(p.settings.model, out, prune_settings_of(c, p.settings.val_windows), p.settings.calib,
                         p.settings.nsamples, p.settings.calib_seqlen, p.settings.seed, "cpu", force=True,
                         progress=p.progress)
@@ -312,8 +309,6 @@ def stage2_units(p: Plan, survivors: list[Candidate]) -> list[tuple[Candidate, s
 
 def stage2(p: Plan, units: list[tuple[Candidate, str, bool]]) -> dict[str, dict]:
     """deployment name -> {"ppl", "engine", "deploy", ...}, {"error": ...} or {"skipped": ...}."""
-    from ..runtime.engines import ENGINES
-
     p.stamp("stage2_started")
     if "fp32" not in p.settings.precisions:
         units = [(Candidate("dense"), "fp32", False)] + units
@@ -366,8 +361,6 @@ def export(p: Plan, c: Candidate, precision: str, name: str) -> Path:
     """The deployment folder. Export's own perplexity check reads WikiText-2 test text, which selection must
     never see: ONNX graphs are validated on logits and greedy tokens only (quality=None); GGUF files, whose check
     always scores perplexity, are not validated by export (stage 2's deployed perplexity on llama.cpp is theirs)."""
-    from ..export.deployment import export_deployment, export_gguf_deployment
-
     out = p.out / "deploy" / name
     if (out / EXPORT_FILE).is_file():
         return out
@@ -386,8 +379,6 @@ def export(p: Plan, c: Candidate, precision: str, name: str) -> Path:
 
 
 def validation_perplexity(p: Plan, folder: Path, engine: str) -> dict:
-    from ..runtime.worker import replay_progress, run_in_worker, workaround
-
     v = p.validation()
     return run_in_worker("plan-ppl", {"deploy_dir": str(folder), "engine": engine, "ids": v["ids"],
                                       "seqlen": v["seqlen"], "cores": p.settings.cores},
@@ -397,11 +388,6 @@ def validation_perplexity(p: Plan, folder: Path, engine: str) -> dict:
 
 def validation_perplexity_task(args: dict, emit) -> dict:
     """The worker's side (runtime/worker.py): the deployment's own perplexity on the given validation windows."""
-    import torch
-
-    from ..eval.perplexity import perplexity, session_logits
-    from ..runtime.engines import ENGINES
-    from ..runtime.worker import ProgressEvents
 
     dep = load_deployment(args["deploy_dir"])
     session = ENGINES[args["engine"]].compile(dep.model_path, dep.seq_len, num_cores=args["cores"])
@@ -417,8 +403,6 @@ AA_ID = "dense-aa"
 
 def sweep_settings(p: Plan, engines: list[str]):
     """The bench files and executors are the sweep's; they read these fields."""
-    from ..pipeline.sweep import SweepSettings
-
     settings = p.settings
     return SweepSettings(settings.model, [], engines=engines, cores=settings.cores, prompt_len=settings.prompt_len,
                          gen_len=settings.gen_len, runs=settings.runs, warmup=settings.warmup, rounds=settings.rounds,
@@ -427,8 +411,6 @@ def sweep_settings(p: Plan, engines: list[str]):
 
 
 def _level(candidate_id: str, aa: bool = False):
-    from ..pipeline.sweep import Level
-
     return Level(candidate_id, None if candidate_id in (DENSE_ID, AA_ID) else 1.0, None, aa_control=aa)
 
 
@@ -464,8 +446,6 @@ def engines_for(p: Plan, precision: str) -> list[str]:
 
 
 def quantize_options(p: Plan, precision: str):
-    from ..export.deployment import QuantizeOptions
-
     return QuantizeOptions(precision, seed=p.settings.seed,
                            **({"act_scales": INT8_ACT_SCALES} if precision == "int8" else {}))
 
@@ -473,9 +453,6 @@ def quantize_options(p: Plan, precision: str):
 def refusing(options) -> dict[str, str]:
     """Engines export refuses for a quantized graph, with why: its scheme registry's where it has one (INT4
     landed with it), else the INT8 activation scales' refusals."""
-    from ..export import deployment
-    from ..export.quantize import engines_refusing
-
     schemes = getattr(deployment, "QUANT_SCHEMES", {})
     if options.scheme in schemes:
         return schemes[options.scheme].refusals(options)
@@ -485,9 +462,6 @@ def refusing(options) -> dict[str, str]:
 def stage3(p: Plan, deploys: dict[str, dict]) -> tuple[list[dict], list[dict], list[str]]:
     """Measured rows (merged rounds, with speedups and noise floors), unmeasured pairs, and the deployments the
     time budget left unmeasured."""
-    from ..pipeline.executors import get_executor
-    from ..pipeline.sweep import bench_path
-
     p.stamp("stage3_started")
     references, optional, aa = stage3_pairs(p, deploys)
     engines = sorted({pair[3] for pair in references + aa + [x for group in optional for x in group]})
@@ -525,8 +499,6 @@ def stage3(p: Plan, deploys: dict[str, dict]) -> tuple[list[dict], list[dict], l
 def _probe(p: Plan, sweep, run_dir: Path, pair: tuple) -> None:
     """What one round costs here: the dense fp32 pair's first round, measured now (and kept: the interleaved
     measurement reuses it) unless an earlier start measured it; its wall time is kept in probe.json."""
-    from ..pipeline.sweep import bench_step
-
     path = run_dir / "probe.json"
     if path.is_file():
         p.planner.record("stage3", json.loads(path.read_text())["seconds"])
@@ -542,9 +514,6 @@ def _probe(p: Plan, sweep, run_dir: Path, pair: tuple) -> None:
 
 
 def merge_measured(pairs: list[tuple], rounds: list[list[dict]]) -> tuple[list[dict], list[dict]]:
-    from ..bench.schedule import merge_rounds
-    from ..bench.stats import AA_SUFFIX, attach_speedups
-
     rows, unmeasured = [], []
     for (level, precision, folder, engine, _), measured in zip(pairs, rounds):
         missed = next((r for r in measured if "unmeasured" in r), None)
@@ -563,9 +532,6 @@ def merge_measured(pairs: list[tuple], rounds: list[list[dict]]) -> tuple[list[d
 
 def ratio(base: dict, r: dict) -> dict:
     """Decode speed of r over base (>1: r is faster), with the cluster-bootstrap 95% interval over processes."""
-    import numpy as np
-
-    from ..bench.stats import bootstrap_ratio_ci, process_runs
 
     b, g = process_runs(base), process_runs(r)
     out = {"decode": float(np.median(np.concatenate(b)) / np.median(np.concatenate(g)))}
@@ -587,8 +553,6 @@ def choice_rows(rows: list[dict], deploys: dict[str, dict]) -> list[dict]:
 
 
 def choose(rows: list[dict], deploys: dict[str, dict], engines: list[str]) -> dict:
-    from ..bench.stats import noise_floor
-
     floor = noise_floor(rows)
     options = choice_rows(rows, deploys)
     best, why = select.choose(options, floor["value"])
@@ -613,8 +577,6 @@ def choose(rows: list[dict], deploys: dict[str, dict], engines: list[str]) -> di
 def test_perplexity(p: Plan, folder: Path, engine: str) -> dict:
     """WikiText-2 test perplexity of a deployment, on windows of the plan's validation length (the first
     --test-windows of them), through its scoring engine; kept under test/."""
-    from ..eval.evaluate import evaluate_deployment
-
     path = p.out / "test" / f"{folder.name}.{engine}.json"
     if not path.is_file():
         p.log(f"[{folder.name}] {TEST_CORPUS} test perplexity on {engine} (after the choice)")
