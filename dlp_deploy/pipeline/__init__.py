@@ -2,5 +2,6 @@
 executor, write results.json. Above report and bench (it writes what report reads and calls bench to measure);
 below plan and the commands.
 
-sweep.py runs a sweep and writes its results; executors.py says where its work runs (this process, a Ray
-cluster); replicate.py sets a run up to re-measure an earlier one."""
+levels.py says what a sweep is (settings, levels, pairs, the checks before any work); steps.py does one step of
+one level or one measured round; executors.py says where the steps run (this process, a Ray cluster); sweep.py
+runs a sweep and writes run.json and results.json; replicate.py sets a run up to re-measure an earlier one."""
