@@ -112,8 +112,8 @@ STATIC_SCALE_ENGINES = ("deepsparse", "deepsparse-external")
 
 def resolve_act_scales(quantize: "QuantizeOptions | None", engines: tuple[str, ...]) -> tuple:
     """--act-scales auto: the most accurate activation scales every one of `engines` accelerates. Dynamic
-    per-token scales cost +1.0% perplexity on SmolLM2 against static's +74%, and ONNX Runtime and OpenVINO run
-    them on integer MatMuls; DeepSparse runs only static ones. Returns the options with the choice made and a
+    per-token scales cost +1.0% perplexity on SmolLM2 against static's +74%, and ONNX Runtime runs them on integer
+    MatMuls (OpenVINO runs neither INT8 form in integers); DeepSparse runs only static ones. Returns the options with the choice made and a
     record of it (None where nothing was left to choose)."""
     if quantize is None or quantize.scheme != "int8" or quantize.act_scales != "auto":
         return quantize, None
@@ -121,7 +121,8 @@ def resolve_act_scales(quantize: "QuantizeOptions | None", engines: tuple[str, .
     chosen = "static" if static_only else "dynamic-token"
     reason = (f"{', '.join(static_only)} among the engines runs INT8 only with static scales; give --engines "
               "without it for dynamic-token, the more accurate form" if static_only else
-              f"the most accurate form {', '.join(engines) or 'the engines'} run on integer kernels")
+              "the most accurate INT8 form; ONNX Runtime runs it on integer MatMuls (OpenVINO runs any INT8 "
+              "MatMulInteger graph on f32 weights: --quantize w8 is its integer form)")
     return replace(quantize, act_scales=chosen), {"asked": "auto", "chosen": chosen, "engines": list(engines),
                                                   "reason": reason}
 
