@@ -404,3 +404,8 @@ def test_the_bench_aa_control_covers_every_engine(tmp_path):
     aa = _aa_plan(plan)
     assert [(d.folder.name, s.engine) for d, s in aa] == [("dense", "deepsparse"), ("dense", "onnxruntime"),
                                                          ("dense", "openvino")]
+    # a GGUF folder runs on llama.cpp only: that engine's control is its own first dense folder, not none
+    plan += [(load(name, s), BenchSettings("llamacpp")) for name, s in (("dlp-q4", 0.5), ("peer-q4", 0.0),
+                                                                          ("peer-q8", 0.0))]
+    assert [(d.folder.name, s.engine) for d, s in _aa_plan(plan)] == [
+        ("dense", "deepsparse"), ("dense", "onnxruntime"), ("dense", "openvino"), ("peer-q4", "llamacpp")]

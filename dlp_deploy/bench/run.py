@@ -73,17 +73,21 @@ def _measure(dep, settings) -> dict:
 
 
 def _aa_plan(plan: list[tuple]) -> list[tuple]:
-    """The A/A control: the first dense deployment measured again on every engine and core count, last in each
-    round (ABBA then puts it at the other end from the dense pair it is compared with)."""
+    """The A/A control: on every engine, the first dense deployment that engine runs measured again at every core
+    count, last in each round (ABBA then puts it at the other end from the dense pair it is compared with). Per
+    engine, because a GGUF (llama.cpp) and an ONNX folder (the others) never run on the same engine."""
 
     def dense(dep) -> bool:
         zeros = dep.info.get("weight_sparsity") or {}
         return is_dense({"source": dep.info.get("source"), "sparsity": zeros.get("global", 0.0),
                          "pytorch_sparsity": zeros.get("pytorch_global")})
 
-    first = next((dep for dep, _ in plan if dense(dep)), None)
-    # load_deployment makes one object per (folder, engine) pair: the control is the folder on every engine
-    return [(dep, settings) for dep, settings in plan if first is not None and dep.folder == first.folder]
+    first: dict[str, object] = {}
+    for dep, settings in plan:
+        if dense(dep):
+            first.setdefault(settings.engine, dep.folder)
+    # load_deployment makes one object per (folder, engine) pair: compare folders, not objects
+    return [(dep, settings) for dep, settings in plan if first.get(settings.engine) == dep.folder]
 
 
 def _mark_aa(measured: list[list[dict]]) -> None:
