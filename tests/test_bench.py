@@ -166,9 +166,10 @@ def test_sweep_resumes_and_report_renders(tmp_path, data_root):
     from dlp_deploy.testing import save_tiny
 
     model = save_tiny(tmp_path / "tiny", seed=2)
-    settings = SweepSettings(str(model), [0.5], "wanda", ["dlp", "uniform"], ["onnxruntime"], nsamples=2,
-                             calib_seqlen=32, eval_seqlen=64, max_windows=2, seq_len=64, validate=False, cores=1,
-                             prompt_len=8, gen_len=8, runs=2, warmup=0, rounds=2)
+    settings = SweepSettings.from_flat(model=str(model), sparsities=[0.5], method="wanda",
+                                       allocations=["dlp", "uniform"], engines=["onnxruntime"], nsamples=2,
+                                       calib_seqlen=32, eval_seqlen=64, max_windows=2, seq_len=64, validate=False,
+                                       cores=1, prompt_len=8, gen_len=8, runs=2, warmup=0, rounds=2)
     os.environ["DLP_DEPLOY_DATA"] = str(data_root)
     run = tmp_path / "run"
     first = run_sweep(settings, run, log=lambda *_: None)
@@ -189,7 +190,7 @@ def test_sweep_resumes_and_report_renders(tmp_path, data_root):
     assert (run / "models" / "wanda-dlp-0.50" / "pruning.json").stat().st_mtime_ns == stamp
     assert [r["decode_ms"] for r in second["results"]] == [r["decode_ms"] for r in first["results"]]
     with pytest.raises(UserError, match="other settings"):
-        run_sweep(SweepSettings(**{**settings.__dict__, "nsamples": 3}), run)
+        run_sweep(settings.replace_flat(nsamples=3), run)
 
     report = make_report([run], tmp_path / "report")
     md = (report / "report.md").read_text()
@@ -217,7 +218,7 @@ def test_sweep_resumes_and_report_renders(tmp_path, data_root):
     os.environ["DLP_DEPLOY_FAULT"] = "hang:wanda-uniform-0.50"
     said = []
     try:
-        limited = run_sweep(SweepSettings(**{**settings.__dict__, "bench_timeout": 8.0}), run, log=said.append)
+        limited = run_sweep(settings.replace_flat(bench_timeout=8.0), run, log=said.append)
     finally:
         del os.environ["DLP_DEPLOY_FAULT"]
     # one timed-out round: the second round is not launched at the same limit (counted, not timed, so a loaded
@@ -232,12 +233,12 @@ def test_sweep_resumes_and_report_renders(tmp_path, data_root):
     # the report names the unmeasured pair (label, precision, engine) and no table row carries it
     named = re.search(r"Not measured[^:]*: (\S+) \((\w+)\) on (\w+)", md)
     assert named and named.groups() == ("wanda-uniform-0.50", "fp32", "onnxruntime")
-    again = run_sweep(SweepSettings(**{**settings.__dict__, "bench_timeout": 8.0}), run, log=lambda *_: None)
+    again = run_sweep(settings.replace_flat(bench_timeout=8.0), run, log=lambda *_: None)
     assert [u["label"] for u in again["unmeasured"]] == ["wanda-uniform-0.50"]  # same limit: not retried
-    longer = run_sweep(SweepSettings(**{**settings.__dict__, "bench_timeout": 600.0}), run, log=lambda *_: None)
+    longer = run_sweep(settings.replace_flat(bench_timeout=600.0), run, log=lambda *_: None)
     assert longer["unmeasured"] == [] and len(longer["results"]) == 4
     with pytest.raises(UserError, match="--bench-timeout"):
-        run_sweep(SweepSettings(**{**settings.__dict__, "bench_timeout": 0.0}), run)
+        run_sweep(settings.replace_flat(bench_timeout=0.0), run)
 
 
 def test_interleaved_orders():
@@ -309,11 +310,12 @@ def test_sweep_over_forms_and_its_report(tmp_path, data_root):
     from dlp_deploy.testing import save_tiny
 
     model = save_tiny(tmp_path / "tiny", seed=2, hidden_size=128, intermediate_size=256, num_attention_heads=8)
-    settings = SweepSettings(str(model), [0.5], "wanda", ["dlp"], ["onnxruntime"], nsamples=2, calib_seqlen=32,
-                             eval_seqlen=64, max_windows=2, seq_len=64, validate=False, cores=1, prompt_len=8,
-                             gen_len=8, runs=2, warmup=0, patterns=["2:4", "mixed:8"], structure="heads,channels",
-                             structure_sparsities=[0.3], structure_allocations=["uniform"],
-                             importances=["activation"])
+    settings = SweepSettings.from_flat(model=str(model), sparsities=[0.5], method="wanda", allocations=["dlp"],
+                                       engines=["onnxruntime"], nsamples=2, calib_seqlen=32, eval_seqlen=64,
+                                       max_windows=2, seq_len=64, validate=False, cores=1, prompt_len=8, gen_len=8,
+                                       runs=2, warmup=0, patterns=["2:4", "mixed:8"], structure="heads,channels",
+                                       structure_sparsities=[0.3], structure_allocations=["uniform"],
+                                       importances=["activation"])
     os.environ["DLP_DEPLOY_DATA"] = str(data_root)
     result = run_sweep(settings, tmp_path / "run", log=lambda *_: None)
     by_label = {q["label"]: q for q in result["quality"]}

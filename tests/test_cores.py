@@ -162,9 +162,10 @@ def test_sweep_measures_every_pair_at_each_count_and_reports_scaling(tmp_path, d
 
     monkeypatch.setenv("DLP_DEPLOY_DATA", str(data_root))
     model = save_tiny(tmp_path / "tiny", seed=2)
-    settings = SweepSettings(str(model), [], "wanda", ["dlp"], ["onnxruntime"], eval_seqlen=64, max_windows=2,
-                             seq_len=64, validate=False, cores=[1, 2], prompt_len=8, gen_len=8, runs=2, warmup=0,
-                             rounds=1)
+    settings = SweepSettings.from_flat(model=str(model), sparsities=[], method="wanda", allocations=["dlp"],
+                                       engines=["onnxruntime"], eval_seqlen=64, max_windows=2, seq_len=64,
+                                       validate=False, cores=[1, 2], prompt_len=8, gen_len=8, runs=2, warmup=0,
+                                       rounds=1)
     result = run_sweep(settings, tmp_path / "run", log=lambda *_: None)
     assert sorted(p.name for p in (tmp_path / "run" / "bench").iterdir()) == ["dense.onnxruntime.c1.r0.json",
                                                                              "dense.onnxruntime.c2.r0.json"]

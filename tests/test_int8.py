@@ -98,10 +98,11 @@ def test_sweep_in_both_precisions_reports_both_baselines(tmp_path, data_root):
     from dlp_deploy.testing import save_tiny
 
     model = save_tiny(tmp_path / "tiny", seed=2, **GQA)
-    settings = SweepSettings(str(model), [0.5], "wanda", ["dlp"], ["onnxruntime", "openvino"], nsamples=2,
-                             calib_seqlen=32, eval_seqlen=64, max_windows=2, seq_len=96, validate=False, cores=1,
-                             prompt_len=8, gen_len=8, runs=2, warmup=0, precisions=["fp32", "int8"], rounds=1,
-                             order="shuffle")  # one round: the interleaving is tested in test_bench (CI time)
+    settings = SweepSettings.from_flat(model=str(model), sparsities=[0.5], method="wanda", allocations=["dlp"],
+                                       engines=["onnxruntime", "openvino"], nsamples=2, calib_seqlen=32, eval_seqlen=64,
+                                       max_windows=2, seq_len=96, validate=False, cores=1, prompt_len=8, gen_len=8,
+                                       runs=2, warmup=0, precisions=["fp32", "int8"], rounds=1,
+                                       order="shuffle")  # one round: the interleaving is tested in test_bench (CI time)
     result = run_sweep(settings, tmp_path / "run", log=lambda *_: None)
     rows = {(r["label"], r["engine"]): r for r in result["results"] if not r.get("aa_control")}
     assert set(rows) == {(f"{m}{p}", e) for m in ("dense", "wanda-dlp-0.50") for p in ("", ".int8")

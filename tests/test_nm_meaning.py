@@ -90,7 +90,8 @@ def test_an_old_record_that_fits_neither_meaning_is_refused(one_of_four, tmp_pat
 def test_a_sweep_swept_under_the_old_meaning_is_not_resumed(tmp_path):
     from dlp_deploy.pipeline.levels import SweepSettings, check_sweep, levels
 
-    settings = SweepSettings("m", [0.5], "wanda", ["dlp"], ["onnxruntime"], patterns=["1:4"])
+    settings = SweepSettings.from_flat(model="m", sparsities=[0.5], method="wanda", allocations=["dlp"],
+                                       engines=["onnxruntime"], patterns=["1:4"])
     assert [(lv.label, lv.sparsity) for lv in levels(settings)][1] == ("wanda-1of4", 0.75)
     run = tmp_path / "run"
     run.mkdir()
@@ -98,7 +99,8 @@ def test_a_sweep_swept_under_the_old_meaning_is_not_resumed(tmp_path):
     with pytest.raises(UserError, match="counted pruned weights"):
         check_sweep(settings, run)
     (run / "run.json").write_text(json.dumps({"settings": {"patterns": ["2:4"]}}))  # same either way
-    check_sweep(SweepSettings("m", [0.5], "wanda", ["dlp"], ["onnxruntime"], patterns=["2:4"]), run)
+    check_sweep(SweepSettings.from_flat(model="m", sparsities=[0.5], method="wanda", allocations=["dlp"],
+                                        engines=["onnxruntime"], patterns=["2:4"]), run)
 
 
 def test_one_shot_scoring_of_mixed_rounds_to_whole_counts():

@@ -18,9 +18,10 @@ pytestmark = pytest.mark.ray  # each test starts or uses a local Ray cluster: on
 
 def tiny_settings(model, **overrides) -> SweepSettings:
     """Two levels (dense, DLP 50%), one engine, one run in one round: seconds per step."""
-    return SweepSettings(str(model), [0.5], "wanda", ["dlp"], ["onnxruntime"], nsamples=2, calib_seqlen=32,
-                         eval_seqlen=64, max_windows=2, seq_len=64, validate=False, cores=1, prompt_len=8, gen_len=8,
-                         runs=1, warmup=0, rounds=1, **overrides)
+    return SweepSettings.from_flat(model=str(model), sparsities=[0.5], method="wanda", allocations=["dlp"],
+                                   engines=["onnxruntime"], nsamples=2, calib_seqlen=32, eval_seqlen=64, max_windows=2,
+                                   seq_len=64, validate=False, cores=1, prompt_len=8, gen_len=8, runs=1, warmup=0,
+                                   rounds=1, **overrides)
 
 
 LABELS = {"dense", "wanda-dlp-0.50"}

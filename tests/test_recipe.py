@@ -4,7 +4,6 @@ On the settings level: run_sweep is replaced by a stub, so nothing is pruned or 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -59,8 +58,8 @@ def _run_json(folder: Path, settings: SweepSettings, recipe: dict | None = None)
 
 def test_a_run_json_replays_the_settings_the_command_line_built(sweep_of, tmp_path):
     built, recipe = sweep_of("some-model", *OPTIONS, "--out", tmp_path / "a")
-    assert recipe is None and built.allocations == ["dlp", "uniform", "owl"]
-    assert built.patterns == ["unstructured", "2:4"] and built.precisions == ["fp32", "int8"]
+    assert recipe is None and built.prune.allocations == ["dlp", "uniform", "owl"]
+    assert built.prune.patterns == ["unstructured", "2:4"] and built.precisions == ["fp32", "int8"]
     replayed, record = sweep_of("--recipe", _run_json(tmp_path / "a", built), "--out", tmp_path / "b")
     assert replayed == built
     assert record == {"file": str((tmp_path / "a" / "run.json").resolve()), "overridden": []}
@@ -74,8 +73,8 @@ def test_options_on_the_command_line_override_the_recipe(sweep_of, tmp_path):
     path = _run_json(tmp_path / "a", built)
     replayed, record = sweep_of("--recipe", path, "--out", tmp_path / "b", "--rounds", "5", "--engines",
                                 "deepsparse,onnxruntime", "--baseline", "none", "other-model")
-    assert asdict(replayed) == {**asdict(built), "rounds": 5, "engines": ["deepsparse", "onnxruntime"],
-                                "allocations": ["dlp"], "model": "other-model"}
+    assert replayed.to_flat() == {**built.to_flat(), "rounds": 5, "engines": ["deepsparse", "onnxruntime"],
+                                  "allocations": ["dlp"], "model": "other-model"}
     assert record["overridden"] == ["allocations", "engines", "model", "rounds"]
     # an option left at its default does not override: the recipe's 2 rounds stand
     assert sweep_of("--recipe", path, "--out", tmp_path / "c")[0].rounds == 2
@@ -123,7 +122,20 @@ def test_recipe_and_replicate_are_refused_together_and_a_recipe_needs_a_model(sw
 
 
 def test_run_json_keeps_the_settings_and_the_recipe():
-    settings = SweepSettings("m", [0.5])
+    settings = SweepSettings.from_flat(model="m", sparsities=[0.5])
     record = run_record(settings, {"file": "/x/run.json", "overridden": ["rounds"]})
-    assert record["settings"] == asdict(settings) and record["recipe"]["file"] == "/x/run.json"
+    assert record["settings"] == settings.to_flat() and record["recipe"]["file"] == "/x/run.json"
     assert "recipe" not in run_record(settings) and record["provenance"]["versions"]
+
+
+def test_every_committed_sweeps_flat_settings_compose_and_flatten_back():
+    """The settings are composed of the stages' own (SweepSettings.prune, .calibration, .eval, .export, .bench);
+    every committed sweep's flat settings read into them and come back out unchanged, so each stays a recipe."""
+    root = Path(__file__).resolve().parents[1] / "reports"
+    sweeps = [json.loads(p.read_text())["settings"] for p in sorted(root.glob("*/results.json"))
+              if json.loads(p.read_text()).get("schema") == "dlp-deploy/sweep/1"]
+    assert len(sweeps) >= 5
+    for flat in sweeps:
+        settings = SweepSettings.from_flat(flat)
+        assert {k: v for k, v in settings.to_flat().items() if k in flat} == flat
+        assert settings.calibration.seqlen == flat["calib_seqlen"] and settings.bench.runs == flat["runs"]

@@ -113,9 +113,10 @@ def test_aa_control_in_a_tiny_sweep_its_floor_in_the_report_and_a_replication(tm
     from dlp_deploy.testing import save_tiny
 
     model = save_tiny(tmp_path / "tiny", seed=2)
-    settings = SweepSettings(str(model), [0.5], "wanda", ["dlp"], ["onnxruntime"], nsamples=2, calib_seqlen=32,
-                             eval_seqlen=64, max_windows=2, seq_len=64, validate=False, cores=1, prompt_len=8,
-                             gen_len=8, runs=2, warmup=0, rounds=2)
+    settings = SweepSettings.from_flat(model=str(model), sparsities=[0.5], method="wanda", allocations=["dlp"],
+                                       engines=["onnxruntime"], nsamples=2, calib_seqlen=32, eval_seqlen=64,
+                                       max_windows=2, seq_len=64, validate=False, cores=1, prompt_len=8, gen_len=8,
+                                       runs=2, warmup=0, rounds=2)
     os.environ["DLP_DEPLOY_DATA"] = str(data_root)
     run = tmp_path / "run"
     first = run_sweep(settings, run, log=lambda *_: None)

@@ -188,8 +188,8 @@ def test_sweep_levels_take_expressions_and_saved_searches(tiny_dir, tmp_path, ca
     from dlp_deploy.pipeline.levels import SweepSettings, level_settings, levels
 
     _search(tiny_dir, tmp_path / "mine", 2)
-    s = SweepSettings(str(tiny_dir), [0.5], "wanda", ["dlp", "expr:abslog>var>atan,asin", "mine", "owl"],
-                      alpha=0.07)
+    s = SweepSettings.from_flat(model=str(tiny_dir), sparsities=[0.5], method="wanda",
+                                allocations=["dlp", "expr:abslog>var>atan,asin", "mine", "owl"], alpha=0.07)
     plan = levels(s)[1:]
     assert [lv.label for lv in plan] == ["wanda-dlp-0.50", "wanda-expr_abslog_var_atan_asin-0.50",
                                          "wanda-mine-0.50", "wanda-owl-0.50"]

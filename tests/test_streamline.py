@@ -277,10 +277,11 @@ def test_sweep_with_depth_levels_and_recovered_twins(tmp_path, data_root, monkey
 
     monkeypatch.setenv("DLP_DEPLOY_DATA", str(data_root))
     model = save_tiny(tmp_path / "tiny", seed=2)
-    settings = SweepSettings(str(model), [0.5], "wanda", ["uniform"], ["onnxruntime"], nsamples=2, calib_seqlen=32,
-                             eval_seqlen=64, max_windows=2, seq_len=64, validate=False, cores=1, prompt_len=8,
-                             gen_len=8, runs=1, warmup=0, rounds=1, depth=["none", "ffn"], depth_ratio=0.5,
-                             recover=["wanda-uniform-0.50", "streamline-ffn-*"], recover_steps=4)
+    settings = SweepSettings.from_flat(model=str(model), sparsities=[0.5], method="wanda", allocations=["uniform"],
+                                       engines=["onnxruntime"], nsamples=2, calib_seqlen=32, eval_seqlen=64,
+                                       max_windows=2, seq_len=64, validate=False, cores=1, prompt_len=8, gen_len=8,
+                                       runs=1, warmup=0, rounds=1, depth=["none", "ffn"], depth_ratio=0.5,
+                                       recover=["wanda-uniform-0.50", "streamline-ffn-*"], recover_steps=4)
     run = tmp_path / "run"
     result = run_sweep(settings, run, log=lambda *_: None)
     q = {e["label"]: e for e in result["quality"]}
@@ -323,7 +324,7 @@ def test_sweep_with_depth_levels_and_recovered_twins(tmp_path, data_root, monkey
     assert "![pareto.png](pareto.png)" in md
 
     with pytest.raises(UserError, match="matches no level"):
-        run_sweep(SweepSettings(**{**settings.__dict__, "recover": ["nothing-*"]}), tmp_path / "other")
+        run_sweep(settings.replace_flat(recover=["nothing-*"]), tmp_path / "other")
 
 
 def _mlp_params(folder):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -10,12 +9,16 @@ import typer
 
 from ..errors import UserError
 from ..pipeline.executors import get_executor
-from ..pipeline.levels import SweepSettings, precision_format, resolve_windows
+from ..bench.harness import BenchSettings
+from ..eval.evaluate import EvalSettings
+from ..export.deployment import ExportSettings
+from ..pipeline.levels import FLAT, SweepSettings, precision_format, resolve_windows
 from ..pipeline.replicate import replicate_sweep_settings
 from ..pipeline.sweep import apply_recipe, read_recipe, run_sweep
 from ..progress import console, progress_bar, quiet_transformers
 from ..prune.allocate import split_allocations
 from ..prune.depth import REPLACEMENTS
+from ..prune.settings import Calibration, SweepPrune
 from ..prune.structured import DEFAULT_IMPORTANCE
 from ..report.console import results_table
 from .options import parse_cores, parse_floats, parse_names, parse_order
@@ -103,19 +106,25 @@ def sweep_cmd(
     if data_dir:
         os.environ["DLP_DEPLOY_DATA"] = str(data_dir)
     get_executor(executor)  # an unknown name answers before any work
-    settings = SweepSettings(model, parse_floats(sparsities, "--sparsities"), method,
-                             parse_allocations(allocation)
-                             + [b for b in parse_allocations(baseline) if b not in parse_allocations(allocation)],
-                             parse_names(engines), calib, nsamples, calib_seqlen, seed, parse_names(ppl),
-                             eval_seqlen, max_windows, seq_len, validate, parse_cores(cores), prompt_len, gen_len,
-                             runs, warmup, external_cache, device, parse_names(pattern), structure,
-                             parse_floats(structure_sparsities, "--structure-sparsities")
-                             if structure_sparsities else None,
-                             parse_allocations(structure_allocations) if structure_allocations else None,
-                             parse_names(importance),
-                             multiple, parse_precisions(precision), rounds, parse_order(order), order_seed, alpha,
-                             parse_depth(depth), depth_ratio, parse_names(recover) if recover else [], recover_steps,
-                             bench_timeout)
+    allocations = parse_allocations(allocation)
+    settings = SweepSettings(
+        model=model,
+        prune=SweepPrune(
+            sparsities=parse_floats(sparsities, "--sparsities"), method=method,
+            allocations=allocations + [b for b in parse_allocations(baseline) if b not in allocations],
+            patterns=parse_names(pattern), structure=structure,
+            structure_sparsities=parse_floats(structure_sparsities, "--structure-sparsities")
+            if structure_sparsities else None,
+            structure_allocations=parse_allocations(structure_allocations) if structure_allocations else None,
+            importances=parse_names(importance), multiple=multiple, alpha=alpha, depth=parse_depth(depth),
+            depth_ratio=depth_ratio, recover=parse_names(recover) if recover else [], recover_steps=recover_steps),
+        calibration=Calibration(corpus=calib, nsamples=nsamples, seqlen=calib_seqlen, seed=seed),
+        eval=EvalSettings(ppl=parse_names(ppl), seqlen=eval_seqlen, max_windows=max_windows),
+        export=ExportSettings(seq_len=seq_len, validate=validate),
+        bench=BenchSettings(prompt_len=prompt_len, gen_len=gen_len, runs=runs, warmup=warmup,
+                            external_cache=external_cache),
+        engines=parse_names(engines), precisions=parse_precisions(precision), cores=parse_cores(cores),
+        rounds=rounds, order=parse_order(order), order_seed=order_seed, device=device, bench_timeout=bench_timeout)
     recipe_record = None
     if recipe is not None and replicate is not None:
         raise UserError("give --recipe FILE or --replicate RUN_DIR, not both: a replication re-measures the earlier "
@@ -149,8 +158,8 @@ def sweep_cmd(
     console.print(f"results: {out / 'results.json'}  (next: dlp-deploy report {out} --out REPORT_DIR)")
 
 
-# the options that set a SweepSettings field of another name (--allocation and --baseline together set allocations);
-# every other option named after a field sets that field, and the rest (--out, --executor, ...) none
+# the options that set a flat setting (pipeline/levels.FLAT) of another name (--allocation and --baseline together
+# set allocations); every other option named after a setting sets it, and the rest (--out, --executor, ...) none
 OPTION_FIELDS = {"allocation": "allocations", "baseline": "allocations", "pattern": "patterns",
                  "importance": "importances", "precision": "precisions"}
 
@@ -158,7 +167,7 @@ OPTION_FIELDS = {"allocation": "allocations", "baseline": "allocations", "patter
 def typed_fields(ctx: typer.Context) -> set[str]:
     """The SweepSettings fields set by options the user typed (not left at their defaults): they override a
     recipe's values."""
-    names = {f.name for f in fields(SweepSettings)}
+    names = set(FLAT)
     typed = [p for p in ctx.params if ctx.get_parameter_source(p).name in ("COMMANDLINE", "ENVIRONMENT")]
     return {OPTION_FIELDS.get(p, p) for p in typed} & names
 

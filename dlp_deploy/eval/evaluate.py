@@ -1,6 +1,7 @@
 """A whole eval job: perplexity on the requested corpora and optional zero-shot tasks, one JSON out."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import data, models
@@ -13,6 +14,16 @@ from ..runtime.engines import ENGINES
 from ..runtime.worker import ProgressEvents, replay_progress, run_in_worker, workaround
 from .perplexity import corpus_ids, perplexity, session_logits
 from .zeroshot import check_tasks, evaluate_zeroshot
+
+
+@dataclass
+class EvalSettings:
+    """Perplexity as a sweep scores every level and deployment: the corpora, the window (None: min(2048, the
+    model's context)) and at most `max_windows` windows (None: all)."""
+
+    ppl: list[str] = field(default_factory=lambda: ["wikitext2"])
+    seqlen: int = 2048
+    max_windows: int | None = None
 
 
 def evaluate(model_ref: str, ppl: list[str], seqlen: int | None = None, max_windows: int | None = None,

@@ -51,6 +51,15 @@ def _no_progress(_: str) -> None:
 
 # ---------------------------------------------------------------- export
 
+@dataclass
+class ExportSettings:
+    """What every deployment of a sweep shares: the export window (prompt + generated tokens) and whether each
+    export is checked against PyTorch; the precision's QuantizeOptions and QualityCheck are per deployment."""
+
+    seq_len: int = 512
+    validate: bool = True
+
+
 @dataclass(frozen=True)
 class QuantizeOptions:
     """W8A8: SmoothQuant (alpha; 0 = off) on the PyTorch model, then the integer-MatMul rewrite with activation

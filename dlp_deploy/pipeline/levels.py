@@ -6,7 +6,9 @@ steps.py, run by an executor (executors.py) for sweep.run_sweep.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+import typing
+from copy import deepcopy
+from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
 from pathlib import Path
 
@@ -14,14 +16,14 @@ from ..bench.harness import BenchSettings, check_cores, check_settings, core_cou
 from ..bench.records import ONNX_PRECISIONS
 from ..data import default_seqlen
 from ..errors import UserError
+from ..eval.evaluate import EvalSettings
+from ..export.deployment import ExportSettings
 from ..export.gguf import GGUF_QUANTS
 from ..models import load_config
-from ..prune.allocate import get_allocator
 from ..prune.depth import StreamlineSettings, validate_settings as check_streamline
 from ..prune.masks import NM_COUNTS, parse_pattern
 from ..prune.recover import RecoverSettings, validate_settings as check_recover
-from ..prune.settings import prune_settings
-from ..prune.structured import DEFAULT_IMPORTANCE
+from ..prune.settings import Calibration, SweepPrune
 from ..runtime.engines import ENGINES, NBITS_REFUSALS
 
 DENSE = "dense"
@@ -29,54 +31,85 @@ DENSE = "dense"
 
 @dataclass
 class SweepSettings:
+    """A sweep: the stages' own settings, composed, and the sweep's own fields. The steps pass each part straight
+    to its stage (bench's BenchSettings gets its engine and cores per pair). run.json, results.json and recipes
+    keep the settings flat, under the names in FLAT (to_flat, from_flat)."""
+
     model: str
-    sparsities: list[float]
-    method: str = "wanda"
-    allocations: list[str] = field(default_factory=lambda: ["dlp", "uniform"])
+    prune: SweepPrune  # the pruned forms (levels), prune/settings.py
+    calibration: Calibration = field(default_factory=Calibration)  # prune, depth cut and recovery calibration
+    eval: EvalSettings = field(default_factory=EvalSettings)  # perplexity of every level and deployment
+    export: ExportSettings = field(default_factory=ExportSettings)
+    bench: BenchSettings = field(default_factory=BenchSettings)  # engine and cores: each pair's (bench_settings)
     engines: list[str] = field(default_factory=lambda: ["deepsparse", "onnxruntime"])
-    calib: str = "c4"
-    nsamples: int = 128
-    calib_seqlen: int = 2048
-    seed: int = 0
-    ppl: list[str] = field(default_factory=lambda: ["wikitext2"])
-    eval_seqlen: int = 2048
-    max_windows: int | None = None
-    seq_len: int = 512
-    validate: bool = True
-    # one count (None: all usable), or a list: every pair is then measured at each count (scaling with cores)
-    cores: int | list[int] | None = None
-    prompt_len: int = 64
-    gen_len: int = 128
-    runs: int = 5
-    warmup: int = 1
-    external_cache: bool = False
-    device: str = "cpu"
-    # pruning forms: each pattern runs at every sparsity x allocation (a fixed N:M once, uniform); structured
-    # pruning (when `structure` is set) at structure_sparsities x structure_allocations x importances
-    patterns: list[str] = field(default_factory=lambda: ["unstructured"])
-    structure: str | None = None
-    structure_sparsities: list[float] | None = None
-    structure_allocations: list[str] | None = None
-    importances: list[str] = field(default_factory=lambda: [DEFAULT_IMPORTANCE])
-    multiple: int = 8
     # every level exported in each precision: fp32 and int8 as ONNX, GGUF formats (q4_1, q8_0, ...) for llama.cpp;
     # a sweep with more than fp32 scores every deployment itself (ONNX Runtime, or llama.cpp for GGUF)
     precisions: list[str] = field(default_factory=lambda: ["fp32"])
+    # one count (None: all usable), or a list: every pair is then measured at each count (scaling with cores)
+    cores: int | list[int] | None = None
     # each (level, precision, engine) measured in `rounds` worker processes, interleaved (bench/schedule.py); the
     # bootstrap resamples processes, so fewer than 3 leave it next to nothing to resample
     rounds: int = 3
     order: str = "abba"
     order_seed: int = 0
-    alpha: float | None = None  # DLP's spread; None: the paper's App. G value per level
-    # depth pruning (LLM-Streamline): one level per replacement, cutting `depth_ratio` of the decoder layers
-    depth: list[str] = field(default_factory=list)
-    depth_ratio: float = 0.25
-    # recovery fine-tuning: every level whose label matches one of these patterns (fnmatch) gets a twin
-    # "<label>+recovery", LoRA-trained from it with the zeros kept
-    recover: list[str] = field(default_factory=list)
-    recover_steps: int = 100
+    device: str = "cpu"
     # seconds one benchmark worker (compile and runs) may take; a pair past it is reported as not measured
     bench_timeout: float | None = None
+
+    def to_flat(self) -> dict:
+        """The settings as run.json, results.json and a recipe's [settings] table hold them: one flat table."""
+        return {name: deepcopy(getattr(self if part is None else getattr(self, part), attr))
+                for name, (part, attr) in FLAT.items()}
+
+    @classmethod
+    def from_flat(cls, flat: dict | None = None, /, **named) -> SweepSettings:
+        """The settings of a flat table (to_flat's form); keys it leaves out take their defaults. A name not in
+        FLAT is a TypeError, as a dataclass's unknown keyword."""
+        given = {**(flat or {}), **named}
+        unknown = sorted(set(given) - set(FLAT))
+        if unknown:
+            raise TypeError(f"SweepSettings has no setting {', '.join(unknown)}")
+        parts: dict[str | None, dict] = {}
+        for name, value in given.items():
+            part, attr = FLAT[name]
+            parts.setdefault(part, {})[attr] = value
+        own = parts.pop(None, {})
+        return cls(**own, **{part: PARTS[part](**values) for part, values in parts.items()},
+                   **{part: PARTS[part]() for part in PARTS if part not in parts and part != "prune"})
+
+    def replace_flat(self, **changes) -> SweepSettings:
+        """These settings with some flat fields changed (a recipe's values, a test's variant)."""
+        return SweepSettings.from_flat({**self.to_flat(), **changes})
+
+
+# part -> its class; FLAT: each flat setting -> (its part, None for the sweep's own field; the part's field), in
+# the order run.json has always written them
+PARTS = {"prune": SweepPrune, "calibration": Calibration, "eval": EvalSettings, "export": ExportSettings,
+         "bench": BenchSettings}
+FLAT: dict[str, tuple[str | None, str]] = {
+    "model": (None, "model"), "sparsities": ("prune", "sparsities"), "method": ("prune", "method"),
+    "allocations": ("prune", "allocations"), "engines": (None, "engines"), "calib": ("calibration", "corpus"),
+    "nsamples": ("calibration", "nsamples"), "calib_seqlen": ("calibration", "seqlen"),
+    "seed": ("calibration", "seed"), "ppl": ("eval", "ppl"), "eval_seqlen": ("eval", "seqlen"),
+    "max_windows": ("eval", "max_windows"), "seq_len": ("export", "seq_len"), "validate": ("export", "validate"),
+    "cores": (None, "cores"), "prompt_len": ("bench", "prompt_len"), "gen_len": ("bench", "gen_len"),
+    "runs": ("bench", "runs"), "warmup": ("bench", "warmup"), "external_cache": ("bench", "external_cache"),
+    "device": (None, "device"), "patterns": ("prune", "patterns"), "structure": ("prune", "structure"),
+    "structure_sparsities": ("prune", "structure_sparsities"),
+    "structure_allocations": ("prune", "structure_allocations"), "importances": ("prune", "importances"),
+    "multiple": ("prune", "multiple"), "precisions": (None, "precisions"), "rounds": (None, "rounds"),
+    "order": (None, "order"), "order_seed": (None, "order_seed"), "alpha": ("prune", "alpha"),
+    "depth": ("prune", "depth"), "depth_ratio": ("prune", "depth_ratio"), "recover": ("prune", "recover"),
+    "recover_steps": ("prune", "recover_steps"), "bench_timeout": (None, "bench_timeout"),
+}
+
+
+def flat_hints() -> dict:
+    """Each flat setting's type, from the field of the part that holds it (a recipe's values are checked
+    against these)."""
+    hints = {part: typing.get_type_hints(c) for part, c in PARTS.items()}
+    hints[None] = typing.get_type_hints(SweepSettings)
+    return {name: hints[part][attr] for name, (part, attr) in FLAT.items()}
 
 
 @dataclass(frozen=True)
@@ -117,24 +150,25 @@ class Level:
 
 
 def levels(sweep: SweepSettings) -> list[Level]:
+    forms = sweep.prune
     out = [Level(DENSE, None, None)]
-    for text in sweep.patterns:
+    for text in forms.patterns:
         pattern = parse_pattern(text)
         if pattern.kind == "nm":
-            out.append(Level(f"{sweep.method}-{pattern.n}of{pattern.m}", pattern.fixed_sparsity, "uniform",
+            out.append(Level(f"{forms.method}-{pattern.n}of{pattern.m}", pattern.fixed_sparsity, "uniform",
                              str(pattern)))
             continue
         tag = "" if pattern.kind == "unstructured" else f"mixed{pattern.m}-"
-        for p in sweep.sparsities:
-            out += [Level(f"{sweep.method}-{tag}{_folder_safe(a)}-{p:.2f}", p, a, str(pattern))
-                    for a in sweep.allocations]
-    if sweep.structure:
-        for p in sweep.structure_sparsities or sweep.sparsities:
-            for imp in sweep.importances:
-                out += [Level(f"structured-{imp}-{_folder_safe(a)}-{p:.2f}", p, a, "unstructured", sweep.structure, imp)
-                        for a in (sweep.structure_allocations or sweep.allocations)]
-    out += [Level(f"streamline-{r}-{sweep.depth_ratio:.2f}", sweep.depth_ratio, f"streamline-{r}", replacement=r)
-            for r in sweep.depth]
+        for p in forms.sparsities:
+            out += [Level(f"{forms.method}-{tag}{_folder_safe(a)}-{p:.2f}", p, a, str(pattern))
+                    for a in forms.allocations]
+    if forms.structure:
+        for p in forms.structure_sparsities or forms.sparsities:
+            for imp in forms.importances:
+                out += [Level(f"structured-{imp}-{_folder_safe(a)}-{p:.2f}", p, a, "unstructured", forms.structure, imp)
+                        for a in (forms.structure_allocations or forms.allocations)]
+    out += [Level(f"streamline-{r}-{forms.depth_ratio:.2f}", forms.depth_ratio, f"streamline-{r}", replacement=r)
+            for r in forms.depth]
     return out + recovered_levels(sweep, out)
 
 
@@ -144,7 +178,7 @@ RECOVERED = "+recovery"
 def recovered_levels(sweep: SweepSettings, plan: list[Level]) -> list[Level]:
     """A twin of every pruned level whose label matches a --recover pattern; they come last, after their bases."""
     return [replace(level, label=level.label + RECOVERED, base=level.label) for level in plan
-            if level.sparsity is not None and any(fnmatchcase(level.label, p) for p in sweep.recover)]
+            if level.sparsity is not None and any(fnmatchcase(level.label, p) for p in sweep.prune.recover)]
 
 
 def prepare_waves(plan: list[Level]) -> list[list[Level]]:
@@ -159,23 +193,22 @@ def _folder_safe(allocation: str) -> str:
 
 
 def level_settings(sweep: SweepSettings, level: Level):
-    # --alpha is the spread of the allocations that have one (dlp, expr:...); the others ignore it
-    alpha = sweep.alpha if level.allocation and get_allocator(level.allocation).uses_alpha else None
-    return prune_settings(level.sparsity, sweep.method, level.allocation, alpha, pattern=level.pattern,
-                          structure=level.structure, importance=level.importance or DEFAULT_IMPORTANCE,
-                          multiple=sweep.multiple)
+    return sweep.prune.settings(level.sparsity, level.allocation, pattern=level.pattern, structure=level.structure,
+                                importance=level.importance)
 
 
 def streamline_settings(sweep: SweepSettings, level: Level) -> StreamlineSettings:
     # the calibration the prunes use (corpus, windows, window length), so every form sees the same text
-    settings = StreamlineSettings(ratio=level.sparsity, replacement=level.replacement, calib=sweep.calib,
-                                  nsamples=sweep.nsamples, seqlen=sweep.calib_seqlen, seed=sweep.seed)
+    calibration = sweep.calibration
+    settings = StreamlineSettings(ratio=level.sparsity, replacement=level.replacement, calib=calibration.corpus,
+                                  nsamples=calibration.nsamples, seqlen=calibration.seqlen, seed=calibration.seed)
     check_streamline(settings)
     return settings
 
 
 def recover_settings(sweep: SweepSettings) -> RecoverSettings:
-    settings = RecoverSettings(steps=sweep.recover_steps, seqlen=sweep.calib_seqlen, seed=sweep.seed)
+    settings = RecoverSettings(steps=sweep.prune.recover_steps, seqlen=sweep.calibration.seqlen,
+                               seed=sweep.calibration.seed)
     check_recover(settings)
     return settings
 
@@ -198,10 +231,11 @@ def runs_on(engine: str, precision: str) -> bool:
 def resolve_windows(sweep: SweepSettings) -> SweepSettings:
     """The calibration and perplexity windows left None, resolved to min(2048, the model's context) before any
     work, so that run.json and the report hold the number."""
-    if sweep.calib_seqlen is not None and sweep.eval_seqlen is not None:
+    if sweep.calibration.seqlen is not None and sweep.eval.seqlen is not None:
         return sweep
     window = default_seqlen(load_config(sweep.model)[1])
-    return replace(sweep, calib_seqlen=sweep.calib_seqlen or window, eval_seqlen=sweep.eval_seqlen or window)
+    return replace(sweep, calibration=replace(sweep.calibration, seqlen=sweep.calibration.seqlen or window),
+                   eval=replace(sweep.eval, seqlen=sweep.eval.seqlen or window))
 
 
 def check_sweep(sweep: SweepSettings, run_dir: Path) -> None:
@@ -211,8 +245,8 @@ def check_sweep(sweep: SweepSettings, run_dir: Path) -> None:
             streamline_settings(sweep, level)
         elif not level.recovered:
             level_settings(sweep, level)
-    if sweep.recover and not any(lv.recovered for lv in plan):
-        raise UserError(f"--recover {','.join(sweep.recover)} matches no level; level labels look like "
+    if sweep.prune.recover and not any(lv.recovered for lv in plan):
+        raise UserError(f"--recover {','.join(sweep.prune.recover)} matches no level; level labels look like "
                         f"{plan[-1].label if len(plan) > 1 else 'wanda-dlp-0.50'} (patterns may use * and ?)")
     if any(lv.recovered for lv in plan):
         recover_settings(sweep)
@@ -229,7 +263,7 @@ def check_sweep(sweep: SweepSettings, run_dir: Path) -> None:
         raise UserError(f"--bench-timeout {sweep.bench_timeout:g}: give a positive number of seconds, or leave it out")
     for engine in sweep.engines:
         for cores in core_counts(sweep.cores):
-            check_settings(bench_settings(sweep, engine, cores), sweep.seq_len)
+            check_settings(bench_settings(sweep, engine, cores), sweep.export.seq_len)
     saved = run_dir / "run.json"
     if saved.is_file():
         run = json.loads(saved.read_text())
@@ -238,7 +272,7 @@ def check_sweep(sweep: SweepSettings, run_dir: Path) -> None:
         grows = ("sparsities", "allocations", "engines", "patterns", "structure_sparsities", "structure_allocations",
                  "importances", "precisions", "depth", "recover")
         free = ("bench_timeout",)  # a limit on waiting, not on what is measured
-        changed = sorted(k for k, v in asdict(sweep).items() if k not in grows + free and before.get(k, v) != v)
+        changed = sorted(k for k, v in sweep.to_flat().items() if k not in grows + free and before.get(k, v) != v)
         if changed:
             raise UserError(f"{run_dir} holds a sweep with other settings ({', '.join(changed)}); resume it with the "
                             "same options or choose a new --out")
@@ -257,8 +291,7 @@ def _check_nm_meaning(run: dict, run_dir: Path) -> None:
 
 
 def bench_settings(sweep: SweepSettings, engine: str, cores: int | None) -> BenchSettings:
-    return BenchSettings(engine, cores, sweep.prompt_len, sweep.gen_len, 1, sweep.runs, sweep.warmup,
-                         sweep.external_cache)
+    return replace(sweep.bench, engine=engine, cores=cores)
 
 
 def sweep_pairs(sweep: SweepSettings, prepared: list[tuple]) -> list[tuple]:

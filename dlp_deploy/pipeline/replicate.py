@@ -8,7 +8,6 @@ the earlier run (`replicates`), and the report marks each headline speedup as re
 from __future__ import annotations
 
 import json
-from dataclasses import fields
 from pathlib import Path
 
 from ..bench.records import SWEEP_SCHEMA, load_results
@@ -16,7 +15,7 @@ from ..bench.replicate import check_machine_kind
 from ..errors import UserError
 from ..io import write_json_atomic
 from ..provenance import machine_info
-from .levels import SweepSettings
+from .levels import FLAT, SweepSettings
 
 PREPARED = ("models", "eval", "deploy")  # what the sweep's prepare steps leave; bench/ is measured anew
 
@@ -38,8 +37,7 @@ def replicate_sweep_settings(earlier: Path, out: Path):
     if out.resolve() == earlier:
         raise UserError(f"--out {out} is the run being replicated; choose a new folder")
     saved = json.loads((earlier / "run.json").read_text())["settings"]
-    known = {f.name for f in fields(SweepSettings)}
-    settings = SweepSettings(**{k: v for k, v in saved.items() if k in known})
+    settings = SweepSettings.from_flat({k: v for k, v in saved.items() if k in FLAT})
     out.mkdir(parents=True, exist_ok=True)
     for name in PREPARED:
         link = out / name

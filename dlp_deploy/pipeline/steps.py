@@ -68,8 +68,9 @@ def prune_step(sweep: SweepSettings, run_dir: Path, level: Level, progress, log)
     out = run_dir / "models" / level.label
     if not (out / "pruning.json").is_file():
         log(f"[{level.label}] pruning")
-        prune_to_folder(sweep.model, out, level_settings(sweep, level), sweep.calib, sweep.nsamples,
-                        sweep.calib_seqlen, sweep.seed, sweep.device, force=True, progress=progress)
+        calibration = sweep.calibration
+        prune_to_folder(sweep.model, out, level_settings(sweep, level), calibration.corpus, calibration.nsamples,
+                        calibration.seqlen, calibration.seed, sweep.device, force=True, progress=progress)
     return out
 
 
@@ -77,7 +78,7 @@ def eval_step(sweep: SweepSettings, run_dir: Path, level: Level, model_ref: str,
     out = run_dir / "eval" / f"{level.label}.json"
     if not out.is_file():
         log(f"[{level.label}] perplexity")
-        result = evaluate(model_ref, sweep.ppl, sweep.eval_seqlen, sweep.max_windows, device=sweep.device,
+        result = evaluate(model_ref, sweep.eval.ppl, sweep.eval.seqlen, sweep.eval.max_windows, device=sweep.device,
                           progress=progress)
         write_json_atomic(out, result, force=True)
     return json.loads(out.read_text())
@@ -94,13 +95,14 @@ def export_step(sweep: SweepSettings, run_dir: Path, level: Level, model_ref: st
         return out
     if precision_format(precision) == "gguf":
         log(f"[{out.name}] export GGUF")
-        export_gguf_deployment(model_ref, out, precision, seq_len=sweep.seq_len, validate=sweep.validate, force=True,
-                               num_cores=_most_cores(sweep))
+        export_gguf_deployment(model_ref, out, precision, seq_len=sweep.export.seq_len, validate=sweep.export.validate,
+                               force=True, num_cores=_most_cores(sweep))
     else:
         log(f"[{out.name}] export")
-        export_deployment(model_ref, out, seq_len=sweep.seq_len, validate=sweep.validate, force=True,
+        export_deployment(model_ref, out, seq_len=sweep.export.seq_len, validate=sweep.export.validate, force=True,
                           num_cores=_most_cores(sweep),
-                          quantize=None if precision == "fp32" else QuantizeOptions(precision, seed=sweep.seed),
+                          quantize=None if precision == "fp32" else QuantizeOptions(precision,
+                                                                                    seed=sweep.calibration.seed),
                           quality=QualityCheck(tolerance=default_ppl_tolerance(precision)))
     return out
 
@@ -112,7 +114,8 @@ def deployment_eval_step(sweep: SweepSettings, run_dir: Path, level: Level, depl
     out = run_dir / "eval" / f"{deploy_name(level, precision)}.{engine}.json"
     if not out.is_file():
         log(f"[{deploy.name}] deployment perplexity ({engine})")
-        result = evaluate_deployment(str(deploy), engine, sweep.ppl, None, sweep.max_windows, _most_cores(sweep))
+        result = evaluate_deployment(str(deploy), engine, sweep.eval.ppl, None, sweep.eval.max_windows,
+                                     _most_cores(sweep))
         write_json_atomic(out, result, force=True)
     return json.loads(out.read_text())
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import tomllib
 import typing
-from dataclasses import asdict, replace
 from pathlib import Path
 
 from ..bench.harness import machine_block
@@ -27,7 +26,7 @@ from ..io import write_json_atomic
 from ..provenance import provenance
 from ..prune.masks import NM_COUNTS
 from .executors import get_executor
-from .levels import DENSE, Level, SweepSettings, check_sweep, levels, sweep_pairs
+from .levels import DENSE, Level, SweepSettings, check_sweep, flat_hints, levels, sweep_pairs
 
 # what run.json keeps beside `settings`; a recipe (`dlp-deploy sweep --recipe`) may hold them and they are not read
 RUN_RECORDS = ("nm_counts", "provenance", "recipe")
@@ -37,7 +36,7 @@ def run_record(sweep: SweepSettings, recipe: dict | None = None) -> dict:
     """run.json: the settings (a recipe that replays this run), the N:M meaning, provenance, and where the
     settings came from when a recipe gave them ({"file": its path, "overridden": the fields the command line
     set})."""
-    return {"settings": asdict(sweep), "nm_counts": NM_COUNTS, "provenance": provenance(),
+    return {"settings": sweep.to_flat(), "nm_counts": NM_COUNTS, "provenance": provenance(),
             **({"recipe": recipe} if recipe is not None else {})}
 
 
@@ -59,7 +58,7 @@ def read_recipe(path: Path) -> dict:
     if beside:
         raise UserError(f"--recipe {path}: unknown key {', '.join(beside)} beside [settings] (a recipe holds "
                         f"settings, and what run.json keeps: {', '.join(RUN_RECORDS)})")
-    hints = typing.get_type_hints(SweepSettings)
+    hints = flat_hints()
     settings = data["settings"]
     unknown = sorted(set(settings) - set(hints))
     if unknown:
@@ -80,7 +79,7 @@ def _type_text(hint) -> str:
 def apply_recipe(sweep: SweepSettings, recipe: dict, given: set[str]) -> SweepSettings:
     """`sweep` (built from the command line) with the recipe's values, except the fields in `given` (set by
     options the user typed, which override the recipe)."""
-    return replace(sweep, **{k: v for k, v in recipe.items() if k not in given})
+    return sweep.replace_flat(**{k: v for k, v in recipe.items() if k not in given})
 
 
 def run_sweep(sweep: SweepSettings, run_dir: Path, progress=None, log=print, prepare_only: bool = False,
@@ -125,7 +124,7 @@ def write_results(sweep: SweepSettings, run_dir: Path, prepared: list[tuple], pa
                  **model_records(run_dir, level)}
         quality.append(entry)
         meta[level.label] = (form, entry)
-    settings = asdict(sweep)
+    settings = sweep.to_flat()
     results, unmeasured = [], []
     for (level, precision, *_), rounds in zip(pairs, measured):
         form, entry = meta[DENSE if level.aa_control else level.label]

@@ -35,7 +35,7 @@ from ..errors import UserError
 from ..eval.evaluate import evaluate_deployment
 from ..eval.perplexity import perplexity, session_logits
 from ..export import deployment
-from ..export.deployment import QuantizeOptions, export_deployment, export_gguf_deployment
+from ..export.deployment import ExportSettings, QuantizeOptions, export_deployment, export_gguf_deployment
 from ..export.quantize import engines_refusing
 from ..io import atomic_dir, write_json_atomic
 from ..models import load_config
@@ -49,6 +49,7 @@ from ..prune.masks import parse_pattern
 from ..prune.oneshot import DenseSnapshot
 from ..prune.pipeline import allocation_params, pattern_ratios
 from ..prune.search import Scorer, tune
+from ..prune.settings import SweepPrune
 from ..prune.to_folder import prune_to_folder
 from ..runtime.deployment import EXPORT_FILE, load_deployment
 from ..runtime.engines import ENGINES
@@ -404,10 +405,11 @@ AA_ID = "dense-aa"
 def sweep_settings(p: Plan, engines: list[str]):
     """The bench files and executors are the sweep's; they read these fields."""
     settings = p.settings
-    return SweepSettings(settings.model, [], engines=engines, cores=settings.cores, prompt_len=settings.prompt_len,
-                         gen_len=settings.gen_len, runs=settings.runs, warmup=settings.warmup, rounds=settings.rounds,
-                         seq_len=settings.seq_len, precisions=sorted({*settings.precisions, *settings.peers}),
-                         device="cpu")
+    return SweepSettings(settings.model, SweepPrune([]), export=ExportSettings(seq_len=settings.seq_len),
+                         bench=BenchSettings(prompt_len=settings.prompt_len, gen_len=settings.gen_len,
+                                             runs=settings.runs, warmup=settings.warmup),
+                         engines=engines, cores=settings.cores, rounds=settings.rounds,
+                         precisions=sorted({*settings.precisions, *settings.peers}), device="cpu")
 
 
 def _level(candidate_id: str, aa: bool = False):
