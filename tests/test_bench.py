@@ -140,10 +140,13 @@ def test_bench_cli_writes_versioned_results_with_speedup(deployments, tmp_path):
     from dlp_deploy.testing import run_cli as cli
 
     out = tmp_path / "bench.json"
-    proc = cli("bench", deployments["dense"], deployments["sparse50"], "--engine", "onnxruntime", "--json", out,
-               "--prompt-len", "8", "--gen-len", "8", "--runs", "2", "--cores", "1", "--rounds", "2")
+    # FOLDER@ENGINE: that folder on that engine only, whatever --engine lists (openvino here runs nothing)
+    proc = cli("bench", f"{deployments['dense']}@onnxruntime", f"{deployments['sparse50']}@onnxruntime", "--engine",
+               "openvino", "--json", out, "--prompt-len", "8", "--gen-len", "8", "--runs", "2", "--cores", "1",
+               "--rounds", "2")
     assert proc.returncode == 0, proc.stderr
     data = json.loads(out.read_text())
+    assert {r["engine"] for r in data["results"]} == {"onnxruntime"} and len(data["results"]) == 3
     assert data["schema"] == "dlp-deploy/bench/1"
     assert {"cpu_model", "isa", "cores_used", "copy_bandwidth_gbs"} <= set(data["machine"])
     assert data["machine"]["cores_measured"] == [1] and set(data["machine"]["copy_bandwidth_gbs_by_threads"]) == {"1"}
@@ -157,6 +160,8 @@ def test_bench_cli_writes_versioned_results_with_speedup(deployments, tmp_path):
     assert sparse["speedup"]["decode_ci95"][0] <= sparse["speedup"]["decode"] <= sparse["speedup"]["decode_ci95"][1]
     proc = cli("bench", tmp_path, "--json", tmp_path / "x.json")
     assert proc.returncode == 2 and "not a deployment folder" in proc.stderr and "Traceback" not in proc.stderr
+    proc = cli("bench", f"{deployments['dense']}@tensorrt", "--json", tmp_path / "x.json")
+    assert proc.returncode == 2 and "'tensorrt' after @ is not an engine" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_sweep_resumes_and_report_renders(tmp_path, data_root):

@@ -7,6 +7,7 @@ from pathlib import Path
 from ..errors import UserError
 from ..provenance import provenance
 from ..runtime.deployment import load_deployment
+from ..runtime.engines import ENGINES
 from ..runtime.worker import EngineFailure
 from .harness import (BenchSettings, bench_pair_subprocess, bench_report, check_settings, core_counts, machine_block,
                       pair_identity)
@@ -22,7 +23,8 @@ def run_bench(o: dict, source: Path | None = None, earlier: dict | None = None, 
     prompt_len, gen_len, batch, runs, warmup, external_cache = (o[k] for k in (
         "prompt_len", "gen_len", "batch", "runs", "warmup", "external_cache"))
     plan = [(load_deployment(d), BenchSettings(e, c, prompt_len, gen_len, batch, runs, warmup, external_cache))
-            for d in deployments for e in engines for c in core_counts(counts)]
+            for d, only in map(split_engine_suffix, deployments) for e in ([only] if only else engines)
+            for c in core_counts(counts)]
     for dep, settings in plan:
         check_settings(settings, dep.seq_len)
     plan, not_run = runnable_pairs(plan)
@@ -43,6 +45,18 @@ def run_bench(o: dict, source: Path | None = None, earlier: dict | None = None, 
     if earlier is not None:
         report.update(replicates=str(source), replication=mark_replication(earlier["results"], results))
     return report
+
+
+def split_engine_suffix(deployment: str) -> tuple[str, str | None]:
+    """FOLDER@ENGINE measures FOLDER on ENGINE only (a 7 GB fp32 graph need not compile on every engine of the run);
+    a folder whose own name holds an @ is itself."""
+    folder, at, engine = str(deployment).rpartition("@")
+    if not at or Path(deployment).is_dir():
+        return str(deployment), None
+    if engine not in ENGINES:
+        raise UserError(f"{deployment}: {engine!r} after @ is not an engine; give FOLDER@ENGINE with one of "
+                        f"{', '.join(ENGINES)}, or the folder alone")
+    return folder, engine
 
 
 def runnable_pairs(plan: list[tuple]) -> tuple[list[tuple], list[dict]]:

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..bench.replicate import replicate_bench_options
-from ..bench.run import run_bench
+from ..bench.run import run_bench, split_engine_suffix
 from ..errors import UserError
 from ..io import check_writable, write_json_atomic
 from ..progress import console, progress_bar
@@ -17,7 +17,8 @@ from .options import parse_cores, parse_order
 
 def bench_cmd(
     deployments: Annotated[Optional[list[Path]], typer.Argument(help="deployment folders made by `dlp-deploy "
-                                                                     "export` (not with --replicate)")] = None,
+                                                                     "export` (not with --replicate); FOLDER@ENGINE "
+                                                                     "measures it on that engine only")] = None,
     # `...`: required (a default only because the optional deployments come first)
     json_out: Annotated[Path, typer.Option("--json", help="results file (must not exist unless --force)")] = ...,
     engine: Annotated[list[str], typer.Option(help="deepsparse and/or onnxruntime (repeat the option)")] = None,
@@ -52,7 +53,7 @@ def bench_cmd(
         raise UserError("give deployment folders, or --replicate FILE to re-measure an earlier bench run")
     else:
         source = earlier = None
-        options = {"deployments": [str(d.resolve()) for d in deployments], "engines": engine or ["deepsparse",
+        options = {"deployments": [_resolved(d) for d in deployments], "engines": engine or ["deepsparse",
                    "onnxruntime"], "cores": parse_cores(cores), "prompt_len": prompt_len, "gen_len": gen_len,
                    "batch": batch, "runs": runs, "warmup": warmup, "external_cache": external_cache,
                    "rounds": rounds, "order": parse_order(order), "order_seed": order_seed}
@@ -69,6 +70,12 @@ def bench_cmd(
     for u in report["unmeasured"]:
         console.print(f"not measured: {u['label']} on {u['engine']} ({u['kv_cache']} KV cache): {u['reason']}",
                       markup=False)
+
+
+def _resolved(deployment: Path) -> str:
+    """An absolute folder, keeping a FOLDER@ENGINE suffix."""
+    folder, engine = split_engine_suffix(str(deployment))
+    return str(Path(folder).resolve()) + (f"@{engine}" if engine else "")
 
 
 COMMANDS = {"bench": bench_cmd}
