@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Issue 25's study of Qwen2.5-Coder-1.5B-Instruct (`make qwen` first): prune, score (PyTorch and each deployment
+# itself, WikiText-2 and C4, 8 windows of 512), export, and one interleaved bench against the model's own Q4_K_M
+# GGUF on llama.cpp. Every step is skipped when its output exists (rerun to resume) and timed with GNU time into
+# $OUT/costs/STEP.txt (wall, peak RSS). One job at a time: a 1.5B in fp32 is 7 GB.
+# Usage: bash scripts/qwen_study.sh [STAGE...]   stages: prune eval export bench deval speculative report
+# (default: all, in that order: measurements before the deployed evaluations, which only need the CPU)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+M=qwen2.5-coder-1.5b
+OUT=${OUT:-runs/q15}
+CAL="--calib c4 --nsamples 16 --seqlen 512 --val-windows 4"
+PPL="--ppl wikitext2,c4 --seqlen 512 --max-windows 8"
+SEQ=520  # export window: deployed perplexity at 512 needs 513 positions
+mkdir -p $OUT/costs $OUT/models $OUT/eval $OUT/deploy
+step() {  # step NAME OUTPUT command...
+  local name=$1 target=$2; shift 2
+  [ -e "$target" ] && return 0
+  echo "== $name ($(date +%T))"
+  /usr/bin/time -v -o $OUT/costs/$name.txt "$@"
+}
+prune() {
+  step prune-dlp50 $OUT/models/dlp-0.50 dlp-deploy prune $M --sparsity 0.5 --method wanda --allocation dlp \
+    --alpha auto $CAL --out $OUT/models/dlp-0.50
+  step prune-uniform50 $OUT/models/uniform-0.50 dlp-deploy prune $M --sparsity 0.5 --method wanda \
+    --allocation uniform $CAL --out $OUT/models/uniform-0.50
+  if [ -n "${OWL:-}" ]; then  # OWL=1: the third allocation of the DLP paper's comparison (+~20 min here)
+    step prune-owl50 $OUT/models/owl-0.50 dlp-deploy prune $M --sparsity 0.5 --method wanda --allocation owl \
+      $CAL --out $OUT/models/owl-0.50
+  fi
+}
+evals() {
+  step eval-dense $OUT/eval/dense.json dlp-deploy eval $M $PPL --json $OUT/eval/dense.json
+  for m in dlp-0.50 uniform-0.50 owl-0.50; do
+    if [ -d $OUT/models/$m ]; then step eval-$m $OUT/eval/$m.json dlp-deploy eval $OUT/models/$m $PPL --json $OUT/eval/$m.json; fi
+  done
+}
+exports() {  # validated on ONNX Runtime / llama.cpp; DeepSparse compiles the INT8 graph in the bench
+  local D=$OUT/deploy ORT="--engines onnxruntime"
+  step export-source $D/source-q4_k_m dlp-deploy export $M --format gguf --quant source --seq-len $SEQ --out $D/source-q4_k_m
+  step export-dlp50-int8 $D/dlp-0.50.int8 dlp-deploy export $OUT/models/dlp-0.50 --quantize int8 --act-scales static \
+    --seq-len $SEQ $ORT --ppl-tolerance 1.0 --out $D/dlp-0.50.int8
+  step export-dense-q8_0 $D/dense.q8_0 dlp-deploy export $M --format gguf --quant q8_0 --seq-len $SEQ --out $D/dense.q8_0
+  step export-dlp50-q4_k_m $D/dlp-0.50.q4_k_m dlp-deploy export $OUT/models/dlp-0.50 --format gguf --quant q4_k_m \
+    --seq-len $SEQ --ppl-tolerance 1.0 --out $D/dlp-0.50.q4_k_m
+  if [ -n "${FP32:-}" ]; then  # FP32=1: the fp32 graphs (7 GB each; bytes alone rule them out against a 1.1 GB Q4_K_M)
+    step export-dense $D/dense dlp-deploy export $M --seq-len $SEQ $ORT --out $D/dense
+    step export-dlp50 $D/dlp-0.50 dlp-deploy export $OUT/models/dlp-0.50 --seq-len $SEQ $ORT --out $D/dlp-0.50
+  fi
+  if [ -n "${W8:-}" ]; then  # W8=1: ONNX Runtime's 8-bit blocks, q8_0's layout (the llama.cpp q8_0 row is its peer)
+    step export-dense-w8 $D/dense.w8 dlp-deploy export $M --quantize w8 --seq-len $SEQ $ORT --out $D/dense.w8
+  fi
+}
+deployed_evals() {  # each deployment's own perplexity (fp32 ONNX equals PyTorch within the export's validation)
+  for d in source-q4_k_m dense.q8_0 dlp-0.50.q4_k_m; do
+    if [ -d $OUT/deploy/$d ]; then step deval-$d $OUT/eval/deploy-$d.json dlp-deploy eval $OUT/deploy/$d \
+      --engine llamacpp $PPL --json $OUT/eval/deploy-$d.json; fi
+  done
+  for d in dense.w8 dlp-0.50.int8; do
+    if [ -d $OUT/deploy/$d ]; then step deval-$d $OUT/eval/deploy-$d.json dlp-deploy eval $OUT/deploy/$d \
+      --engine onnxruntime $PPL --json $OUT/eval/deploy-$d.json; fi
+  done
+}
+bench() {  # each folder on the engine it is for (FOLDER@ENGINE); llama.cpp for the GGUF ones
+  local D=$OUT/deploy extra=""
+  [ -d $D/dense ] && extra="$extra $D/dense@onnxruntime"
+  [ -d $D/dlp-0.50 ] && extra="$extra $D/dlp-0.50@deepsparse"
+  [ -d $D/dense.w8 ] && extra="$extra $D/dense.w8@onnxruntime"
+  step bench $OUT/bench.json dlp-deploy bench $D/source-q4_k_m $D/dense.q8_0 $D/dlp-0.50.q4_k_m \
+    $D/dlp-0.50.int8@deepsparse $extra --engine llamacpp --prompt-len 32 --gen-len 32 --runs 3 --rounds 3 \
+    --json $OUT/bench.json
+}
+speculative() {  # the pruned model as the draft of the original file (both llama.cpp): acceptance and step costs
+  step speculative $OUT/speculative.json python scripts/speculative_estimate.py $OUT/deploy/source-q4_k_m \
+    $OUT/deploy/dlp-0.50.q4_k_m --out $OUT/speculative.json
+}
+report() { python scripts/qwen_report.py --run $OUT --out reports/qwen2.5-coder-1.5b; }
+stages=${*:-prune eval export bench deval speculative report}
+for s in $stages; do
+  case $s in prune) prune;; eval) evals;; export) exports;; deval) deployed_evals;; bench) bench;; speculative) speculative;; report) report;;
+    *) echo "unknown stage $s" >&2; exit 2;; esac
+done
