@@ -72,10 +72,11 @@ GGUF_QUANTS = {q.name: q for q in (
 
 
 # not a format but the file a GGUF-fetched model came from, unchanged: the peer its users run today. Not in
-# GGUF_QUANTS, so a sweep cannot ask for it at a pruned level (whose weights that file does not hold). Its tolerances
-# are q4_k_m's: the file is compared with its own weights dequantized, and llama.cpp quantizes activations to 8 bits
-# for k-quants
-SOURCE_QUANT = GgufQuant("source", "", "", "the model's own GGUF file (models fetch), copied unchanged", 0.5, 0.05)
+# GGUF_QUANTS, so a sweep cannot ask for it at a pruned level (whose weights that file does not hold). The file is
+# compared with its own weights dequantized, yet llama.cpp multiplies k-quants with activations rounded to 8 bits:
+# on Qwen2.5-Coder-1.5B's Q4_K_M that moved the largest logit by 0.38 and 0.58 of the logit scale on two prompts,
+# so no max |Δlogit| bound separates a right file from a wrong one; greedy agreement and perplexity judge it
+SOURCE_QUANT = GgufQuant("source", "", "", "the model's own GGUF file (models fetch), copied unchanged", 1.0, 0.05)
 
 
 def gguf_quant(name: str) -> GgufQuant:
