@@ -160,6 +160,8 @@ class Study:
         path = self.cache / name
         if path.is_file():
             return json.loads(path.read_text())
+        if self.args.cached_only:
+            return None
         record = compute()
         write_json_atomic(path, record, force=True)
         return record
@@ -317,19 +319,31 @@ def run(args) -> dict:
     study = Study(args)
     study.open_cache()
     dense = study.cached("dense.json", study.dense_reference)
+    if dense is None:
+        from dlp_deploy.errors import UserError
+
+        raise UserError(f"--cached-only: {study.cache} holds no results yet")
     per_sparsity = []
     for sparsity in args.sparsity:
         proxy = study.cached(f"s{sparsity:g}/proxy.json", lambda: study.proxy(sparsity))
+        if proxy is None:  # --cached-only, not reached yet
+            continue
         rows = [study.cached(f"s{sparsity:g}/alpha-{alpha:g}.json",
                              lambda alpha=alpha: study.sequential(sparsity, alpha))
                 for alpha in proxy["grid"]]
+        done = [i for i, r in enumerate(rows) if r is not None]
+        missing = [proxy["grid"][i] for i, r in enumerate(rows) if r is None]
+        scored = {**proxy, "grid": [proxy["grid"][i] for i in done],
+                  "validation_ppl": [proxy["validation_ppl"][i] for i in done]}
+        rows = [rows[i] for i in done]
         per_sparsity.append({"sparsity": sparsity, "proxy": {k: proxy[k] for k in
                                                              ("grid", "validation_ppl", "choice", "validation",
                                                               "seconds", "scorer")},
                              "sequential": [{k: r[k] for k in ("alpha", "validation_ppl", "test_ppl",
                                                               "global_sparsity", "layers_clipped", "timings")}
                                             for r in rows],
-                             "comparison": compare(proxy, rows)})
+                             "missing_alphas": missing,
+                             "comparison": compare(scored, rows) if len(rows) >= 2 else None})
     result = {"schema": SCHEMA, "settings": study.settings(), "dense": {k: dense[k] for k in
                                                                        ("validation_ppl", "test_ppl",
                                                                         "test_details")},
@@ -370,11 +384,22 @@ def markdown(result: dict) -> str:
              f"{first['wikitext2']['source']} and of {first['c4']['source']}.", "",
              f"Dense: validation {_fmt(dense['validation_ppl'])}, WikiText-2 {_fmt(dense['test_ppl']['wikitext2'])}, "
              f"C4 {_fmt(dense['test_ppl']['c4'])}.", ""]
+    reached = {block["sparsity"] for block in result["sparsities"]}
+    for sparsity in s["sparsities"]:
+        if sparsity not in reached:
+            lines += [f"## Sparsity {sparsity:g}", "", "**Not run yet** (not even the proxy).", ""]
     for block in result["sparsities"]:
         c = block["comparison"]
+        lines += [f"## Sparsity {block['sparsity']:g}", ""]
+        if block["missing_alphas"]:
+            lines += [f"**Partial:** the sequential prune has not run yet at alpha "
+                      f"{', '.join(f'{x:g}' for x in block['missing_alphas'])}; correlations and picks below are "
+                      f"over the alphas done (the proxy's own choice over the whole grid: {block['proxy']['choice']:g}).",
+                      ""]
+        if c is None:
+            continue
         ser = c["series"]
-        lines += [f"## Sparsity {block['sparsity']:g}", "",
-                  "| alpha | proxy val ppl | sequential val ppl | sequential WikiText-2 | sequential C4 |",
+        lines += ["| alpha | proxy val ppl | sequential val ppl | sequential WikiText-2 | sequential C4 |",
                   "|---:|---:|---:|---:|---:|"]
         for i, g in enumerate(c["grid"]):
             cells = []
@@ -445,6 +470,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gate", type=Path, default=None, help="wait before each expensive step until this file exists")
     ap.add_argument("--block", type=Path, default=None, help="wait before each expensive step while this file exists")
     ap.add_argument("--force", action="store_true", help="discard cached results")
+    ap.add_argument("--cached-only", action="store_true", help="compute nothing: write the report from what the "
+                                                               "cache holds so far (marked partial)")
     args = ap.parse_args(argv)
     args.work = args.work or Path(tempfile.gettempdir()) / f"alpha-proxy-{args.out.resolve().name}"
 
@@ -459,6 +486,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for block in result["sparsities"]:
         c = block["comparison"]
+        if c is None:
+            print(f"sparsity {block['sparsity']:g}: fewer than 2 alphas done")
+            continue
         rhos = ", ".join(f"{k}: {'n/a' if v['rho'] is None else format(v['rho'], '+.3f')}"
                          for k, v in c["spearman"].items())
         print(f"sparsity {block['sparsity']:g}: picks {c['picks']}; Spearman {rhos}")

@@ -103,3 +103,9 @@ def test_tiny_model_grid_json_readme_and_resume(tmp_path, data_root, monkeypatch
     assert ap.main(argv) == 0
     again = json.loads((out / "alpha_proxy.json").read_text())
     assert again["sparsities"][0]["comparison"] == comparison
+
+    (out / "cache" / "s0.5" / "alpha-0.1.json").unlink()  # --cached-only: a partial report, nothing computed
+    assert ap.main(argv + ["--cached-only"]) == 0
+    partial = json.loads((out / "alpha_proxy.json").read_text())["sparsities"][0]
+    assert partial["missing_alphas"] == [0.1] and partial["comparison"]["grid"] == [0.0, 0.05]
+    assert "**Partial:**" in (out / "README.md").read_text()
