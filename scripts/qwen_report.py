@@ -48,14 +48,15 @@ ENGINE_NAMES = {"deepsparse": "DeepSparse", "onnxruntime": "ONNX Runtime", "open
                 "llamacpp": "llama.cpp"}
 
 # the PyTorch models of the quality table: run folder name -> label (dense is the fetched model itself)
-MODELS = {"dense": "dense", "dlp-0.50": "DLP-Wanda 50%", "owl-0.50": "OWL-Wanda 50%",
-          "uniform-0.50": "uniform Wanda 50%"}
+MODELS = {"dense": "dense", "dlp-0.50": "DLP-Wanda 50%, --alpha auto", "dlp-appg-0.50": "DLP-Wanda 50%, App. G alpha",
+          "owl-0.50": "OWL-Wanda 50%", "uniform-0.50": "uniform Wanda 50%"}
 # the deployments of scripts/qwen_study.sh: folder -> (PyTorch model it came from, form, engines that run it)
 ONNX_ENGINES, GGUF_ENGINES = ("deepsparse", "onnxruntime"), ("llamacpp",)
 DEPLOYMENTS = {
     "dense": ("dense", "fp32 ONNX", ONNX_ENGINES),
     "dlp-0.50": ("dlp-0.50", "fp32 ONNX", ONNX_ENGINES),
-    "dlp-0.50.int8": ("dlp-0.50", "INT8 W8A8, static activation scales (ONNX)", ONNX_ENGINES),
+    "dlp-0.50.int8": ("dlp-0.50", "INT8 W8A8, static activation scales (ONNX; DeepSparse's sparse INT8 kernels)",
+                      ("deepsparse",)),
     "dense.w8": ("dense", "w8: int8 weights in blocks of 32 (ONNX MatMulNBits)", ONNX_ENGINES),
     PEER: ("dense", "the original Q4_K_M GGUF, unchanged (the peer)", GGUF_ENGINES),
     "dense.q8_0": ("dense", "GGUF q8_0 re-exported from the fp32 form (second peer)", GGUF_ENGINES),
@@ -64,9 +65,11 @@ DEPLOYMENTS = {
 # scripts/qwen_study.sh's steps in order (costs/STEP.txt); the fetch's timing is RUN/fetch.log
 STEPS = {
     "fetch": "models fetch (assemble the parts, check, dequantize to an HF folder)",
-    "prune-dlp50": "prune DLP-Wanda 50%, --alpha auto", "prune-uniform50": "prune uniform Wanda 50%",
+    "prune-dlp50": "prune DLP-Wanda 50%, --alpha auto", "prune-dlp50-appg": "prune DLP-Wanda 50%, App. G alpha",
+    "prune-uniform50": "prune uniform Wanda 50%",
     "prune-owl50": "prune OWL-Wanda 50%",
     "eval-dense": "PyTorch perplexity, dense", "eval-dlp-0.50": "PyTorch perplexity, DLP 50%",
+    "eval-dlp-appg-0.50": "PyTorch perplexity, DLP 50% App. G alpha",
     "eval-uniform-0.50": "PyTorch perplexity, uniform 50%", "eval-owl-0.50": "PyTorch perplexity, OWL 50%",
     "export-source": "export: the source GGUF (copy and validate)", "export-dense": "export: dense fp32 ONNX",
     "export-dlp50": "export: DLP 50% fp32 ONNX", "export-dense-w8": "export: dense w8 ONNX",

@@ -22,8 +22,13 @@ step() {  # step NAME OUTPUT command...
 prune() {
   step prune-dlp50 $OUT/models/dlp-0.50 dlp-deploy prune $M --sparsity 0.5 --method wanda --allocation dlp \
     --alpha auto $CAL --out $OUT/models/dlp-0.50
-  step prune-uniform50 $OUT/models/uniform-0.50 dlp-deploy prune $M --sparsity 0.5 --method wanda \
-    --allocation uniform $CAL --out $OUT/models/uniform-0.50
+  # DLP at App. G's alpha for 50% (0.04): the paper's setting, against which --alpha auto's pick is checked
+  step prune-dlp50-appg $OUT/models/dlp-appg-0.50 dlp-deploy prune $M --sparsity 0.5 --method wanda \
+    --allocation dlp $CAL --out $OUT/models/dlp-appg-0.50
+  if [ -n "${UNIFORM:-}" ]; then  # UNIFORM=1: needless where --alpha auto chose 0, which is uniform (as here)
+    step prune-uniform50 $OUT/models/uniform-0.50 dlp-deploy prune $M --sparsity 0.5 --method wanda \
+      --allocation uniform $CAL --out $OUT/models/uniform-0.50
+  fi
   if [ -n "${OWL:-}" ]; then  # OWL=1: the third allocation of the DLP paper's comparison (+~20 min here)
     step prune-owl50 $OUT/models/owl-0.50 dlp-deploy prune $M --sparsity 0.5 --method wanda --allocation owl \
       $CAL --out $OUT/models/owl-0.50
@@ -31,14 +36,15 @@ prune() {
 }
 evals() {
   step eval-dense $OUT/eval/dense.json dlp-deploy eval $M $PPL --json $OUT/eval/dense.json
-  for m in dlp-0.50 uniform-0.50 owl-0.50; do
+  for m in dlp-0.50 dlp-appg-0.50 uniform-0.50 owl-0.50; do
     if [ -d $OUT/models/$m ]; then step eval-$m $OUT/eval/$m.json dlp-deploy eval $OUT/models/$m $PPL --json $OUT/eval/$m.json; fi
   done
 }
 exports() {  # validated on ONNX Runtime / llama.cpp; DeepSparse compiles the INT8 graph in the bench
   local D=$OUT/deploy ORT="--engines onnxruntime"
   step export-source $D/source-q4_k_m dlp-deploy export $M --format gguf --quant source --seq-len $SEQ --out $D/source-q4_k_m
-  step export-dlp50-int8 $D/dlp-0.50.int8 dlp-deploy export $OUT/models/dlp-0.50 --quantize int8 --act-scales static \
+  # --quantize-head: the untied 151,936 x 1,536 head is 0.93 GB in fp32, more than the rest in sparse INT8
+  step export-dlp50-int8 $D/dlp-0.50.int8 dlp-deploy export $OUT/models/dlp-0.50 --quantize int8 --act-scales static --quantize-head \
     --seq-len $SEQ $ORT --ppl-tolerance 1.0 --out $D/dlp-0.50.int8
   step export-dense-q8_0 $D/dense.q8_0 dlp-deploy export $M --format gguf --quant q8_0 --seq-len $SEQ --out $D/dense.q8_0
   step export-dlp50-q4_k_m $D/dlp-0.50.q4_k_m dlp-deploy export $OUT/models/dlp-0.50 --format gguf --quant q4_k_m \
