@@ -760,6 +760,15 @@ def commands(report: dict, run: Path) -> list[str]:
     return [c["command"] for c in report["costs"] if c.get("command")]
 
 
+def run_notes(run: Path) -> list[str]:
+    """RUN/NOTES.md, where whoever ran the study says what the files cannot (a step killed, a row left out and
+    why), as a section of its own."""
+    notes = run / "NOTES.md"
+    if not notes.is_file():
+        return []
+    return ["## Notes from the run", "", notes.read_text(encoding="utf-8").strip(), ""]
+
+
 def write(report: dict, run: Path, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     prov = provenance(run=str(run))
@@ -818,6 +827,7 @@ def write(report: dict, run: Path, out: Path) -> None:
         "GNU `/usr/bin/time -v` of each step of scripts/qwen_study.sh (`costs/STEP.txt`, the fetch in `fetch.log`): "
         "wall time and maximum resident set size.", "",
         *cost_lines(report), "",
+        *run_notes(run),
         "## Verdict", "",
         f"Does any pruned deployment decode faster than the source Q4_K_M on llama.cpp at ≤ {QUALITY_LIMIT}x its "
         "perplexity (WikiText-2 and C4 both)?", "",
