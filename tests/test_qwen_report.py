@@ -85,7 +85,7 @@ def _run(*args):
 def _report(run: Path, out: Path) -> tuple[dict, str]:
     _script().main(["--run", str(run), "--out", str(out)])
     assert (out / "tradeoff.png").stat().st_size > 0
-    return json.loads((out / "results.json").read_text()), (out / "README.md").read_text()
+    return json.loads((out / "study.json").read_text()), (out / "README.md").read_text()
 
 
 def _dep(report: dict, name: str) -> dict:
