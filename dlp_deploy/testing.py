@@ -163,3 +163,27 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) ->
     text = " ".join(proc.stderr.split())
     for f in fragments:
         assert f in text, proc.stderr
+
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"  # the repository's scripts/ (a checkout, not a wheel)
+
+
+def load_script(name: str):
+    """scripts/NAME.py as a module, for tests of a script's functions (scripts/ is no package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def short_eval_texts(monkeypatch, chars: int = 40_000) -> None:
+    """The scripts tokenize whole test corpora, as `dlp-deploy eval` does: seconds with the tiny byte tokenizer;
+    the start of each text is all a tiny test reads."""
+    from dataclasses import replace
+
+    from . import data
+
+    real = data.eval_text
+    monkeypatch.setattr(data, "eval_text", lambda name, root: replace(t := real(name, root), text=t.text[:chars]))

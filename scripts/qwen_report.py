@@ -848,7 +848,8 @@ def write(report: dict, run: Path, out: Path) -> None:
         f"--out {out}`. Every number above is in study.json (and the bench run in bench.json) with the commands that made its inputs."]
     (out / "README.md").write_text("\n".join(text) + "\n")
     write_json_atomic(out / "study.json", report, force=True)  # not a sweep's results.json (bench/records.py)
-    shutil.copyfile(run / "bench.json", out / "bench.json") if (run / "bench.json").is_file() else None
+    if (run / "bench.json").is_file():  # the measurement the tables come from, beside them
+        shutil.copyfile(run / "bench.json", out / "bench.json")
     plot(report, out)
 
 

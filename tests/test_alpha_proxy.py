@@ -3,34 +3,13 @@ alpha grid, on a tiny random LLaMA (3 alphas, tiny windows): the JSON and README
 independent computation, the cache read on a rerun with nothing recomputed."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 
-from dlp_deploy.testing import save_tiny
+from dlp_deploy.testing import load_script, save_tiny, short_eval_texts
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "alpha_proxy.py"
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("alpha_proxy", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _short_corpora(monkeypatch, chars: int = 40_000):
-    """The scripts tokenize whole test corpora, as `dlp-deploy eval` does: seconds with the tiny byte tokenizer;
-    the start of each text is all a tiny test reads."""
-    from dataclasses import replace
-
-    import dlp_deploy.data as data
-
-    real = data.eval_text
-    monkeypatch.setattr(data, "eval_text", lambda name, root: replace(t := real(name, root), text=t.text[:chars]))
 
 
 def _reference_rho(a, b):
@@ -46,7 +25,7 @@ def _reference_rho(a, b):
 
 
 def test_spearman_ranks_and_pick_by_hand():
-    ap = _script()
+    ap = load_script('alpha_proxy')
     assert list(ap.ranks([3.0, 1.0, 3.0, math.inf])) == [2.5, 1.0, 2.5, 4.0]
     # ranks of b: 1, 2, 3.5, 5, 3.5; sum of centred products 8, squares 10 and 9.5
     got = ap.spearman([1, 2, 3, 4, 5], [5, 6, 7, 8, 7])
@@ -59,8 +38,8 @@ def test_spearman_ranks_and_pick_by_hand():
 
 
 def test_tiny_model_grid_json_readme_and_resume(tmp_path, data_root, monkeypatch):
-    _short_corpora(monkeypatch)
-    ap = _script()
+    short_eval_texts(monkeypatch)
+    ap = load_script('alpha_proxy')
     src = save_tiny(tmp_path / "src", seed=4)
     out = tmp_path / "report"
     argv = [str(src), "--sparsity", "0.5", "--grid", "0,0.05,0.1", "--nsamples", "2", "--seqlen", "32",

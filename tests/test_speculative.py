@@ -3,40 +3,19 @@ tokens per iteration; a 50% magnitude-pruned draft is not always accepted. Tiny 
 The replay of accept/reject sequences and the formula are checked on hand-made cases."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 from dlp_deploy.runtime.llamacpp_engine import llamacpp_available
-from dlp_deploy.testing import save_tiny
+from dlp_deploy.testing import load_script, save_tiny, short_eval_texts
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "speculative_estimate.py"
 needs_llamacpp = pytest.mark.skipif(not llamacpp_available(),
                                     reason="llama-cpp-python not installed (optional extra: dlp-deploy[llamacpp])")
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("speculative_estimate", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _short_corpora(monkeypatch, chars: int = 40_000):
-    """The scripts tokenize whole test corpora, as `dlp-deploy eval` does: seconds with the tiny byte tokenizer;
-    the start of each text is all a tiny test reads."""
-    from dataclasses import replace
-
-    import dlp_deploy.data as data
-
-    real = data.eval_text
-    monkeypatch.setattr(data, "eval_text", lambda name, root: replace(t := real(name, root), text=t.text[:chars]))
-
-
 def test_replay_of_accept_reject_sequences():
-    spec = _script()
+    spec = load_script('speculative_estimate')
     seq = [True, True, False, True, False, False, True, True, True]
     # gamma 2: p0 accepts 2 (+1) -> p3; p3 accepts 1, rejects at 4 (+1) -> p5; p5 rejects (+1) -> p6;
     # p6 accepts 2 (+1) -> p9: 3 + 2 + 1 + 3 = 9 tokens in 4 iterations
@@ -58,14 +37,14 @@ def test_equal_draft_is_always_accepted_and_pruned_draft_is_not(tmp_path, data_r
     from dlp_deploy.prune.pipeline import PruneSettings
     from dlp_deploy.prune.to_folder import prune_to_folder
 
-    _short_corpora(monkeypatch)
+    short_eval_texts(monkeypatch)
     src = save_tiny(tmp_path / "src", seed=2)
     pruned = tmp_path / "pruned-hf"
     prune_to_folder(str(src), pruned, PruneSettings(0.5, "magnitude", "uniform"), nsamples=1, seqlen=32,
                     data_root=str(data_root))
     for name, folder in (("target", src), ("same", src), ("pruned", pruned)):  # GGUF deployments
         export_gguf_deployment(str(folder), tmp_path / name, "f16", seq_len=128, validate=False)
-    spec = _script()
+    spec = load_script('speculative_estimate')
     kwargs = dict(prompts=2, prompt_tokens=16, new_tokens=24, max_k=4, repeats=2, cores=1,
                   data_root=str(data_root), log=lambda _m: None)
 
