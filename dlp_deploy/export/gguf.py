@@ -16,7 +16,10 @@ other weight.
 """
 from __future__ import annotations
 
+import json
 import math
+import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from typing import Callable
@@ -27,7 +30,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from ..models import decoder_layers
+from ..models import GGUF_SOURCE_FILE, decoder_layers
 
 TOKENIZER_PROBE = ('\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) '
                    '✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作'
@@ -91,10 +94,6 @@ def gguf_quant(name: str) -> GgufQuant:
 def source_gguf(folder: Path, changed_by: list[str]) -> Path:
     """The GGUF file `folder` was dequantized from (its gguf_source.json), checked to be that file and to still
     hold `folder`'s weights: refused where `changed_by` names a record of pruning or recovery in the folder."""
-    import json
-
-    from ..models import GGUF_SOURCE_FILE
-
     record_path = folder / GGUF_SOURCE_FILE
     if not record_path.is_file():
         raise UserError(f"--quant source: {folder} was not made by `dlp-deploy models fetch` from a GGUF (no "
@@ -112,9 +111,6 @@ def source_gguf(folder: Path, changed_by: list[str]) -> Path:
 
 def copy_source_gguf(source: Path, path: Path) -> dict:
     """Copy the source GGUF to `path` (a hard link where the file system allows); what export.json records."""
-    import os
-    import shutil
-
     import gguf
 
     try:
