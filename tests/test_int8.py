@@ -176,6 +176,62 @@ def test_int8_folder_over_the_protobuf_limit_holds_only_its_own_weights(tmp_path
     assert len(tokens) == 4
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_pytorch_calibration_sees_what_the_graph_matmuls_read(tmp_path, tied):
+    """Static ranges are observed on the PyTorch model's Linear inputs (an inference session on the fp32 graph held
+    a second copy of the weights: 21 GB at 1.5B). They must be the ranges of the MatMul inputs of the graph itself,
+    as ONNX Runtime sees them, head included (a tied head is a Gemm, not a target)."""
+    import torch
+
+    from dlp_deploy.export.deployment import _block_weight_names, _param_name, _prefill_feeds
+    from dlp_deploy.export.onnx import export_onnx, load_graph
+    from dlp_deploy.export.quantize import activation_ranges, linear_input_ranges, observe_ranges, quant_targets
+    from dlp_deploy.testing import tiny_llama
+
+    model = tiny_llama(3, tie_word_embeddings=tied, **GQA)
+    path = tmp_path / "model.onnx"
+    export_onnx(model, path)
+    names = _block_weight_names(model) | {_param_name(model, model.get_output_embeddings().weight)}
+    targets = quant_targets(load_graph(path), {f"{n}.T" for n in names} | names)
+    assert len(targets) == 4 * 7 + (0 if tied else 1)
+    windows = torch.randint(0, 256, (3, 40), generator=torch.Generator().manual_seed(1))
+    torch_side = activation_ranges(targets, linear_input_ranges(model, windows, names))
+    graph_side = observe_ranges(path, sorted(torch_side), _prefill_feeds(path, windows))
+    assert len(torch_side) == 4 * 4 + (0 if tied else 1)  # q/k/v share one input, gate/up another
+    for name, (lo, hi) in graph_side.items():
+        assert np.allclose(torch_side[name], (lo, hi), rtol=1e-4, atol=1e-5), name
+
+
+@pytest.mark.parametrize("static", [True, False])
+def test_int8_rewrite_reads_external_weights_one_at_a_time(tmp_path, static):
+    """Over 2 GB the fp32 weights are in a data file; the rewrite must read each from there and leave the ones it
+    does not quantize where they are (loading them all put a second fp32 copy of a 1.5B model in memory)."""
+    import onnx
+    from onnx import TensorProto
+
+    from dlp_deploy.export.onnx import initializer_array, load_graph
+    from dlp_deploy.export.quantize import (QuantTarget, insert_dynamic_matmul_integer, insert_matmul_integer,
+                                            quantize_weight)
+
+    rng = np.random.default_rng(0)
+    weight = rng.normal(size=(64, 48)).astype(np.float32)
+    proto = _one_matmul_graph(weight)
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(rng.normal(size=(64, 64)).astype(np.float32), "spare"))
+    onnx.save_model(proto, str(tmp_path / "g.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="g.data", size_threshold=0)
+    graph = load_graph(tmp_path / "g.onnx")
+    targets = [QuantTarget("mm", "x", "w")]
+    if static:
+        insert_matmul_integer(graph, targets, {"x": (-3.0, 3.0)}, base_dir=tmp_path)
+    else:
+        insert_dynamic_matmul_integer(graph, targets, base_dir=tmp_path)
+    inits = {i.name: i for i in graph.graph.initializer}
+    assert inits["spare"].data_location == TensorProto.EXTERNAL and not inits["spare"].HasField("raw_data")
+    assert np.array_equal(initializer_array(inits["w"], tmp_path), quantize_weight(weight)[0])
+    assert np.array_equal(initializer_array(inits["spare"], tmp_path),
+                          onnx.numpy_helper.to_array(onnx.load(str(tmp_path / "g.onnx")).graph.initializer[1]))
+
+
 # ---------------------------------------------------------------- dynamic activation scales
 
 def _one_matmul_graph(weight: np.ndarray):

@@ -22,7 +22,7 @@ import torch
 
 from ..errors import UserError
 from .gptq import WeightPlan, weight_plan
-from .quantize import QMAX, QMIN, activation_qparams
+from .quantize import QMAX, QMIN, activation_qparams, linear_input_ranges
 
 
 # ---------------------------------------------------------------- units of the search
@@ -77,29 +77,10 @@ def _static(ranges: dict[str, tuple[float, float]]) -> Callable[[torch.Tensor, s
     return fake
 
 
-@torch.no_grad()
 def observed_ranges(model, windows: torch.Tensor) -> dict[str, tuple[float, float]]:
     """Min/max of each block Linear's input over the calibration windows (what the static graph is calibrated
-    on, there through the fp32 ONNX graph)."""
-    from ..models import decoder_layers, linear_modules
-
-    names = {id(p): n for n, p in model.named_parameters()}
-    ranges: dict[str, list[float]] = {}
-
-    def observe(module, args):
-        r = ranges.setdefault(names[id(module.weight)], [float("inf"), float("-inf")])
-        r[0], r[1] = min(r[0], float(args[0].min())), max(r[1], float(args[0].max()))
-
-    linears = [m for b in decoder_layers(model) for m in linear_modules(b).values()]
-    handles = [m.register_forward_pre_hook(observe) for m in linears]
-    device = next(model.parameters()).device
-    try:
-        for w in windows:
-            model(w.unsqueeze(0).to(device), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    return {n: (lo, hi) for n, (lo, hi) in ranges.items()}
+    on)."""
+    return linear_input_ranges(model, windows, {n for block in _block_linears(model) for n in block.values()})
 
 
 def activation_quantizer(act_scales: str, model, windows: torch.Tensor) -> Callable[[torch.Tensor, str], torch.Tensor]:

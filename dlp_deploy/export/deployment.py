@@ -26,7 +26,8 @@ from ..provenance import PeakRSS, provenance
 from .. import data
 from ..runtime.deployment import EXPORT_FILE, GGUF_FILE, MODEL_FILE
 from ..runtime.engines import NBITS_REFUSALS
-from .onnx import EXTERNAL_DATA_FILE, export_onnx, onnx_weight_sparsity, save_model
+from .onnx import (EXTERNAL_DATA_FILE, export_onnx, initializer_array, load_graph, onnx_weight_sparsity,
+                   save_model)
 from .int4 import check_int4_mask, export_int4
 from .quantize import engines_refusing
 
@@ -411,13 +412,13 @@ def _sizes(folder: Path) -> dict:
 
 def _export_quantized(model, tokenizer, onnx_path: Path, max_positions: int, options: QuantizeOptions, root,
                       progress) -> tuple[dict, dict]:
-    """SmoothQuant on the PyTorch model, fp32 export beside the target, activation ranges on C4 windows run through
-    that graph, then the integer-MatMul rewrite into `onnx_path`."""
-    import onnx
-
+    """SmoothQuant on the PyTorch model, fp32 export beside the target, activation ranges on C4 windows (run
+    through the PyTorch model, whose Linears read what the graph's MatMuls do), then the integer-MatMul rewrite
+    into `onnx_path`, streaming: the fp32 weights stay in the scratch graph's data file and are read one at a time,
+    so the export holds the model and the int8 codes, not a second fp32 copy (issue 24: 21 GB at 1.5B before)."""
     from .budget import plan_weights
-    from .quantize import (ACT_SCALES, insert_dynamic_matmul_integer, insert_matmul_integer, observe_ranges,
-                           quant_targets, smooth_model)
+    from .quantize import (ACT_SCALES, activation_ranges, insert_dynamic_matmul_integer, insert_matmul_integer,
+                           linear_input_ranges, quant_targets, smooth_model)
 
     if options.scheme != "int8":
         raise UserError(f"--quantize {options.scheme!r} is not supported; use int8")
@@ -430,32 +431,33 @@ def _export_quantized(model, tokenizer, onnx_path: Path, max_positions: int, opt
         progress("SmoothQuant: migrating activation outliers into the weights")
         smoothing = smooth_model(model, windows, options.smooth_alpha)
     plan = plan_weights(model, tokenizer, calibration, options, root, progress)
+    names = (_block_weight_names(model) - plan.keep_fp32) | (
+        {_param_name(model, model.get_output_embeddings().weight)} if options.head else set())
+    ranges = None
+    if options.act_scales == "static":
+        progress(f"calibrating the inputs of {len(names)} Linears on {len(windows)} C4 windows")
+        ranges = linear_input_ranges(model, windows, names)
     # a folder of its own: over 2 GB the fp32 graph's weights go to an external data file of the same name as the
     # deployment's, which must neither stay behind (4.4 GB of dead weight beside a 1.1B INT8 graph) nor be mixed
     # with the INT8 graph's own
     with tempfile.TemporaryDirectory(prefix="fp32-for-calibration-", dir=onnx_path.parent) as scratch:
         fp32_path = Path(scratch) / MODEL_FILE
         exported = export_onnx(model, fp32_path, max_positions=max_positions)
-        proto = onnx.load(str(fp32_path), load_external_data=True)
-        names = (_block_weight_names(model) - plan.keep_fp32) | (
-            {_param_name(model, model.get_output_embeddings().weight)} if options.head else set())
+        proto = load_graph(fp32_path)
         targets = quant_targets(proto, {f"{n}.T" for n in names} | names)
         shapes = {i.name: tuple(i.dims) for i in proto.graph.initializer if i.name in {t.weight for t in targets}}
-        if options.act_scales == "static":
-            progress(f"calibrating {len(targets)} MatMul inputs on {len(windows)} C4 windows")
-            ranges = observe_ranges(fp32_path, sorted({t.activation for t in targets}),
-                                    _prefill_feeds(fp32_path, windows))
-    if options.act_scales == "static":
-        summary = insert_matmul_integer(proto, targets, ranges, codes=plan.onnx_codes(shapes))
-    else:
-        summary = insert_dynamic_matmul_integer(proto, targets, per_token=options.act_scales == "dynamic-token",
-                                                codes=plan.onnx_codes(shapes))
-    summary["act_scales"] = options.act_scales
-    exported["external_data"] = save_model(proto, onnx_path)
+        if ranges is not None:
+            summary = insert_matmul_integer(proto, targets, activation_ranges(targets, ranges),
+                                            codes=plan.onnx_codes(shapes), base_dir=Path(scratch))
+        else:
+            summary = insert_dynamic_matmul_integer(proto, targets, per_token=options.act_scales == "dynamic-token",
+                                                    codes=plan.onnx_codes(shapes), base_dir=Path(scratch))
+        summary["act_scales"] = options.act_scales
+        exported["external_data"] = save_model(proto, onnx_path, Path(scratch))
     return exported, {**summary, "lm_head": "int8" if options.head else "fp32", "embeddings": "fp32 (Gather)",
                       "smoothquant": smoothing, **plan.record, "kept_fp32": sorted(plan.keep_fp32),
                       "calibration": {"corpus": "c4", "samples": options.calib_samples, "seqlen": options.calib_seqlen,
-                                      "seed": options.seed}}
+                                      "seed": options.seed, "observed_in": "PyTorch (Linear inputs)"}}
 
 
 def _param_name(model, param) -> str:
@@ -534,9 +536,6 @@ def nm_layer_counts(record: dict | None) -> tuple[int, list[int]] | None:
 def check_nm_pattern(model, onnx_path: Path, record: dict | None) -> dict | None:
     """Every group of m consecutive inputs of every output row of every block weight, as stored in the ONNX file,
     holds at least the layer's m - n zeros (n kept); the folder is refused otherwise."""
-    import onnx
-    from onnx import numpy_helper
-
     from ..prune.masks import nm_group_zero_counts
 
     counts = nm_layer_counts(record)
@@ -547,13 +546,13 @@ def check_nm_pattern(model, onnx_path: Path, record: dict | None) -> dict | None
         raise ValidationError(f"pruning.json lists {len(n_per_layer)} layers, the model has "
                               f"{len(decoder_layers(model))}; re-run the prune")
     names = _block_weight_layers(model)
-    proto = onnx.load(str(onnx_path), load_external_data=True)
+    proto = load_graph(onnx_path)
     checked = violating = 0
     for init in proto.graph.initializer:
         name = init.name.removesuffix(".T")
         if name not in names:
             continue
-        array = torch.from_numpy(numpy_helper.to_array(init).copy())
+        array = torch.from_numpy(initializer_array(init, onnx_path.parent).copy())
         weight = array.t() if init.name.endswith(".T") else array  # back to [out, in]
         zeros = nm_group_zero_counts(weight, m)
         checked += zeros.numel()
@@ -569,9 +568,8 @@ def _check_int8_mask(model, onnx_path: Path, kept_fp32: set[str] = frozenset()) 
     """Every PyTorch zero of a block weight is a zero in the INT8 graph: an int8 zero, or a float zero in the
     weights a quality budget kept fp32 (`kept_fp32`); the zeros rounding added are counted."""
     import onnx
-    from onnx import numpy_helper
 
-    proto = onnx.load(str(onnx_path), load_external_data=True)
+    proto = load_graph(onnx_path)
     inits = {i.name: i for i in proto.graph.initializer}
     params = dict(model.named_parameters())
     lost = extra = zeros = total = 0
@@ -581,7 +579,7 @@ def _check_int8_mask(model, onnx_path: Path, kept_fp32: set[str] = frozenset()) 
         if init is None or init.data_type != wanted:
             form = "fp32 MatMul" if name in kept_fp32 else "int8 MatMulInteger"
             raise ValidationError(f"block weight {name} is not an {form} weight in the INT8 graph")
-        q = numpy_helper.to_array(init)
+        q = initializer_array(init, onnx_path.parent)
         q = q.T if init.name.endswith(".T") else q
         mask = (params[name].detach().cpu().numpy() == 0)
         lost += int(np.count_nonzero(q[mask]))

@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from ..runtime.deployment import MODEL_FILE
+from .onnx import initializer_array, load_graph
 
 BITS = 4
 SCHEME_BITS = {"int4": 4, "w8": 8}  # --quantize scheme -> MatMulNBits bits
@@ -143,9 +144,10 @@ def dequantize(bq: BlockQuant) -> np.ndarray:
     return w.reshape(bq.n, -1)[:, :bq.k].T
 
 
-def insert_matmul_nbits(proto, targets, block_size: int, scheme: str, accuracy_level: int, bits: int = BITS) -> dict:
+def insert_matmul_nbits(proto, targets, block_size: int, scheme: str, accuracy_level: int, bits: int = BITS,
+                        base_dir: Path | None = None) -> dict:
     """Rewrite the graph in place: each target MatMul(x, W) becomes MatMulNBits(x, B, scales[, zero_points]) with
-    the same output; the fp32 weight initializers are dropped."""
+    the same output; the fp32 weight initializers are dropped (one stored externally is read from `base_dir`)."""
     from onnx import helper, numpy_helper
 
     inits = {i.name: i for i in proto.graph.initializer}
@@ -156,7 +158,7 @@ def insert_matmul_nbits(proto, targets, block_size: int, scheme: str, accuracy_l
         if t is None:
             nodes.append(node)
             continue
-        bq = quantize_matmul_weight(numpy_helper.to_array(inits[t.weight]), block_size, scheme, bits)
+        bq = quantize_matmul_weight(initializer_array(inits[t.weight], base_dir), block_size, scheme, bits)
         inputs = [t.activation, f"{t.weight}.q{bits}", f"{t.weight}.q{bits}_scales"]
         new_inits += [numpy_helper.from_array(bq.packed, inputs[1]), numpy_helper.from_array(bq.scales, inputs[2])]
         if bq.zero_points is not None:
@@ -183,22 +185,25 @@ def insert_matmul_nbits(proto, targets, block_size: int, scheme: str, accuracy_l
             else "fp32 (weight-only)", "format": "com.microsoft MatMulNBits"}
 
 
-def int4_weights(proto) -> dict[str, np.ndarray]:
+def int4_weights(proto, base_dir: Path | None = None) -> dict[str, np.ndarray]:
     """Dequantized [K, N] weight of every MatMulNBits node, by its original weight initializer's name."""
-    from onnx import helper, numpy_helper
+    return dict(iter_int4_weights(proto, base_dir))
+
+
+def iter_int4_weights(proto, base_dir: Path | None = None):
+    """(original weight name, dequantized [K, N] weight) of each MatMulNBits node, one at a time."""
+    from onnx import helper
 
     inits = {i.name: i for i in proto.graph.initializer}
-    out = {}
     for node in proto.graph.node:
         if node.op_type != "MatMulNBits":
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        zp = numpy_helper.to_array(inits[node.input[3]]) if len(node.input) > 3 and node.input[3] else None
+        zp = initializer_array(inits[node.input[3]], base_dir) if len(node.input) > 3 and node.input[3] else None
         bits = attrs.get("bits", BITS)
-        bq = BlockQuant(attrs["K"], attrs["N"], attrs["block_size"], numpy_helper.to_array(inits[node.input[1]]),
-                        numpy_helper.to_array(inits[node.input[2]]), zp, bits)
-        out[node.input[1].removesuffix(f".q{bits}")] = dequantize(bq)
-    return out
+        bq = BlockQuant(attrs["K"], attrs["N"], attrs["block_size"], initializer_array(inits[node.input[1]], base_dir),
+                        initializer_array(inits[node.input[2]], base_dir), zp, bits)
+        yield node.input[1].removesuffix(f".q{bits}"), dequantize(bq)
 
 
 # ---------------------------------------------------------------- export and mask check
@@ -226,25 +231,24 @@ def export_int4(model, tokenizer, onnx_path: Path, max_positions: int, options, 
     rewritten to MatMulNBits of the scheme's bits into `onnx_path`. No calibration: round-to-nearest per block."""
     import tempfile
 
-    import onnx
-
     from .deployment import _block_weight_names, _param_name  # here: deployment.py imports this module
     from .onnx import export_onnx, save_model
     from .quantize import quant_targets
 
     check_int4_options(options)
+    names = _block_weight_names(model) | ({_param_name(model, model.get_output_embeddings().weight)}
+                                          if options.head else set())
+    bits = SCHEME_BITS[options.scheme]
+    # the fp32 weights stay in the scratch graph's data file, read one at a time (no second fp32 copy in memory)
     with tempfile.TemporaryDirectory(prefix="fp32-for-int4-", dir=onnx_path.parent) as scratch:
         fp32_path = Path(scratch) / MODEL_FILE
         exported = export_onnx(model, fp32_path, max_positions=max_positions)
-        proto = onnx.load(str(fp32_path), load_external_data=True)
-    names = _block_weight_names(model) | ({_param_name(model, model.get_output_embeddings().weight)}
-                                          if options.head else set())
-    targets = quant_targets(proto, {f"{n}.T" for n in names} | names)
-    bits = SCHEME_BITS[options.scheme]
-    progress(f"{options.scheme}: {len(targets)} MatMuls to {bits}-bit MatMulNBits (blocks of {options.group_size})")
-    summary = insert_matmul_nbits(proto, targets, options.group_size, options.int4_scheme,
-                                  accuracy_level(options), bits)
-    exported["external_data"] = save_model(proto, onnx_path)
+        proto = load_graph(fp32_path)
+        targets = quant_targets(proto, {f"{n}.T" for n in names} | names)
+        progress(f"{options.scheme}: {len(targets)} MatMuls to {bits}-bit MatMulNBits (blocks of {options.group_size})")
+        summary = insert_matmul_nbits(proto, targets, options.group_size, options.int4_scheme,
+                                      accuracy_level(options), bits, base_dir=Path(scratch))
+        exported["external_data"] = save_model(proto, onnx_path, Path(scratch))
     return exported, {"scheme": options.scheme, **summary, "lm_head": options.scheme if options.head else "fp32",
                       "embeddings": "fp32 (Gather)",
                       "accuracy_level_meaning": "ONNX Runtime's MatMulNBits accuracy_level: 0 = unset, which runs fp32 "
@@ -254,23 +258,26 @@ def export_int4(model, tokenizer, onnx_path: Path, max_positions: int, options, 
 def check_int4_mask(model, onnx_path: Path, record: dict) -> dict:
     """Every PyTorch zero of a block weight must dequantize to exactly 0 from the packed MatMulNBits inputs (the
     symmetric form guarantees it; the others are counted, not refused); zeros rounding adds are counted."""
-    import onnx
-
     from ..models import model_sparsity
     from .deployment import ValidationError, _block_weight_names
 
-    weights = int4_weights(onnx.load(str(onnx_path), load_external_data=True))
+    block_names = _block_weight_names(model)
     params = dict(model.named_parameters())
     lost = extra = zeros = total = 0
-    for name in _block_weight_names(model):
-        key = f"{name}.T" if f"{name}.T" in weights else name
-        if key not in weights:
-            raise ValidationError(f"block weight {name} is not a MatMulNBits weight in the {record['scheme']} graph")
-        deq = weights[key].T if key.endswith(".T") else weights[key]
+    checked = set()
+    for key, weight in iter_int4_weights(load_graph(onnx_path), onnx_path.parent):
+        name = key.removesuffix(".T")
+        if name not in block_names:
+            continue
+        checked.add(name)
+        deq = weight.T if key.endswith(".T") else weight
         mask = params[name].detach().cpu().numpy() == 0
         lost += int(np.count_nonzero(deq[mask]))
         extra += int(np.count_nonzero((deq == 0) & ~mask))
         zeros, total = zeros + int(deq.size - np.count_nonzero(deq)), total + deq.size
+    missing = sorted(block_names - checked)
+    if missing:
+        raise ValidationError(f"block weight {missing[0]} is not a MatMulNBits weight in the {record['scheme']} graph")
     symmetric = record["symmetric"]
     if lost and symmetric:
         raise ValidationError(f"{lost} pruned weights dequantize to non-zero values in the symmetric "

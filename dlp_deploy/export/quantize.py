@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..runtime.engines import engines_refusing as refusals_of
+from .onnx import initializer_array
 
 QMIN, QMAX = -127, 127  # symmetric int8 weights (-128 unused, as the reference W8A8 recipes do)
 
@@ -95,6 +96,49 @@ def observe_ranges(onnx_path, tensors: list[str], feeds) -> dict[str, tuple[floa
     return {t: (lo, hi) for t, (lo, hi) in ranges.items()}
 
 
+def linear_input_ranges(model, windows, weight_names: set[str]) -> dict[str, tuple[float, float]]:
+    """Min/max of the input of every Linear whose weight is one of `weight_names` (parameter names; a tied head is
+    found by its weight) over the calibration windows, run through the PyTorch model. These are the values the fp32
+    graph's MatMuls read (observe_ranges measures them there, tests/test_int8.py holds the two together), without a
+    second copy of the weights in an inference session: at 1.5B that copy took the INT8 export past 21 GB."""
+    import torch
+
+    params = dict(model.named_parameters())
+    wanted = {id(params[n]): n for n in weight_names}
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and id(m.weight) in wanted]
+    ranges: dict[str, list[float]] = {}
+
+    def observe(module, args) -> None:
+        r = ranges.setdefault(wanted[id(module.weight)], [float("inf"), float("-inf")])
+        r[0], r[1] = min(r[0], float(args[0].min())), max(r[1], float(args[0].max()))
+
+    handles = [m.register_forward_pre_hook(observe) for m in linears]
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for w in windows:
+                model(w.unsqueeze(0).to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = sorted(set(weight_names) - set(ranges))
+    if missing:
+        raise ValueError(f"no Linear read {missing[0]} during calibration; its MatMul input cannot be observed")
+    return {n: (lo, hi) for n, (lo, hi) in ranges.items()}
+
+
+def activation_ranges(targets: list[QuantTarget], by_weight: dict[str, tuple[float, float]]
+                      ) -> dict[str, tuple[float, float]]:
+    """Per graph activation, the range over the Linears reading it (their weights are the targets'; `.T` names the
+    exporter's transposed copy of a parameter)."""
+    out: dict[str, tuple[float, float]] = {}
+    for t in targets:
+        lo, hi = by_weight[t.weight.removesuffix(".T")]
+        seen = out.get(t.activation, (lo, hi))
+        out[t.activation] = (min(seen[0], lo), max(seen[1], hi))
+    return out
+
+
 ACT_SCALES = ("static", "dynamic-token", "dynamic-tensor")
 
 
@@ -105,7 +149,7 @@ def engines_refusing(act_scales: str) -> dict[str, str]:
 
 
 def insert_dynamic_matmul_integer(proto, targets: list[QuantTarget], per_token: bool = True,
-                                  codes: dict | None = None) -> dict:
+                                  codes: dict | None = None, base_dir: Path | None = None) -> dict:
     """Rewrite the graph in place with activation scales computed at run time: for each quantized activation x
     (once, shared by the MatMuls reading it) s = max(|x|, over the last axis or all) / 127,
     x_u8 = clip(round(x / s), -127, 127) + 128; then MatMulInteger(x_u8, W_s8, 128, 0) -> Cast -> Mul(s) ->
@@ -137,14 +181,14 @@ def insert_dynamic_matmul_integer(proto, targets: list[QuantTarget], per_token: 
                  helper.make_node("Mul", [f"{t.node}.rows", f"{t.weight}.scale"], [out], name=f"{t.node}.Rescale")],
                 [numpy_helper.from_array(w_scale, f"{t.weight}.scale")])
 
-    counts = _rewrite_to_integer(proto, targets, quantize_activation, rescale, new_inits, codes)
+    counts = _rewrite_to_integer(proto, targets, quantize_activation, rescale, new_inits, codes, base_dir)
     return {**counts, "weights": "int8 symmetric per output channel",
             "activations": f"int8 symmetric, dynamic per {'token' if per_token else 'tensor'} (uint8 + 128)",
             "format": "dynamic scale + MatMulInteger + Cast + Mul"}
 
 
 def insert_matmul_integer(proto, targets: list[QuantTarget], ranges: dict[str, tuple[float, float]],
-                          codes: dict | None = None) -> dict:
+                          codes: dict | None = None, base_dir: Path | None = None) -> dict:
     """Rewrite the graph in place in the integer-MatMul form sparseml exports for DeepSparse: each quantized
     activation through one QuantizeLinear (shared by the MatMuls reading it), then
     MatMulInteger(x_u8, W_s8, zp_x, 0) -> Cast(float) -> Mul(s_x * s_w[j])."""
@@ -167,16 +211,17 @@ def insert_matmul_integer(proto, targets: list[QuantTarget], ranges: dict[str, t
         return ([helper.make_node("Mul", [f"{t.node}.float", f"{t.weight}.rescale"], [out], name=f"{t.node}.Rescale")],
                 [numpy_helper.from_array(combined, f"{t.weight}.rescale")])
 
-    counts = _rewrite_to_integer(proto, targets, quantize_activation, rescale, new_inits, codes)
+    counts = _rewrite_to_integer(proto, targets, quantize_activation, rescale, new_inits, codes, base_dir)
     return {**counts, "weights": "int8 symmetric per output channel", "activations": "uint8 asymmetric per tensor",
             "format": "MatMulInteger + Cast + Mul"}
 
 
 def _rewrite_to_integer(proto, targets: list[QuantTarget], quantize_activation, rescale, new_inits: list,
-                        codes: dict | None = None) -> dict:
+                        codes: dict | None = None, base_dir: Path | None = None) -> dict:
     """The rewrite both forms share: each target MatMul becomes MatMulInteger(x_q, W_s8, zp_x, 0) -> Cast(float)
     -> the form's rescale(target, output name, weight scales) -> (nodes, initializers); each activation is quantized once (quantize_activation(x) -> nodes, quantized name,
-    zero-point name), right before the first MatMul that reads it; the weights become int8 in place."""
+    zero-point name), right before the first MatMul that reads it; the weights become int8 in place (an fp32
+    weight in an external data file is read from `base_dir`, one at a time, and its int8 codes stored inline)."""
     from onnx import TensorProto, helper
 
     inits = {i.name: i for i in proto.graph.initializer}
@@ -193,7 +238,8 @@ def _rewrite_to_integer(proto, targets: list[QuantTarget], quantize_activation, 
             nodes += added
             quantized[t.activation] = (q_name, zp_name)
         q_in, zp_in = quantized[t.activation]
-        w_scale, weight_inits = _quantize_weight_initializer(inits[t.weight], (codes or {}).get(t.weight))
+        w_scale, weight_inits = _quantize_weight_initializer(inits[t.weight], (codes or {}).get(t.weight),
+                                                                  base_dir)
         rescale_nodes, rescale_inits = rescale(t, node.output[0], w_scale)
         new_inits += weight_inits + rescale_inits
         nodes += [helper.make_node("MatMulInteger", [q_in, t.weight, zp_in, f"{t.weight}.zero_point"],
@@ -207,14 +253,14 @@ def _rewrite_to_integer(proto, targets: list[QuantTarget], quantize_activation, 
     return {"matmuls_quantized": len(targets), "activations_quantized": len(quantized)}
 
 
-def _quantize_weight_initializer(init, codes: tuple[np.ndarray, np.ndarray] | None = None
-                                 ) -> tuple[np.ndarray, list]:
+def _quantize_weight_initializer(init, codes: tuple[np.ndarray, np.ndarray] | None = None,
+                                 base_dir: Path | None = None) -> tuple[np.ndarray, list]:
     """Replace an fp32 [in, out] weight initializer by its int8 values in place (RTN, or `codes` (int8 [in, out],
     scales [out]) chosen before export, e.g. by GPTQ: re-rounding those would not give them back); its
     per-column scales and the zero-point initializer the MatMulInteger reads."""
     from onnx import numpy_helper
 
-    q, scale = codes if codes is not None else quantize_weight(numpy_helper.to_array(init))
+    q, scale = codes if codes is not None else quantize_weight(initializer_array(init, base_dir))
     init.CopyFrom(numpy_helper.from_array(q, init.name))
     return scale, [numpy_helper.from_array(np.zeros((), np.int8), f"{init.name}.zero_point")]
 
