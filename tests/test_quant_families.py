@@ -32,7 +32,6 @@ import numpy as np
 import pytest
 import torch
 
-from dlp_deploy.errors import UserError
 from dlp_deploy.export.deployment import (VALIDATION_PROMPT, QualityCheck, QuantizeOptions, export_deployment,
                                           reference)
 from dlp_deploy.runtime.engines import ENGINES
@@ -69,32 +68,12 @@ class HeadRecordMismatch(AssertionError):
     """export.json's lm_head entry says something other than what the graph computes."""
 
 
-FIX = "fix: /tmp/quant_families_fix.diff"
-KNOWN_BUGS = {
-    ("phi3-sliding", "int8-dynamic-token"): pytest.mark.xfail(
-        strict=True, raises=UserError, reason="SmoothQuant (export/quantize.smooth_model) finds each block's "
-        "Linears through models.geometry.block_geometry, which refuses Phi-3's fused qkv_proj: every INT8 export "
-        f"of Phi-3 fails with 'split it into q/k/v first' ({FIX})"),
-    ("olmo2", "int8-dynamic-token"): pytest.mark.xfail(
-        strict=True, raises=SourceChanged, reason="SmoothQuant divides OLMo-2's post_attention_layernorm, which "
-        "normalises the attention output, and scales the MLP's inputs, which read the residual stream: the model "
-        "changes (the argmax of every position moved), and validation compares with the changed model, so the "
-        f"export passes ({FIX})"),
-    ("gemma2", "w8"): pytest.mark.xfail(
-        strict=True, raises=HeadRecordMismatch, reason="--quantize-head on a tied head (Gemma-2/3 by default): the "
-        "exporter's head is a Gemm on the embedding matrix, which quant_targets (MatMul only) skips, so it stays "
-        f"fp32 while export.json records lm_head as quantized ({FIX})"),
-}
-KNOWN_BUGS[("phi3-sliding", "int8-static")] = KNOWN_BUGS[("phi3-sliding", "int8-dynamic-token")]
-KNOWN_BUGS[("olmo2", "int8-static")] = KNOWN_BUGS[("olmo2", "int8-dynamic-token")]
-KNOWN_BUGS[("gemma3", "w8")] = KNOWN_BUGS[("gemma2", "w8")]
 
 
 def _cases():
     for family in FAMILIES:
         for form in FORMS:
-            bug = KNOWN_BUGS.get((family, form))
-            yield pytest.param(family, form, id=f"{family}-{form}", marks=[bug] if bug else [])
+            yield pytest.param(family, form, id=f"{family}-{form}")
 
 
 @pytest.fixture(autouse=True)
@@ -260,11 +239,49 @@ def test_quantized_family_deploys_validates_and_keeps_its_zeros(family, form, tm
     assert sparsity["global"] >= sparsity["pytorch_global"] > 0.45
     assert json.loads((tmp_path / "deploy" / "export.json").read_text())["weight_sparsity"] == sparsity
 
-    # the head: quantized in the graph exactly when the record says so, and whenever asked unless it is tied
+    # the head: quantized in the graph exactly when asked and when the record says so; a tied head through its own
+    # transposed copy, the embedding's Gather still reading the fp32 matrix
     says_quantized = record["lm_head"] == key
     if says_quantized != bool(head_in_graph):
         raise HeadRecordMismatch(f"export.json: lm_head {record['lm_head']!r}; the graph: {ops.count(quantized_op)} "
                                  f"{quantized_op} nodes for {blocks} block weights")
-    assert says_quantized or record["lm_head"].startswith("fp32"), record["lm_head"]
-    if not options.head or not src["tied"]:  # a tied head may stay fp32 if the record says so
-        assert says_quantized == options.head
+    assert says_quantized == options.head, record["lm_head"]
+    assert ("lm_head_tied_copy" in record) == (options.head and src["tied"]), record
+    assert "Gather" in ops
+
+
+# what reads each norm, by family: (norm name, names of the Linears reading its output) in block 0
+NORM_READERS = {
+    "pre-norm": {"input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                 "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj")},
+    "phi3-sliding": {"input_layernorm": ("self_attn.qkv_proj",), "post_attention_layernorm": ("mlp.gate_up_proj",)},
+    "sandwich": {"input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                 "pre_feedforward_layernorm": ("mlp.gate_proj", "mlp.up_proj")},
+    "olmo2": {},  # post-norm: its norms read the sublayers' outputs; no Linear reads a norm, nothing to smooth
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_smoothquant_smooths_the_norms_that_feed_linears_and_keeps_the_model(family):
+    """SmoothQuant's groups come from the wiring the model runs (not from norm names), and smoothing leaves each
+    family's logits where they were."""
+    from dlp_deploy.export.quantize import norm_readers, smooth_model
+    from dlp_deploy.models import decoder_layers
+
+    model = family_model(family).eval()
+    window = torch.randint(0, model.config.vocab_size, (24,), generator=torch.Generator().manual_seed(1))
+    block = decoder_layers(model)[0]
+    names = {id(m): n for n, m in block.named_modules()}
+    found = {names[id(norm)]: tuple(names[id(lin)] for lin in lins)
+             for index, norm, lins in norm_readers(model, window) if index == 0}
+    wiring = family if family in NORM_READERS else "sandwich" if family.startswith("gemma") else "pre-norm"
+    assert found == NORM_READERS[wiring]
+
+    with torch.no_grad():
+        before = model(window[None]).logits
+        record = smooth_model(model, [window, window.flip(0)], alpha=0.5)
+        after = model(window[None]).logits
+    assert "undone" not in record and record["groups"] == len(NORM_READERS[wiring]) * len(decoder_layers(model))
+    # Gemma's norms scale by 1 + w, not w: those groups are left as they are
+    assert record["groups_smoothed"] == (0 if wiring == "sandwich" else record["groups"])
+    assert torch.allclose(after, before, rtol=1e-4, atol=1e-4 * float(before.abs().max()))

@@ -418,7 +418,7 @@ def _export_quantized(model, tokenizer, onnx_path: Path, max_positions: int, opt
     so the export holds the model and the int8 codes, not a second fp32 copy (issue 24: 21 GB at 1.5B before)."""
     from .budget import plan_weights
     from .quantize import (ACT_SCALES, activation_ranges, insert_dynamic_matmul_integer, insert_matmul_integer,
-                           linear_input_ranges, quant_targets, smooth_model)
+                           linear_input_ranges, quant_targets, smooth_model, untie_head)
 
     if options.scheme != "int8":
         raise UserError(f"--quantize {options.scheme!r} is not supported; use int8")
@@ -444,6 +444,7 @@ def _export_quantized(model, tokenizer, onnx_path: Path, max_positions: int, opt
         fp32_path = Path(scratch) / MODEL_FILE
         exported = export_onnx(model, fp32_path, max_positions=max_positions)
         proto = load_graph(fp32_path)
+        tied_copies = untie_head(proto, names, Path(scratch)) if options.head else []
         targets = quant_targets(proto, {f"{n}.T" for n in names} | names)
         shapes = {i.name: tuple(i.dims) for i in proto.graph.initializer if i.name in {t.weight for t in targets}}
         if ranges is not None:
@@ -454,10 +455,16 @@ def _export_quantized(model, tokenizer, onnx_path: Path, max_positions: int, opt
                                                     codes=plan.onnx_codes(shapes), base_dir=Path(scratch))
         summary["act_scales"] = options.act_scales
         exported["external_data"] = save_model(proto, onnx_path, Path(scratch))
-    return exported, {**summary, "lm_head": "int8" if options.head else "fp32", "embeddings": "fp32 (Gather)",
+    return exported, {**summary, "lm_head": "int8" if options.head else "fp32", **_tied_head_record(tied_copies),
+                      "embeddings": "fp32 (Gather)",
                       "smoothquant": smoothing, **plan.record, "kept_fp32": sorted(plan.keep_fp32),
                       "calibration": {"corpus": "c4", "samples": options.calib_samples, "seqlen": options.calib_seqlen,
                                       "seed": options.seed, "observed_in": "PyTorch (Linear inputs)"}}
+
+
+def _tied_head_record(copies: list[str]) -> dict:
+    return {"lm_head_tied_copy": f"{copies[0]}: the head reads a transposed quantized copy of the tied embedding, "
+                                 "which the fp32 Gather keeps reading"} if copies else {}
 
 
 def _param_name(model, param) -> str:

@@ -231,9 +231,9 @@ def export_int4(model, tokenizer, onnx_path: Path, max_positions: int, options, 
     rewritten to MatMulNBits of the scheme's bits into `onnx_path`. No calibration: round-to-nearest per block."""
     import tempfile
 
-    from .deployment import _block_weight_names, _param_name  # here: deployment.py imports this module
+    from .deployment import _block_weight_names, _param_name, _tied_head_record  # here: deployment.py imports this module
     from .onnx import export_onnx, save_model
-    from .quantize import quant_targets
+    from .quantize import quant_targets, untie_head
 
     check_int4_options(options)
     names = _block_weight_names(model) | ({_param_name(model, model.get_output_embeddings().weight)}
@@ -244,13 +244,14 @@ def export_int4(model, tokenizer, onnx_path: Path, max_positions: int, options, 
         fp32_path = Path(scratch) / MODEL_FILE
         exported = export_onnx(model, fp32_path, max_positions=max_positions)
         proto = load_graph(fp32_path)
+        tied_copies = untie_head(proto, names, Path(scratch)) if options.head else []
         targets = quant_targets(proto, {f"{n}.T" for n in names} | names)
         progress(f"{options.scheme}: {len(targets)} MatMuls to {bits}-bit MatMulNBits (blocks of {options.group_size})")
         summary = insert_matmul_nbits(proto, targets, options.group_size, options.int4_scheme,
                                       accuracy_level(options), bits, base_dir=Path(scratch))
         exported["external_data"] = save_model(proto, onnx_path, Path(scratch))
     return exported, {"scheme": options.scheme, **summary, "lm_head": options.scheme if options.head else "fp32",
-                      "embeddings": "fp32 (Gather)",
+                      **_tied_head_record(tied_copies), "embeddings": "fp32 (Gather)",
                       "accuracy_level_meaning": "ONNX Runtime's MatMulNBits accuracy_level: 0 = unset, which runs fp32 "
                                                 "on CPU; 4 = activations quantized to int8 at run time"}
 

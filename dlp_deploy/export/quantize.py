@@ -48,6 +48,56 @@ def quant_targets(proto, weight_names: set[str]) -> list[QuantTarget]:
     return out
 
 
+def untie_head(proto, weight_names: set[str], base_dir: Path | None = None) -> list[str]:
+    """Give a tied head its own [in, out] weight so a quantizer can rewrite it: the exporter computes a tied head as
+    Gemm(hidden, embedding, transB=1) on the embedding the Gather also reads, and an in-place rewrite of that
+    initializer would quantize the embedding lookup too. Each such Gemm (B in `weight_names`) becomes
+    MatMul(hidden, `B.T`) (+ Add of its bias when that is not zero), `B.T` a transposed copy; returns the copies'
+    names. The copy costs the vocabulary matrix once more in the quantized type (llama.cpp's tied models pay it
+    in token_embd instead)."""
+    from onnx import helper, numpy_helper
+
+    inits = {i.name: i for i in proto.graph.initializer}
+    nodes, copies = [], []
+    for node in proto.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if not (node.op_type == "Gemm" and node.input[1] in inits and node.input[1] in weight_names
+                and attrs.get("transB", 0) == 1 and not attrs.get("transA", 0)
+                and attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0):
+            nodes.append(node)
+            continue
+        name = f"{node.input[1]}.T"
+        if name not in inits:
+            weight = initializer_array(inits[node.input[1]], base_dir)
+            inits[name] = numpy_helper.from_array(np.ascontiguousarray(weight.T), name)
+            proto.graph.initializer.append(inits[name])
+            copies.append(name)
+        bias = _constant_value(proto, inits, node.input[2], base_dir) if len(node.input) > 2 and node.input[2] else 0
+        if bias is not None and not np.any(bias):
+            nodes.append(helper.make_node("MatMul", [node.input[0], name], list(node.output), name=f"{node.name}.MatMul"))
+        else:
+            nodes += [helper.make_node("MatMul", [node.input[0], name], [f"{node.name}.matmul"],
+                                       name=f"{node.name}.MatMul"),
+                      helper.make_node("Add", [f"{node.name}.matmul", node.input[2]], list(node.output),
+                                       name=f"{node.name}.Add")]
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    return copies
+
+
+def _constant_value(proto, inits: dict, name: str, base_dir: Path | None):
+    """The value of an initializer or Constant node output, or None where it is computed."""
+    from onnx import helper, numpy_helper
+
+    if name in inits:
+        return initializer_array(inits[name], base_dir)
+    for node in proto.graph.node:
+        if node.op_type == "Constant" and node.output[0] == name:
+            value = next((a for a in node.attribute if a.name == "value"), None)
+            return numpy_helper.to_array(helper.get_attribute_value(value)) if value is not None else None
+    return None
+
+
 def weight_scales(weight: np.ndarray) -> np.ndarray:
     """Per output channel (axis 1 of an [in, out] MatMul weight) symmetric scales; all-zero columns get 1."""
     amax = np.abs(weight).max(axis=0).astype(np.float32)
@@ -276,27 +326,61 @@ def smoothing_scales(act_absmax, weight_absmax, alpha: float):
     return torch.where(act_absmax > 0, s, torch.ones_like(s)).clamp(min=1e-5)
 
 
-def smooth_model(model, windows, alpha: float = 0.5) -> dict:
-    """Migrate activation outliers into the weights for the two Linear groups of every block that read a norm's
-    output (q/k/v after the input norm, the MLP's input Linears after the post-attention norm): the norm's weight
-    is divided by s and the Linears' input columns multiplied by it, which leaves the model's function unchanged
-    (checked on each block) and every zero weight zero. Returns what was smoothed."""
+def norm_readers(model, window) -> list[tuple[int, object, list]]:
+    """(block index, norm, the Linears reading that norm's output) for every norm of every decoder block, found by
+    running one window: a Linear whose input is the very tensor a norm returned reads it. Wiring, not names:
+    OLMo-2's post_attention_layernorm normalises the attention output (no Linear reads it), Gemma's
+    pre_feedforward_layernorm feeds the MLP, Phi-3's input norm feeds one fused qkv_proj."""
     import torch
 
     from ..models import decoder_layers
-    from ..models.geometry import block_geometry
+    from .blocks import is_norm_like
 
     blocks = decoder_layers(model)
-    hint = getattr(model.config, "head_dim", None)
-    groups = []  # (block, norm, [linears])
+    outputs: dict[int, tuple[torch.Tensor, int, object]] = {}  # data_ptr -> (the norm's output, block, norm)
+    readers: dict[int, tuple[int, object, list]] = {}  # id(norm) -> group
+
+    def remember(index):
+        def hook(module, _args, out) -> None:
+            if isinstance(out, torch.Tensor):
+                outputs[out.data_ptr()] = (out, index, module)  # holding it keeps its memory from being reused
+        return hook
+
+    def read(module, args) -> None:
+        x = args[0] if args else None
+        seen = outputs.get(x.data_ptr()) if isinstance(x, torch.Tensor) else None
+        if seen is not None and seen[0].shape == x.shape and seen[0].stride() == x.stride():
+            group = readers.setdefault(id(seen[2]), (seen[1], seen[2], []))
+            if module not in group[2]:
+                group[2].append(module)
+
+    handles = []
     for i, block in enumerate(blocks):
-        g = block_geometry(block, i, hint)
-        attn = block.get_submodule(g.attention)
-        for norm_name, linears in (("input_layernorm", [attn.q_proj, attn.k_proj, attn.v_proj]),
-                                   ("post_attention_layernorm", [block.get_submodule(n) for n in g.mlp_in])):
-            norm = getattr(block, norm_name, None)
-            if norm is not None and getattr(norm, "weight", None) is not None:
-                groups.append((i, norm, linears))
+        for module in block.modules():
+            if is_norm_like(module):
+                handles.append(module.register_forward_hook(remember(i)))
+            elif isinstance(module, torch.nn.Linear):
+                handles.append(module.register_forward_pre_hook(read))
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            model(window.unsqueeze(0).to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+        outputs.clear()
+    return sorted(readers.values(), key=lambda g: g[0])
+
+
+def smooth_model(model, windows, alpha: float = 0.5) -> dict:
+    """Migrate activation outliers into the weights for every group of Linears that reads a norm's output (found
+    by norm_readers): the norm's weight is divided by s and the Linears' input columns multiplied by it, which
+    leaves the model's function unchanged and every zero weight zero. Checked per group on a probe and then on the
+    whole model's logits: if the model moved (the norm's output also reaches something else), every group is
+    undone and the record says so. Returns what was smoothed."""
+    import torch
+
+    groups = norm_readers(model, windows[0])
     absmax = {id(lins[0]): torch.zeros(lins[0].in_features) for _, _, lins in groups}
 
     def observe(module, inp, _out) -> None:  # a forward hook that returned a value would replace the output
@@ -312,23 +396,42 @@ def smooth_model(model, windows, alpha: float = 0.5) -> dict:
     finally:
         for h in handles:
             h.remove()
-    probe = torch.randn(1, 8, blocks[0].get_submodule(block_geometry(blocks[0], 0, hint).attention).q_proj.in_features,
-                        generator=torch.Generator().manual_seed(0))
-    smoothed = 0
+    first = windows[0].unsqueeze(0).to(device)
     with torch.no_grad():
-        for i, norm, lins in groups:
-            before = [lin(norm(probe.to(device))) for lin in lins]
-            w_absmax = torch.stack([lin.weight.abs().amax(dim=0).float().cpu() for lin in lins]).amax(0)
-            s = smoothing_scales(absmax[id(lins[0])], w_absmax, alpha).to(device)
-            norm.weight.div_(s.to(norm.weight.dtype))
-            for lin in lins:
-                lin.weight.mul_(s.to(lin.weight.dtype)[None, :])
-            after = [lin(norm(probe.to(device))) for lin in lins]
-            err = max(float((a - b).norm() / b.norm().clamp(min=1e-12)) for a, b in zip(after, before))
-            if err > 1e-3:  # the norm is not a plain elementwise scale (e.g. Gemma's 1 + w): undo, leave as is
-                for lin in lins:
-                    lin.weight.div_(s.to(lin.weight.dtype)[None, :])
-                norm.weight.mul_(s.to(norm.weight.dtype))
-                continue
-            smoothed += 1
-    return {"alpha": alpha, "groups_smoothed": smoothed, "groups": len(groups)}
+        reference = model(first, use_cache=False).logits.float()
+        applied = [(norm, lins, s) for _, norm, lins in groups
+                   if (s := _smooth_group(norm, lins, absmax[id(lins[0])], alpha, device)) is not None]
+        moved = float((model(first, use_cache=False).logits.float() - reference).norm() / reference.norm())
+        if moved > 1e-3:
+            for norm, lins, s in applied:
+                _scale_group(norm, lins, 1 / s)
+    record = {"alpha": alpha, "groups_smoothed": len(applied) if moved <= 1e-3 else 0, "groups": len(groups),
+              "logits_moved": moved}
+    if moved > 1e-3:
+        record["undone"] = (f"smoothing moved the logits by {moved:.2e} (relative): a norm's output reaches more "
+                            "than the Linears that read it; the model is left unsmoothed")
+    return record
+
+
+def _scale_group(norm, lins, s) -> None:
+    norm.weight.div_(s.to(norm.weight.dtype))
+    for lin in lins:
+        lin.weight.mul_(s.to(lin.weight.dtype)[None, :])
+
+
+def _smooth_group(norm, lins, act_absmax, alpha: float, device):
+    """Smooth one norm -> Linears group in place and return s, or leave it and return None when the norm is not a
+    plain elementwise scale (e.g. Gemma's 1 + w): checked on a random probe."""
+    import torch
+
+    probe = torch.randn(1, 8, lins[0].in_features, generator=torch.Generator().manual_seed(0)).to(device)
+    before = [lin(norm(probe)) for lin in lins]
+    w_absmax = torch.stack([lin.weight.abs().amax(dim=0).float().cpu() for lin in lins]).amax(0)
+    s = smoothing_scales(act_absmax, w_absmax, alpha).to(device)
+    _scale_group(norm, lins, s)
+    after = [lin(norm(probe)) for lin in lins]
+    err = max(float((a - b).norm() / b.norm().clamp(min=1e-12)) for a, b in zip(after, before))
+    if err > 1e-3:
+        _scale_group(norm, lins, 1 / s)
+        return None
+    return s
