@@ -82,6 +82,19 @@ def test_candidate_grid_and_its_refusals():
         candidates(["unstructured"], [1.5])
 
 
+def test_the_fetched_gguf_is_a_peer_by_default_and_never_a_candidate(tmp_path):
+    from dlp_deploy.models import GGUF_SOURCE_FILE
+    from dlp_deploy.plan.candidates import default_peers, precisions
+    from dlp_deploy.testing import save_tiny
+
+    model = save_tiny(tmp_path / "tiny", seed=2)
+    assert default_peers(str(model)) == ["q8_0", "q4_k_m"]
+    (model / GGUF_SOURCE_FILE).write_text(json.dumps({"gguf": str(tmp_path / "m.gguf")}))
+    assert default_peers(str(model)) == ["q8_0", "q4_k_m", "source"]
+    with pytest.raises(UserError, match="--peers source"):
+        precisions(["int8", "source"])
+
+
 # ---------------------------------------------------------------- one tiny plan, end to end
 
 TINY = dict(engines=["onnxruntime"], cores=1, include=["unstructured", "nm"], levels=[0.3], precisions=["fp32"],

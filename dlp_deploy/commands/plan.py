@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import UserError
+from ..plan.candidates import default_peers
 from ..plan.run import run_plan
 from ..plan.stages import PlanSettings
 from ..progress import console, progress_bar, quiet_transformers
@@ -32,8 +33,9 @@ def plan_cmd(
     precisions: Annotated[str, typer.Option(help="comma list: fp32, int8 (ONNX, dynamic per-token activations), "
                                                  "int4 (where export supports it), q8_0, q4_k_m (GGUF)")]
     = "fp32,int8,q8_0,q4_k_m",
-    peers: Annotated[str, typer.Option(help="the dense model on llama.cpp to compare against (GGUF formats), or "
-                                            "none")] = "q8_0,q4_k_m",
+    peers: Annotated[str, typer.Option(help="the dense model on llama.cpp to compare against: GGUF formats "
+                                            "(q8_0, q4_k_m, source: the GGUF a fetched model came from), none, or "
+                                            "auto (q8_0,q4_k_m, and source where there is one)")] = "auto",
     allocations: Annotated[str, typer.Option(help="saved searched allocations (`dlp-deploy search --name`) to "
                                                   "screen beside uniform and DLP, comma list")] = "",
     executor: Annotated[str, typer.Option(help="where measurements run: local or ray")] = "local",
@@ -66,7 +68,7 @@ def plan_cmd(
     if executor != "ray" and address:
         raise UserError("--address belongs to --executor ray")
     settings = PlanSettings(model, max_ppl_increase, parse_names(engines), cores, time_budget, parse_names(include),
-                            parse_floats(levels, "--levels"), parse_names(precisions), parse_names(peers), executor,
+                            parse_floats(levels, "--levels"), parse_names(precisions), default_peers(model) if peers == "auto" else parse_names(peers), executor,
                             screen_margin, seq_len, val_windows, calib, nsamples, calib_seqlen, seed, prompt_len,
                             gen_len, runs, warmup, rounds, test_windows, validate, parse_names(allocations))
     quiet_transformers()

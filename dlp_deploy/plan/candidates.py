@@ -7,9 +7,11 @@ the pruned PyTorch model on the same validation windows (`pruned`)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable
 
 from ..errors import UserError
+from ..models import GGUF_SOURCE_FILE, resolve
 from ..prune.masks import parse_pattern
 from ..prune.settings import prune_settings
 
@@ -121,15 +123,31 @@ PRECISIONS = {p.name: p for p in (
     Precision("w8", "onnx", "onnxruntime"),  # q8_0's blocks on the ONNX engines, int8 activations per block
     Precision("q8_0", "gguf", "llamacpp"),
     Precision("q4_k_m", "gguf", "llamacpp"),
+    # the GGUF a fetched model was dequantized from, unchanged: what its users run today; a peer, never a candidate
+    # (a pruned model's weights are no longer in it)
+    Precision("source", "gguf", "llamacpp"),
 )}
 PEERS = ("q8_0", "q4_k_m")  # the dense model as llama.cpp users run it
+PEER_ONLY = ("source",)
 
 
 def precisions(csv: list[str]) -> list[Precision]:
     unknown = [p for p in csv if p not in PRECISIONS]
     if unknown or not csv:
-        raise UserError(f"--precisions {','.join(csv)}: choose from {', '.join(PRECISIONS)} (comma-separated)")
+        choices = ", ".join(p for p in PRECISIONS if p not in PEER_ONLY)
+        raise UserError(f"--precisions {','.join(csv)}: choose from {choices} (comma-separated)")
+    peer_only = [p for p in csv if p in PEER_ONLY]
+    if peer_only:
+        raise UserError(f"--precisions {peer_only[0]}: the GGUF a fetched model came from holds the dense weights "
+                        f"only; compare against it with --peers {peer_only[0]}")
     return [PRECISIONS[p] for p in csv]
+
+
+def default_peers(model: str) -> list[str]:
+    """q8_0 and q4_k_m re-exported from the model, and the GGUF it was fetched from where it was (its own file is
+    the llama.cpp baseline its users have)."""
+    fetched = (Path(resolve(model)) / GGUF_SOURCE_FILE).is_file()
+    return [*PEERS, *(PEER_ONLY if fetched else ())]
 
 
 def deploy_name(candidate_id: str, precision: str) -> str:

@@ -55,7 +55,7 @@ from ..runtime.deployment import EXPORT_FILE, load_deployment
 from ..runtime.engines import ENGINES
 from ..runtime.worker import ProgressEvents, replay_progress, run_in_worker, workaround
 from . import select
-from .candidates import DENSE_ID, PEERS, PRECISIONS, Candidate, candidates, deploy_name, precisions, \
+from .candidates import DENSE_ID, PEER_ONLY, PEERS, PRECISIONS, Candidate, candidates, deploy_name, precisions, \
     prune_settings_of
 
 TEST_CORPUS = "wikitext2"
@@ -117,7 +117,8 @@ def check_settings(settings: PlanSettings) -> None:
         get_allocator(name)  # a saved search's name, or a one-line refusal naming what exists
     bad_peers = [p for p in settings.peers if PRECISIONS.get(p) is None or PRECISIONS[p].format != "gguf"]
     if bad_peers:
-        raise UserError(f"--peers {','.join(bad_peers)}: peers are GGUF formats ({', '.join(PEERS)}), or none")
+        raise UserError(f"--peers {','.join(bad_peers)}: peers are GGUF formats ({', '.join((*PEERS, *PEER_ONLY))}), "
+                        "or none")
     onnx = [e for e in settings.engines if e in ENGINES and ENGINES[e].model_format == "onnx"]
     if not settings.engines or len(onnx) != len(settings.engines):
         raise UserError(f"--engines {','.join(settings.engines)}: give ONNX engines (onnxruntime, deepsparse, "
@@ -562,16 +563,21 @@ def choose(rows: list[dict], deploys: dict[str, dict], engines: list[str]) -> di
         raise UserError("no deployment within budget was measured (the dense fp32 one always is: see stage3/)")
     dense = {r["engine"]: r for r in rows if r["label"] == DENSE_ID and not r.get("aa_control")}
     peers = {r["precision"]: r for r in rows if r["engine"] == "llamacpp" and r["label"].startswith(DENSE_ID + ".")
-             and r["precision"] in PEERS}
+             and r["precision"] in (*PEERS, *PEER_ONLY)}
     base = dense.get(best["engine"]) or dense[engines[0]]
     choice = {"deploy": best["deploy"], "candidate": deploys[best["deploy"]]["id"], "engine": best["engine"],
               "precision": best["precision"],
               "validation_ppl": best["ppl"], "decode_tokens_per_s": best["speed"], "why": why,
               "noise_floor": floor, "vs_dense_fp32": {"baseline": f"dense fp32 on {base['engine']}",
                                                       **ratio(base, best["row"])},
-              "vs_peers": {p: {"peer": f"dense {p} on llama.cpp", **ratio(r, best["row"])} for p, r in peers.items()},
+              "vs_peers": {p: {"peer": _peer_label(p), **ratio(r, best["row"])} for p, r in peers.items()},
               "front": select.front_ids(options), "chosen_at": time.time()}
     return choice
+
+
+def _peer_label(precision: str) -> str:
+    return ("the GGUF the model was fetched from, on llama.cpp" if precision in PEER_ONLY
+            else f"dense {precision} on llama.cpp")
 
 
 # ---------------------------------------------------------------- after the choice: test text
