@@ -324,6 +324,15 @@ def test_external_data_decision_counts_tensor_bytes(tmp_path):
     proto = onnx.load(str(tmp_path / "m.onnx"))
     expected = sum(numpy_helper.to_array(t).nbytes for t in all_tensors(proto))
     assert tensor_bytes(proto) == expected and expected > 100_000
+    # torch's exporter, over 2 GB, writes each tensor to a file of its own and records no length: counted from
+    # its shape (counted as 0 before, the > 2 GB graph was judged small and failed to serialise)
+    weight = max(proto.graph.initializer, key=lambda t: numpy_helper.to_array(t).nbytes)
+    size = numpy_helper.to_array(weight).nbytes
+    weight.ClearField("raw_data")
+    weight.data_location = onnx.TensorProto.EXTERNAL
+    entry = weight.external_data.add()
+    entry.key, entry.value = "location", "a_file_of_its_own"
+    assert tensor_bytes(proto) == expected and size > 10_000
 
 
 @needs_deepsparse

@@ -288,11 +288,12 @@ def tensor_bytes(proto) -> int:
 
     total = 0
     for t in all_tensors(proto):
+        length = next((e.value for e in t.external_data if e.key == "length"), None)
         if t.HasField("raw_data"):
             total += len(t.raw_data)
-        elif t.data_location == TensorProto.EXTERNAL:
-            total += int(next((e.value for e in t.external_data if e.key == "length"), 0) or 0)
-        else:
+        elif t.data_location == TensorProto.EXTERNAL and length is not None:
+            total += int(length)
+        else:  # inline typed values, or a whole external file (torch's exporter writes one per tensor, no length)
             count = 1
             for d in t.dims:
                 count *= d
@@ -389,8 +390,6 @@ def name_weight_initializers(proto, model: nn.Module, base_dir: Path | None = No
     Constant folding turns each Linear weight into a transposed initializer; matching by content lets
     export.json report sparsity per named weight. Returns how many initializers were renamed.
     """
-    from onnx import numpy_helper
-
     # equal tensors (a block pruned to all zeros has several) each take the next unused name of that content
     by_digest: dict[tuple, list[str]] = {}
     for name, param in model.named_parameters():
@@ -406,7 +405,7 @@ def name_weight_initializers(proto, model: nn.Module, base_dir: Path | None = No
     for init in proto.graph.initializer:
         if len(init.dims) != 2 or init.name in named:
             continue
-        array = numpy_helper.to_array(init, base_dir=str(base_dir) if base_dir else "")
+        array = initializer_array(init, base_dir)  # not to_array: it would keep every weight in the proto
         target = next((n for n in by_digest.get(_digest(array), []) if n.removesuffix(".T") not in taken), None)
         if target:
             renames[init.name] = target
