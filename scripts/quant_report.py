@@ -28,7 +28,9 @@ FORMS = {  # folder suffix: what it is
     "dynamic": "INT8 W8A8, dynamic per-token activation scales",
     "gptq32": "INT8 dynamic per-token, GPTQ weights (32 calibration windows)",
     "budget3": "INT8 dynamic per-token, 3% quality budget",
+    "dynamic-head": "INT8 dynamic per-token, lm_head quantized too (--quantize-head)",
     "w8": "w8: int8 weights in blocks of 32, int8 activations per block at run time (MatMulNBits)",
+    "w8-head": "w8, lm_head quantized too (--quantize-head)",
     "int4-g32": "INT4 weight-only, symmetric, blocks of 32",
     "int4-g128": "INT4 weight-only, symmetric, blocks of 128",
     "q8_0": "GGUF q8_0 (llama.cpp)",
@@ -77,22 +79,29 @@ def aa_rows(bench: dict) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--exports", type=Path, required=True, help="folder of <model>-<form> deployments")
-    ap.add_argument("--fp32", nargs=2, metavar=("DENSE", "PRUNED"), type=Path, required=True,
-                    help="the fp32 deployments of the dense and the pruned model (benched beside the others)")
+    ap.add_argument("--fp32", nargs="+", metavar="DENSE [PRUNED]", type=Path, required=True,
+                    help="the fp32 deployments of the dense and (optionally) the pruned model (benched beside the "
+                         "others)")
     ap.add_argument("--bench", type=Path, help="bench results (--json) over the deployments")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--reproduce", default="bash scripts/quant_report.sh",
+                    help="the command the report names as what made it")
+    ap.add_argument("--only-exported", action="store_true",
+                    help="rows only for the forms exported (default: every form, unexported ones marked so)")
     args = ap.parse_args()
 
     bench = json.loads(args.bench.read_text()) if args.bench and args.bench.is_file() else None
     speed = speed_rows(bench) if bench else {}
     table, record = [], []
-    for model, model_name in MODELS.items():
+    for model, model_name in list(MODELS.items())[:len(args.fp32)]:
         # the fp32 row's quality: PyTorch fp32 on the same windows, as every export of this model recorded it
         refs = [q["reference_ppl"] for form in FORMS if form != "fp32"
                 for q in [quality(args.exports / f"{model}-{form}")] if q and q["reference_ppl"]]
         ref = refs[0] if refs else None
         for form, what in FORMS.items():
             folder = args.fp32[0 if model == "dense" else 1] if form == "fp32" else args.exports / f"{model}-{form}"
+            if args.only_exported and not folder.exists():
+                continue
             q = quality(folder) if form != "fp32" else None
             row = {"model": model_name, "form": form, "what": what, "folder": str(folder), "quality": q,
                    "speed": {}}
@@ -154,7 +163,10 @@ def write_table(args, table, record, bench) -> None:
                         f"{r['speedup']['decode_ci95'][1]:.2f}]" for e, r in aa.items()
                         if (r.get("speedup") or {}).get("decode_ci95"))
     machine = (bench or {}).get("machine", {})
-    text = ["# SmolLM2-135M: every quantized form, dense and DLP-Wanda 50% (issue 24)", "",
+    models = " and ".join(dict.fromkeys(row["model"] for row in record))
+    shown = {row["form"] for row in record}
+    text = [f"# SmolLM2-135M: {'the' if args.only_exported else 'every'} quantized form{'s' if args.only_exported else ''}"
+            f", {models} (issue 24)", "",
             "Deployed perplexity: each deployment's own, WikiText-2 test, 8 windows of 256 tokens, against PyTorch "
             "fp32 on the same windows (the fp32 rows). Greedy agreement: share of 64 next-token choices that match "
             "PyTorch fp32's. Decode tokens/s from one `dlp-deploy bench` run (bench.json), all rows interleaved, "
@@ -162,12 +174,12 @@ def write_table(args, table, record, bench) -> None:
             "engine with its cluster-bootstrap 95% interval, and for the pruned model its ratio to its own fp32 "
             "deployment on that engine (point estimate). llama.cpp rows are the peers (GGUF of the same models).", "", *lines, "",
             f"A/A control (dense fp32 measured again): {aa_text or 'none'}.", "",
-            "Forms:", *[f"- `{k}`: {v}" for k, v in FORMS.items()], "",
+            "Forms:", *[f"- `{k}`: {v}" for k, v in FORMS.items() if k in shown], "",
             "OpenVINO's MatMul kernels on a one-token step (export.json's `openvino_kernels`, from its perf "
             "counters; weight types of its FullyConnected layers):", "", *kernel_lines(table), "",
             f"Machine: {machine.get('cpu_model', '?')}, {machine.get('usable_cores', '?')} cores, ISA "
             f"{', '.join(machine.get('isa', []))}.", "",
-            "Reproduce: `bash scripts/quant_report.sh` (exports, bench, this table)."]
+            f"Reproduce: `{args.reproduce}` (exports, bench, this table)."]
     (out / "README.md").write_text("\n".join(text) + "\n")
     write_json_atomic(out / "quant.json", {"rows": record, "bench": str(args.bench) if args.bench else None,
                                            "provenance": provenance()}, force=True)
