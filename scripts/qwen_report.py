@@ -50,7 +50,7 @@ ENGINE_NAMES = {"deepsparse": "DeepSparse", "onnxruntime": "ONNX Runtime", "open
 
 # the PyTorch models of the quality table: run folder name -> label (dense is the fetched model itself)
 MODELS = {"dense": "dense", "dlp-0.50": "DLP-Wanda 50%, --alpha auto", "dlp-appg-0.50": "DLP-Wanda 50%, App. G alpha",
-          "owl-0.50": "OWL-Wanda 50%", "uniform-0.50": "uniform Wanda 50%"}
+          "owl-0.50": "OWL-Wanda 50%", "uniform-0.50": "uniform Wanda 50%", "uniform-0.30": "uniform Wanda 30%"}
 # the deployments of scripts/qwen_study.sh: folder -> (PyTorch model it came from, form, engines that run it)
 ONNX_ENGINES, GGUF_ENGINES = ("deepsparse", "onnxruntime"), ("llamacpp",)
 DEPLOYMENTS = {
@@ -62,23 +62,30 @@ DEPLOYMENTS = {
     PEER: ("dense", "the original Q4_K_M GGUF, unchanged (the peer)", GGUF_ENGINES),
     "dense.q8_0": ("dense", "GGUF q8_0 re-exported from the fp32 form (second peer)", GGUF_ENGINES),
     "dlp-0.50.q4_k_m": ("dlp-0.50", "GGUF q4_k_m", GGUF_ENGINES),
+    "uniform-0.30.int8": ("uniform-0.30", "INT8 W8A8, static activation scales (ONNX; DeepSparse's sparse INT8 "
+                                          "kernels)", ("deepsparse",)),
+    "uniform-0.30.q4_k_m": ("uniform-0.30", "GGUF q4_k_m", GGUF_ENGINES),
 }
 # scripts/qwen_study.sh's steps in order (costs/STEP.txt); the fetch's timing is RUN/fetch.log
 STEPS = {
     "fetch": "models fetch (assemble the parts, check, dequantize to an HF folder)",
     "prune-dlp50": "prune DLP-Wanda 50%, --alpha auto", "prune-dlp50-appg": "prune DLP-Wanda 50%, App. G alpha",
     "prune-uniform50": "prune uniform Wanda 50%",
-    "prune-owl50": "prune OWL-Wanda 50%",
+    "prune-owl50": "prune OWL-Wanda 50%", "prune-uniform30": "prune uniform Wanda 30%",
     "eval-dense": "PyTorch perplexity, dense", "eval-dlp-0.50": "PyTorch perplexity, DLP 50%",
     "eval-dlp-appg-0.50": "PyTorch perplexity, DLP 50% App. G alpha",
     "eval-uniform-0.50": "PyTorch perplexity, uniform 50%", "eval-owl-0.50": "PyTorch perplexity, OWL 50%",
+    "eval-uniform-0.30": "PyTorch perplexity, uniform 30%",
     "export-source": "export: the source GGUF (copy and validate)", "export-dense": "export: dense fp32 ONNX",
     "export-dlp50": "export: DLP 50% fp32 ONNX", "export-dense-w8": "export: dense w8 ONNX",
     "export-dlp50-int8": "export: DLP 50% INT8 ONNX", "export-dense-q8_0": "export: dense GGUF q8_0",
     "export-dlp50-q4_k_m": "export: DLP 50% GGUF q4_k_m",
+    "export-u30-int8": "export: uniform 30% INT8 ONNX", "export-u30-q4_k_m": "export: uniform 30% GGUF q4_k_m",
     "deval-source-q4_k_m": "deployed perplexity: source Q4_K_M", "deval-dense.q8_0": "deployed perplexity: dense q8_0",
     "deval-dlp-0.50.q4_k_m": "deployed perplexity: DLP 50% q4_k_m", "deval-dense.w8": "deployed perplexity: dense w8",
     "deval-dlp-0.50.int8": "deployed perplexity: DLP 50% INT8",
+    "deval-uniform-0.30.q4_k_m": "deployed perplexity: uniform 30% q4_k_m",
+    "deval-uniform-0.30.int8": "deployed perplexity: uniform 30% INT8",
     "bench": "bench: every deployment x engine, interleaved, A/A control",
 }
 
@@ -111,7 +118,12 @@ def perplexity(path: Path) -> dict:
 def quality_rows(run: Path) -> list[dict]:
     rows = []
     for name, label in MODELS.items():
-        row = {"model": name, "label": label, **perplexity(run / "eval" / f"{name}.json")}
+        # a model folder that links to another (models/dlp-0.50 -> uniform-0.50 where --alpha auto chose alpha 0 in
+        # an earlier run and this one did not tune again) is that model: its evaluation, said in its label
+        alias = _alias(run, name)
+        scored = name if alias is None or (run / "eval" / f"{name}.json").is_file() else alias
+        row = {"model": name, "label": label if alias is None else f"{label} (= {alias}: the same folder)",
+               **perplexity(run / "eval" / f"{scored}.json")}
         if name != "dense":
             folder = run / "models" / name
             try:
@@ -127,6 +139,11 @@ def quality_rows(run: Path) -> list[dict]:
     for row in rows:
         row["vs_dense"] = {c: row["ppl"][c] / dense[c] for c in row["ppl"] if dense.get(c)}
     return rows
+
+
+def _alias(run: Path, name: str) -> str | None:
+    folder = run / "models" / name
+    return folder.resolve().name if folder.is_symlink() else None
 
 
 def pruning_summary(record: dict) -> dict:
