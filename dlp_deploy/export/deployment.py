@@ -26,8 +26,7 @@ from ..provenance import PeakRSS, provenance
 from .. import data
 from ..runtime.deployment import EXPORT_FILE, GGUF_FILE, MODEL_FILE
 from ..runtime.engines import NBITS_REFUSALS
-from .onnx import (EXTERNAL_DATA_FILE, export_onnx, initializer_array, load_graph, onnx_weight_sparsity,
-                   save_model)
+from .onnx import EXTERNAL_DATA_FILE, export_onnx, initializer_array, load_graph, onnx_weight_sparsity
 from .int4 import check_int4_mask, export_int4
 from .quantize import engines_refusing
 
@@ -418,8 +417,8 @@ def _export_quantized(model, tokenizer, onnx_path: Path, max_positions: int, opt
     into `onnx_path`, streaming: the fp32 weights stay in the scratch graph's data file and are read one at a time,
     so the export holds the model and the int8 codes, not a second fp32 copy (issue 24: 21 GB at 1.5B before)."""
     from .budget import plan_weights
-    from .quantize import (ACT_SCALES, activation_ranges, insert_dynamic_matmul_integer, insert_matmul_integer,
-                           linear_input_ranges, quant_targets, smooth_model, untie_head)
+    from .quantize import (ACT_SCALES, activation_ranges, fp32_scratch_graph, insert_dynamic_matmul_integer,
+                           insert_matmul_integer, linear_input_ranges, smooth_model)
 
     if options.scheme != "int8":
         raise UserError(f"--quantize {options.scheme!r} is not supported; use int8")
@@ -438,34 +437,23 @@ def _export_quantized(model, tokenizer, onnx_path: Path, max_positions: int, opt
     if options.act_scales == "static":
         progress(f"calibrating the inputs of {len(names)} Linears on {len(windows)} C4 windows")
         ranges = linear_input_ranges(model, windows, names)
-    # a folder of its own: over 2 GB the fp32 graph's weights go to an external data file of the same name as the
-    # deployment's, which must neither stay behind (4.4 GB of dead weight beside a 1.1B INT8 graph) nor be mixed
-    # with the INT8 graph's own
-    with tempfile.TemporaryDirectory(prefix="fp32-for-calibration-", dir=onnx_path.parent) as scratch:
-        fp32_path = Path(scratch) / MODEL_FILE
-        exported = export_onnx(model, fp32_path, max_positions=max_positions)
-        proto = load_graph(fp32_path)
-        tied_copies = untie_head(proto, names, Path(scratch)) if options.head else []
-        targets = quant_targets(proto, {f"{n}.T" for n in names} | names)
-        shapes = {i.name: tuple(i.dims) for i in proto.graph.initializer if i.name in {t.weight for t in targets}}
+    with fp32_scratch_graph(model, onnx_path, max_positions, names, options.head, "fp32-for-calibration-") as g:
+        weights = {t.weight for t in g.targets}
+        codes = plan.onnx_codes({i.name: tuple(i.dims) for i in g.proto.graph.initializer if i.name in weights})
         if ranges is not None:
-            summary = insert_matmul_integer(proto, targets, activation_ranges(targets, ranges),
-                                            codes=plan.onnx_codes(shapes), base_dir=Path(scratch))
+            summary = insert_matmul_integer(g.proto, g.targets, activation_ranges(g.targets, ranges), codes=codes,
+                                            base_dir=g.base_dir)
         else:
-            summary = insert_dynamic_matmul_integer(proto, targets, per_token=options.act_scales == "dynamic-token",
-                                                    codes=plan.onnx_codes(shapes), base_dir=Path(scratch))
+            summary = insert_dynamic_matmul_integer(g.proto, g.targets,
+                                                    per_token=options.act_scales == "dynamic-token", codes=codes,
+                                                    base_dir=g.base_dir)
         summary["act_scales"] = options.act_scales
-        exported["external_data"] = save_model(proto, onnx_path, Path(scratch))
-    return exported, {**summary, "lm_head": "int8" if options.head else "fp32", **_tied_head_record(tied_copies),
-                      "embeddings": "fp32 (Gather)",
-                      "smoothquant": smoothing, **plan.record, "kept_fp32": sorted(plan.keep_fp32),
-                      "calibration": {"corpus": "c4", "samples": options.calib_samples, "seqlen": options.calib_seqlen,
-                                      "seed": options.seed, "observed_in": "PyTorch (Linear inputs)"}}
-
-
-def _tied_head_record(copies: list[str]) -> dict:
-    return {"lm_head_tied_copy": f"{copies[0]}: the head reads a transposed quantized copy of the tied embedding, "
-                                 "which the fp32 Gather keeps reading"} if copies else {}
+    return g.exported, {**summary, "lm_head": "int8" if options.head else "fp32", **g.tied_head_record(),
+                        "embeddings": "fp32 (Gather)",
+                        "smoothquant": smoothing, **plan.record, "kept_fp32": sorted(plan.keep_fp32),
+                        "calibration": {"corpus": "c4", "samples": options.calib_samples,
+                                        "seqlen": options.calib_seqlen, "seed": options.seed,
+                                        "observed_in": "PyTorch (Linear inputs)"}}
 
 
 def _param_name(model, param) -> str:

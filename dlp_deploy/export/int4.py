@@ -38,8 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..runtime.deployment import MODEL_FILE
 from .onnx import initializer_array, load_graph
+from .quantize import fp32_scratch_graph
 
 BITS = 4
 SCHEME_BITS = {"int4": 4, "w8": 8}  # --quantize scheme -> MatMulNBits bits
@@ -229,31 +229,21 @@ def accuracy_level(options) -> int:
 def export_int4(model, tokenizer, onnx_path: Path, max_positions: int, options, root, progress) -> tuple[dict, dict]:
     """fp32 export beside the target, then every decoder-block weight MatMul (and lm_head with `options.head`)
     rewritten to MatMulNBits of the scheme's bits into `onnx_path`. No calibration: round-to-nearest per block."""
-    import tempfile
-
-    from .deployment import _block_weight_names, _param_name, _tied_head_record  # here: deployment.py imports this module
-    from .onnx import export_onnx, save_model
-    from .quantize import quant_targets, untie_head
+    from .deployment import _block_weight_names, _param_name  # here: deployment.py imports this module
 
     check_int4_options(options)
     names = _block_weight_names(model) | ({_param_name(model, model.get_output_embeddings().weight)}
                                           if options.head else set())
     bits = SCHEME_BITS[options.scheme]
-    # the fp32 weights stay in the scratch graph's data file, read one at a time (no second fp32 copy in memory)
-    with tempfile.TemporaryDirectory(prefix="fp32-for-int4-", dir=onnx_path.parent) as scratch:
-        fp32_path = Path(scratch) / MODEL_FILE
-        exported = export_onnx(model, fp32_path, max_positions=max_positions)
-        proto = load_graph(fp32_path)
-        tied_copies = untie_head(proto, names, Path(scratch)) if options.head else []
-        targets = quant_targets(proto, {f"{n}.T" for n in names} | names)
-        progress(f"{options.scheme}: {len(targets)} MatMuls to {bits}-bit MatMulNBits (blocks of {options.group_size})")
-        summary = insert_matmul_nbits(proto, targets, options.group_size, options.int4_scheme,
-                                      accuracy_level(options), bits, base_dir=Path(scratch))
-        exported["external_data"] = save_model(proto, onnx_path, Path(scratch))
-    return exported, {"scheme": options.scheme, **summary, "lm_head": options.scheme if options.head else "fp32",
-                      **_tied_head_record(tied_copies), "embeddings": "fp32 (Gather)",
-                      "accuracy_level_meaning": "ONNX Runtime's MatMulNBits accuracy_level: 0 = unset, which runs fp32 "
-                                                "on CPU; 4 = activations quantized to int8 at run time"}
+    with fp32_scratch_graph(model, onnx_path, max_positions, names, options.head, "fp32-for-int4-") as g:
+        progress(f"{options.scheme}: {len(g.targets)} MatMuls to {bits}-bit MatMulNBits (blocks of "
+                 f"{options.group_size})")
+        summary = insert_matmul_nbits(g.proto, g.targets, options.group_size, options.int4_scheme,
+                                      accuracy_level(options), bits, base_dir=g.base_dir)
+    return g.exported, {"scheme": options.scheme, **summary, "lm_head": options.scheme if options.head else "fp32",
+                        **g.tied_head_record(), "embeddings": "fp32 (Gather)",
+                        "accuracy_level_meaning": "ONNX Runtime's MatMulNBits accuracy_level: 0 = unset, which runs "
+                                                  "fp32 on CPU; 4 = activations quantized to int8 at run time"}
 
 
 def check_int4_mask(model, onnx_path: Path, record: dict) -> dict:

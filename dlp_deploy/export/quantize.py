@@ -20,13 +20,16 @@ onnxruntime's quantization tools need a newer onnx and ml_dtypes, and would forc
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from ..runtime.deployment import MODEL_FILE
 from ..runtime.engines import engines_refusing as refusals_of
-from .onnx import initializer_array
+from .onnx import export_onnx, initializer_array, load_graph, save_model
 
 QMIN, QMAX = -127, 127  # symmetric int8 weights (-128 unused, as the reference W8A8 recipes do)
 
@@ -83,6 +86,40 @@ def untie_head(proto, weight_names: set[str], base_dir: Path | None = None) -> l
     del proto.graph.node[:]
     proto.graph.node.extend(nodes)
     return copies
+
+
+@dataclass
+class ScratchGraph:
+    """The fp32 graph a quantizer rewrites: its proto (weights left in `base_dir`'s data file), the MatMuls whose
+    weights it was asked to quantize, and the tied head's transposed copies made for them."""
+
+    exported: dict
+    proto: object
+    base_dir: Path
+    targets: list[QuantTarget]
+    tied_copies: list[str] = field(default_factory=list)
+
+    def tied_head_record(self) -> dict:
+        return {"lm_head_tied_copy": f"{self.tied_copies[0]}: the head reads a transposed quantized copy of the tied "
+                                     "embedding, which the fp32 Gather keeps reading"} if self.tied_copies else {}
+
+
+@contextlib.contextmanager
+def fp32_scratch_graph(model, onnx_path: Path, max_positions: int, weight_names: set[str], head: bool, prefix: str):
+    """Export the fp32 graph into a scratch folder beside `onnx_path`, load it with its weights left on disk (read
+    one at a time: no second fp32 copy in memory), give a tied head its own copy when `head`, and find the target
+    MatMuls; after the caller's rewrite, save the graph to `onnx_path`, streaming the weights still in scratch. A
+    folder of its own: over 2 GB the fp32 weights go to an external data file of the deployment's name, which must
+    neither stay behind (4.4 GB of dead weight beside a 1.1B INT8 graph) nor be mixed with the quantized graph's own."""
+    with tempfile.TemporaryDirectory(prefix=prefix, dir=onnx_path.parent) as scratch:
+        base_dir = Path(scratch)
+        exported = export_onnx(model, base_dir / MODEL_FILE, max_positions=max_positions)
+        proto = load_graph(base_dir / MODEL_FILE)
+        tied = untie_head(proto, weight_names, base_dir) if head else []
+        targets = quant_targets(proto, {f"{n}.T" for n in weight_names} | weight_names)
+        graph = ScratchGraph(exported, proto, base_dir, targets, tied)
+        yield graph
+        exported["external_data"] = save_model(proto, onnx_path, base_dir)
 
 
 def _constant_value(proto, inits: dict, name: str, base_dir: Path | None):
@@ -162,7 +199,18 @@ def linear_input_ranges(model, windows, weight_names: set[str]) -> dict[str, tup
         r = ranges.setdefault(wanted[id(module.weight)], [float("inf"), float("-inf")])
         r[0], r[1] = min(r[0], float(args[0].min())), max(r[1], float(args[0].max()))
 
-    handles = [m.register_forward_pre_hook(observe) for m in linears]
+    run_hooked(model, windows, [m.register_forward_pre_hook(observe) for m in linears])
+    missing = sorted(set(weight_names) - set(ranges))
+    if missing:
+        raise ValueError(f"no Linear read {missing[0]} during calibration; its MatMul input cannot be observed")
+    return {n: (lo, hi) for n, (lo, hi) in ranges.items()}
+
+
+def run_hooked(model, windows, handles) -> None:
+    """Run each calibration window through the model (no cache, no grad) with the given hooks attached, then
+    remove them, also when a forward fails."""
+    import torch
+
     device = next(model.parameters()).device
     try:
         with torch.no_grad():
@@ -171,10 +219,6 @@ def linear_input_ranges(model, windows, weight_names: set[str]) -> dict[str, tup
     finally:
         for h in handles:
             h.remove()
-    missing = sorted(set(weight_names) - set(ranges))
-    if missing:
-        raise ValueError(f"no Linear read {missing[0]} during calibration; its MatMul input cannot be observed")
-    return {n: (lo, hi) for n, (lo, hi) in ranges.items()}
 
 
 def activation_ranges(targets: list[QuantTarget], by_weight: dict[str, tuple[float, float]]
@@ -361,13 +405,9 @@ def norm_readers(model, window) -> list[tuple[int, object, list]]:
                 handles.append(module.register_forward_hook(remember(i)))
             elif isinstance(module, torch.nn.Linear):
                 handles.append(module.register_forward_pre_hook(read))
-    device = next(model.parameters()).device
     try:
-        with torch.no_grad():
-            model(window.unsqueeze(0).to(device), use_cache=False)
+        run_hooked(model, [window], handles)
     finally:
-        for h in handles:
-            h.remove()
         outputs.clear()
     return sorted(readers.values(), key=lambda g: g[0])
 
@@ -387,15 +427,8 @@ def smooth_model(model, windows, alpha: float = 0.5) -> dict:
         seen = inp[0].detach().abs().reshape(-1, module.in_features).amax(0).float().cpu()
         torch.maximum(absmax[id(module)], seen, out=absmax[id(module)])
 
-    handles = [lins[0].register_forward_hook(observe) for _, _, lins in groups]
+    run_hooked(model, windows, [lins[0].register_forward_hook(observe) for _, _, lins in groups])
     device = next(model.parameters()).device
-    try:
-        with torch.no_grad():
-            for w in windows:
-                model(w.unsqueeze(0).to(device), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
     first = windows[0].unsqueeze(0).to(device)
     with torch.no_grad():
         reference = model(first, use_cache=False).logits.float()
