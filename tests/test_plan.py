@@ -105,8 +105,8 @@ BUDGET = 0.002
 
 @pytest.fixture(scope="module")
 def planned(tmp_path_factory, data_root):
-    """The tiny plan run twice in one folder (the second a resume), the WikiText-2 loader instrumented: each call
-    records whether choice.json was on disk then."""
+    """The tiny plan run twice in one folder (the second a resume), the test-text loaders (WikiText-2, C4 test
+    documents) instrumented: each call records its corpus and whether choice.json was on disk then."""
     from dlp_deploy.plan.run import run_plan
     from dlp_deploy.plan.stages import PlanSettings
     from dlp_deploy.testing import save_tiny
@@ -116,15 +116,19 @@ def planned(tmp_path_factory, data_root):
     out = root / "plan"
     settings = PlanSettings(str(model), BUDGET, **TINY)
     calls = []
-    loader = data.EVAL_CORPORA["wikitext2"]
 
-    def recorded(where):
-        calls.append((out / "choice.json").is_file())
-        return loader(where)
+    def recorded(corpus):
+        loader = data.EVAL_CORPORA[corpus]
+
+        def load(where):
+            calls.append((corpus, (out / "choice.json").is_file()))
+            return loader(where)
+        return load
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DLP_DEPLOY_DATA", str(data_root))
-        mp.setitem(data.EVAL_CORPORA, "wikitext2", recorded)
+        for corpus in ("wikitext2", "c4"):
+            mp.setitem(data.EVAL_CORPORA, corpus, recorded(corpus))
         first = run_plan(settings, out, log=lambda *_: None)
         stamps = {p: p.stat().st_mtime_ns for p in (out / "models").glob("*/pruning.json")}
         second = run_plan(settings, out, log=lambda *_: None)
@@ -170,12 +174,15 @@ def test_each_stage_drops_the_candidates_over_budget(planned):
 
 
 def test_no_test_text_is_read_before_the_choice(planned):
-    assert planned["calls"], "the WikiText-2 test perplexity is computed, after the choice"
-    assert all(planned["calls"]), "WikiText-2 was read before choice.json existed"
+    assert {corpus for corpus, _ in planned["calls"]} == {"wikitext2", "c4"}, "both test texts are scored"
+    assert all(after for _, after in planned["calls"]), "test text was read before choice.json existed"
     test = planned["first"]["test"]
     assert set(test) == {"chosen", "dense fp32"}
-    assert test["chosen"]["windows"] == test["dense fp32"]["windows"] == TINY["test_windows"]
-    assert all(1 < t["ppl"] < 1e4 for t in test.values())
+    for who in test.values():
+        assert set(who) == {"wikitext2", "c4"}
+        assert all(t["windows"] == TINY["test_windows"] and 1 < t["ppl"] < 1e4 for t in who.values())
+    # the same deployment on the same windows of the other corpus is a different number
+    assert test["chosen"]["wikitext2"]["ppl"] != test["chosen"]["c4"]["ppl"]
     # export validation scored no perplexity (it reads WikiText-2 test text)
     for export in (planned["out"] / "deploy").glob("*/export.json"):
         assert not (json.loads(export.read_text()).get("validation") or {}).get("quality")

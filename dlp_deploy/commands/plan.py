@@ -45,8 +45,8 @@ def plan_cmd(
     seq_len: Annotated[int, typer.Option(help="export window; every perplexity uses windows one token shorter")]
     = 512,
     val_windows: Annotated[int, typer.Option(min=1, help="held-out C4 validation windows")] = 16,
-    test_windows: Annotated[Optional[int], typer.Option(min=1, help="WikiText-2 test windows scored after the "
-                                                                    "choice")] = 128,
+    test_windows: Annotated[Optional[int], typer.Option(min=1, help="WikiText-2 and C4 test windows (each) "
+                                                                    "scored after the choice")] = 128,
     calib: str = "c4",
     nsamples: Annotated[int, typer.Option(min=1)] = 128,
     calib_seqlen: Annotated[Optional[int], typer.Option(min=2, help="calibration window; default min(2048, the "

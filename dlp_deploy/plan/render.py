@@ -96,9 +96,11 @@ def command(plan: dict) -> str:
 
 def _test_lines(plan: dict) -> list[str]:
     lines = []
-    for who, t in plan["test"].items():
-        lines.append(f"- {who}: {t['ppl']:.3f} ({t['source']}, {t['windows']} windows x {t['seqlen']} tokens, on "
-                     f"{t['engine']})")
+    for who, corpora in plan["test"].items():
+        cells = [f"{name} {t['ppl']:.3f} ({t['source']}, {t['windows']} windows x {t['seqlen']} tokens)"
+                 for name, t in corpora.items()]
+        engine = next(iter(corpora.values()))["engine"]
+        lines.append(f"- {who}, on {engine}: " + "; ".join(cells))
     return lines
 
 
@@ -182,7 +184,8 @@ def plan_markdown(plan: dict) -> str:
             lines.append(f"- dense {peer}: not compared ({rec['skipped']})")
     if not plan["peers"]:
         lines.append("- no peer was asked for (--peers none)")
-    lines += ["", "Test perplexity (WikiText-2, read only after choice.json was written):", *_test_lines(plan), ""]
+    lines += ["", "Test perplexity (WikiText-2 and C4 test text, read only after choice.json was written):",
+              *_test_lines(plan), ""]
     if plan.get("figure"):
         lines += [f"![speed against deployed perplexity]({plan['figure']})", ""]
     lines += ["## How the plan searched", "",

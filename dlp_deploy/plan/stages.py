@@ -58,7 +58,8 @@ from . import select
 from .candidates import DENSE_ID, PEER_ONLY, PEERS, PRECISIONS, Candidate, candidates, deploy_name, precisions, \
     prune_settings_of
 
-TEST_CORPUS = "wikitext2"
+# test text, read only after the choice; C4 test docs (1000-1999) never overlap the validation pool (0-999)
+TEST_CORPORA = ("wikitext2", "c4")
 # issue 24: per-token scales cost SmolLM2 +1% perplexity over fp32, static ones +74%
 INT8_ACT_SCALES = "dynamic-token"
 
@@ -583,17 +584,21 @@ def _peer_label(precision: str) -> str:
 # ---------------------------------------------------------------- after the choice: test text
 
 def test_perplexity(p: Plan, folder: Path, engine: str) -> dict:
-    """WikiText-2 test perplexity of a deployment, on windows of the plan's validation length (the first
-    --test-windows of them), through its scoring engine; kept under test/."""
-    path = p.out / "test" / f"{folder.name}.{engine}.json"
+    """Test perplexity of a deployment on each of TEST_CORPORA, on windows of the plan's validation length (the
+    first --test-windows of each), through its scoring engine; kept under test/, one file per corpus."""
+    return {corpus: _test_perplexity(p, folder, engine, corpus) for corpus in TEST_CORPORA}
+
+
+def _test_perplexity(p: Plan, folder: Path, engine: str, corpus: str) -> dict:
+    path = p.out / "test" / f"{folder.name}.{engine}.{corpus}.json"
     if not path.is_file():
-        p.log(f"[{folder.name}] {TEST_CORPUS} test perplexity on {engine} (after the choice)")
-        result = evaluate_deployment(str(folder), engine, [TEST_CORPUS], p.settings.val_seqlen,
+        p.log(f"[{folder.name}] {corpus} test perplexity on {engine} (after the choice)")
+        result = evaluate_deployment(str(folder), engine, [corpus], p.settings.val_seqlen,
                                      p.settings.test_windows, p.settings.cores, None, p.progress)
         write_json_atomic(path, result, force=True)
     result = json.loads(path.read_text())
-    details = result["perplexity_details"][TEST_CORPUS]
-    return {"ppl": result["perplexity"][TEST_CORPUS], "windows": details["windows"], "seqlen": details["seqlen"],
+    details = result["perplexity_details"][corpus]
+    return {"ppl": result["perplexity"][corpus], "windows": details["windows"], "seqlen": details["seqlen"],
             "source": details["source"], "engine": engine}
 
 
