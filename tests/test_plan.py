@@ -65,6 +65,18 @@ def test_time_planner_estimates_from_what_ran_and_skips_what_would_not_fit():
     assert select.TimePlanner(None).admit("s", "anything", units=10 ** 6)
 
 
+def test_a_stage_share_of_the_time_budget():
+    now = [0.0]
+    planner = select.TimePlanner(100.0, clock=lambda: now[0])
+    planner.record("s", 20.0)
+    now[0] = 15.0
+    assert planner.admit("s", "fits", share=0.4)  # 20 <= 40 - 15
+    now[0] = 30.0
+    assert not planner.admit("s", "late", share=0.4)  # 20 > 40 - 30, though 70 s are left of the whole budget
+    assert "10 s left of the first 40% of --time-budget" in planner.skipped[-1]["why"]
+    assert planner.admit("s", "whole budget")
+
+
 def test_measurement_order_puts_the_smaller_files_first():
     rows = [{"id": "fp32", "bytes": 400, "sparsity": 0.5, "ppl": 10}, {"id": "int8", "bytes": 100, "ppl": 11},
             {"id": "fp32-sparser", "bytes": 400, "sparsity": 0.7, "ppl": 12}]
@@ -145,6 +157,8 @@ def test_each_stage_drops_the_candidates_over_budget(planned):
     for c in plan["candidates"][1:]:
         over = c["screen"]["ppl"] > b["screen_limit"]
         assert (c.get("stopped") == "stage 1") == over, c["id"]
+        # the one level of each series was screened: nothing to skip by a lower level's result
+        assert "skipped" not in c["screen"], c["id"]
     deployed = [d for c in plan["candidates"] for d in c.get("deployments") or []]
     assert any(d["stopped"] == "stage 2" for d in deployed), "and drop a deployment over budget in stage 2"
     for d in deployed:
@@ -239,6 +253,33 @@ def test_structured_and_depth_forms_are_screened_by_pruning_them(tmp_path, data_
     assert (p.out / "models" / cands[0].id / "structure.json").is_file()
     assert json.loads((p.out / "models" / cands[1].id / "streamline.json").read_text())["removed"]["count"] == 1
     assert p.work["pruned"] == 2
+
+
+def test_a_series_over_the_screen_limit_is_not_screened_at_higher_levels(tmp_path, data_root, monkeypatch):
+    """Perplexity only rises with sparsity: once a level of a form and allocation is over the screen limit, its
+    higher levels are recorded as not screened, with the level that was over, and cost nothing."""
+    from dlp_deploy.plan.candidates import candidates
+    from dlp_deploy.plan.stages import Plan, PlanSettings, stage1
+    from dlp_deploy.testing import save_tiny
+
+    monkeypatch.setenv("DLP_DEPLOY_DATA", str(data_root))
+    model = save_tiny(tmp_path / "tiny", seed=2)
+    p = Plan(PlanSettings(str(model), BUDGET, **{**TINY, "levels": [0.5, 0.7]}), tmp_path / "plan",
+             log=lambda *_: None)
+    p.open()
+    cands = candidates(["unstructured"], [0.5, 0.7])
+    reference, records = stage1(p, cands)
+    bound = screen_limit(reference)
+    assert records["wanda-uniform-0.50"]["ppl"] > bound  # a tiny random model loses far more than 0.2% at 50%
+    skipped = records["wanda-uniform-0.70"]["skipped"]
+    assert "wanda-uniform-0.50" in skipped and "already over the screen limit" in skipped
+    assert not (p.out / "stage1" / "wanda-uniform-0.70.json").exists()
+    assert p.work["screened"] == sum(c.sparsity == 0.5 for c in cands) + sum(
+        "skipped" not in records[c.id] for c in cands if c.sparsity == 0.7)
+
+
+def screen_limit(reference: float) -> float:
+    return select.limit(reference, BUDGET, TINY["screen_margin"])
 
 
 @pytest.mark.ray

@@ -30,8 +30,8 @@ def plan_cmd(
     = "unstructured,nm",
     levels: Annotated[str, typer.Option(help="sparsities screened for the unstructured and mixed N:M forms")]
     = "0.1,0.2,0.3,0.4,0.5,0.6",
-    precisions: Annotated[str, typer.Option(help="comma list: fp32, int8 (ONNX, dynamic per-token activations), "
-                                                 "int4 (where export supports it), q8_0, q4_k_m (GGUF)")]
+    precisions: Annotated[str, typer.Option(help="comma list: fp32, int8 (ONNX, dynamic per-token "
+                                                 "activations, head too), int4 (where export supports it), q8_0, q4_k_m (GGUF)")]
     = "fp32,int8,q8_0,q4_k_m",
     peers: Annotated[str, typer.Option(help="the dense model on llama.cpp to compare against: GGUF formats "
                                             "(q8_0, q4_k_m, source: the GGUF a fetched model came from), none, or "

@@ -161,8 +161,8 @@ def _how_made(plan: dict) -> str:
         what = (f"Wanda pruning, {cand['pattern']} pattern, {cand['sparsity']:.0%} of decoder-Linear weights, "
                 f"{cand['allocation']} allocation" + (f" (alpha auto; the screen chose {alpha:g})"
                                                        if alpha is not None else ""))
-    how = {"fp32": "exported to ONNX in fp32", "int8": "exported to ONNX with INT8 weights and dynamic per-token "
-           "INT8 activations", "int4": "exported to ONNX with INT4 weights",
+    how = {"fp32": "exported to ONNX in fp32", "int8": "exported to ONNX with INT8 weights (the output "
+           "head too) and dynamic per-token INT8 activations", "int4": "exported to ONNX with INT4 weights",
            "w8": "exported to ONNX with INT8 weights in blocks of 32 (int8 activations per block at run time)"}.get(
         precision, f"written as GGUF {precision} for llama.cpp")
     return f"{what}; {how}. Calibration: {plan['settings']['calib']}, {plan['settings']['nsamples']} windows, " \

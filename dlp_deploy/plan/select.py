@@ -104,8 +104,11 @@ class TimePlanner:
         if self.started is None:
             self.started = self.clock()
 
-    def left(self) -> float:
-        return math.inf if self.budget_s is None else self.budget_s - (self.clock() - self.started) - self.reserved
+    def left(self, share: float = 1.0) -> float:
+        """Seconds left of the first `share` of the budget (1: all of it)."""
+        if self.budget_s is None:
+            return math.inf
+        return self.budget_s * share - (self.clock() - self.started) - self.reserved
 
     def estimate(self, stage: str) -> float | None:
         seen = self.costs.get(stage)
@@ -114,16 +117,18 @@ class TimePlanner:
     def record(self, stage: str, seconds: float) -> None:
         self.costs.setdefault(stage, []).append(seconds)
 
-    def admit(self, stage: str, unit: str, units: int = 1, reserve: bool = False) -> bool:
-        """Whether `units` more units of `stage` fit; if not, `unit` is recorded as skipped, with the figures.
-        `reserve`: the admitted units' estimate is set aside, for admitting several before any of them runs."""
-        left, each = self.left(), self.estimate(stage)
+    def admit(self, stage: str, unit: str, units: int = 1, reserve: bool = False, share: float = 1.0) -> bool:
+        """Whether `units` more units of `stage` fit in the first `share` of the budget; if not, `unit` is recorded
+        as skipped, with the figures. `reserve`: the admitted units' estimate is set aside, for admitting several
+        before any of them runs."""
+        left, each = self.left(share), self.estimate(stage)
+        of = "of --time-budget" if share == 1.0 else f"of the first {share:.0%} of --time-budget (this stage's share)"
         need = None if each is None else each * units
         if left > 0 and (need is None or need <= left):
             if reserve and need is not None and self.budget_s is not None:
                 self.reserved += need
             return True
         self.skipped.append({"stage": stage, "unit": unit, "estimate_s": need, "left_s": max(left, 0.0),
-                             "why": f"would need ~{need:.0f} s, {max(left, 0.0):.0f} s left of --time-budget"
-                             if need is not None else "no time left of --time-budget"})
+                             "why": f"would need ~{need:.0f} s, {max(left, 0.0):.0f} s left {of}"
+                             if need is not None else f"no time left {of}"})
         return False
