@@ -5,6 +5,7 @@ candidates; the budget is set inside those differences (0.2% with a 0.5% screeni
 has something to drop and something to keep. What is asserted is the rule, against the plan's own figures."""
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -69,12 +70,16 @@ def test_a_stage_share_of_the_time_budget():
     now = [0.0]
     planner = select.TimePlanner(100.0, clock=lambda: now[0])
     planner.record("s", 20.0)
-    now[0] = 15.0
-    assert planner.admit("s", "fits", share=0.4)  # 20 <= 40 - 15
-    now[0] = 30.0
-    assert not planner.admit("s", "late", share=0.4)  # 20 > 40 - 30, though 70 s are left of the whole budget
-    assert "10 s left of the first 40% of --time-budget" in planner.skipped[-1]["why"]
+    now[0] = 50.0  # a fixed cost ran first: the stage gets 40% of the 50 s left, up to 70 s
+    until = planner.share_of_left(0.4)
+    assert until == pytest.approx(70.0)
+    now[0] = 45.0 + 5.0
+    assert planner.admit("s", "fits", until=until, share="the stage's share")  # 20 <= 70 - 50
+    now[0] = 60.0
+    assert not planner.admit("s", "late", until=until, share="the stage's share")  # 20 > 10, though 40 s are left
+    assert "10 s left of the stage's share" in planner.skipped[-1]["why"]
     assert planner.admit("s", "whole budget")
+    assert select.TimePlanner(None).share_of_left(0.4) is None
 
 
 def test_measurement_order_puts_the_smaller_files_first():
@@ -312,3 +317,25 @@ def test_quantized_deployments_are_measured_only_where_export_says_they_run(tmp_
     assert engines_for(p, "int8") == ["onnxruntime", "openvino"]  # dynamic per-token scales: DeepSparse refused
     assert engines_for(p, "int4") == ["onnxruntime", "openvino"]  # MatMulNBits is ONNX Runtime's contrib op
     assert engines_for(p, "q4_k_m") == ["llamacpp"]
+
+
+def test_the_plan_report_reads_plan_folders(planned, tmp_path):
+    """scripts/plan_report.py (issue 27's report): the choice, its ratios and test perplexities come from
+    plan.json as written; a verdict is faster or slower only when the interval clears 1.0x by the floor."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("plan_report", Path(__file__).parent.parent / "scripts" /
+                                                  "plan_report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    assert report.verdict({"decode": 1.3, "decode_ci95": [1.2, 1.4]}, 0.1) == "faster"
+    assert report.verdict({"decode": 0.8, "decode_ci95": [0.7, 0.85]}, 0.1) == "slower"
+    assert report.verdict({"decode": 1.1, "decode_ci95": [0.95, 1.2]}, 0.1) == "tie"
+    assert report.verdict({"decode": 1.15, "decode_ci95": [1.05, 1.2]}, 0.1) == "tie"  # clears 1.0x, not the floor
+    row = report.plan_row(planned["out"])
+    first = planned["first"]
+    assert row["choice"] == first["choice"]["deploy"] and row["validation_ppl"] == first["choice"]["validation_ppl"]
+    assert row["screened"] + row["not_screened"] == len(first["candidates"]) - 1
+    md = report.markdown([row], [], None, "make it")
+    assert f"`{row['choice']}`" in md and f"{first['test']['chosen']['wikitext2']['ppl']:.2f}" in md
+    assert "**Not run** (no bench file given)" in md

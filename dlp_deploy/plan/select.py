@@ -104,11 +104,18 @@ class TimePlanner:
         if self.started is None:
             self.started = self.clock()
 
-    def left(self, share: float = 1.0) -> float:
-        """Seconds left of the first `share` of the budget (1: all of it)."""
+    def left(self, until: float | None = None) -> float:
+        """Seconds left of the budget, or of it up to `until` (seconds since the start) where that comes first."""
         if self.budget_s is None:
             return math.inf
-        return self.budget_s * share - (self.clock() - self.started) - self.reserved
+        end = self.budget_s if until is None else min(until, self.budget_s)
+        return end - (self.clock() - self.started) - self.reserved
+
+    def share_of_left(self, share: float) -> float | None:
+        """The `until` that gives a stage starting now `share` of the time left (None without a budget)."""
+        if self.budget_s is None:
+            return None
+        return self.clock() - self.started + share * max(self.left(), 0.0)
 
     def estimate(self, stage: str) -> float | None:
         seen = self.costs.get(stage)
@@ -117,12 +124,13 @@ class TimePlanner:
     def record(self, stage: str, seconds: float) -> None:
         self.costs.setdefault(stage, []).append(seconds)
 
-    def admit(self, stage: str, unit: str, units: int = 1, reserve: bool = False, share: float = 1.0) -> bool:
-        """Whether `units` more units of `stage` fit in the first `share` of the budget; if not, `unit` is recorded
-        as skipped, with the figures. `reserve`: the admitted units' estimate is set aside, for admitting several
-        before any of them runs."""
-        left, each = self.left(share), self.estimate(stage)
-        of = "of --time-budget" if share == 1.0 else f"of the first {share:.0%} of --time-budget (this stage's share)"
+    def admit(self, stage: str, unit: str, units: int = 1, reserve: bool = False, until: float | None = None,
+              share: str = "") -> bool:
+        """Whether `units` more units of `stage` fit in the budget (up to `until`, a stage's share of it, named
+        by `share`); if not, `unit` is recorded as skipped, with the figures. `reserve`: the admitted units'
+        estimate is set aside, for admitting several before any of them runs."""
+        left, each = self.left(until), self.estimate(stage)
+        of = f"of {share}" if until is not None and share else "of --time-budget"
         need = None if each is None else each * units
         if left > 0 and (need is None or need <= left):
             if reserve and need is not None and self.budget_s is not None:
