@@ -160,6 +160,8 @@ def test_each_stage_drops_the_candidates_over_budget(planned):
     screened_out = [c for c in plan["candidates"] if c.get("stopped") == "stage 1"]
     assert screened_out, "the tiny budget must screen something out"
     for c in plan["candidates"][1:]:
+        if "alpha auto chose 0" in (c.get("why") or ""):  # within budget, and its uniform twin goes on
+            continue
         over = c["screen"]["ppl"] > b["screen_limit"]
         assert (c.get("stopped") == "stage 1") == over, c["id"]
         # the one level of each series was screened: nothing to skip by a lower level's result
@@ -258,6 +260,18 @@ def test_structured_and_depth_forms_are_screened_by_pruning_them(tmp_path, data_
     assert (p.out / "models" / cands[0].id / "structure.json").is_file()
     assert json.loads((p.out / "models" / cands[1].id / "streamline.json").read_text())["removed"]["count"] == 1
     assert p.work["pruned"] == 2
+
+
+def test_a_dlp_survivor_whose_alpha_is_0_is_its_uniform_twin():
+    from dlp_deploy.plan.run import uniform_twins
+
+    cands = candidates(["unstructured"], [0.2, 0.3])
+    screened = {"wanda-dlp-0.20": {"ppl": 10.0, "alpha": 0.0}, "wanda-dlp-0.30": {"ppl": 11.0, "alpha": 0.04},
+                "wanda-uniform-0.20": {"ppl": 10.0}, "wanda-uniform-0.30": {"ppl": 12.0}}
+    twins = uniform_twins(cands, screened, set(screened))
+    assert [t["id"] for t in twins] == ["wanda-dlp-0.20"] and "wanda-uniform-0.20" in twins[0]["why"]
+    # without its uniform twin among the survivors it goes on
+    assert uniform_twins(cands, screened, set(screened) - {"wanda-uniform-0.20"}) == []
 
 
 def test_a_series_over_the_screen_limit_is_not_screened_at_higher_levels(tmp_path, data_root, monkeypatch):

@@ -26,7 +26,8 @@ def run_plan(settings: PlanSettings, out: Path, progress=None, log=print, execut
     reference1, screened = stages.stage1(p, cands)
     rows1 = [{"id": c.id, "ppl": screened[c.id].get("ppl")} for c in cands if "skipped" not in screened[c.id]]
     kept1, dropped1 = select.budget_split(rows1, reference1, settings.max_ppl_increase, settings.screen_margin)
-    survivors = [c for c in cands if c.id in {r["id"] for r in kept1}]
+    dropped1 += uniform_twins(cands, screened, {r["id"] for r in kept1})
+    survivors = [c for c in cands if c.id in {r["id"] for r in kept1} - {r["id"] for r in dropped1}]
 
     deploys = stages.stage2(p, stages.stage2_units(p, survivors))
     reference2 = deploys[DENSE_ID]["ppl"]
@@ -76,6 +77,19 @@ def run_plan(settings: PlanSettings, out: Path, progress=None, log=print, execut
     write_json_atomic(out / "plan.json", plan, force=True)
     (out / "plan.md").write_text(render.plan_markdown(plan), encoding="utf-8")
     return plan
+
+
+def uniform_twins(cands, screened: dict, kept: set[str]) -> list[dict]:
+    """DLP survivors whose alpha auto chose 0: the uniform allocation itself, already a survivor at that level and
+    pattern; pruning and exporting them again would spend the budget on a copy."""
+    uniform = {(c.form, c.pattern, c.sparsity): c.id for c in cands if c.allocation == "uniform" and c.id in kept}
+    out = []
+    for c in cands:
+        twin = uniform.get((c.form, c.pattern, c.sparsity))
+        if c.allocation == "dlp" and c.id in kept and twin and screened[c.id].get("alpha") == 0:
+            out.append({"id": c.id, "ppl": screened[c.id].get("ppl"),
+                        "why": f"alpha auto chose 0: the same allocation as {twin}, which goes on"})
+    return out
 
 
 def _total_wall(out: Path, this_run: float) -> float:
