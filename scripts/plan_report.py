@@ -108,17 +108,23 @@ def cross_plan_rows(folders: list[Path], plans: list[dict]) -> list[dict]:
             r = stage3_row(folder, p["choice"], p["engine"])
             if r is None:
                 continue
-            floor = other["floor"]
-            row = {"budget": p["budget"], "choice": p["choice"], "engine": p["engine"], "in": other["budget"],
-                   "tokens_per_s": r["decode_tokens_per_s"], "comparisons": {}}
             bases = [("dense fp32", stage3_row(folder, "dense", "onnxruntime"))] + [
                 (PEER_NAMES[k], stage3_row(folder, f"dense.{k}", "llamacpp")) for k in PEER_NAMES]
-            for name, base in bases:
-                if base is None:
-                    continue
-                block = ratio_block(base, r)
-                row["comparisons"][name] = {**block, "floor": floor, "verdict": verdict(block, floor)}
-            out.append(row)
+            out.append({"budget": p["budget"], "choice": p["choice"], "engine": p["engine"], "in": other["budget"],
+                        "tokens_per_s": r["decode_tokens_per_s"],
+                        "comparisons": comparisons(r, bases, lambda base: other["floor"])})
+    return out
+
+
+def comparisons(r: dict, bases: list[tuple[str, dict | None]], floor_of) -> dict[str, dict]:
+    """r's decode ratio over each named base that was measured, with its verdict against floor_of(base)."""
+    out = {}
+    for name, base in bases:
+        if base is None:
+            continue
+        floor = floor_of(base)
+        block = {"decode": 1.0} if base is r else ratio_block(base, r)
+        out[name] = {**block, "floor": floor, "verdict": verdict(block, floor)}
     return out
 
 
@@ -129,26 +135,25 @@ def rows_by_label(bench: dict) -> dict[str, dict]:
     return {r["label"]: r for r in bench["results"] if not r.get("aa_control")}
 
 
+def bench_floors(bench: dict) -> dict[str, float]:
+    """engine -> the A/A floor the bench measured there."""
+    return {e: stats.aa_floor(b) for e, b in qwen_report.aa_controls(bench).items()}
+
+
 def replication_rows(bench: dict, plans: list[dict]) -> list[dict]:
     rows = rows_by_label(bench)
-    floors = {e: stats.aa_floor(b) for e, b in qwen_report.aa_controls(bench).items()}
-    dense = rows.get("dense-fp32")
-    peers = {p: rows.get(f"dense-{p}") for p in PEER_NAMES}
+    floors = bench_floors(bench)
+    bases = [("dense fp32", rows.get("dense-fp32")), *((PEER_NAMES[p], rows.get(f"dense-{p}")) for p in PEER_NAMES)]
     out = []
     for plan in plans:
         r = rows.get(f"choice-{plan['folder'].split('-')[-1]}")
         if r is None:
             out.append({"budget": plan["budget"], "missing": "not in the replication bench"})
             continue
-        row = {"budget": plan["budget"], "choice": plan["choice"], "engine": r["engine"],
-               "tokens_per_s": r["decode_tokens_per_s"], "comparisons": {}}
-        for name, base in [("dense fp32", dense), *((PEER_NAMES[p], b) for p, b in peers.items())]:
-            if base is None:
-                continue
-            floor = max(floors.get(r["engine"], 0.0), floors.get(base["engine"], 0.0))
-            block = {"decode": 1.0} if base is r else ratio_block(base, r)
-            row["comparisons"][name] = {**block, "floor": floor, "verdict": verdict(block, floor)}
-        out.append(row)
+        out.append({"budget": plan["budget"], "choice": plan["choice"], "engine": r["engine"],
+                    "tokens_per_s": r["decode_tokens_per_s"],
+                    "comparisons": comparisons(r, bases, lambda base, r=r: max(floors.get(r["engine"], 0.0),
+                                                                                 floors.get(base["engine"], 0.0)))})
     return out
 
 
@@ -180,6 +185,15 @@ def _peer_cell(p: dict, blocks: dict, peer: str, with_verdict: bool = False) -> 
         return "itself"
     block = blocks.get(peer)
     return fmt_ratio(block) + (f" {block['verdict']}" if with_verdict and block else "")
+
+
+COMPARED = ("dense fp32", "dense q4_k_m", "dense q8_0", "the fetched GGUF")
+
+
+def _comparison_cells(p: dict, r: dict) -> str:
+    """A re-measured choice's ratio cells, then whether each of the plan's verdicts replicated."""
+    return (" | ".join(_peer_cell(p, r["comparisons"], k, True) for k in COMPARED) + " | "
+            + "; ".join(f"{k}: {v}" for k, v in replicated(p, r).items()) + " |")
 
 
 def _test_cell(test: dict, who: str) -> str:
@@ -230,13 +244,9 @@ def markdown(plans: list[dict], reps: list[dict], bench: dict | None, reproduce:
             if "missing" in r:
                 lines.append(f"| +{p['budget']} | `{p['choice']}` | — | — | | | | | {r['missing']} |")
                 continue
-            cmp = r["comparisons"]
-            rep = replicated(p, r)
             lines.append(f"| +{p['budget']} | `{p['choice']}` | {r['engine']} | {r['tokens_per_s']:.1f} | "
-                         + " | ".join(_peer_cell(p, cmp, k, True)
-                                      for k in ("dense fp32", "dense q4_k_m", "dense q8_0", "the fetched GGUF"))
-                         + " | " + "; ".join(f"{k}: {v}" for k, v in rep.items()) + " |")
-        floors = {e: stats.aa_floor(b) for e, b in qwen_report.aa_controls(bench).items()}
+                         + _comparison_cells(p, r))
+        floors = bench_floors(bench)
         lines += ["", "A/A floors in this bench: " + ", ".join(f"{e} ±{100 * v:.0f}%" for e, v in floors.items())
                   + ". A verdict is *faster* or *slower* only when the whole 95% interval clears 1.0x by the floor; "
                   "else *tie*."]
@@ -252,12 +262,8 @@ def markdown(plans: list[dict], reps: list[dict], bench: dict | None, reproduce:
                   "|---|---|---|---:|---|---|---|---|---|"]
         for r in cross:
             p = next(x for x in plans if x["budget"] == r["budget"])
-            cmp = r["comparisons"]
-            rep = replicated(p, r)
             lines.append(f"| +{r['budget']} | `{r['choice']}` on {r['engine']} | +{r['in']} | {r['tokens_per_s']:.1f} | "
-                         + " | ".join(_peer_cell(p, cmp, k, True)
-                                      for k in ("dense fp32", "dense q4_k_m", "dense q8_0", "the fetched GGUF"))
-                         + " | " + "; ".join(f"{k}: {v}" for k, v in rep.items()) + " |")
+                         + _comparison_cells(p, r))
     lines += ["", "## Per plan", ""]
     lines += [f"- +{p['budget']}: [plan.md]({p['folder']}/plan.md), [figure]({p['folder']}/pareto.png), "
               f"[model card]({p['folder']}/deployment-README.md), [plan.json]({p['folder']}/plan.json). "
