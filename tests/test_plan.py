@@ -82,6 +82,22 @@ def test_a_stage_share_of_the_time_budget():
     assert select.TimePlanner(None).share_of_left(0.4) is None
 
 
+def test_held_fixed_costs_and_the_measurement_a_deployment_is_made_for():
+    now = [0.0]
+    planner = select.TimePlanner(100.0, clock=lambda: now[0])
+    planner.record("export", 10.0)
+    planner.record("measure", 5.0)
+    planner.hold("references", 40.0)
+    planner.hold("test text", 20.0)  # 40 s left for what is optional
+    assert planner.share_of_left(0.5) == pytest.approx(20.0)
+    assert planner.admit("export", "fits with its measurement", then=("measure", 6))  # 10 + 30 <= 40
+    assert not planner.admit("export", "its measurement would not fit", then=("measure", 7))  # 10 + 35 > 40
+    assert "would need ~45 s (then 7 units of measure to measure it), 40 s left" in planner.skipped[-1]["why"]
+    assert planner.admit("export", "without it", units=4)  # the export alone fits: 40 <= 40
+    planner.release("references")  # they run now: their time is the clock's
+    assert planner.left() == pytest.approx(80.0) and planner.held == {"test text": 20.0}
+
+
 def test_measurement_order_puts_the_smaller_files_first():
     rows = [{"id": "fp32", "bytes": 400, "sparsity": 0.5, "ppl": 10}, {"id": "int8", "bytes": 100, "ppl": 11},
             {"id": "fp32-sparser", "bytes": 400, "sparsity": 0.7, "ppl": 12}]
@@ -238,6 +254,25 @@ def test_a_tiny_time_budget_skips_stage_3_candidates_and_says_so(planned, tmp_pa
     assert "Skipped to stay within it" in md and all(f"stage3: {name}" in md for name in survivors)
     with pytest.raises(UserError, match="other settings"):
         run_plan(replace(planned["settings"], seq_len=128), out, log=lambda *_: None)
+
+
+def test_a_plan_keeps_to_its_time_budget_references_and_test_text_included(planned, tmp_path, data_root,
+                                                                          monkeypatch):
+    """Half the time the same plan took without a budget, from an empty folder: the references and the test
+    perplexities (which run whatever the budget) are held out of it before anything optional is admitted, so the
+    whole run, not only its optional part, stays near the budget; something is skipped to get there."""
+    from dataclasses import replace
+
+    from dlp_deploy.plan.run import run_plan
+
+    monkeypatch.setenv("DLP_DEPLOY_DATA", str(data_root))
+    budget_s = planned["first"]["this_run"]["wall_s"] / 2
+    plan = run_plan(replace(planned["settings"], time_budget=budget_s / 60), tmp_path / "plan", log=lambda *_: None)
+    held = plan["time_budget"]["held_s"]
+    assert set(held) == {"stage 3 references", "test perplexity"} and all(v > 0 for v in held.values())
+    assert plan["time_budget"]["skipped"], "half the time cannot hold every candidate"
+    assert plan["this_run"]["wall_s"] <= 1.25 * budget_s, (plan["this_run"]["wall_s"], budget_s)
+    assert f"of the {budget_s / 60:g} asked" in (tmp_path / "plan" / "plan.md").read_text()
 
 
 def test_structured_and_depth_forms_are_screened_by_pruning_them(tmp_path, data_root, monkeypatch):

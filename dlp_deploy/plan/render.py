@@ -219,7 +219,7 @@ def plan_markdown(plan: dict) -> str:
         lines.append(f"| {r['label']} | {r['engine']} | {r['decode_tokens_per_s']:.1f} | {vs} |")
     for u in plan["unmeasured"]:
         lines.append(f"| {u['deploy']} | {u['engine']} | not measured: {u['reason']} | |")
-    skipped = plan["time_budget"]["skipped"]
+    skipped, held = plan["time_budget"]["skipped"], plan["time_budget"].get("held_s") or {}
     lines += ["", "## Time budget", ""]
     if plan["time_budget"]["minutes"] is None:
         lines.append("No --time-budget: nothing was skipped for time.")
@@ -229,7 +229,13 @@ def plan_markdown(plan: dict) -> str:
                                  if v is not None) + ".")
         lines.append("The references (the dense fp32 deployment, its A/A control, the llama.cpp peers) are measured "
                      "whatever the budget, and the choice's test perplexity is computed after it: no comparison "
-                     "or answer without them.")
+                     "or answer without them. They are made first, and their estimated time is held out of the "
+                     "budget before anything optional is admitted"
+                     + (" (" + ", ".join(f"{k} ~{v:.0f} s" for k, v in held.items()) + ")" if held else "")
+                     + "; a deployment is exported only if its measurement fits as well.")
+        wall = plan["this_run"]["wall_s"]
+        lines.append(f"This run took {wall / 60:.1f} min of the {plan['time_budget']['minutes']:g} asked "
+                     f"({wall / 60 / plan['time_budget']['minutes']:.0%}).")
         if skipped:
             lines.append(f"Skipped to stay within it ({len(skipped)}):")
             lines += [f"- {x['stage']}: {x['unit']} ({x['why']})" for x in skipped]

@@ -23,13 +23,19 @@ def run_plan(settings: PlanSettings, out: Path, progress=None, log=print, execut
     p.open()
     cands = candidates(settings.include, settings.levels, settings.allocations)
 
+    # the references first: what they and the test text after the choice will cost is held out of the budget
+    p.stamp("references_started")
+    references = stages.deploy_references(p)
     reference1, screened = stages.stage1(p, cands)
     rows1 = [{"id": c.id, "ppl": screened[c.id].get("ppl")} for c in cands if "skipped" not in screened[c.id]]
     kept1, dropped1 = select.budget_split(rows1, reference1, settings.max_ppl_increase, settings.screen_margin)
     dropped1 += uniform_twins(cands, screened, {r["id"] for r in kept1})
     survivors = [c for c in cands if c.id in {r["id"] for r in kept1} - {r["id"] for r in dropped1}]
+    likely, _ = select.budget_split(rows1, reference1, settings.max_ppl_increase)
 
-    deploys = stages.stage2(p, stages.stage2_units(p, survivors))
+    p.stamp("stage2_started")
+    deploys = {**references, **stages.stage2(p, stages.stage2_units(p, survivors, {r["id"] for r in likely}))}
+    p.stamp("stage2_finished")
     reference2 = deploys[DENSE_ID]["ppl"]
     scored = [{"id": name, "ppl": r["ppl"]} for name, r in deploys.items() if "ppl" in r]
     kept2, dropped2 = select.budget_split(scored, reference2, settings.max_ppl_increase)
@@ -44,6 +50,7 @@ def run_plan(settings: PlanSettings, out: Path, progress=None, log=print, execut
     write_json_atomic(out / "choice.json", {**choice, "provenance": provenance()}, force=True)
     p.stamp("chosen")
 
+    p.planner.release("test perplexity")
     chosen = out / "deploy" / choice["deploy"]
     test = {"chosen": stages.test_perplexity(p, chosen, PRECISIONS[choice["precision"]].scoring_engine)}
     for peer in settings.peers:
@@ -64,7 +71,7 @@ def run_plan(settings: PlanSettings, out: Path, progress=None, log=print, execut
             "peers": peer_records(settings, deploys),
             "measured": [_row_summary(r) for r in rows], "unmeasured": unmeasured,
             "choice": choice, "test": test,
-            "time_budget": {"minutes": settings.time_budget, "skipped": p.planner.skipped,
+            "time_budget": {"minutes": settings.time_budget, "skipped": p.planner.skipped, "held_s": p.held,
                             "cost_estimates_s": {k: select.TimePlanner(None, costs=p.planner.costs).estimate(k)
                                                  for k in p.planner.costs}},
             "this_run": {"work": p.work, "stamps": p.stamps, "wall_s": time.time() - started},

@@ -99,6 +99,7 @@ class TimePlanner:
     costs: dict[str, list[float]] = field(default_factory=dict)
     skipped: list[dict] = field(default_factory=list)
     reserved: float = 0.0  # seconds promised to units admitted but not yet run (stage 3 plans before it measures)
+    held: dict[str, float] = field(default_factory=dict)  # fixed costs still to come (references, test text)
 
     def __post_init__(self):
         if self.started is None:
@@ -109,7 +110,16 @@ class TimePlanner:
         if self.budget_s is None:
             return math.inf
         end = self.budget_s if until is None else min(until, self.budget_s)
-        return end - (self.clock() - self.started) - self.reserved
+        return end - (self.clock() - self.started) - self.reserved - sum(self.held.values())
+
+    def hold(self, what: str, seconds: float) -> None:
+        """Set aside the estimated cost of work that runs whatever the budget, later in the plan: no optional
+        unit is admitted into that time."""
+        self.held[what] = max(seconds, 0.0)
+
+    def release(self, what: str) -> None:
+        """The held work is about to run: its time is the clock's now."""
+        self.held.pop(what, None)
 
     def share_of_left(self, share: float) -> float | None:
         """The `until` that gives a stage starting now `share` of the time left (None without a budget)."""
@@ -125,18 +135,23 @@ class TimePlanner:
         self.costs.setdefault(stage, []).append(seconds)
 
     def admit(self, stage: str, unit: str, units: int = 1, reserve: bool = False, until: float | None = None,
-              share: str = "") -> bool:
+              share: str = "", then: tuple[str, float] | None = None) -> bool:
         """Whether `units` more units of `stage` fit in the budget (up to `until`, a stage's share of it, named
         by `share`); if not, `unit` is recorded as skipped, with the figures. `reserve`: the admitted units'
-        estimate is set aside, for admitting several before any of them runs."""
+        estimate is set aside, for admitting several before any of them runs. `then`: (stage, units) of the later
+        work the unit is for (a deployment is exported to be measured): admitted only if that fits as well."""
         left, each = self.left(until), self.estimate(stage)
         of = f"of {share}" if until is not None and share else "of --time-budget"
         need = None if each is None else each * units
+        if need is not None and then is not None:
+            need += (self.estimate(then[0]) or 0.0) * then[1]
         if left > 0 and (need is None or need <= left):
             if reserve and need is not None and self.budget_s is not None:
                 self.reserved += need
             return True
         self.skipped.append({"stage": stage, "unit": unit, "estimate_s": need, "left_s": max(left, 0.0),
-                             "why": f"would need ~{need:.0f} s, {max(left, 0.0):.0f} s left {of}"
+                             "why": f"would need ~{need:.0f} s"
+                             + (f" (then {then[1]:g} units of {then[0]} to measure it)" if then else "")
+                             + f", {max(left, 0.0):.0f} s left {of}"
                              if need is not None else f"no time left {of}"})
         return False

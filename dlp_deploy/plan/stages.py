@@ -147,6 +147,7 @@ class Plan:
         self.planner = select.TimePlanner(None if settings.time_budget is None else settings.time_budget * 60)
         self.work = {"screened": 0, "pruned": 0, "exported": 0, "scored": 0, "rounds_measured": 0}
         self.stamps: dict[str, str] = {}
+        self.held: dict[str, float] = {}  # what hold_fixed_costs set aside, for plan.md
         self._scorer = None
         self._validation = None
         self.root = data.data_dir()
@@ -322,30 +323,65 @@ def model_folder(p: Plan, c: Candidate) -> Path:
 
 # ---------------------------------------------------------------- stage 2: deployments and their own perplexity
 
-def stage2_units(p: Plan, survivors: list[Candidate]) -> list[tuple[Candidate, str, bool]]:
-    """(candidate, precision, selectable): the dense model in every precision and as the llama.cpp peers (not
-    selectable unless their precision was asked for), then each survivor in every precision."""
+def reference_units(p: Plan) -> list[tuple[Candidate, str, bool]]:
+    """(candidate, precision, selectable) of the deployments every comparison needs, made whatever the time
+    budget: the dense fp32 deployment (selectable if fp32 was asked for) and the dense llama.cpp peers."""
     dense = Candidate("dense")
-    units = [(dense, pr, True) for pr in p.settings.precisions]
-    units += [(dense, peer, False) for peer in p.settings.peers if peer not in p.settings.precisions]
-    units.sort(key=lambda u: u[1] != "fp32")  # the dense fp32 deployment is every deployment's reference
-    # the sparsest survivors first: fewest weights to stream, the ones a tight --time-budget should not skip
-    survivors = sorted(survivors, key=lambda c: -(c.sparsity or 0.0))
+    return [(dense, "fp32", "fp32" in p.settings.precisions)] + [(dense, peer, peer in p.settings.precisions)
+                                                                for peer in p.settings.peers]
+
+
+def stage2_units(p: Plan, survivors: list[Candidate], likely: set[str]) -> list[tuple[Candidate, str, bool]]:
+    """The optional deployments: the dense model in the other precisions asked for, then each survivor in every
+    precision. Survivors whose screen was within the budget itself (`likely`: not only within its margin) go
+    first, the sparsest of them first (fewest weights to stream): the ones a tight --time-budget should not skip."""
+    dense = Candidate("dense")
+    units = [(dense, pr, True) for pr in p.settings.precisions if pr != "fp32" and pr not in p.settings.peers]
+    survivors = sorted(survivors, key=lambda c: (c.id not in likely, -(c.sparsity or 0.0)))
     return units + [(c, pr, True) for c in survivors for pr in p.settings.precisions]
 
 
-def stage2(p: Plan, units: list[tuple[Candidate, str, bool]]) -> dict[str, dict]:
-    """deployment name -> {"ppl", "engine", "deploy", ...}, {"error": ...} or {"skipped": ...}."""
-    p.stamp("stage2_started")
-    if "fp32" not in p.settings.precisions:
-        units = [(Candidate("dense"), "fp32", False)] + units
+def deploy_references(p: Plan) -> dict[str, dict]:
+    """The reference deployments (reference_units), one measured round of the dense fp32 one (what a round
+    costs here), and the time held for what must run later whatever the budget (hold_fixed_costs)."""
+    records = stage2(p, reference_units(p), forced=True)
+    if "ppl" not in records[DENSE_ID]:
+        raise UserError(f"the dense fp32 deployment, every deployment's reference, failed: {records[DENSE_ID]}")
+    references, _, _ = stage3_pairs(p, records)
+    _probe(p, sweep_settings(p, p.settings.engines), p.out / "stage3", references[0])
+    hold_fixed_costs(p, records)
+    return records
+
+
+def hold_fixed_costs(p: Plan, references: dict[str, dict]) -> None:
+    """Hold the estimated time of the references' stage-3 rounds (each as long as the dense fp32 probe round)
+    and of the test perplexities after the choice (per window as long as the deployment's validation scoring;
+    the choice's as the slowest reference's), so that the screen and stage 2 admit nothing into it."""
+    sweep, run_dir = sweep_settings(p, p.settings.engines), p.out / "stage3"
+    pairs, _, aa = stage3_pairs(p, references)
+    rounds = sum(rounds_to_measure(sweep, run_dir, pair) for pair in pairs + aa)
+    p.planner.hold("stage 3 references", rounds * (p.planner.estimate("stage3") or 0.0))
+    p.held = dict(p.planner.held)
+    if p.settings.test_windows is None:
+        return  # every window of each corpus: too many to hold against a budget; plan.md names the cost after
+    per_window = {name: r.get("score_seconds", r["seconds"]) / r["windows"] for name, r in references.items()
+                  if r.get("ppl") is not None}
+    tested = [*per_window.values(), max(per_window.values())]  # the references and the choice
+    p.planner.hold("test perplexity", sum(tested) * p.settings.test_windows * len(TEST_CORPORA))
+    p.held = dict(p.planner.held)
+
+
+def stage2(p: Plan, units: list[tuple[Candidate, str, bool]], forced: bool = False) -> dict[str, dict]:
+    """deployment name -> {"ppl", "engine", "deploy", ...}, {"error": ...} or {"skipped": ...}. `forced`: made
+    whatever the time budget (the references); otherwise a unit is made only if it and its measurement fit."""
     records: dict[str, dict] = {}
-    task = p.task("stage 2: export and score deployments", len(units))
+    task = p.task("stage 2: export and score " + ("the references" if forced else "deployments"), len(units))
     for c, precision, selectable in units:
         name = deploy_name(c.id, precision)
         spec = PRECISIONS[precision]
         path = p.out / "stage2" / f"{name}.json"
         base = {"id": c.id, "precision": precision, "engine": spec.scoring_engine, "selectable": selectable}
+        measuring = ("stage3", p.settings.rounds * len(engines_for(p, precision)))
         if path.is_file():  # the folder's path is this plan folder's, wherever it has moved
             records[name] = {**json.loads(path.read_text()), "selectable": selectable,
                              "deploy": str(p.out / "deploy" / name)}
@@ -353,14 +389,11 @@ def stage2(p: Plan, units: list[tuple[Candidate, str, bool]]) -> dict[str, dict]
         elif spec.scoring_engine not in ENGINES.usable():
             records[name] = {**base, "error": f"{spec.scoring_engine} is not installed here (llama_cpp for GGUF); "
                                               "install it to deploy and compare in this format"}
-        elif not (c.id == DENSE_ID and precision == "fp32") and not p.planner.admit("stage2", name):
+        elif not forced and not p.planner.admit("stage2", name, then=measuring):
             records[name] = {**base, "skipped": p.planner.skipped[-1]["why"]}
         else:
             records[name] = _deploy_and_score(p, c, precision, name, base, path)
         p.advance(task)
-    if "ppl" not in records[DENSE_ID]:
-        raise UserError(f"the dense fp32 deployment, every deployment's reference, failed: {records[DENSE_ID]}")
-    p.stamp("stage2_finished")
     return records
 
 
@@ -369,7 +402,9 @@ def _deploy_and_score(p: Plan, c: Candidate, precision: str, name: str, base: di
     try:
         folder = export(p, c, precision, name)
         p.log(f"[{name}] validation perplexity on {base['engine']}")
+        t1 = time.perf_counter()
         scored = validation_perplexity(p, folder, base["engine"])
+        score_seconds = time.perf_counter() - t1
     except UserError as exc:  # e.g. int4 not accepted by this version's export, an engine that failed
         p.log(f"[{name}] stopped: {exc}")
         return {**base, "error": str(exc)}
@@ -378,7 +413,7 @@ def _deploy_and_score(p: Plan, c: Candidate, precision: str, name: str, base: di
     record = {**base, "deploy": str(folder), "ppl": _finite(scored["ppl"]), "windows": scored["windows"],
               "seqlen": scored["seqlen"], "bytes": info["sizes"].get("model_gguf_bytes") or info["sizes"]["folder_bytes"],
               "sparsity": (info.get("weight_sparsity") or {}).get("global"),
-              "seconds": time.perf_counter() - t0, "finished_at": time.time(), "provenance": provenance()}
+              "seconds": time.perf_counter() - t0, "score_seconds": score_seconds, "finished_at": time.time(), "provenance": provenance()}
     p.planner.record("stage2", record["seconds"])
     write_json_atomic(path, record, force=True)
     return record
@@ -497,9 +532,9 @@ def stage3(p: Plan, deploys: dict[str, dict]) -> tuple[list[dict], list[dict], l
     run_dir = p.out / "stage3"
 
     def todo(pair) -> int:
-        return sum(not bench_path(sweep, run_dir, pair[0], pair[1], pair[3], pair[4], r).is_file()
-                   for r in range(sweep.rounds))
+        return rounds_to_measure(sweep, run_dir, pair)
 
+    p.planner.release("stage 3 references")  # reserved below, as this stage plans its own time
     _probe(p, sweep, run_dir, references[0])
     p.planner.reserved = sum(todo(pair) for pair in references + aa) * (p.planner.estimate("stage3") or 0.0)
     chosen, skipped = [], []
@@ -524,12 +559,19 @@ def stage3(p: Plan, deploys: dict[str, dict]) -> tuple[list[dict], list[dict], l
     return rows, unmeasured, skipped
 
 
+def rounds_to_measure(sweep, run_dir: Path, pair: tuple) -> int:
+    """Rounds of a (level, precision, folder, engine, cores) pair not yet on disk."""
+    return sum(not bench_path(sweep, run_dir, pair[0], pair[1], pair[3], pair[4], r).is_file()
+               for r in range(sweep.rounds))
+
+
 def _probe(p: Plan, sweep, run_dir: Path, pair: tuple) -> None:
     """What one round costs here: the dense fp32 pair's first round, measured now (and kept: the interleaved
     measurement reuses it) unless an earlier start measured it; its wall time is kept in probe.json."""
     path = run_dir / "probe.json"
     if path.is_file():
-        p.planner.record("stage3", json.loads(path.read_text())["seconds"])
+        if not p.planner.costs.get("stage3"):
+            p.planner.record("stage3", json.loads(path.read_text())["seconds"])
         return
     t0 = time.perf_counter()
     level, precision, folder, engine, cores = pair
