@@ -154,15 +154,16 @@ class Study:
             shutil.rmtree(self.cache)
         write_json_atomic(path, now, force=True)
 
-    def cached(self, name: str, compute) -> dict:
+    def cached(self, name: str, make, compute: bool = True) -> dict | None:
+        """The cached record, else `make()`'s (kept), or None under --cached-only or where `compute` is False."""
         from dlp_deploy.io import write_json_atomic
 
         path = self.cache / name
         if path.is_file():
             return json.loads(path.read_text())
-        if self.args.cached_only:
+        if self.args.cached_only or not compute:
             return None
-        record = compute()
+        record = make()
         write_json_atomic(path, record, force=True)
         return record
 
@@ -329,7 +330,8 @@ def run(args) -> dict:
         if proxy is None:  # --cached-only, not reached yet
             continue
         rows = [study.cached(f"s{sparsity:g}/alpha-{alpha:g}.json",
-                             lambda alpha=alpha: study.sequential(sparsity, alpha))
+                             lambda alpha=alpha: study.sequential(sparsity, alpha),
+                             compute=args.alphas is None or alpha in args.alphas)
                 for alpha in proxy["grid"]]
         done = [i for i, r in enumerate(rows) if r is not None]
         missing = [proxy["grid"][i] for i, r in enumerate(rows) if r is None]
@@ -461,6 +463,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-seqlen", type=int, default=512)
     ap.add_argument("--grid", type=_floats, default=None, help="alpha grid for the proxy and the sequential prunes "
                                                                "(default: the one --alpha auto uses)")
+    ap.add_argument("--alphas", type=_floats, default=None, help="prune sequentially only at these alphas of the "
+                                                                 "grid this run (the rest: cached, or missing); a "
+                                                                 "spread first when time is short")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--out", type=Path, required=True)

@@ -29,6 +29,11 @@ PEER_LABELS = {f"dense.{k}": v for k, v in PEER_NAMES.items()}  # a peer's deplo
 TEST_CORPORA = ("wikitext2", "c4")
 
 
+def _wall_cell(p: dict) -> str:
+    asked = p.get("time_budget_min")
+    return f"{p['wall_s'] / 60:.1f} min" + (f" (--time-budget {asked:g})" if asked else "")
+
+
 def budget_of(plan: dict) -> str:
     return f"{100 * plan['budget']['max_ppl_increase']:g}%"
 
@@ -61,7 +66,8 @@ def plan_row(folder: Path) -> dict:
             "limit": plan["budget"]["deployment_limit"], "tokens_per_s": c["decode_tokens_per_s"],
             "floor": floor, "vs_dense_fp32": {**c["vs_dense_fp32"], "verdict": verdict(c["vs_dense_fp32"], floor)},
             "vs_peers": {p: {**v, "verdict": verdict(v, floor)} for p, v in c["vs_peers"].items()},
-            "test": plan["test"], "wall_s": plan["wall_s_total"], "peak_rss_bytes": cost.get("peak_rss_bytes"),
+            "test": plan["test"], "wall_s": plan["wall_s_total"], "time_budget_min": plan["time_budget"]["minutes"],
+            "peak_rss_bytes": cost.get("peak_rss_bytes"),
             "screened": sum("ppl" in (x.get("screen") or {}) for x in candidates),
             "not_screened": sum("skipped" in (x.get("screen") or {}) for x in candidates),
             "deployments_scored": sum(d["validation_ppl"] is not None for x in plan["candidates"]
@@ -221,7 +227,7 @@ def markdown(plans: list[dict], reps: list[dict], bench: dict | None, reproduce:
             f"({_pct_over(p['validation_ppl'], p['dense_validation_ppl'])}; {p['dense_validation_ppl']:.2f}, "
             f"{p['limit']:.2f}) | {p['tokens_per_s']:.1f} | {fmt_ratio(p['vs_dense_fp32'])} | "
             f"{_peer_cell(p, peer, 'dense q4_k_m')} | {_peer_cell(p, peer, 'dense q8_0')} | "
-            f"{_peer_cell(p, peer, 'the fetched GGUF')} | ±{100 * p['floor']:.0f}% | {p['wall_s'] / 60:.1f} min | "
+            f"{_peer_cell(p, peer, 'the fetched GGUF')} | ±{100 * p['floor']:.0f}% | {_wall_cell(p)} | "
             + (f"{p['peak_rss_bytes'] / 2 ** 30:.2f} GiB |" if p.get("peak_rss_bytes") else "— |"))
     lines += ["", "Why each: " + " ".join(f"+{p['budget']}: {p['why']}." for p in plans), "",
               "| budget | screened one-shot | not screened (a lower level over, or time) | deployments scored | "

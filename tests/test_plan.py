@@ -90,9 +90,12 @@ def test_held_fixed_costs_and_the_measurement_a_deployment_is_made_for():
     planner.hold("references", 40.0)
     planner.hold("test text", 20.0)  # 40 s left for what is optional
     assert planner.share_of_left(0.5) == pytest.approx(20.0)
-    assert planner.admit("export", "fits with its measurement", then=("measure", 6))  # 10 + 30 <= 40
-    assert not planner.admit("export", "its measurement would not fit", then=("measure", 7))  # 10 + 35 > 40
-    assert "would need ~45 s (then 7 units of measure to measure it), 40 s left" in planner.skipped[-1]["why"]
+    planner.record("screen", 15.0)
+    assert planner.admit("screen", "inside the share", until=20.0, share="a share")  # 15 <= 20: held is outside it
+    assert not planner.admit("screen", "two", units=2, until=20.0, share="a share")
+    assert planner.admit("export", "fits with its measurement", then=(("measure", 6),))  # 10 + 30 <= 40
+    assert not planner.admit("export", "its measurement would not fit", then=(("measure", 7),))  # 10 + 35 > 40
+    assert "would need ~45 s (with 7 of measure), 40 s left" in planner.skipped[-1]["why"]
     assert planner.admit("export", "without it", units=4)  # the export alone fits: 40 <= 40
     planner.release("references")  # they run now: their time is the clock's
     assert planner.left() == pytest.approx(80.0) and planner.held == {"test text": 20.0}
@@ -271,6 +274,7 @@ def test_a_plan_keeps_to_its_time_budget_references_and_test_text_included(plann
     held = plan["time_budget"]["held_s"]
     assert set(held) == {"stage 3 references", "test perplexity"} and all(v > 0 for v in held.values())
     assert plan["time_budget"]["skipped"], "half the time cannot hold every candidate"
+    assert any("ppl" in c["screen"] for c in plan["candidates"][1:]), "and the screen had its share of the rest"
     assert plan["this_run"]["wall_s"] <= 1.25 * budget_s, (plan["this_run"]["wall_s"], budget_s)
     assert f"of the {budget_s / 60:g} asked" in (tmp_path / "plan" / "plan.md").read_text()
 
@@ -388,3 +392,29 @@ def test_the_plan_report_reads_plan_folders(planned, tmp_path):
     md = report.markdown([row], [], None, "make it")
     assert f"`{row['choice']}`" in md and f"{first['test']['chosen']['wikitext2']['ppl']:.2f}" in md
     assert "**Not run** (no bench file given)" in md
+
+
+@pytest.mark.parametrize("family", ["qwen2-mixed-layers", "gemma2"])
+def test_a_plan_on_other_families(family, tmp_path, data_root, monkeypatch):
+    """The whole plan on a tiny random Qwen2 (attention biases, sliding layers) and Gemma2 (sandwich norms, logit
+    soft-capping, tied head) in fp32 and INT8: each candidate ends at a named stage, the choice is within budget
+    and among the measured, and the published deployment is the chosen folder with its card."""
+    from dlp_deploy.plan.run import run_plan
+    from dlp_deploy.plan.stages import PlanSettings
+    from dlp_deploy.testing import save_family
+
+    monkeypatch.setenv("DLP_DEPLOY_DATA", str(data_root))
+    model = save_family(tmp_path / family, family, seed=1)
+    settings = PlanSettings(str(model), 0.05, **{**TINY, "include": ["unstructured"], "precisions": ["fp32", "int8"],
+                                                 "screen_margin": 0.05})
+    plan = run_plan(settings, tmp_path / "plan", log=lambda *_: None)
+    for c in plan["candidates"][1:]:
+        ends = [c.get("stopped")] if c.get("stopped") else [d["stopped"] for d in c["deployments"]]
+        assert all(e in ("stage 1", "stage 2", "stage 3", None) for e in ends), c
+    deployed = {d["name"]: d for c in plan["candidates"] for d in c.get("deployments") or []}
+    assert deployed["dense.int8"]["validation_ppl"] > 1  # scored through the INT8 graph
+    choice, b = plan["choice"], plan["budget"]
+    assert choice["validation_ppl"] <= b["deployment_limit"]
+    assert choice["deploy"] in {r["label"] for r in plan["measured"]}
+    assert (tmp_path / "plan" / "deployment" / "model.onnx").is_file()
+    assert plan["test"]["chosen"]["wikitext2"]["ppl"] > 1

@@ -109,8 +109,10 @@ class TimePlanner:
         """Seconds left of the budget, or of it up to `until` (seconds since the start) where that comes first."""
         if self.budget_s is None:
             return math.inf
-        end = self.budget_s if until is None else min(until, self.budget_s)
-        return end - (self.clock() - self.started) - self.reserved - sum(self.held.values())
+        elapsed = self.clock() - self.started
+        whole = self.budget_s - elapsed - self.reserved - sum(self.held.values())
+        # a stage's share (share_of_left) is already net of the held time: it ends at `until` or with the budget
+        return whole if until is None else min(until - elapsed - self.reserved, whole)
 
     def hold(self, what: str, seconds: float) -> None:
         """Set aside the estimated cost of work that runs whatever the budget, later in the plan: no optional
@@ -135,23 +137,24 @@ class TimePlanner:
         self.costs.setdefault(stage, []).append(seconds)
 
     def admit(self, stage: str, unit: str, units: int = 1, reserve: bool = False, until: float | None = None,
-              share: str = "", then: tuple[str, float] | None = None) -> bool:
+              share: str = "", then: tuple[tuple[str, float], ...] = ()) -> bool:
         """Whether `units` more units of `stage` fit in the budget (up to `until`, a stage's share of it, named
         by `share`); if not, `unit` is recorded as skipped, with the figures. `reserve`: the admitted units'
-        estimate is set aside, for admitting several before any of them runs. `then`: (stage, units) of the later
-        work the unit is for (a deployment is exported to be measured): admitted only if that fits as well."""
+        estimate is set aside, for admitting several before any of them runs. `then`: (stage, units) pairs of the
+        work that comes with the unit (the prune a deployment needs, the measurement it is made for): admitted only
+        if that fits as well, as far as those stages' costs are known."""
         left, each = self.left(until), self.estimate(stage)
         of = f"of {share}" if until is not None and share else "of --time-budget"
         need = None if each is None else each * units
-        if need is not None and then is not None:
-            need += (self.estimate(then[0]) or 0.0) * then[1]
+        if need is not None:
+            need += sum((self.estimate(stage) or 0.0) * n for stage, n in then)
         if left > 0 and (need is None or need <= left):
             if reserve and need is not None and self.budget_s is not None:
                 self.reserved += need
             return True
         self.skipped.append({"stage": stage, "unit": unit, "estimate_s": need, "left_s": max(left, 0.0),
                              "why": f"would need ~{need:.0f} s"
-                             + (f" (then {then[1]:g} units of {then[0]} to measure it)" if then else "")
+                             + (" (with " + ", ".join(f"{n:g} of {stage}" for stage, n in then) + ")" if then else "")
                              + f", {max(left, 0.0):.0f} s left {of}"
                              if need is not None else f"no time left {of}"})
         return False

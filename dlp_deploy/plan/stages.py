@@ -303,10 +303,10 @@ def model_folder(p: Plan, c: Candidate) -> Path:
     if c.sparsity is None:
         return Path(p.settings.model)
     out = p.out / "models" / c.id
-    record = "streamline.json" if c.form == "depth" else "pruning.json"
-    if (out / record).is_file():
+    if has_model_folder(p, c):
         return out
     p.log(f"[{c.id}] pruning")
+    t0 = time.perf_counter()
     if c.form == "depth":
         settings = StreamlineSettings(ratio=c.sparsity, replacement=c.replacement, calib=p.settings.calib,
                                       nsamples=p.settings.nsamples, seqlen=p.settings.calib_seqlen,
@@ -317,8 +317,16 @@ def model_folder(p: Plan, c: Candidate) -> Path:
         prune_to_folder(p.settings.model, out, prune_settings_of(c, p.settings.val_windows), p.settings.calib,
                         p.settings.nsamples, p.settings.calib_seqlen, p.settings.seed, "cpu", force=True,
                         progress=p.progress)
+    p.planner.record("prune", time.perf_counter() - t0)
     p.work["pruned"] += 1
     return out
+
+
+def has_model_folder(p: Plan, c: Candidate) -> bool:
+    """Whether the candidate's model exists (dense: always; a pruned one: once its record is written)."""
+    if c.sparsity is None:
+        return True
+    return (p.out / "models" / c.id / ("streamline.json" if c.form == "depth" else "pruning.json")).is_file()
 
 
 # ---------------------------------------------------------------- stage 2: deployments and their own perplexity
@@ -381,7 +389,9 @@ def stage2(p: Plan, units: list[tuple[Candidate, str, bool]], forced: bool = Fal
         spec = PRECISIONS[precision]
         path = p.out / "stage2" / f"{name}.json"
         base = {"id": c.id, "precision": precision, "engine": spec.scoring_engine, "selectable": selectable}
-        measuring = ("stage3", p.settings.rounds * len(engines_for(p, precision)))
+        then = (("stage3", p.settings.rounds * len(engines_for(p, precision))),)
+        if not forced and not has_model_folder(p, c):
+            then = (("prune", 1), *then)
         if path.is_file():  # the folder's path is this plan folder's, wherever it has moved
             records[name] = {**json.loads(path.read_text()), "selectable": selectable,
                              "deploy": str(p.out / "deploy" / name)}
@@ -389,9 +399,10 @@ def stage2(p: Plan, units: list[tuple[Candidate, str, bool]], forced: bool = Fal
         elif spec.scoring_engine not in ENGINES.usable():
             records[name] = {**base, "error": f"{spec.scoring_engine} is not installed here (llama_cpp for GGUF); "
                                               "install it to deploy and compare in this format"}
-        elif not forced and not p.planner.admit("stage2", name, then=measuring):
+        elif not forced and not p.planner.admit("stage2", name, then=then):
             records[name] = {**base, "skipped": p.planner.skipped[-1]["why"]}
         else:
+            model_folder(p, c)  # the prune first, timed on its own: an export's estimate must not carry it
             records[name] = _deploy_and_score(p, c, precision, name, base, path)
         p.advance(task)
     return records
