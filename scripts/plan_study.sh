@@ -17,6 +17,7 @@ CALIB=${CALIB:-"--nsamples 64 --calib-seqlen 512"}
 MEASURE=${MEASURE:-"--runs 3 --gen-len 64 --test-windows 32"}
 for b in $BUDGETS; do
   x=$(python3 -c "print($b / 100)")
+  [ -e $OUT/plan-$b/plan.json ] && continue  # finished: rerunning would give a resumed plan a new --time-budget
   /usr/bin/time -v -o $OUT/plan-$b.time dlp-deploy plan $M --max-ppl-increase "$x" --engines $ENGINES $CALIB $MEASURE --time-budget 20 --out $OUT/plan-$b
 done
 # the replication: every plan measures dense fp32, the peers and an A/A control in its own run, so each choice's
