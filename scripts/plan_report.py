@@ -141,6 +141,14 @@ def rows_by_label(bench: dict) -> dict[str, dict]:
     return {r["label"]: r for r in bench["results"] if not r.get("aa_control")}
 
 
+def _rep_row(rows: dict[str, dict], name: str, target: str) -> dict | None:
+    """The replication bench's row of a folder plan_study.sh linked as `name`: bench labels a linked folder by
+    where it leads (`target`: the plan's folder name, or a path ending in it) in the benches it ran before it
+    copied them instead."""
+    return rows.get(name) or rows.get(target) or next((r for label, r in rows.items()
+                                                       if label.endswith("/" + target)), None)
+
+
 def bench_floors(bench: dict) -> dict[str, float]:
     """engine -> the A/A floor the bench measured there."""
     return {e: stats.aa_floor(b) for e, b in qwen_report.aa_controls(bench).items()}
@@ -149,10 +157,11 @@ def bench_floors(bench: dict) -> dict[str, float]:
 def replication_rows(bench: dict, plans: list[dict]) -> list[dict]:
     rows = rows_by_label(bench)
     floors = bench_floors(bench)
-    bases = [("dense fp32", rows.get("dense-fp32")), *((PEER_NAMES[p], rows.get(f"dense-{p}")) for p in PEER_NAMES)]
+    bases = [("dense fp32", _rep_row(rows, "dense-fp32", "dense")),
+             *((PEER_NAMES[p], _rep_row(rows, f"dense-{p}", f"dense.{p}")) for p in PEER_NAMES)]
     out = []
     for plan in plans:
-        r = rows.get(f"choice-{plan['folder'].split('-')[-1]}")
+        r = _rep_row(rows, f"choice-{plan['folder'].split('-')[-1]}", f"{plan['folder']}/deployment")
         if r is None:
             out.append({"budget": plan["budget"], "missing": "not in the replication bench"})
             continue
@@ -175,7 +184,9 @@ def replicated(plan: dict, rep: dict) -> dict[str, str]:
         if agree and a["verdict"] == "faster":
             (lo1, hi1), (lo2, hi2) = (x.get("decode_ci95") or [x["decode"]] * 2 for x in (a, b))
             agree = lo1 <= hi2 and lo2 <= hi1
-        out[name] = "yes" if agree else f"no ({a['verdict']} in the plan, {b['verdict']} here)"
+        out[name] = "yes" if agree else (
+            f"no ({a['verdict']} in the plan, {b['verdict']} here)" if a["verdict"] != b["verdict"] else
+            f"no (faster in both, but {fmt_ratio(a)} and {fmt_ratio(b)} do not overlap)")
     return out
 
 

@@ -26,18 +26,18 @@ done
 BENCH=()
 if [ -n "${REPLICATE:-}" ]; then
   REP=$OUT/plan-rep
-  mkdir -p $REP
+  mkdir -p $REP  # hard-linked copies, not symlinks: bench labels a symlinked folder by where it leads
   first=$(echo $BUDGETS | cut -d' ' -f1)
-  ln -sfn "$(realpath $OUT/plan-$first/deploy/dense)" $REP/dense-fp32
+  rm -rf $REP/dense-fp32; cp -al "$(realpath $OUT/plan-$first/deploy/dense)" $REP/dense-fp32
   args=("$REP/dense-fp32@onnxruntime")
   for p in q8_0 q4_k_m source; do
     [ -e $OUT/plan-$first/deploy/dense.$p ] || continue
-    ln -sfn "$(realpath $OUT/plan-$first/deploy/dense.$p)" $REP/dense-$p
+    rm -rf $REP/dense-$p; cp -al "$(realpath $OUT/plan-$first/deploy/dense.$p)" $REP/dense-$p
     args+=("$REP/dense-$p@llamacpp")
   done
   for b in $BUDGETS; do
     eng=$(python3 -c "import json; print(json.load(open('$OUT/plan-$b/choice.json'))['engine'])")
-    ln -sfn "$(realpath $OUT/plan-$b/deployment)" $REP/choice-$b
+    rm -rf $REP/choice-$b; cp -al "$(realpath $OUT/plan-$b/deployment)" $REP/choice-$b
     args+=("$REP/choice-$b@$eng")
   done
   [ -e $REP/bench.json ] || dlp-deploy bench "${args[@]}" --runs 3 --rounds 3 --gen-len 64 --prompt-len 64 \
