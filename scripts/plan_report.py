@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 
 from dlp_deploy.bench import stats
+from dlp_deploy.bench.schedule import merge_rounds
 from dlp_deploy.provenance import provenance
 
 _spec = importlib.util.spec_from_file_location("qwen_report", Path(__file__).with_name("qwen_report.py"))
@@ -91,16 +92,10 @@ def settings_line(plan: dict) -> str:
 
 
 def stage3_row(folder: Path, label: str, engine: str) -> dict | None:
-    """A pair as a plan's stage 3 measured it: its rounds (one worker process each), for stats' ratio blocks."""
+    """A pair as a plan's stage 3 measured it: its round files merged as the plan merged them (merge_rounds)."""
     files = sorted((folder / "stage3" / "bench").glob(f"{label}.{engine}.r*.json"))
-    rounds = [json.loads(f.read_text()) for f in files]
-    rounds = [r for r in rounds if r.get("decode_ms_runs")]
-    if not rounds:
-        return None
-    steps = [x for r in rounds for x in r["decode_ms_runs"]]
-    return {"label": label, "engine": engine, "rounds": rounds, "decode_ms_runs": steps,
-            "decode_ms": {"median": float(sorted(steps)[len(steps) // 2])},
-            "decode_tokens_per_s": 1000.0 / float(sorted(steps)[len(steps) // 2])}
+    rounds = [r for r in (json.loads(f.read_text()) for f in files) if r.get("decode_ms_runs")]
+    return {**merge_rounds(rounds), "label": label, "engine": engine} if rounds else None
 
 
 def cross_plan_rows(folders: list[Path], plans: list[dict]) -> list[dict]:

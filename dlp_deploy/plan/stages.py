@@ -367,19 +367,18 @@ def deploy_references(p: Plan) -> dict[str, dict]:
     records = stage2(p, reference_units(p), forced=True)
     if "ppl" not in records[DENSE_ID]:
         raise UserError(f"the dense fp32 deployment, every deployment's reference, failed: {records[DENSE_ID]}")
-    references, _, _ = stage3_pairs(p, records)
-    _probe(p, sweep_settings(p, p.settings.engines), p.out / "stage3", references[0])
-    hold_fixed_costs(p, records)
+    pairs, _, aa = stage3_pairs(p, records)
+    sweep, run_dir = sweep_settings(p, p.settings.engines), p.out / "stage3"
+    _probe(p, sweep, run_dir, pairs[0])
+    hold_fixed_costs(p, records, sum(rounds_to_measure(sweep, run_dir, pair) for pair in pairs + aa))
     return records
 
 
-def hold_fixed_costs(p: Plan, references: dict[str, dict]) -> None:
-    """Hold the estimated time of the references' stage-3 rounds (each as long as the dense fp32 probe round)
-    and of the test perplexities after the choice (per window as long as the deployment's validation scoring;
-    the choice's as the slowest reference's), so that the screen and stage 2 admit nothing into it."""
-    sweep, run_dir = sweep_settings(p, p.settings.engines), p.out / "stage3"
-    pairs, _, aa = stage3_pairs(p, references)
-    rounds = sum(rounds_to_measure(sweep, run_dir, pair) for pair in pairs + aa)
+def hold_fixed_costs(p: Plan, references: dict[str, dict], rounds: int) -> None:
+    """Hold the estimated time of the references' `rounds` stage-3 rounds still to measure (each as long as the
+    dense fp32 probe round) and of the test perplexities after the choice (per window as long as the deployment's
+    validation scoring; the choice's as the slowest reference's), so that the screen and stage 2 admit nothing
+    into it."""
     p.planner.hold("stage 3 references", rounds * (p.planner.estimate("stage3") or 0.0))
     # with every window of each corpus (--test-windows all) the count is unknown here: nothing is held for it
     if p.settings.test_windows is not None:
@@ -400,9 +399,6 @@ def stage2(p: Plan, units: list[tuple[Candidate, str, bool]], forced: bool = Fal
         spec = PRECISIONS[precision]
         path = p.out / "stage2" / f"{name}.json"
         base = {"id": c.id, "precision": precision, "engine": spec.scoring_engine, "selectable": selectable}
-        then = (("stage3", p.settings.rounds * len(engines_for(p, precision))),)
-        if not forced and not has_model_folder(p, c):
-            then = (("prune", 1), *then)
         if path.is_file():  # the folder's path is this plan folder's, wherever it has moved
             records[name] = {**json.loads(path.read_text()), "selectable": selectable,
                              "deploy": str(p.out / "deploy" / name)}
@@ -410,13 +406,19 @@ def stage2(p: Plan, units: list[tuple[Candidate, str, bool]], forced: bool = Fal
         elif spec.scoring_engine not in ENGINES.usable():
             records[name] = {**base, "error": f"{spec.scoring_engine} is not installed here (llama_cpp for GGUF); "
                                               "install it to deploy and compare in this format"}
-        elif not forced and not p.planner.admit("stage2", name, then=then):
+        elif not forced and not p.planner.admit("stage2", name, then=work_with(p, c, precision)):
             records[name] = {**base, "skipped": p.planner.skipped[-1]["why"]}
         else:
             model_folder(p, c)  # the prune first, timed on its own: an export's estimate must not carry it
             records[name] = _deploy_and_score(p, c, precision, name, base, path)
         p.advance(task)
     return records
+
+
+def work_with(p: Plan, c: Candidate, precision: str) -> tuple[tuple[str, float], ...]:
+    """(stage, units) of what a deployment brings with it: its measurement, and its prune if not yet made."""
+    measure = ("stage3", p.settings.rounds * len(engines_for(p, precision)))
+    return (measure,) if has_model_folder(p, c) else (("prune", 1), measure)
 
 
 def _deploy_and_score(p: Plan, c: Candidate, precision: str, name: str, base: dict, path: Path) -> dict:
@@ -557,8 +559,8 @@ def stage3(p: Plan, deploys: dict[str, dict]) -> tuple[list[dict], list[dict], l
     def todo(pair) -> int:
         return rounds_to_measure(sweep, run_dir, pair)
 
-    p.planner.release("stage 3 references")  # reserved below, as this stage plans its own time
-    _probe(p, sweep, run_dir, references[0])
+    # reserved below instead, as this stage plans its own time (deploy_references measured the probe round)
+    p.planner.release("stage 3 references")
     p.planner.reserved = sum(todo(pair) for pair in references + aa) * (p.planner.estimate("stage3") or 0.0)
     chosen, skipped = [], []
     for group in optional:
@@ -593,8 +595,7 @@ def _probe(p: Plan, sweep, run_dir: Path, pair: tuple) -> None:
     measurement reuses it) unless an earlier start measured it; its wall time is kept in probe.json."""
     path = run_dir / "probe.json"
     if path.is_file():
-        if not p.planner.costs.get("stage3"):
-            p.planner.record("stage3", json.loads(path.read_text())["seconds"])
+        p.planner.record("stage3", json.loads(path.read_text())["seconds"])
         return
     t0 = time.perf_counter()
     level, precision, folder, engine, cores = pair
