@@ -274,7 +274,10 @@ def test_a_plan_keeps_to_its_time_budget_references_and_test_text_included(plann
     held = plan["time_budget"]["held_s"]
     assert set(held) == {"stage 3 references", "test perplexity"} and all(v > 0 for v in held.values())
     assert plan["time_budget"]["skipped"], "half the time cannot hold every candidate"
-    assert any("ppl" in c["screen"] for c in plan["candidates"][1:]), "and the screen had its share of the rest"
+    # the screen had its share of what the fixed part left; on a loaded machine that part can take it all, and
+    # then every candidate says it was skipped for the screen's share (never screened without a reason)
+    unscreened = [c for c in plan["candidates"][1:] if "ppl" not in c["screen"]]
+    assert len(unscreened) < len(plan["candidates"]) - 1 or all("the screen's" in c["why"] for c in unscreened)
     assert plan["this_run"]["wall_s"] <= 1.25 * budget_s, (plan["this_run"]["wall_s"], budget_s)
     assert f"of the {budget_s / 60:g} asked" in (tmp_path / "plan" / "plan.md").read_text()
 
