@@ -50,7 +50,9 @@ ENGINE_NAMES = {"deepsparse": "DeepSparse", "onnxruntime": "ONNX Runtime", "open
 
 # the PyTorch models of the quality table: run folder name -> label (dense is the fetched model itself)
 MODELS = {"dense": "dense", "dlp-0.50": "DLP-Wanda 50%, --alpha auto", "dlp-appg-0.50": "DLP-Wanda 50%, App. G alpha",
-          "owl-0.50": "OWL-Wanda 50%", "uniform-0.50": "uniform Wanda 50%", "uniform-0.30": "uniform Wanda 30%"}
+          "owl-0.50": "OWL-Wanda 50%", "uniform-0.50": "uniform Wanda 50%", "uniform-0.30": "uniform Wanda 30%",
+          "uniform-0.70": "uniform Wanda 70%", "dlp-appg-0.70": "DLP-Wanda 70%, App. G alpha",
+          "owl-0.70": "OWL-Wanda 70%"}
 # the deployments of scripts/qwen_study.sh: folder -> (PyTorch model it came from, form, engines that run it)
 ONNX_ENGINES, GGUF_ENGINES = ("deepsparse", "onnxruntime"), ("llamacpp",)
 DEPLOYMENTS = {
@@ -65,6 +67,7 @@ DEPLOYMENTS = {
     "uniform-0.30.int8": ("uniform-0.30", "INT8 W8A8, static activation scales (ONNX; DeepSparse's sparse INT8 "
                                           "kernels)", ("deepsparse",)),
     "uniform-0.30.q4_k_m": ("uniform-0.30", "GGUF q4_k_m", GGUF_ENGINES),
+    "dlp-appg-0.70.q4_k_m": ("dlp-appg-0.70", "GGUF q4_k_m", GGUF_ENGINES),
 }
 # scripts/qwen_study.sh's steps in order (costs/STEP.txt); the fetch's timing is RUN/fetch.log
 STEPS = {
@@ -72,20 +75,25 @@ STEPS = {
     "prune-dlp50": "prune DLP-Wanda 50%, --alpha auto", "prune-dlp50-appg": "prune DLP-Wanda 50%, App. G alpha",
     "prune-uniform50": "prune uniform Wanda 50%",
     "prune-owl50": "prune OWL-Wanda 50%", "prune-uniform30": "prune uniform Wanda 30%",
+    "prune-uniform70": "prune uniform Wanda 70%", "prune-dlp70-appg": "prune DLP-Wanda 70%, App. G alpha",
+    "prune-owl70": "prune OWL-Wanda 70%",
     "eval-dense": "PyTorch perplexity, dense", "eval-dlp-0.50": "PyTorch perplexity, DLP 50%",
     "eval-dlp-appg-0.50": "PyTorch perplexity, DLP 50% App. G alpha",
     "eval-uniform-0.50": "PyTorch perplexity, uniform 50%", "eval-owl-0.50": "PyTorch perplexity, OWL 50%",
-    "eval-uniform-0.30": "PyTorch perplexity, uniform 30%",
+    "eval-uniform-0.30": "PyTorch perplexity, uniform 30%", "eval-uniform-0.70": "PyTorch perplexity, uniform 70%",
+    "eval-dlp-appg-0.70": "PyTorch perplexity, DLP 70% App. G alpha", "eval-owl-0.70": "PyTorch perplexity, OWL 70%",
     "export-source": "export: the source GGUF (copy and validate)", "export-dense": "export: dense fp32 ONNX",
     "export-dlp50": "export: DLP 50% fp32 ONNX", "export-dense-w8": "export: dense w8 ONNX",
     "export-dlp50-int8": "export: DLP 50% INT8 ONNX", "export-dense-q8_0": "export: dense GGUF q8_0",
     "export-dlp50-q4_k_m": "export: DLP 50% GGUF q4_k_m",
     "export-u30-int8": "export: uniform 30% INT8 ONNX", "export-u30-q4_k_m": "export: uniform 30% GGUF q4_k_m",
+    "export-dlp70-appg-q4_k_m": "export: DLP 70% App. G alpha GGUF q4_k_m",
     "deval-source-q4_k_m": "deployed perplexity: source Q4_K_M", "deval-dense.q8_0": "deployed perplexity: dense q8_0",
     "deval-dlp-0.50.q4_k_m": "deployed perplexity: DLP 50% q4_k_m", "deval-dense.w8": "deployed perplexity: dense w8",
     "deval-dlp-0.50.int8": "deployed perplexity: DLP 50% INT8",
     "deval-uniform-0.30.q4_k_m": "deployed perplexity: uniform 30% q4_k_m",
     "deval-uniform-0.30.int8": "deployed perplexity: uniform 30% INT8",
+    "deval-dlp-appg-0.70.q4_k_m": "deployed perplexity: DLP 70% App. G alpha q4_k_m",
     "bench": "bench: every deployment x engine, interleaved, A/A control",
 }
 
@@ -548,7 +556,17 @@ def verdict(deployments: list[dict], bandwidth: dict) -> dict:
         if best["engine"] == "llamacpp" and abs(best["bytes_per_token"] / peer_bytes - 1) < 0.05:
             text += (" llama.cpp has no sparse kernels: a pruned model's zeros are stored and streamed like any "
                      "other weight, so at the peer's bytes it decodes at the peer's speed, whatever its sparsity.")
-    return {"answer": False, "closest": best, "bound": bound, "candidates": candidates, "text": text}
+    fastest = max(candidates, key=lambda c: c["vs_peer"]["decode"])
+    if fastest is not best:  # the closest is chosen among those within the bound: say what speed costs beyond it
+        text += (f" Fastest at any quality: {_name(fastest)} at {fastest['tokens_per_s']:.1f} tok/s, "
+                 f"{fmt_ratio(fastest['vs_peer'])} the peer's speed"
+                 + (f" ({'a win' if fastest['vs_peer'].get('win') else 'not a win'})")
+                 + (f", at {_ppl_text(fastest, peer_ppl)}" if fastest.get("ppl_vs_peer") else
+                    ", its own perplexity not measured")
+                 + (f"; it streams {fastest['bytes_per_token'] / peer_bytes:.2f}x the peer's bytes per token"
+                    if fastest["bytes_per_token"] and peer_bytes else "") + ".")
+    return {"answer": False, "closest": best, "fastest": fastest, "bound": bound, "candidates": candidates,
+            "text": text}
 
 
 def _name(c: dict) -> str:
@@ -824,7 +842,8 @@ def write(report: dict, run: Path, out: Path) -> None:
         "Perplexity of each PyTorch model, " + (f"{q0['windows']} windows of {q0.get('seqlen')} tokens" if q0
                                                  else "(no eval file: not measured)") + " on "
         "WikiText-2 test and on C4 validation (documents disjoint from calibration); in brackets the ratio to dense. "
-        "All prunes: Wanda scores, 50% of the decoder Linears' weights, calibration on C4.", "",
+        "All prunes: Wanda scores on the decoder Linears' weights at the sparsity each label names (the global share "
+        "of those weights), calibration on C4.", "",
         *quality_lines(report), "", *alpha_lines(report), "",
         "## Deployments", "",
         "Deployed perplexity: each deployment's own, through its engine (`eval/deploy-NAME.json`), on the same "

@@ -156,15 +156,7 @@ def test_the_verdict_says_yes_when_the_data_does(run, tmp_path):
     shutil.copytree(run, copy)
     write_eval(copy / "eval" / "deploy-dlp-0.50.q4_k_m.json", 23.0, 34.0, "llamacpp")
     bench = json.loads((copy / "bench.json").read_text())
-    for r in bench["results"]:
-        ms = {"source-q4_k_m": 10.0, "dlp-0.50.q4_k_m": 5.0}.get(r["label"], 20.0)
-        r["decode_ms_runs"] = [ms] * len(r["decode_ms_runs"])
-        for x in r["rounds"]:
-            x["decode_ms_runs"], x["decode_ms_median"] = [ms] * len(x["decode_ms_runs"]), ms
-        r["decode_ms"]["median"], r["decode_tokens_per_s"] = ms, 1e3 / ms
-        for key, block in r.items():  # every A/A control's ratio: the fp32 one and each GGUF format's
-            if key.startswith("speedup") and isinstance(block, dict):
-                block.update(decode=1.0, decode_ci95=[1.0, 1.0])
+    _set_decode_ms(bench, {"source-q4_k_m": 10.0, "dlp-0.50.q4_k_m": 5.0})
     (copy / "bench.json").write_text(json.dumps(bench))
     report, readme = _report(copy, tmp_path / "report")
     verdict = report["verdict"]
@@ -172,6 +164,45 @@ def test_the_verdict_says_yes_when_the_data_does(run, tmp_path):
     assert verdict["best"]["vs_peer"]["decode"] == 2.0 and verdict["best"]["vs_peer"]["decode_ci95"] == [2.0, 2.0]
     assert verdict["text"].startswith("Yes.") and "2.00x [2.00, 2.00]" in verdict["text"]
     assert "200.0 against 100.0 tok/s" in verdict["text"]
+
+
+def _set_decode_ms(bench: dict, ms_by_label: dict, default: float = 20.0) -> None:
+    """Every run of each row at a fixed decode step, and every A/A control's ratio at 1 (no noise)."""
+    for r in bench["results"]:
+        ms = ms_by_label.get(r["label"], default)
+        r["decode_ms_runs"] = [ms] * len(r["decode_ms_runs"])
+        for x in r["rounds"]:
+            x["decode_ms_runs"], x["decode_ms_median"] = [ms] * len(x["decode_ms_runs"]), ms
+        r["decode_ms"]["median"], r["decode_tokens_per_s"] = ms, 1e3 / ms
+        for key, block in r.items():
+            if key.startswith("speedup") and isinstance(block, dict):
+                block.update(decode=1.0, decode_ci95=[1.0, 1.0])
+
+
+def test_the_verdict_names_the_closest_within_the_bound_and_the_fastest_beyond_it(run, tmp_path):
+    """A second pruned deployment within 1.25x of the peer's perplexity that only ties with it, beside the 50% one,
+    twice as fast at 1.33x: the answer is no, the closest is the one within the bound, and the faster one is named
+    with its speed and its perplexity (the study's 30% q4_k_m beside a structured model)."""
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    shutil.copytree(copy / "deploy" / "dlp-0.50.q4_k_m", copy / "deploy" / "uniform-0.30.q4_k_m")
+    write_eval(copy / "eval" / "deploy-uniform-0.30.q4_k_m.json", 22.0, 32.0, "llamacpp")
+    bench = json.loads((copy / "bench.json").read_text())
+    row = next(r for r in bench["results"] if r["label"] == "dlp-0.50.q4_k_m")
+    twin = json.loads(json.dumps(row))
+    twin.update(label="uniform-0.30.q4_k_m", model=str(copy / "deploy" / "uniform-0.30.q4_k_m"))
+    bench["results"].append(twin)
+    _set_decode_ms(bench, {"source-q4_k_m": 10.0, "dlp-0.50.q4_k_m": 5.0, "uniform-0.30.q4_k_m": 10.0})
+    (copy / "bench.json").write_text(json.dumps(bench))
+    report, readme = _report(copy, tmp_path / "report")
+    verdict = report["verdict"]
+    assert verdict["answer"] is False and verdict["text"].startswith("No.")
+    assert verdict["closest"]["deployment"] == "uniform-0.30.q4_k_m" and verdict["closest"]["qualifies"]
+    assert verdict["fastest"]["deployment"] == "dlp-0.50.q4_k_m"
+    assert "Closest: `uniform-0.30.q4_k_m`" in verdict["text"] and "1.00x [1.00, 1.00]" in verdict["text"]
+    assert ("Fastest at any quality: `dlp-0.50.q4_k_m` on llama.cpp at 200.0 tok/s, 2.00x [2.00, 2.00] the peer's "
+            "speed (a win), at 1.33x the peer's WikiText-2 perplexity (21.00)") in verdict["text"]
+    assert verdict["text"] in readme
 
 
 def test_missing_steps_are_named_not_measured(run, tmp_path):
