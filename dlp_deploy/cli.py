@@ -2,6 +2,7 @@
 UserError into a one-line message (exit 2) instead of a traceback."""
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import sys
@@ -40,3 +41,12 @@ def main() -> None:
         # escaped: a message may hold brackets (pip install 'dlp-deploy[ray]', a [label]) that are no markup
         err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        # a full disk is the machine's state, not a bug: say where, and what to do (the temp output is gone)
+        where = exc.filename2 or exc.filename or "the output"
+        err.print(f"[bold red]error:[/] no space left on the device while writing {escape(str(where))}; free space "
+                  "there (a 1B+ model folder takes 4 bytes per parameter in fp32) or write to another --out",
+                  highlight=False, soft_wrap=True)
+        sys.exit(1)

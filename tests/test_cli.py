@@ -83,3 +83,29 @@ def test_prune_then_eval_end_to_end(tiny_dir, tmp_path, data_root):
         assert result["perplexity_details"][corpus]["windows"] == 3
     assert result["weight_sparsity"] == pytest.approx(report["global_sparsity"])
     assert result["pruning"]["settings"]["allocation"] == "owl"
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(tiny_dir, tmp_path):
+    """Writing the model fails with ENOSPC (as a 1.5B prune did on a full disk): one error line naming the file and
+    what to do, exit 1, and neither the output folder nor its temp sibling is left behind."""
+    work = tmp_path / "work"
+    work.mkdir()
+    out = work / "out"
+    # the failing call of that prune: the streamed output's copy of the source checkpoint (prune/offload.py)
+    code = ("import errno, shutil, sys\n"
+            "copy = shutil.copyfile\n"
+            "def full(src, dst, *a, **k):\n"
+            "    if str(dst).endswith('.safetensors'):\n"
+            "        raise OSError(errno.ENOSPC, 'No space left on device', str(src), None, str(dst))\n"
+            "    return copy(src, dst, *a, **k)\n"
+            "shutil.copyfile = full\n"
+            "from dlp_deploy.cli import main\n"
+            f"sys.argv = ['dlp-deploy', 'prune', {str(tiny_dir)!r}, '--sparsity', '0.5', '--method', 'magnitude', "
+            f"'--allocation', 'uniform', '--out', {str(out)!r}]\n"
+            "main()\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ),
+                          timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    lines = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+    assert len(lines) == 1 and "no space left on the device" in lines[0] and "model.safetensors" in lines[0]
+    assert list(work.iterdir()) == []
