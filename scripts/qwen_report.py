@@ -52,7 +52,8 @@ ENGINE_NAMES = {"deepsparse": "DeepSparse", "onnxruntime": "ONNX Runtime", "open
 MODELS = {"dense": "dense", "dlp-0.50": "DLP-Wanda 50%, --alpha auto", "dlp-appg-0.50": "DLP-Wanda 50%, App. G alpha",
           "owl-0.50": "OWL-Wanda 50%", "uniform-0.50": "uniform Wanda 50%", "uniform-0.30": "uniform Wanda 30%",
           "uniform-0.70": "uniform Wanda 70%", "dlp-appg-0.70": "DLP-Wanda 70%, App. G alpha",
-          "owl-0.70": "OWL-Wanda 70%"}
+          "owl-0.70": "OWL-Wanda 70%",
+          "dlp-struct-0.20": "structured DLP 20%: whole MLP channels (Taylor importance), widths multiples of 32"}
 # the deployments of scripts/qwen_study.sh: folder -> (PyTorch model it came from, form, engines that run it)
 ONNX_ENGINES, GGUF_ENGINES = ("deepsparse", "onnxruntime"), ("llamacpp",)
 DEPLOYMENTS = {
@@ -68,6 +69,8 @@ DEPLOYMENTS = {
                                           "kernels)", ("deepsparse",)),
     "uniform-0.30.q4_k_m": ("uniform-0.30", "GGUF q4_k_m", GGUF_ENGINES),
     "dlp-appg-0.70.q4_k_m": ("dlp-appg-0.70", "GGUF q4_k_m", GGUF_ENGINES),
+    "dlp-appg-0.70": ("dlp-appg-0.70", "fp32 ONNX", ("deepsparse",)),
+    "dlp-struct-0.20.q4_k_m": ("dlp-struct-0.20", "GGUF q4_k_m (narrower MLPs: fewer bytes per token)", GGUF_ENGINES),
 }
 # scripts/qwen_study.sh's steps in order (costs/STEP.txt); the fetch's timing is RUN/fetch.log
 STEPS = {
@@ -76,24 +79,28 @@ STEPS = {
     "prune-uniform50": "prune uniform Wanda 50%",
     "prune-owl50": "prune OWL-Wanda 50%", "prune-uniform30": "prune uniform Wanda 30%",
     "prune-uniform70": "prune uniform Wanda 70%", "prune-dlp70-appg": "prune DLP-Wanda 70%, App. G alpha",
-    "prune-owl70": "prune OWL-Wanda 70%",
+    "prune-owl70": "prune OWL-Wanda 70%", "prune-dlp20-struct": "prune structured DLP 20% (MLP channels, Taylor)",
     "eval-dense": "PyTorch perplexity, dense", "eval-dlp-0.50": "PyTorch perplexity, DLP 50%",
     "eval-dlp-appg-0.50": "PyTorch perplexity, DLP 50% App. G alpha",
     "eval-uniform-0.50": "PyTorch perplexity, uniform 50%", "eval-owl-0.50": "PyTorch perplexity, OWL 50%",
     "eval-uniform-0.30": "PyTorch perplexity, uniform 30%", "eval-uniform-0.70": "PyTorch perplexity, uniform 70%",
     "eval-dlp-appg-0.70": "PyTorch perplexity, DLP 70% App. G alpha", "eval-owl-0.70": "PyTorch perplexity, OWL 70%",
+    "eval-dlp-struct-0.20": "PyTorch perplexity, structured DLP 20%",
     "export-source": "export: the source GGUF (copy and validate)", "export-dense": "export: dense fp32 ONNX",
     "export-dlp50": "export: DLP 50% fp32 ONNX", "export-dense-w8": "export: dense w8 ONNX",
     "export-dlp50-int8": "export: DLP 50% INT8 ONNX", "export-dense-q8_0": "export: dense GGUF q8_0",
     "export-dlp50-q4_k_m": "export: DLP 50% GGUF q4_k_m",
     "export-u30-int8": "export: uniform 30% INT8 ONNX", "export-u30-q4_k_m": "export: uniform 30% GGUF q4_k_m",
     "export-dlp70-appg-q4_k_m": "export: DLP 70% App. G alpha GGUF q4_k_m",
+    "export-dlp70-appg": "export: DLP 70% App. G alpha fp32 ONNX",
+    "export-dlp20-struct-q4_k_m": "export: structured DLP 20% GGUF q4_k_m",
     "deval-source-q4_k_m": "deployed perplexity: source Q4_K_M", "deval-dense.q8_0": "deployed perplexity: dense q8_0",
     "deval-dlp-0.50.q4_k_m": "deployed perplexity: DLP 50% q4_k_m", "deval-dense.w8": "deployed perplexity: dense w8",
     "deval-dlp-0.50.int8": "deployed perplexity: DLP 50% INT8",
     "deval-uniform-0.30.q4_k_m": "deployed perplexity: uniform 30% q4_k_m",
     "deval-uniform-0.30.int8": "deployed perplexity: uniform 30% INT8",
     "deval-dlp-appg-0.70.q4_k_m": "deployed perplexity: DLP 70% App. G alpha q4_k_m",
+    "deval-dlp-struct-0.20.q4_k_m": "deployed perplexity: structured DLP 20% q4_k_m",
     "bench": "bench: every deployment x engine, interleaved, A/A control",
 }
 

@@ -80,6 +80,12 @@ exports() {  # validated on ONNX Runtime / llama.cpp; DeepSparse compiles the IN
     step export-dlp70-appg-q4_k_m $D/dlp-appg-0.70.q4_k_m dlp-deploy export $OUT/models/dlp-appg-0.70 --format gguf \
       --quant q4_k_m --seq-len $SEQ --no-validate --out $D/dlp-appg-0.70.q4_k_m
   fi
+  if [ -n "${FP32_70:-}" ] && [ -d $OUT/models/dlp-appg-0.70 ]; then  # FP32_70=1: the 70% fp32 graph for DeepSparse's
+    # sparse fp32 kernels (on another DRAM-bound model 70% fp32 decoded at 0.76x dense: measured here, not assumed);
+    # --no-validate as the dense fp32 export: a 7 GB graph beside the 7 GB model is past this machine's memory margin
+    step export-dlp70-appg $D/dlp-appg-0.70 dlp-deploy export $OUT/models/dlp-appg-0.70 --seq-len $SEQ --no-validate \
+      --out $D/dlp-appg-0.70
+  fi
   if [ -d $OUT/models/dlp-struct-0.20 ]; then
     step export-dlp20-struct-q4_k_m $D/dlp-struct-0.20.q4_k_m dlp-deploy export $OUT/models/dlp-struct-0.20 --format gguf \
       --quant q4_k_m --seq-len $SEQ --no-validate --out $D/dlp-struct-0.20.q4_k_m
@@ -120,6 +126,9 @@ bench() {  # each folder on the engine it is for (FOLDER@ENGINE); llama.cpp for 
   [ -d $D/uniform-0.30.q4_k_m ] && extra="$extra $D/uniform-0.30.q4_k_m"
   [ -d $D/dlp-appg-0.70.q4_k_m ] && extra="$extra $D/dlp-appg-0.70.q4_k_m"
   [ -d $D/dlp-struct-0.20.q4_k_m ] && extra="$extra $D/dlp-struct-0.20.q4_k_m"
+  if [ -d $D/dlp-appg-0.70 ]; then  # the sparse fp32 graph on DeepSparse, against the dense fp32 graph there
+    extra="$extra $D/dlp-appg-0.70@deepsparse"; [ -d $D/dense ] && extra="$extra $D/dense@deepsparse"
+  fi
   # BENCH_LOCK=FILE: touched for the bench's duration (other jobs that watch it pause: never bench beside them)
   if [ -n "${BENCH_LOCK:-}" ]; then
     trap 'rm -f "$BENCH_LOCK"' EXIT
