@@ -270,7 +270,7 @@ def deployment_info(run: Path, name: str) -> dict:
                "int8" if info.get("quantization") else "fp32"),
            "lm_head": (info.get("quantization") or {}).get("lm_head"),
            "tensor_types": (info.get("format") or {}).get("tensor_types"),
-           "source_model": (info.get("source") or {}).get("model")}
+           "source_model": (info.get("source") or {}).get("model"), "validated": bool(info.get("validation"))}
     try:
         model_file = folder / ((info.get("format") or {}).get("file") or ("model.gguf" if gguf_file else "model.onnx"))
         out["streamed"] = gguf_matrix_bytes(model_file) if gguf_file else onnx_matrix_bytes(model_file)
@@ -281,7 +281,7 @@ def deployment_info(run: Path, name: str) -> dict:
 
 def deployed_ppl(run: Path, name: str, dep: dict, quality: dict) -> dict:
     """A deployment's own perplexity (eval/deploy-NAME.json, on its engine); for an fp32 ONNX graph without one,
-    its PyTorch model's (the export validated the graph against it), marked as such."""
+    its PyTorch model's, marked as such, and whether the export validated the graph against it."""
     own = perplexity(run / "eval" / f"deploy-{name}.json")
     if own["ppl"]:
         return {**own, "who": f"deployment on {ENGINE_NAMES.get(own.get('engine'), own.get('engine') or '?')}"}
@@ -289,7 +289,9 @@ def deployed_ppl(run: Path, name: str, dep: dict, quality: dict) -> dict:
         pt = quality.get(DEPLOYMENTS[name][0]) or {}
         if pt.get("ppl"):
             return {"ppl": pt["ppl"], "windows": pt.get("windows"), "seqlen": pt.get("seqlen"),
-                    "who": "PyTorch (fp32 ONNX, validated against it at export)", "file": pt.get("file")}
+                    "who": "PyTorch (fp32 ONNX, " + ("validated against it at export)" if dep.get("validated") else
+                                                     "exported with --no-validate: not checked against it)"),
+                    "file": pt.get("file")}
         return {"ppl": {}, "missing": f"eval/{DEPLOYMENTS[name][0]}.json absent (fp32 ONNX: its PyTorch model's "
                                       "perplexity stands for it; eval not run)"}
     return {"ppl": {}, "missing": own.get("missing")}

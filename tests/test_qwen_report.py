@@ -119,6 +119,7 @@ def test_numbers_are_the_inputs_and_the_verdict_says_no(run, tmp_path):
     # fp32 ONNX stands with its PyTorch model's perplexity, marked; its own engine's dense fp32 is its baseline
     dense = _dep(report, "dense")
     assert dense["deployed_ppl"]["ppl"] == {"wikitext2": 20.0, "c4": 30.0} and "PyTorch" in dense["deployed_ppl"]["who"]
+    assert "--no-validate: not checked" in dense["deployed_ppl"]["who"]  # the fixture exported it unvalidated
     assert dense["engines"]["onnxruntime"]["vs_dense_fp32"] == {"decode": 1.0, "baseline": True}
     assert dense["engines"]["onnxruntime"]["floor"]["source"] == "A/A, this engine"
 
