@@ -513,7 +513,8 @@ def verdict(deployments: list[dict], bandwidth: dict) -> dict:
                 candidates.append({"deployment": dep["name"], "engine": engine, "qualifies": _qualifies(dep),
                                    "vs_peer": cell["vs_peer"], "tokens_per_s": cell["tokens_per_s"],
                                    "ppl_vs_peer": dep["deployed_ppl"].get("vs_peer"),
-                                   "bytes_per_token": (cell.get("bytes_per_token") or {}).get("bytes")})
+                                   "bytes_per_token": (cell.get("bytes_per_token") or {}).get("bytes"),
+                                   "gb_per_s": (cell.get("bytes_per_token") or {}).get("gb_per_s")})
     if not candidates:
         return {"answer": None, "text": "Not measured: no pruned deployment has a decode figure beside the peer's."}
     wins = [c for c in candidates if c["qualifies"] and c["vs_peer"].get("win")]
@@ -543,7 +544,13 @@ def verdict(deployments: list[dict], bandwidth: dict) -> dict:
             f"C4. Closest{'' if qualified else ' (none meets the quality bound)'}: {_name(best)} at "
             f"{best['tokens_per_s']:.1f} tok/s, {fmt_ratio(best['vs_peer'])} the peer's speed; "
             + "; ".join(reason) + ".")
-    bw = (bandwidth.get("best_effective_gb_per_s") or {}).get("gb_per_s")
+    # the bound is the closest deployment's own engine's: another engine's kernels reaching more GB/s say nothing
+    # of what this engine can do with fewer bytes
+    same = [c["gb_per_s"] for c in candidates if c["engine"] == best["engine"] and c.get("gb_per_s")]
+    if best["engine"] == PEER_ENGINE and (peer_cell.get("bytes_per_token") or {}).get("gb_per_s"):
+        same.append(peer_cell["bytes_per_token"]["gb_per_s"])
+    bw = max(same) if same else (bandwidth.get("best_effective_gb_per_s") or {}).get("gb_per_s")
+    where = f"on {ENGINE_NAMES.get(best['engine'], best['engine'])}" if same else "on any engine"
     bound = {}
     if best["bytes_per_token"] and peer_bytes:
         # bytes stand in the way only where they are not fewer than the peer's; else quality (or noise) does
@@ -555,9 +562,10 @@ def verdict(deployments: list[dict], bandwidth: dict) -> dict:
         bound = {"bytes_per_token": best["bytes_per_token"], "peer_bytes_per_token": peer_bytes}
         if bw:
             needed = bw * 1e9 / peer_cell["tokens_per_s"]
-            bound.update(best_effective_gb_per_s=bw, max_tokens_per_s=bw * 1e9 / best["bytes_per_token"],
-                         bytes_to_pass_peer=needed)
-            text += (f"; even at the best effective bandwidth observed here ({bw:.1f} GB/s) those bytes allow at "
+            bound.update(best_effective_gb_per_s=bw, bandwidth_of=where, max_tokens_per_s=bw * 1e9 /
+                         best["bytes_per_token"], bytes_to_pass_peer=needed)
+            text += (f"; even at the best effective bandwidth observed here {where} ({bw:.1f} GB/s) those bytes "
+                     f"allow at "
                      f"most {bound['max_tokens_per_s']:.1f} tok/s, and to decode faster than the peer's "
                      f"{peer_cell['tokens_per_s']:.1f} tok/s at that rate a deployment must stream under "
                      f"{fmt_gb(needed)} per token")
@@ -687,6 +695,8 @@ def quality_lines(report: dict) -> list[str]:
             how = f"{p['allocation']}, α = {p['auto']['choice']} (--alpha auto)"
         elif p.get("allocation") == "owl":
             how = f"owl, λ = {p.get('owl_lambda')}"
+        elif p.get("allocation") == "dlp" and p.get("alpha") is not None:
+            how = f"dlp, α = {p['alpha']:g}"
         else:
             how = p.get("allocation") or "?"
         rng = p.get("layer_ratio_range")
@@ -909,12 +919,16 @@ def plot(report: dict, out: Path) -> None:
     if not points:
         ax.text(0.5, 0.5, "not measured: no deployment has both a decode figure and a deployed perplexity",
                 ha="center", va="center", transform=ax.transAxes, fontsize=9)
-    for tps, ppl, name, engine in points:
+    # neighbouring labels (the q4_k_m deployments sit within 2 tok/s of each other) take turns above and below
+    offsets = [(8, 14), (8, -18), (-110, 22), (-110, -24)]
+    for i, (tps, ppl, name, engine) in enumerate(sorted(points, key=lambda p: (round(p[0] / 3), p[1]))):
         peer = name == PEER and engine == PEER_ENGINE
-        ax.scatter(tps, ppl, marker="*" if peer else ("s" if name.startswith("dlp") else "o"),
+        pruned = DEPLOYMENTS.get(name, ("dense",))[0] != "dense"
+        ax.scatter(tps, ppl, marker="*" if peer else ("s" if pruned else "o"),
                    s=160 if peer else 40, color="crimson" if peer else None, zorder=3)
         ax.annotate(f"{name} {SHORT_ENGINE.get(engine, engine)}" + (" (peer)" if peer else ""), (tps, ppl),
-                    fontsize=7, xytext=(4, 3), textcoords="offset points")
+                    fontsize=7, xytext=offsets[i % len(offsets)], textcoords="offset points",
+                    arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "grey"})
     front = pareto(points)
     if len(front) > 1:
         ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="grey", lw=1, ls="--",
@@ -930,7 +944,7 @@ def plot(report: dict, out: Path) -> None:
     ax.set_ylabel("deployed WikiText-2 perplexity (lower is better)")
     if points and max(p[1] for p in points) > 3 * min(p[1] for p in points):
         ax.set_yscale("log")
-    ax.set_title(f"{MODEL}: speed against quality (o dense, s DLP 50%, * the source Q4_K_M)", fontsize=9)
+    ax.set_title(f"{MODEL}: speed against quality (o dense, s pruned, * the source Q4_K_M)", fontsize=9)
     fig.tight_layout()
     fig.savefig(out / "tradeoff.png", dpi=120)
     plt.close(fig)
