@@ -146,6 +146,9 @@ def test_numbers_are_the_inputs_and_the_verdict_says_no(run, tmp_path):
     assert verdict["answer"] is False and verdict["text"].startswith("No.")
     assert verdict["closest"]["deployment"] == "dlp-0.50.q4_k_m"
     assert "over 1.25x the peer's" in verdict["text"] and "bytes per token" in verdict["text"]
+    # the bytes bound runs at the closest deployment's own engine's best rate, not another engine's
+    assert verdict["bound"]["best_effective_gb_per_s"] == report["bandwidth"]["by_engine"]["llamacpp"]["gb_per_s"]
+    assert "observed here on llama.cpp" in verdict["text"]
     assert verdict["text"] in readme
     assert report["provenance"]["machine"]["cpu_model"] and report["machine_measured"]["isa"] is not None
 
